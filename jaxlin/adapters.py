@@ -1,0 +1,307 @@
+"""What is fine-tuned: LoRA adapters and parameter selections, as pure transforms of the params pytree.
+
+``adapt`` splits a model's parameters into two plain pytrees:
+
+- ``trainable = {"lora": {module: {"a": (d_in, R), "b": (R, d_out)}}, "params": <selected base leaves>}``
+- ``frozen``: every other base parameter (the selected leaves are absent from it),
+
+and returns ``apply(trainable, frozen, input_ids, attention_mask)``, which folds each adapter into its
+weight, W + (alpha/R)·A·B, and runs the model. With B = 0 the fold adds an exact zero, so the adapted
+model at init equals the base model to the last bit. Kernels of the dense module are stored (d_in, d_out),
+so ``a`` is peft's ``lora_A.weight`` transposed and ``b`` is ``lora_B.weight`` transposed.
+
+``adapted.modules`` names the trainable groups in a stable order (blocks in order, heads last): a LoRA
+module, a dense module trained in full, or another parameterised block (a LayerNorm, an embedding).
+Per-module kernels (``jaxlin.module_ntks``) use exactly these groups.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from .models.base import Model
+
+LORA_INITS = ("peft", "gaussian")
+HEAD_PREFIXES = ("classifier", "score", "lm_head")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """LoRA on the dense modules matching ``targets`` in ``layers`` (None = all layers).
+
+    ``targets``: projection names (``"query"``, ``"q_proj"``, ``"c_attn"``), dotted suffixes
+    (``"attention.output.dense"``), full names or globs (``"layer*.mlp.*"``). ``alpha``/``rank`` is the scale.
+    ``init``: "peft" (A ~ U(±1/√d_in), peft's kaiming-uniform default; B = 0) or "gaussian" (A ~ N(0, 1/R),
+    B = 0). The A of a module depends only on ``seed`` and that module, not on which others are adapted.
+    """
+
+    targets: Sequence[str] = ("query", "key", "value")
+    layers: Iterable[int] | None = None
+    rank: int = 8
+    alpha: float = 8.0
+    init: str = "peft"
+    seed: int = 0
+    use_rslora: bool = False  # scale alpha/√R instead of alpha/R
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / (float(np.sqrt(self.rank)) if self.use_rslora else float(self.rank))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Adapted:
+    model: Model
+    trainable: Any
+    frozen: Any
+    groups: dict  # module name -> tuple of leaf paths inside `trainable`
+    lora: LoRA | None
+    lora_modules: tuple[str, ...]
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(self.groups)
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora.scale if self.lora is not None else 1.0
+
+    def merge(self, trainable=None, frozen=None):
+        """Full base-model params with the trainable leaves put back and every adapter folded in."""
+        trainable = self.trainable if trainable is None else trainable
+        frozen = self.frozen if frozen is None else frozen
+        flat = traverse_util.flatten_dict(frozen)
+        flat.update(traverse_util.flatten_dict(trainable.get("params", {})))
+        for name, ab in trainable.get("lora", {}).items():
+            path = self.model.module(name).path + ("kernel",)
+            flat[path] = flat[path] + self.lora_scale * (ab["a"] @ ab["b"]).astype(flat[path].dtype)
+        return traverse_util.unflatten_dict(flat)
+
+    def apply(self, trainable, frozen, input_ids, attention_mask, **kwargs):
+        return self.model.apply(self.merge(trainable, frozen), input_ids, attention_mask, **kwargs)
+
+    def tapped_apply(self, trainable, frozen, probes, input_ids, attention_mask, *, capture=()):
+        return self.model.tapped_apply(self.merge(trainable, frozen), probes, input_ids, attention_mask,
+                                       capture=capture)
+
+    def num_params(self, name: str | None = None) -> int:
+        flat = traverse_util.flatten_dict(self.trainable)
+        paths = self.groups[name] if name is not None else flat.keys()
+        return int(sum(np.prod(flat[p].shape) for p in paths))
+
+    def count_by_module(self) -> dict[str, int]:
+        return {name: self.num_params(name) for name in self.groups}
+
+
+def adapt(model: Model, *, lora: LoRA | None = None, layers: Iterable[int] | None = None,
+          modules: Sequence[str] | None = None, biases: bool = False, head: bool = False,
+          dtype=None) -> Adapted:
+    """Choose what is fine-tuned. Combine freely: ``lora`` adapters, whole blocks ``layers`` (every parameter of
+    those blocks), dense ``modules`` trained in full (same patterns as LoRA targets), all ``biases`` (BitFit),
+    and the classification/LM ``head``. Raises ValueError naming a pattern or layer that selects nothing."""
+    flat = traverse_util.flatten_dict(model.params)
+    chosen = set()
+    if layers is not None:
+        wanted = _check_layers(model, layers)
+        chosen |= {p for p in flat if len(p) > 1 and p[0] == "layers" and p[1] in wanted}
+    if modules:
+        for m in _match(model, modules, None):
+            chosen |= {p for p in flat if p[:len(m.path)] == m.path}
+    if biases:
+        chosen |= {p for p in flat if p[-1] == "bias"}
+    if head:
+        heads = [m for m in model.modules if m.layer is None and m.name.startswith(HEAD_PREFIXES)]
+        if not heads:
+            raise ValueError(f"head=True but this {model.task} model has no head module (modules end with "
+                             f"{model.module_names[-2:]}); use task='classification' or head=False")
+        for m in heads:
+            chosen |= {p for p in flat if p[:len(m.path)] == m.path}
+    lora_modules, lora_tree = (), {}
+    if lora is not None:
+        _check_lora(lora)
+        targets = _match(model, lora.targets, lora.layers)
+        lora_modules = tuple(m.name for m in targets)
+        key = jax.random.key(lora.seed)
+        index = {m.name: i for i, m in enumerate(model.modules)}
+        pdtype = dtype or flat[targets[0].path + ("kernel",)].dtype
+        for m in targets:
+            lora_tree[m.name] = _init_lora(jax.random.fold_in(key, index[m.name]), m.d_in, m.d_out, lora, pdtype)
+    if not chosen and not lora_tree:
+        raise ValueError("nothing is selected for training; pass lora=LoRA(...), layers=, modules=, biases=True "
+                         "or head=True")
+    trainable = {"lora": lora_tree, "params": traverse_util.unflatten_dict({p: flat[p] for p in chosen})}
+    frozen = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in chosen})
+    return Adapted(model, trainable, frozen, _groups(model, chosen, lora_modules), lora, lora_modules)
+
+
+def add_lora(model: Model, *, targets=("query", "key", "value"), layers=None, rank: int = 8, alpha: float = 8,
+             init: str = "peft", seed: int = 0, head: bool = False, biases: bool = False) -> Adapted:
+    """LoRA (rank, scale alpha/rank) on ``targets`` of ``layers``; optionally also train the head/biases."""
+    return adapt(model, lora=LoRA(tuple(targets), None if layers is None else tuple(layers), rank, alpha, init,
+                                  seed), head=head, biases=biases)
+
+
+def _init_lora(key, d_in, d_out, lora: LoRA, dtype) -> dict:
+    if lora.init == "peft":
+        bound = 1.0 / np.sqrt(d_in)
+        a = jax.random.uniform(key, (d_in, lora.rank), jnp.float32, -bound, bound)
+    else:
+        a = jax.random.normal(key, (d_in, lora.rank), jnp.float32) / np.sqrt(lora.rank)
+    return {"a": a.astype(dtype), "b": jnp.zeros((lora.rank, d_out), dtype)}
+
+
+def _check_lora(lora: LoRA):
+    if not isinstance(lora.rank, (int, np.integer)) or lora.rank < 1:
+        raise ValueError(f"LoRA rank={lora.rank!r} must be a positive integer, e.g. 8")
+    if lora.init not in LORA_INITS:
+        raise ValueError(f"LoRA init={lora.init!r} is not one of {LORA_INITS}")
+    if isinstance(lora.targets, str):
+        raise ValueError(f"LoRA targets={lora.targets!r} must be a sequence of names, e.g. ({lora.targets!r},)")
+
+
+def _check_layers(model: Model, layers) -> set:
+    wanted = {int(i) for i in layers}
+    bad = sorted(i for i in wanted if not 0 <= i < model.num_layers)
+    if bad:
+        raise ValueError(f"layers {bad} do not exist: this model has layers 0..{model.num_layers - 1}")
+    return wanted
+
+
+def _match(model: Model, patterns, layers):
+    wanted = None if layers is None else _check_layers(model, layers)
+    out = []
+    for pattern in patterns:
+        hits = [m for m in model.modules if _matches(m.name, pattern)]
+        if not hits:
+            projections = sorted({m.projection for m in model.modules})
+            raise ValueError(f"target {pattern!r} matches no module of this {model.family} model; projections: "
+                             f"{projections}; names look like {model.module_names[0]!r}")
+        out += [m for m in hits if m not in out and (wanted is None or m.layer in wanted)]
+    if not out:
+        raise ValueError(f"targets {list(patterns)} select no module in layers {sorted(wanted)}")
+    order = {m.name: i for i, m in enumerate(model.modules)}
+    return sorted(out, key=lambda m: order[m.name])
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _groups(model: Model, chosen: set, lora_modules: tuple) -> dict:
+    """Group trainable leaves by module: a dense module's own leaves under its name, others by block path."""
+    by_path = {m.path: m.name for m in model.modules}
+    groups: dict[str, list] = {}
+    for name in lora_modules:
+        groups.setdefault(name, []).extend([("lora", name, "a"), ("lora", name, "b")])
+    for p in sorted(chosen, key=_path_key):
+        owner = by_path.get(p[:-1])
+        name = owner or ".".join(f"layer{k}" if i == 1 and p[0] == "layers" else str(k)
+                                 for i, k in enumerate(p[:-1]) if not (i == 0 and k == "layers"))
+        groups.setdefault(name, []).append(("params",) + p)
+    order = {m.name: i for i, m in enumerate(model.modules)}
+    ordered = sorted(groups, key=lambda n: (order.get(n, len(order)), n))
+    return {n: tuple(groups[n]) for n in ordered}
+
+
+def _path_key(p):
+    return tuple((0, k, "") if isinstance(k, int) else (1, 0, str(k)) for k in p)
+
+
+# ---------------------------------------------------------------------------------------------- peft format
+
+def save_peft(adapted: Adapted, directory, trainable=None, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in peft's format (LoRA, plus the head as
+    ``modules_to_save``), so PyTorch peft loads what jaxlin trained. Other selections have no peft form."""
+    from safetensors.numpy import save_file
+
+    trainable = adapted.trainable if trainable is None else trainable
+    model, lora = adapted.model, adapted.lora
+    heads = [m for m in model.modules if m.layer is None and m.name.startswith(HEAD_PREFIXES)]
+    head_paths = {("params",) + m.path + (leaf,) for m in heads for leaf in ("kernel", "bias")}
+    flat = traverse_util.flatten_dict({"params": trainable.get("params", {})})
+    other = sorted(set(flat) - head_paths)
+    if other:
+        raise ValueError(f"peft's format holds LoRA adapters and whole heads only; these trainable leaves have no "
+                         f"peft form: {other[:4]}. Use jaxlin's own save (np.savez of the trainable tree) instead")
+    if lora is None and not flat:
+        raise ValueError("nothing to export: the adapted model has no LoRA modules and no trained head")
+    tensors, targets = {}, []
+    for name, ab in trainable.get("lora", {}).items():
+        hf = model.module(name).hf_name
+        targets.append(hf)
+        tensors[f"base_model.model.{hf}.lora_A.weight"] = np.ascontiguousarray(np.asarray(ab["a"], np.float32).T)
+        tensors[f"base_model.model.{hf}.lora_B.weight"] = np.ascontiguousarray(np.asarray(ab["b"], np.float32).T)
+    saved_heads = sorted({m.hf_name.split(".")[0] for m in heads if ("params",) + m.path + ("kernel",) in flat})
+    for m in heads:
+        if ("params",) + m.path + ("kernel",) not in flat:
+            continue
+        kernel = np.asarray(flat[("params",) + m.path + ("kernel",)], np.float32)
+        tensors[f"base_model.model.{m.hf_name}.weight"] = np.ascontiguousarray(kernel.T)
+        if ("params",) + m.path + ("bias",) in flat:
+            tensors[f"base_model.model.{m.hf_name}.bias"] = np.asarray(flat[("params",) + m.path + ("bias",)],
+                                                                        np.float32)
+    task_type = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}.get(model.task, "FEATURE_EXTRACTION")
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "r": lora.rank if lora else 8,
+        "lora_alpha": lora.alpha if lora else 8, "use_rslora": bool(lora and lora.use_rslora),
+        "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": model.family == "gpt2", "modules_to_save": saved_heads or None,
+        "base_model_name_or_path": base_model_name_or_path or model.source, "inference_mode": True,
+        "init_lora_weights": True,
+    }
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def load_peft(model: Model, directory) -> Adapted:
+    """Read a peft LoRA adapter directory (as written by peft or ``save_peft``) onto ``model``."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        tensors = load_file(str(directory / "adapter_model.safetensors"))
+    except FileNotFoundError as e:
+        raise ValueError(f"{directory} is not a peft adapter directory ({e.filename} is missing)") from None
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"peft_type={config.get('peft_type')!r} in {directory}; only LORA adapters are read")
+    by_hf = {m.hf_name: m for m in model.modules}
+    names, a_b = [], {}
+    for key, value in tensors.items():
+        stem = key.removeprefix("base_model.model.")
+        for part, leaf in ((".lora_A.weight", "a"), (".lora_B.weight", "b")):
+            if stem.endswith(part):
+                hf = stem[: -len(part)].replace(".default", "")
+                if hf not in by_hf:
+                    raise ValueError(f"adapter tensor {key!r} targets {hf!r}, which this model does not have")
+                a_b.setdefault(by_hf[hf].name, {})[leaf] = jnp.asarray(value.T)
+    names = [m.name for m in model.modules if m.name in a_b]
+    lora = LoRA(tuple(names), None, int(config["r"]), float(config["lora_alpha"]),
+                use_rslora=bool(config.get("use_rslora", False)))
+    adapted = adapt(model, lora=lora, head=bool(config.get("modules_to_save")))
+    trainable = {"lora": {n: a_b[n] for n in names}, "params": adapted.trainable["params"]}
+    if config.get("modules_to_save"):
+        flat = traverse_util.flatten_dict(trainable["params"])
+        for m in model.modules:
+            w = tensors.get(f"base_model.model.{m.hf_name}.weight")
+            if w is not None and m.path + ("kernel",) in flat:
+                flat[m.path + ("kernel",)] = jnp.asarray(w.T)
+                if m.has_bias:
+                    flat[m.path + ("bias",)] = jnp.asarray(tensors[f"base_model.model.{m.hf_name}.bias"])
+        trainable["params"] = traverse_util.unflatten_dict(flat)
+    return dataclasses.replace(adapted, trainable=trainable)
+
+
+__all__ = ["LoRA", "Adapted", "adapt", "add_lora", "save_peft", "load_peft"]

@@ -1,0 +1,200 @@
+"""Model families as Flax NNX modules, and ``load_pretrained`` which turns a checkpoint into a pure function.
+
+Families register themselves with a ``FAMILY`` dict: the HF ``model_type`` values they build, a ``build``
+function, the tasks they support, backbone prefixes a bare checkpoint may lack, and tensors other tasks leave
+behind that are safe to ignore.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from . import checkpoint
+from .base import Model, ModuleInfo, make_apply, module_infos
+from .checkpoint import CheckpointError
+from .tokenizer import Tokenizer
+
+TASKS = ("encoder", "classification", "causal_lm")
+_FAMILY_MODULES = ("bert", "gpt2", "llama")
+
+
+def families() -> dict[str, dict]:
+    """model_type -> family spec, for every family module present."""
+    out = {}
+    for mod in _FAMILY_MODULES:
+        try:
+            fam = importlib.import_module(f"{__name__}.{mod}").FAMILY
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{mod}":
+                raise
+            continue
+        out.update({t: fam for t in fam["model_types"]})
+    return out
+
+
+def family_for(config) -> dict:
+    fams = families()
+    model_type = getattr(config, "model_type", None)
+    if model_type not in fams:
+        raise CheckpointError(f"unknown architecture model_type={model_type!r}; jaxlin supports "
+                              f"{sorted(fams)}")
+    return fams[model_type]
+
+
+def build_model(config, *, task: str, num_labels: int | None = None, seed: int = 0, dtype=jnp.float32,
+                head: str | None = None) -> nnx.Module:
+    """A randomly initialised NNX model for a transformers config (used by tests and the loader)."""
+    fam = family_for(config)
+    _check_task(task, fam, num_labels)
+    return fam["build"](config, task=task, num_labels=num_labels, head=head, rngs=nnx.Rngs(seed), dtype=dtype)
+
+
+def _check_task(task, fam, num_labels):
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not one of {TASKS}")
+    if task not in fam["tasks"]:
+        raise ValueError(f"task={task!r} is not available for the {fam['name']} family; use one of {fam['tasks']}")
+    if task == "classification" and (num_labels is None or int(num_labels) < 1):
+        raise ValueError(f"task='classification' needs num_labels ≥ 1 (got {num_labels!r}); e.g. num_labels=2")
+
+
+def from_nnx(module: nnx.Module, *, config, family: str, task: str, tokenizer=None, source: str = "",
+             new_tensors=()) -> Model:
+    """Split an NNX model once into a pure ``apply`` and a plain params dict."""
+    graphdef, state = nnx.split(module)
+    return Model(apply=make_apply(graphdef), params=nnx.to_pure_dict(state), config=config, tokenizer=tokenizer,
+                 family=family, task=task, modules=module_infos(module), graphdef=graphdef, source=source,
+                 new_tensors=tuple(new_tensors))
+
+
+def load_pretrained(source, *, task: str, num_labels: int | None = None, seed: int = 0, dtype=jnp.float32,
+                    head: str | None = None) -> Model:
+    """Load a checkpoint as a pure JAX function.
+
+    ``source``: a packaged name (``"all-MiniLM-L6-v2"``, ``"SmolLM2-135M-Instruct"``), a Hugging Face
+    directory (config.json + safetensors, sharded or not), a ``.gguf`` file, or a hub id (needs a network).
+    ``task``: "encoder" (hidden states (B, L, D)), "classification" (logits (B, C); a head missing from the
+    checkpoint is initialised from ``seed`` and listed in ``model.new_tensors``) or "causal_lm" ((B, L, V)).
+    ``head``: the classification head for encoders, "roberta" (dense+tanh+out_proj) or "bert" (pooler+linear);
+    default by model type. Decoders classify from the last real token with a linear ``score`` head.
+    """
+    resolved = checkpoint.resolve(source)
+    if resolved.kind == "gguf":
+        from . import gguf_loader
+
+        config, tensors, hf_tokenizer = gguf_loader.read_gguf(resolved.path)
+    else:
+        from transformers import AutoConfig, AutoTokenizer
+
+        raw = checkpoint.read_config_json(resolved.path)  # a clear error for broken JSON
+        if raw.get("model_type") not in families():
+            raise CheckpointError(f"unknown architecture model_type={raw.get('model_type')!r} in "
+                                  f"{resolved.path / 'config.json'}; jaxlin supports {sorted(families())}")
+        try:
+            config = AutoConfig.from_pretrained(resolved.path)
+        except Exception as e:  # transformers validates configs strictly and raises many types
+            raise CheckpointError(f"{resolved.path / 'config.json'} is not a valid {raw['model_type']} config: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        tensors = checkpoint.SafetensorsReader(resolved.path)
+        hf_tokenizer = AutoTokenizer.from_pretrained(resolved.path) if _has_tokenizer(resolved.path) else None
+    fam = family_for(config)
+    if task == "classification" and num_labels is None:
+        num_labels = getattr(config, "num_labels", None) if _has_head_tensor(tensors) else None
+    _check_task(task, fam, num_labels)
+
+    def make(rng_seed):
+        return fam["build"](config, task=task, num_labels=num_labels, head=head, rngs=nnx.Rngs(rng_seed),
+                            dtype=dtype)
+
+    abstract = nnx.eval_shape(lambda: make(seed))
+    params, missing = _fill_params(abstract, tensors, fam, dtype)
+    if missing:  # only heads may be missing; take them from a seeded random init
+        concrete = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(make(seed))))
+        for path in missing.values():
+            params[path] = concrete[path]
+    graphdef = nnx.graphdef(abstract)
+    tok = Tokenizer(hf_tokenizer) if hf_tokenizer is not None else None
+    return Model(apply=make_apply(graphdef), params=traverse_util.unflatten_dict(params), config=config,
+                 tokenizer=tok, family=fam["name"], task=task, modules=module_infos(abstract), graphdef=graphdef,
+                 source=str(source), new_tensors=tuple(sorted(missing)))
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json"))
+
+
+def _has_head_tensor(tensors) -> bool:
+    return any(k.startswith(("classifier.", "score.")) for k in tensors)
+
+
+HEAD_PREFIXES = ("classifier", "score", "pooler")
+
+
+def _fill_params(abstract: nnx.Module, tensors, fam: dict, dtype) -> tuple[dict, dict]:
+    """Read every parameter of ``abstract`` from ``tensors`` by its HF name. Returns the flat params and
+    ``{hf_name: path}`` of head tensors the checkpoint lacks. Raises CheckpointError naming a missing, misshapen
+    or unexpected tensor."""
+    available = set(tensors)
+    prefixes = fam["backbone_prefixes"]
+    has_prefix = any(k.startswith(prefixes) for k in available)
+    shapes = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract)))
+    params, missing, used = {}, {}, set()
+    for path, node in nnx.iter_modules(abstract):
+        if not hasattr(node, "hf_params"):
+            continue
+        for attr, suffix, transform in node.hf_params():
+            hf_key = f"{node.hf_name}.{suffix}"
+            key = _lookup(hf_key, available, prefixes, has_prefix)
+            ppath = tuple(path) + (attr,)
+            expected = shapes[ppath].shape
+            if key is None:
+                bare = hf_key.split(".", 1)[-1] if hf_key.startswith(prefixes) else hf_key
+                if bare.startswith(HEAD_PREFIXES) or hf_key.startswith(HEAD_PREFIXES) or \
+                        fam.get("optional", lambda k: False)(hf_key):
+                    missing[hf_key] = ppath
+                    continue
+                raise CheckpointError(f"tensor {hf_key!r} (shape {expected}) is missing from the checkpoint; "
+                                      "is the config.json the one these weights were saved with?")
+            value = np.asarray(transform(np.asarray(tensors[key])))
+            if value.shape != tuple(expected):
+                raise CheckpointError(f"tensor {key!r} has shape {tuple(np.shape(tensors[key]))}, expected "
+                                      f"{_hf_shape(expected, node, attr)} for this config"
+                                      + (" (a head for another number of labels? pass num_labels to match)"
+                                         if hf_key.startswith(HEAD_PREFIXES) else ""))
+            params[ppath] = jnp.asarray(value, dtype)
+            used.add(key)
+    extra = sorted(k for k in available - used if not any(re.search(p, k) for p in fam["ignorable"]))
+    if extra:
+        raise CheckpointError(f"the checkpoint has {len(extra)} tensor(s) this {fam['name']} model does not use, "
+                              f"e.g. {extra[:5]}; check num_hidden_layers and the architecture in config.json")
+    return params, missing
+
+
+def _lookup(hf_key, available, prefixes, has_prefix):
+    if hf_key in available:
+        return hf_key
+    for p in prefixes:  # a bare backbone saved without the task model's prefix ("encoder.layer.0..." for bert.)
+        if hf_key.startswith(p) and hf_key[len(p):] in available and not has_prefix:
+            return hf_key[len(p):]
+    for old, new in ((".weight", ".gamma"), (".bias", ".beta")):  # old BERT LayerNorm names
+        if "LayerNorm" in hf_key and hf_key.endswith(old):
+            alt = _lookup(hf_key[: -len(old)] + new, available, prefixes, has_prefix) if new != old else None
+            if alt:
+                return alt
+    return None
+
+
+def _hf_shape(shape, node, attr):
+    if attr == "kernel" and getattr(node, "hf_transpose", False):
+        return tuple(reversed(shape))
+    return tuple(shape)
+
+
+__all__ = ["Model", "ModuleInfo", "CheckpointError", "Tokenizer", "load_pretrained", "build_model", "from_nnx",
+           "families", "family_for", "TASKS"]

@@ -1,0 +1,86 @@
+"""The loaded model: a pure ``apply(params, input_ids, attention_mask)`` plus what adapters need."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .layers import tapping
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleInfo:
+    """One dense module: its jaxlin name, where its parameters sit in ``params`` and its shape."""
+
+    name: str  # "layer3.attention.query"
+    path: tuple  # ("layers", 3, "query"); kernel at params[path]["kernel"]
+    d_in: int
+    d_out: int
+    has_bias: bool
+    hf_name: str  # "bert.encoder.layer.3.attention.self.query"
+    layer: int | None  # block index, None for embeddings/heads
+
+    @property
+    def projection(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """A checkpoint as a pure function. ``apply(params, input_ids (B, L), attention_mask (B, L))`` returns
+    hidden states (B, L, D) for ``task="encoder"``, logits (B, C) for ``"classification"`` and (B, L, V) for
+    ``"causal_lm"``. ``params`` is a plain nested dict; the NNX graph was split once, at load time."""
+
+    apply: Callable[..., jax.Array]
+    params: Any
+    config: Any  # the transformers config
+    tokenizer: Any  # jaxlin.models.tokenizer.Tokenizer or None
+    family: str
+    task: str
+    modules: tuple[ModuleInfo, ...]
+    graphdef: Any
+    source: str = ""
+    new_tensors: tuple[str, ...] = ()  # HF names initialised from the seed (e.g. a new classification head)
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.modules)
+
+    @property
+    def num_layers(self) -> int:
+        return 1 + max((m.layer for m in self.modules if m.layer is not None), default=-1)
+
+    def module(self, name: str) -> ModuleInfo:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(f"no module named {name!r}; modules look like {self.module_names[:4]}")
+
+    def tapped_apply(self, params, probes: dict, input_ids, attention_mask, *, capture=()):
+        """``apply`` with ``probes[name]`` added to the output of each named dense module and the inputs of
+        the ``capture`` modules returned: ``(outputs, {name: input (B, L, d_in)})``. Pure and jit-able."""
+        with tapping(probes, capture) as state:
+            out = self.apply(params, input_ids, attention_mask)
+        return out, dict(state.inputs)
+
+
+def make_apply(graphdef) -> Callable:
+    def apply(params, input_ids, attention_mask, **kwargs):
+        return nnx.merge(graphdef, params)(jnp.asarray(input_ids), jnp.asarray(attention_mask), **kwargs)
+
+    return apply
+
+
+def module_infos(model: nnx.Module) -> tuple[ModuleInfo, ...]:
+    from .layers import Linear
+
+    infos = []
+    for path, node in nnx.iter_modules(model):
+        if isinstance(node, Linear):
+            layer = path[path.index("layers") + 1] if "layers" in path else None
+            infos.append((node.order, ModuleInfo(node.name, tuple(path), node.d_in, node.d_out,
+                                                 node.bias is not None, node.hf_name, layer)))
+    return tuple(info for _, info in sorted(infos, key=lambda t: t[0]))  # the order the family defines them

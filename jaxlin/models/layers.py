@@ -1,0 +1,186 @@
+"""Flax NNX building blocks shared by every family.
+
+Every parameterised block carries two names:
+
+- ``name``: jaxlin's module name (``layer3.attention.query``), used by adapters and per-module kernels;
+- ``hf_name``: the Hugging Face module path in the task model (``bert.encoder.layer.3.attention.self.query``),
+  used by the checkpoint loader and the peft exporter.
+
+``Linear`` also reports to an active :func:`tapping` context, which is how jaxlin reads module inputs
+``h_t`` and output cotangents ``g_t`` (through zero probes added to module outputs) for structured kernels,
+without per-parameter Jacobians. Outside that context it is a plain dense layer.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import itertools
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_CREATION = itertools.count()  # orders modules as their families define them
+_TAPS: contextvars.ContextVar["_TapState | None"] = contextvars.ContextVar("jaxlin_taps", default=None)
+
+
+@dataclasses.dataclass
+class _TapState:
+    probes: dict  # module name -> array added to the module output (zeros; differentiate w.r.t. it)
+    capture: frozenset  # module names whose inputs are recorded
+    inputs: dict = dataclasses.field(default_factory=dict)
+    outputs: dict = dataclasses.field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def tapping(probes: dict, capture) -> Iterator[_TapState]:
+    """Within this context, every ``Linear`` named in ``capture`` records its input (and output), and
+    every ``Linear`` named in ``probes`` adds ``probes[name]`` to its output. Used at trace time only."""
+    state = _TapState(dict(probes), frozenset(capture))
+    token = _TAPS.set(state)
+    try:
+        yield state
+    finally:
+        _TAPS.reset(token)
+
+
+def _tap(name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    state = _TAPS.get()
+    if state is None:
+        return y
+    if name in state.capture:
+        state.inputs[name] = x
+        state.outputs[name] = y
+    probe = state.probes.get(name)
+    return y if probe is None else y + probe.astype(y.dtype)
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    return std * jax.random.normal(rngs.params(), shape, dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias with kernel (d_in, d_out). HF stores nn.Linear weights as (d_out, d_in)
+    (``hf_transpose=True``); GPT-2's Conv1D stores (d_in, d_out) (``hf_transpose=False``)."""
+
+    def __init__(self, d_in: int, d_out: int, *, name: str, hf_name: str, rngs: nnx.Rngs, use_bias: bool = True,
+                 hf_transpose: bool = True, init_std: float = 0.02, dtype=jnp.float32):
+        self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), init_std, dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if use_bias else None
+        self.name, self.hf_name, self.hf_transpose = name, hf_name, hf_transpose
+        self.d_in, self.d_out = d_in, d_out
+        self.order = next(_CREATION)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return _tap(self.name, x, y)
+
+    def hf_params(self) -> list[tuple[str, str, Callable]]:
+        t = (lambda w: w.T) if self.hf_transpose else (lambda w: w)
+        out = [("kernel", "weight", t)]
+        if self.bias is not None:
+            out.append(("bias", "bias", lambda b: b))
+        return out
+
+
+class Embed(nnx.Module):
+    def __init__(self, num: int, dim: int, *, hf_name: str, rngs: nnx.Rngs, init_std: float = 0.02,
+                 dtype=jnp.float32):
+        self.embedding = nnx.Param(_normal(rngs, (num, dim), init_std, dtype))
+        self.hf_name = hf_name
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output projection: logits = x @ Eᵀ."""
+        return x @ self.embedding[...].T
+
+    def hf_params(self):
+        return [("embedding", "weight", lambda w: w)]
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, hf_name: str, dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        self.eps, self.hf_name = eps, hf_name
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+
+    def hf_params(self):
+        return [("scale", "weight", lambda w: w), ("bias", "bias", lambda b: b)]
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, hf_name: str, dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps, self.hf_name = eps, hf_name
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return self.scale[...] * normed.astype(x.dtype)
+
+    def hf_params(self):
+        return [("scale", "weight", lambda w: w)]
+
+
+def masked_softmax_attention(q_BHLd, k_BHSd, v_BHSd, allowed_BHLS) -> jax.Array:
+    """softmax(q kᵀ/√d) v with disallowed scores set to the dtype's minimum, as Hugging Face does, so a
+    fully masked (padding) row stays finite. Returns (B, H, L, d)."""
+    scale = 1.0 / jnp.sqrt(jnp.asarray(q_BHLd.shape[-1], q_BHLd.dtype))
+    scores = jnp.einsum("bhld,bhsd->bhls", q_BHLd, k_BHSd) * scale
+    scores = jnp.where(allowed_BHLS, scores, jnp.finfo(scores.dtype).min)
+    return jnp.einsum("bhls,bhsd->bhld", jax.nn.softmax(scores, axis=-1), v_BHSd)
+
+
+def split_heads(x_BLD: jax.Array, num_heads: int) -> jax.Array:
+    b, l, d = x_BLD.shape
+    return x_BLD.reshape(b, l, num_heads, d // num_heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x_BHLd: jax.Array) -> jax.Array:
+    b, h, l, d = x_BHLd.shape
+    return x_BHLd.transpose(0, 2, 1, 3).reshape(b, l, h * d)
+
+
+def causal_allowed(attention_mask_BL: jax.Array, window: int | None = None) -> jax.Array:
+    """(B, 1, L, L) booleans for decoders: query l sees key s when s ≤ l, s is a real token and, with a sliding
+    ``window``, l − s < window (Hugging Face's causal and sliding-window masks)."""
+    pos_L = jnp.arange(attention_mask_BL.shape[1])
+    allowed_LL = pos_L[None, :] <= pos_L[:, None]
+    if window is not None:
+        allowed_LL = allowed_LL & (pos_L[:, None] - pos_L[None, :] < window)
+    return allowed_LL[None, None] & attention_mask_BL.astype(bool)[:, None, None, :]
+
+
+def last_real_token(x_BLD: jax.Array, attention_mask_BL: jax.Array) -> jax.Array:
+    """(B, D): each row of ``x_BLD`` at its rightmost real token, for left and right padding alike (HF's
+    ``*ForSequenceClassification`` takes the rightmost token that is not ``pad_token_id``)."""
+    pos_BL = jnp.arange(x_BLD.shape[1]) * attention_mask_BL.astype(jnp.int32)
+    return jnp.take_along_axis(x_BLD, jnp.max(pos_BL, axis=1)[:, None, None], axis=1)[:, 0]
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r} in the config; supported: {sorted(ACTIVATIONS)}") from None

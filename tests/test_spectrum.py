@@ -1,0 +1,156 @@
+"""jaxlin.spectrum against numpy on kernels of known spectrum."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlin.spectrum import (PAPER_TRACE_SIGMAS, as_matrix, condition_numbers, hutchinson_trace,
+                             lanczos_extreme_eigenvalues, sign_kernel_stats, spectrum_stats, to_jsonable)
+
+
+def known_psd(n, mu, seed):
+    """Q diag(μ) Qᵀ with a random orthogonal Q."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
+    return (q * mu) @ q.T
+
+
+@pytest.mark.parametrize("n", [13, 17])
+def test_spectrum_stats_known_spectrum(n):
+    mu = np.geomspace(1e-3, 5.0, n)
+    gram_nn = known_psd(n, mu, seed=n)
+    stats = spectrum_stats(gram_nn)
+    np.testing.assert_allclose(stats["eigenvalues"], mu[::-1], rtol=1e-9, atol=1e-12)
+    assert stats["eigenvalues"].dtype == np.float64 and stats["n"] == n
+    np.testing.assert_allclose(stats["max_eigenvalue"], 5.0, rtol=1e-10)
+    np.testing.assert_allclose(stats["min_eigenvalue"], 1e-3, rtol=1e-8)
+    np.testing.assert_allclose(stats["condition_number"], 5e3, rtol=1e-8)
+    np.testing.assert_allclose(stats["trace"], mu.sum(), rtol=1e-12)
+    p = mu / mu.sum()
+    np.testing.assert_allclose(stats["effective_rank"], np.exp(-np.sum(p * np.log(p))), rtol=1e-9)
+    np.testing.assert_allclose(stats["stable_rank"], mu.sum() / 5.0, rtol=1e-9)
+    np.testing.assert_allclose(stats["cumulative_energy"], np.cumsum(p[::-1]), rtol=1e-9)
+    assert stats["asymmetry"] < 1e-14 and stats["num_negative"] == 0
+
+    absolute = spectrum_stats(gram_nn, 1e-2)
+    np.testing.assert_allclose(absolute["condition_number"], (5.0 + 1e-2) / (1e-3 + 1e-2), rtol=1e-9)
+    relative = spectrum_stats(gram_nn, 1e-2, sigma_scale="trace")
+    sigma_abs = 1e-2 * mu.sum() / n
+    np.testing.assert_allclose(relative["sigma"], sigma_abs, rtol=1e-12)
+    np.testing.assert_allclose(relative["condition_number"], (5.0 + sigma_abs) / (1e-3 + sigma_abs), rtol=1e-9)
+
+
+def test_four_d_equals_reshaped_two_d():
+    n_ex, n_out = 7, 3  # (N, N, O, O) read example-major
+    jac = np.random.default_rng(0).normal(size=(n_ex, n_out, 11))
+    gram_nnoo = np.einsum("icp,jdp->ijcd", jac, jac)
+    gram_2d = jac.reshape(n_ex * n_out, 11) @ jac.reshape(n_ex * n_out, 11).T
+    np.testing.assert_allclose(as_matrix(gram_nnoo), gram_2d, rtol=1e-13, atol=1e-13)
+    exact_nnoo = gram_2d.reshape(n_ex, n_out, n_ex, n_out).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(as_matrix(exact_nnoo), gram_2d)
+    a, b = spectrum_stats(gram_nnoo, 1e-3), spectrum_stats(gram_2d, 1e-3)
+    np.testing.assert_allclose(a["eigenvalues"], b["eigenvalues"], rtol=1e-12, atol=1e-12)
+    assert a["condition_number"] == pytest.approx(b["condition_number"], rel=1e-9) and a["n"] == 21
+
+
+def test_singular_and_negative_conventions():
+    gram_nn = known_psd(13, np.r_[np.ones(12), 0.0], seed=1)
+    stats = spectrum_stats(gram_nn)
+    assert stats["min_eigenvalue"] < 1e-14
+    assert math.isinf(stats["condition_number"]) or stats["condition_number"] > 1e13
+    neg = spectrum_stats(np.diag([2.0, 1.0, -1e-3]))
+    assert neg["min_eigenvalue"] == -1e-3 and neg["num_negative"] == 1
+    assert math.isinf(neg["condition_number"])
+    np.testing.assert_allclose(neg["stable_rank"], 1.5)  # clipped: (2 + 1)/2
+    asym = spectrum_stats(np.array([[1.0, 0.5], [0.0, 1.0]]))
+    np.testing.assert_allclose(asym["asymmetry"], np.sqrt(0.5) / np.linalg.norm([[1, 0.5], [0, 1]]))
+    np.testing.assert_allclose(asym["eigenvalues"], [1.25, 0.75])
+
+
+@pytest.mark.parametrize("bad,match", [(np.ones((3, 4)), "shape"), (np.ones((2, 3, 2, 3)), r"\(N, N, O, O\)"),
+                                       (np.full((2, 2), np.nan), "non-finite")])
+def test_bad_kernels(bad, match):
+    with pytest.raises(ValueError, match=match):
+        spectrum_stats(bad)
+
+
+def test_bad_sigma():
+    with pytest.raises(ValueError, match="sigma_scale"):
+        spectrum_stats(np.eye(3), 1e-4, sigma_scale="relative")
+    with pytest.raises(ValueError, match="sigma=-1"):
+        spectrum_stats(np.eye(3), -1.0)
+
+
+def test_sign_kernel_stats_vs_svd():
+    rng = np.random.default_rng(2)
+    jac = rng.normal(size=(17, 40))
+    gram_sign = jac @ np.sign(jac).T
+    stats = sign_kernel_stats(gram_sign, 1e-2, sigma_scale="trace")
+    s = np.linalg.svd(gram_sign, compute_uv=False)
+    np.testing.assert_allclose(stats["singular_values"], s, rtol=1e-10)
+    np.testing.assert_allclose(stats["nuclear_norm"], s.sum(), rtol=1e-12)
+    sigma_abs = 1e-2 * s.sum() / 17
+    np.testing.assert_allclose(stats["sigma"], sigma_abs)
+    np.testing.assert_allclose(stats["condition_number"], (s[0] + sigma_abs) / (s[-1] + sigma_abs), rtol=1e-9)
+    np.testing.assert_allclose(stats["stable_rank"], s.sum() / s[0], rtol=1e-10)
+    p = s / s.sum()
+    np.testing.assert_allclose(stats["effective_rank"], np.exp(-np.sum(p * np.log(p))), rtol=1e-10)
+    np.testing.assert_allclose(stats["trace"], np.trace(gram_sign))
+    np.testing.assert_allclose(stats["asymmetry"],
+                               np.linalg.norm(gram_sign - gram_sign.T) / np.linalg.norm(gram_sign))
+    assert stats["asymmetry"] > 0.01
+    np.testing.assert_allclose(stats["symmetric_eigenvalues"],
+                               np.sort(np.linalg.eigvalsh((gram_sign + gram_sign.T) / 2))[::-1], atol=1e-10)
+
+
+def test_condition_numbers_grid():
+    mu = np.linspace(0.1, 3.0, 13)
+    gram_nn = known_psd(13, mu, seed=3)
+    out = condition_numbers(gram_nn, PAPER_TRACE_SIGMAS, sigma_scale="trace")
+    sig = np.array(PAPER_TRACE_SIGMAS) * mu.sum() / 13
+    np.testing.assert_allclose(out["sigma_absolute"], sig, rtol=1e-12)
+    np.testing.assert_allclose(out["condition_numbers"], (3.0 + sig) / (0.1 + sig), rtol=1e-9)
+    single = condition_numbers(gram_nn, [1e-4], sigma_scale="absolute")["condition_numbers"][0]
+    assert single == pytest.approx(spectrum_stats(gram_nn, 1e-4)["condition_number"], rel=1e-12)
+
+
+def test_lanczos_extreme_eigenvalues():
+    mu = np.geomspace(0.05, 20.0, 31)
+    gram_nn = jnp.asarray(known_psd(31, mu, seed=4))
+    fn = jax.jit(lambda key: lanczos_extreme_eigenvalues(lambda v: gram_nn @ v, 31, num_iters=31, key=key))
+    top, bottom = fn(jax.random.PRNGKey(0))
+    np.testing.assert_allclose([top, bottom], [20.0, 0.05], rtol=1e-8)
+    top12, bottom12 = lanczos_extreme_eigenvalues(lambda v: gram_nn @ v, 31, num_iters=12,
+                                                  key=jax.random.PRNGKey(1))
+    assert abs(top12 - 20.0) < 1e-3 * 20.0  # the top converges first
+    assert 0.05 - 1e-12 <= bottom12 <= 3.0  # Ritz values stay inside the spectrum
+    # breakdown: Krylov space of the identity is 1-D, the restart keeps T = V K Vᵀ
+    top_i, bottom_i = lanczos_extreme_eigenvalues(lambda v: 2.0 * v, 9, num_iters=9, key=jax.random.PRNGKey(2))
+    np.testing.assert_allclose([top_i, bottom_i], [2.0, 2.0], rtol=1e-12)
+    with pytest.raises(ValueError, match="num_iters=32"):
+        lanczos_extreme_eigenvalues(lambda v: v, 31, num_iters=32, key=jax.random.PRNGKey(0))
+
+
+def test_hutchinson_trace():
+    gram_nn = jnp.asarray(known_psd(31, np.geomspace(0.05, 20.0, 31), seed=5))
+    exact = float(jnp.trace(gram_nn))
+    fn = jax.jit(lambda key: hutchinson_trace(lambda v: gram_nn @ v, 31, num_samples=4000, key=key))
+    for seed in range(3):
+        est, se = fn(jax.random.PRNGKey(seed))
+        assert 0 < se < 0.05 * exact
+        assert abs(est - exact) < 4 * se
+    with pytest.raises(ValueError, match="num_samples=1"):
+        hutchinson_trace(lambda v: v, 31, num_samples=1, key=jax.random.PRNGKey(0))
+
+
+def test_to_jsonable():
+    stats = spectrum_stats(np.diag([1.0, 0.0]))
+    out = to_jsonable({"s": stats, "t": (np.float32(1.5), jnp.arange(2)), "x": [-math.inf, math.nan]})
+    text = json.dumps(out, allow_nan=False)
+    back = json.loads(text)
+    assert back["s"]["condition_number"] == "inf" and back["x"] == ["-inf", "nan"]
+    assert back["t"] == [1.5, [0, 1]] and back["s"]["eigenvalues"] == [1.0, 0.0]
+    with pytest.raises(ValueError, match="object"):
+        to_jsonable(object())

@@ -1,0 +1,76 @@
+"""jaxlin.stats.correlation against scipy.stats."""
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from jaxlin.stats import average_ranks, correlation
+
+
+def test_average_ranks_vs_scipy():
+    a = np.array([3.0, 1.0, 3.0, 2.0, 3.0, 1.0, 7.0])
+    np.testing.assert_array_equal(average_ranks(a), scipy.stats.rankdata(a))
+
+
+def test_correlation_vs_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=29), 1)  # rounding makes ties
+    y = np.round(0.6 * x + rng.normal(scale=0.7, size=29), 1)
+    assert len(np.unique(x)) < 29 and len(np.unique(y)) < 29
+    out = correlation(x, y, n_bootstrap=1000, seed=1)
+    assert out["pearson"] == pytest.approx(scipy.stats.pearsonr(x, y)[0], rel=1e-12)
+    assert out["spearman"] == pytest.approx(scipy.stats.spearmanr(x, y)[0], rel=1e-12)
+    assert out["n"] == 29 and out["reason"] is None and out["n_bootstrap_valid"] == 1000
+    for key in ("pearson", "spearman"):
+        lo, hi = out[f"{key}_ci"]
+        assert -1 <= lo <= out[key] <= hi <= 1
+    assert out == correlation(x, y, n_bootstrap=1000, seed=1)  # seeded
+    assert out["pearson_ci"] != correlation(x, y, n_bootstrap=1000, seed=2)["pearson_ci"]
+
+
+def test_correlation_bootstrap_ci_vs_scipy():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=40)
+    y = -0.5 * x + rng.normal(size=40)
+    out = correlation(x, y, n_bootstrap=2000, confidence=0.9, seed=0)
+    ref = scipy.stats.bootstrap((x, y), lambda a, b: scipy.stats.pearsonr(a, b)[0], paired=True,
+                                vectorized=False, n_resamples=2000, confidence_level=0.9,
+                                method="percentile", random_state=0).confidence_interval
+    np.testing.assert_allclose(out["pearson_ci"], [ref.low, ref.high], atol=0.05)  # different resamples
+
+
+def test_perfect_and_negative():
+    x = np.arange(10.0)
+    assert correlation(x, x ** 3)["spearman"] == pytest.approx(1.0)
+    assert correlation(x, -x)["pearson"] == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("x,y,reason", [
+    ([1.0, 2.0], [3.0, 4.0], "at least 3"),
+    ([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0], "x constant"),
+    ([1.0, 2.0, 3.0, 4.0], [0.1, 0.1, 0.1, 0.1], "y constant"),
+    ([1.0, np.nan, 3.0, np.inf], [1.0, 2.0, 3.0, 4.0], "at least 3"),
+])
+def test_degenerate_inputs_give_nan_with_reason(x, y, reason):
+    out = correlation(x, y)
+    assert math.isnan(out["pearson"]) and math.isnan(out["spearman"])
+    assert all(math.isnan(v) for v in out["pearson_ci"] + out["spearman_ci"])
+    assert reason in out["reason"]
+
+
+def test_nonfinite_pairs_dropped():
+    x = [1.0, 2.0, np.nan, 4.0, 5.0, 7.0]
+    y = [2.0, 1.0, 3.0, 5.0, np.inf, 8.0]
+    out = correlation(x, y, n_bootstrap=50)
+    assert out["n"] == 4 and out["n_dropped"] == 2
+    assert out["pearson"] == pytest.approx(scipy.stats.pearsonr([1, 2, 4, 7], [2, 1, 5, 8])[0])
+
+
+def test_bad_settings_raise():
+    with pytest.raises(ValueError, match="x has 3 values but y has 2"):
+        correlation([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="confidence=1.5"):
+        correlation([1, 2, 3], [1, 2, 3], confidence=1.5)
+    with pytest.raises(ValueError, match="n_bootstrap=0"):
+        correlation([1, 2, 3], [1, 2, 3], n_bootstrap=0)
