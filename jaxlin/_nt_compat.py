@@ -8,6 +8,9 @@ JAX has since moved. `load_neural_tangents()` applies, only when called, the sma
 - a `jax.util` module with `safe_map`, `safe_zip` ← `jax._src.util` (only where missing);
 - `jax.interpreters.ad.zeros_like_p`: a placeholder Primitive (NT only uses it as a dict key in its
   structured-derivative rules);
+- `empirical._std_basis` / `_unravel_array_into_pytree` are replaced by equivalents that read `.shape`
+  instead of calling `jnp.size` / `jnp.shape` on `ShapeDtypeStruct`s (deprecated in JAX 0.10, an error
+  later);
 - the `neural_tangents` package `__init__` is bypassed (a namespace stub is registered) so only
   `neural_tangents._src.empirical` is imported: no TensorFlow, no stax.
 
@@ -49,6 +52,28 @@ def _patch_jax() -> None:
         ad.zeros_like_p = src_core.Primitive("zeros_like")
 
 
+def _std_basis(pytree):
+    import jax
+    import jax.numpy as jnp
+
+    leaves = jax.tree.leaves(pytree)
+    eye = jnp.eye(sum(math.prod(leaf.shape) for leaf in leaves), dtype=jax.dtypes.result_type(*leaves))
+    return _unravel_array_into_pytree(pytree, 1, eye)
+
+
+def _unravel_array_into_pytree(pytree, axis, arr):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    leaves, treedef = jax.tree.flatten(pytree)
+    axis = axis % arr.ndim if arr.ndim else axis
+    sizes = [math.prod(np.shape(leaf)) for leaf in leaves]
+    parts = jnp.split(arr, np.cumsum(sizes[:-1]), axis)
+    shapes = [arr.shape[:axis] + tuple(np.shape(leaf)) + arr.shape[axis + 1:] for leaf in leaves]
+    return jax.tree.unflatten(treedef, [p.reshape(s) for p, s in zip(parts, shapes)])
+
+
 def load_neural_tangents():
     """Import and return `neural_tangents._src.empirical` after patching JAX (idempotent)."""
     global _MODULE
@@ -64,6 +89,8 @@ def load_neural_tangents():
         sys.modules["neural_tangents"] = stub
     from neural_tangents._src import empirical
 
+    empirical._std_basis = _std_basis
+    empirical._unravel_array_into_pytree = _unravel_array_into_pytree
     _MODULE = empirical
     return _MODULE
 

@@ -8,8 +8,9 @@ from . import models
 
 
 def tiny_config(family: str = "bert", **overrides):
-    """A transformers config for a tiny model of ``family``: "bert", "roberta", "gpt2", "llama", "llama-tied",
-    "qwen2". Sizes: hidden 36 (bert) / 28–60 (decoders), 4 heads, vocab 97–211, 2–3 layers."""
+    """A transformers config for a tiny model of ``family``: "bert", "roberta", "gpt2", "llama", "llama_tied",
+    "qwen2", "mistral". Sizes: hidden 36 (bert) / 40–56 (decoders; RoPE needs even head dims), 4 heads,
+    vocab 97–211, 2–3 layers."""
     import transformers
 
     if family in ("bert", "roberta"):
@@ -22,9 +23,35 @@ def tiny_config(family: str = "bert", **overrides):
             kw.update(type_vocab_size=1, bos_token_id=0, eos_token_id=2)
         kw.update(overrides)
         return cls(**kw)
-    from .models import _tiny_decoders
+    config = tiny_decoder_config(family)
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    return config
 
-    return _tiny_decoders.tiny_decoder_config(family, **overrides)
+
+PAD_ID = 0  # the pad token of every tiny config; tests keep it out of real tokens (HF's classification rule)
+
+
+def tiny_decoder_config(kind: str):
+    """A transformers config for ``kind`` in ("gpt2", "llama", "llama_tied", "qwen2", "mistral")."""
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=97, n_positions=41, n_embd=36, n_layer=2, n_head=4, n_inner=43,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID, num_labels=3)
+    common = dict(vocab_size=97, hidden_size=44, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, pad_token_id=PAD_ID,
+                  num_labels=3)
+    if kind == "llama":
+        return LlamaConfig(**common, head_dim=6, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    if kind == "llama_tied":
+        return LlamaConfig(**dict(common, hidden_size=40, num_hidden_layers=2), tie_word_embeddings=True)
+    if kind == "qwen2":
+        return Qwen2Config(**dict(common, hidden_size=56), rope_parameters={"rope_type": "default",
+                                                                            "rope_theta": 1000.0})
+    if kind == "mistral":
+        return MistralConfig(**dict(common, hidden_size=48), sliding_window=5)
+    raise ValueError(f"unknown tiny decoder {kind!r}; use gpt2, llama, llama_tied, qwen2 or mistral")
 
 
 def tiny_model(family: str = "bert", *, task: str = "encoder", num_labels: int | None = None, seed: int = 0,

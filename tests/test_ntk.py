@@ -2,6 +2,8 @@
 
 Sizes are distinct so transposes cannot hide: N1 = 7, N2 = 5, O = 3, P = 102 (MLP) / 161 (token model).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,7 @@ def _token_inputs(key, n):
             "attention_mask": jnp.asarray((np.arange(4)[None] < lens[:, None]).astype(np.int32))}
 
 
+@functools.cache
 def _setup(name):
     k = jax.random.split(jax.random.PRNGKey(0), 8)
     if name == "mlp":
@@ -44,9 +47,15 @@ def _setup(name):
     return token, params, _token_inputs(k[4], 7), _token_inputs(k[6], 5)
 
 
-def _dense_jac(f, params, x):  # (N, O, P)
-    flat, unravel = ravel_pytree(params)
-    return np.asarray(jax.jacrev(lambda p: f(unravel(p), x))(flat))
+_JACS = {}
+
+
+def _dense_jac(f, params, x):  # (N, O, P), cached per (f, x) object
+    key = (f, id(x))
+    if key not in _JACS:
+        flat, unravel = ravel_pytree(params)
+        _JACS[key] = (x, np.asarray(jax.jit(jax.jacrev(lambda p: f(unravel(p), x)))(flat)))
+    return _JACS[key][1]
 
 
 def dense_ntk(f, params, x1, x2, full, sign=False):
@@ -62,7 +71,7 @@ def test_kernel_equals_dense_reference(model, impl):
     f, params, x1, x2 = _setup(model)
     for trace_axes, full in (((-1,), False), ((), True)):
         for vmap_axes in (0, None):
-            ntk = empirical_ntk_fn(f, trace_axes=trace_axes, vmap_axes=vmap_axes, implementation=impl)
+            ntk = jax.jit(empirical_ntk_fn(f, trace_axes=trace_axes, vmap_axes=vmap_axes, implementation=impl))
             k = ntk(x1, x2, params)
             assert k.shape == ((7, 5, 3, 3) if full else (7, 5))
             np.testing.assert_allclose(k, dense_ntk(f, params, x1, x2, full), rtol=1e-11, atol=1e-11)
@@ -87,7 +96,8 @@ def test_symmetric_psd_and_mean_reduce(impl):
 def test_sign_kernel_equals_dense_reference(model):
     f, params, x1, x2 = _setup(model)
     for trace_axes, full in (((-1,), False), ((), True)):
-        ntk = empirical_ntk_fn(f, trace_axes=trace_axes, implementation="jacobian_contraction", kernel="sign")
+        ntk = jax.jit(empirical_ntk_fn(f, trace_axes=trace_axes, implementation="jacobian_contraction",
+                                       kernel="sign"))
         np.testing.assert_allclose(ntk(x1, x2, params), dense_ntk(f, params, x1, x2, full, sign=True),
                                    rtol=1e-11, atol=1e-11)
         np.testing.assert_allclose(ntk(x1, None, params), dense_ntk(f, params, x1, x1, full, sign=True),

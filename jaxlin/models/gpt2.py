@@ -31,11 +31,11 @@ class GPT2Block(nnx.Module):
         self.c_fc = conv(d, c.n_inner or 4 * d, "mlp.c_fc")
         self.mlp_proj = conv(c.n_inner or 4 * d, d, "mlp.c_proj")
         self.num_heads, self.act = c.n_head, activation(c.activation_function)
-        head_dim = d // c.n_head
-        scaling = head_dim ** -0.5 if c.scale_attn_weights else 1.0
+        # masked_softmax_attention divides scores by √head_dim (HF's scale_attn_weights=True); HF's other
+        # scalings are applied to q
+        self.q_factor = 1.0 if c.scale_attn_weights else (d // c.n_head) ** 0.5
         if c.scale_attn_by_inverse_layer_idx:
-            scaling /= float(i + 1)
-        self.q_factor = scaling * head_dim ** 0.5  # masked_softmax_attention already divides by √head_dim
+            self.q_factor /= float(i + 1)
 
     def __call__(self, x_BLD, allowed_B1LL):
         q_BLD, k_BLD, v_BLD = jnp.split(self.c_attn(self.ln_1(x_BLD)), 3, axis=-1)

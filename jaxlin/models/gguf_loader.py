@@ -1,0 +1,148 @@
+"""Reading llama.cpp GGUF files: a transformers config, float32 tensors under Hugging Face names, a tokenizer.
+
+Only the ``llama`` architecture is read (Llama, SmolLM, TinyLlama, … as llama.cpp converts them). Every tensor is
+dequantized to float32 with ``gguf.quants.dequantize`` (F32, F16, Q8_0, Q4_1, K-quants, …) when it is read and
+renamed from llama.cpp's names (``blk.3.attn_q.weight``) to Hugging Face's (``model.layers.3.self_attn.q_proj.weight``).
+q/k rows are put back in Hugging Face's order: llama.cpp's converter interleaves the two rotary halves of every head
+(``permute_qk``); ``unpermute_qk`` undoes it, as transformers' ``LlamaTensorProcessor`` does. The numpy arrays the
+reader returns are already (d_out, d_in) like ``nn.Linear`` weights (ggml lists dims in the reverse order).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from .checkpoint import CheckpointError
+
+TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+IN_BLOCK = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_TOP = re.compile(r"^(\w+)\.(weight|bias)$")
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """``blk.3.attn_q.weight`` → ``model.layers.3.self_attn.q_proj.weight``; CheckpointError for other names."""
+    m = _BLOCK.match(gguf_name)
+    if m and m.group(2) in IN_BLOCK:
+        return f"model.layers.{m.group(1)}.{IN_BLOCK[m.group(2)]}.{m.group(3)}"
+    m = _TOP.match(gguf_name)
+    if m and m.group(1) in TOP_LEVEL:
+        return f"{TOP_LEVEL[m.group(1)]}.{m.group(2)}"
+    raise CheckpointError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama counterpart jaxlin knows (e.g. "
+                          "rope_freqs of llama3 rope scaling); convert this model to Hugging Face safetensors "
+                          "and load that directory instead")
+
+
+def permute_qk(w_OI: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter permutation of q (n_head = heads) or k (n_head = kv heads) rows: per head, the
+    halves [x_0 … x_{d/2-1} | x_{d/2} … x_{d-1}] become interleaved pairs (x_0, x_{d/2}, x_1, …)."""
+    return w_OI.reshape(n_head, 2, w_OI.shape[0] // n_head // 2, *w_OI.shape[1:]).swapaxes(1, 2).reshape(w_OI.shape)
+
+
+def unpermute_qk(w_OI: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of :func:`permute_qk`: llama.cpp's q/k rows back to Hugging Face's rotate-half order."""
+    return w_OI.reshape(n_head, w_OI.shape[0] // n_head // 2, 2, *w_OI.shape[1:]).swapaxes(1, 2).reshape(w_OI.shape)
+
+
+class GGUFTensors(Mapping):
+    """Lazy ``hf_name -> float32 np.ndarray`` over a GGUF file; each tensor is dequantized when read."""
+
+    def __init__(self, reader, n_head: int, n_head_kv: int):
+        self._by_name = {hf_tensor_name(t.name): t for t in reader.tensors}
+        self._heads = {"q_proj": n_head, "k_proj": n_head_kv}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        t = self._by_name[key]
+        value = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
+        proj = key.rsplit(".", 2)[-2]
+        return unpermute_qk(value, self._heads[proj]) if proj in self._heads else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def llama_config(reader, tensor_names):
+    """A transformers ``LlamaConfig`` from the GGUF metadata (``llama.*`` and ``tokenizer.ggml.*`` keys)."""
+    from transformers import LlamaConfig
+
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"GGUF architecture {arch!r} is not supported; jaxlin reads 'llama' GGUF files. "
+                              "Load the Hugging Face safetensors checkpoint of this model instead")
+
+    def meta(key, default=None):
+        value = _field(reader, f"llama.{key}", default)
+        if value is None:
+            raise CheckpointError(f"the GGUF file lacks the metadata key 'llama.{key}'; it is not a complete "
+                                  "llama.cpp export")
+        return value
+
+    hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
+    head_dim = int(meta("attention.key_length", hidden // heads))
+    if int(meta("rope.dimension_count", head_dim)) != head_dim:
+        raise CheckpointError(f"partial rotary embeddings (rope.dimension_count={meta('rope.dimension_count')}, "
+                              f"head_dim={head_dim}) are not supported for GGUF files")
+    rope = {"rope_type": "default", "rope_theta": float(meta("rope.freq_base", 10000.0))}
+    scaling = _field(reader, "llama.rope.scaling.type", "none")
+    if scaling == "linear":
+        rope.update(rope_type="linear", factor=float(meta("rope.scaling.factor")))
+    elif scaling != "none":
+        raise CheckpointError(f"GGUF rope scaling {scaling!r} is not supported; jaxlin reads 'none' and 'linear'")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = len(tokens) if tokens is not None else int(meta("vocab_size"))
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(meta("feed_forward_length")),
+        num_hidden_layers=int(meta("block_count")), num_attention_heads=heads,
+        num_key_value_heads=int(meta("attention.head_count_kv", heads)), head_dim=head_dim,
+        max_position_embeddings=int(meta("context_length")),
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon")), rope_parameters=rope,
+        tie_word_embeddings="lm_head.weight" not in tensor_names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"))
+
+
+def read_gguf(path) -> tuple[object, GGUFTensors, object | None]:
+    """``(transformers config, {hf_name: float32 array} (lazy), HF tokenizer or None)`` for a llama GGUF file.
+
+    The tokenizer is built by transformers from the GGUF metadata (no torch needed); when that fails the
+    tokenizer is None and a warning says why."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"cannot read {path} as a GGUF file ({e})") from None
+    config = llama_config(reader, {hf_tensor_name(t.name) for t in reader.tensors})
+    tensors = GGUFTensors(reader, config.num_attention_heads, config.num_key_value_heads)
+    return config, tensors, _tokenizer(path)
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # transformers raises many types for missing or unusual tokenizer metadata
+        warnings.warn(f"no tokenizer could be built from {path.name} ({type(e).__name__}: {e}); the model loads "
+                      "without one: pass token ids yourself", stacklevel=3)
+        return None

@@ -1,0 +1,318 @@
+"""Per-module empirical NTKs of an adapted model: one pass, one kernel per trainable module.
+
+    K_m(x, x')[a, b] = Σ_{θ ∈ module m} ∂f_a(x)/∂θ · ∂f_b(x')/∂θ,        K_S = Σ_{m ∈ S} K_m  (exactly)
+
+so the kernel, spectrum and score of any configuration S of adapted modules come from these blocks with
+no further Jacobian (PAPER.md §5.4, §6.1). ``kernel="sign"`` gives K_m(x, x') = J_m(x) · s(J_m(x'))ᵀ with
+s(z) = z/(|z|+1e-8), the asymmetric kernel the paper's published code computes (PAPER.md §5.2).
+
+Implementations (all exact, same numbers up to float rounding):
+
+- ``"structured"``: from module inputs and output cotangents, no autodiff per parameter. One forward pass
+  records every adapted dense module's input h_t (B, L, d_in); O backward passes (one per output, shared by
+  the whole batch since examples are independent) give the cotangent g_t = ∂f_a/∂z_t at its output, through a
+  zero probe added to z. Then, with s = alpha/rank, per example and output,
+  ∂f/∂B = s (H A)ᵀ G (R, d_out), ∂f/∂A = s Hᵀ (G Bᵀ) (d_in, R), ∂f/∂bias = Σ_t g_t and, for a dense weight
+  trained in full, K_W(x, x') = Σ_{t,t'} (h_t·h'_{t'}) (g_t·g'_{t'}) — the (L × L) form, never the
+  d_in × d_out Jacobian. Groups that are not dense modules (LayerNorms, embeddings) fall back to
+  per-example Jacobians of their few parameters.
+- ``"jacobian_contraction"``: per-example ``jax.jacrev`` w.r.t. the trainable tree, contracted per leaf.
+- ``"ntk_vector_products"``: K_m columns as jvp(vjp(e_b)) with the tangent restricted to module m.
+- ``"auto"``: "structured" unless the request is a sign kernel of a full dense weight in L×L form.
+
+Rows are tiled by ``jaxlin.gram.blocked_gram`` (``block_size``, symmetric reuse, float64 accumulation,
+resumable tile checkpoints, sharding of rows over a mesh).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from . import gram as _gram
+from . import ntk as _ntk
+from .adapters import Adapted
+
+SIGN_EPS = _ntk.SIGN_EPS
+IMPLEMENTATIONS = ("auto", "structured", "jacobian_contraction", "ntk_vector_products")
+
+
+def _sign(x):
+    return x / (jnp.abs(x) + SIGN_EPS)
+
+
+def output_function(adapted: Adapted, output_fn: Optional[Callable] = None) -> Callable:
+    """``f(trainable, batch) -> (B, O)`` of an adapted model; ``output_fn(outputs, batch)`` maps other outputs
+    (e.g. causal-LM logits (B, L, V)) to (B, O). Carries the adapted model so implementation="structured" of
+    ``empirical_ntk_fn`` can use its module structure."""
+    def f(trainable, batch):
+        out = adapted.apply(trainable, adapted.frozen, batch["input_ids"], batch["attention_mask"])
+        return out if output_fn is None else output_fn(out, batch)
+
+    f.jaxlin_adapted, f.jaxlin_output_fn = adapted, output_fn
+    return f
+
+
+def _check_output(out_shape, output_fn):
+    if len(out_shape) != 2:
+        raise ValueError(f"per-module kernels need outputs (B, O); the model returns {tuple(out_shape)}. Pass "
+                         "output_fn=lambda out, batch: ... mapping them to (B, O) (e.g. label-word logits at the "
+                         "last real token), or load the model with task='classification'")
+
+
+def _group_leaves(adapted: Adapted, modules: Sequence[str]):
+    """Split each group into LoRA factors, dense-module leaves and other leaves."""
+    plan = {}
+    for name in modules:
+        paths = adapted.groups[name]
+        lora = any(p[0] == "lora" for p in paths)
+        dense = None
+        if any(m.name == name for m in adapted.model.modules):
+            dense = adapted.model.module(name)
+        own = [p for p in paths if p[0] == "params" and dense is not None and p[1:-1] == dense.path]
+        other = [p for p in paths if p[0] == "params" and p not in own]
+        plan[name] = dict(lora=lora, dense=dense, own=[p[-1] for p in own], other=other)
+    return plan
+
+
+def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, trace: bool):
+    model, scale = adapted.model, adapted.lora_scale
+    tapped = [n for n in modules if plan[n]["dense"] is not None and (plan[n]["lora"] or plan[n]["own"])]
+    other_paths = [p for n in modules for p in plan[n]["other"]]
+
+    def outputs(trainable, frozen, probes, batch):
+        out, inputs = adapted.tapped_apply(trainable, frozen, probes, batch["input_ids"], batch["attention_mask"],
+                                           capture=tapped)
+        return (out if output_fn is None else output_fn(out, batch)), inputs
+
+    def factors(batch, trainable, frozen):
+        """h (B, L, d_in) per module and g (O, B, L, d_out) per module (L = 1 for heads)."""
+        _, h_shapes = jax.eval_shape(lambda: outputs(trainable, frozen, {}, batch))
+        probes = {n: jnp.zeros(h.shape[:-1] + (model.module(n).d_out,), h.dtype) for n, h in h_shapes.items()}
+        (out, inputs), vjp = jax.vjp(lambda p: outputs(trainable, frozen, p, batch), probes)
+        _check_output(out.shape, output_fn)
+        basis = jnp.eye(out.shape[1], dtype=out.dtype)
+
+        def one(e):
+            zero_inputs = jax.tree.map(jnp.zeros_like, inputs)
+            return vjp((jnp.broadcast_to(e, out.shape), zero_inputs))[0]
+
+        g = jax.vmap(one)(basis)
+        # heads see (B, d_in) (the first/last token); give every module a token axis: (B, L, d), (O, B, L, d)
+        h = {n: x.reshape(x.shape[0], -1, x.shape[-1]) for n, x in inputs.items()}
+        g = {n: x.reshape(x.shape[:2] + (-1, x.shape[-1])) for n, x in g.items()}
+        return h, g
+
+    def features(n, h, g, trainable):
+        """Jacobian blocks of module n from h, g: list of (O, B, ...) arrays (LoRA factors, bias)."""
+        feats = []
+        if plan[n]["lora"]:
+            a, b = trainable["lora"][n]["a"], trainable["lora"][n]["b"]
+            feats.append(scale * jnp.einsum("blr,obld->obrd", h @ a, g))  # ∂f/∂B
+            feats.append(scale * jnp.einsum("bli,oblr->obir", h, g @ b.T))  # ∂f/∂A
+        if "bias" in plan[n]["own"]:
+            feats.append(g.sum(axis=2))
+        return feats
+
+    def contract(f1, f2):
+        f2 = _sign(f2) if kernel == "sign" else f2
+        k = jnp.einsum("aip,bjp->ijab", f1.reshape(f1.shape[:2] + (-1,)), f2.reshape(f2.shape[:2] + (-1,)))
+        return k
+
+    def dense_weight(h1, g1, h2, g2):
+        """Σ_{t,t'} (h_t·h'_t')(g_t·g'_t') for a dense weight trained in full (L × L form)."""
+        hh = jnp.einsum("itd,jsd->ijts", h1, h2)
+        return jnp.einsum("ijts,aitd,bjsd->ijab", hh, g1, g2)
+
+    def other_kernels(x1, x2, trainable, frozen):
+        if not other_paths:
+            return {}
+        flat = traverse_util.flatten_dict(trainable)
+        sub = {p: flat[p] for p in other_paths}
+
+        def f(sub_params, batch):
+            merged = dict(flat)
+            merged.update(sub_params)
+            return outputs(traverse_util.unflatten_dict(merged), frozen, {}, batch)[0]
+
+        def jac(batch):
+            per = lambda b: jax.jacrev(lambda s: f(s, jax.tree.map(lambda x: x[None], b))[0])(sub)
+            return jax.vmap(per)(batch)  # leaf: (B, O, *shape)
+
+        j1 = jac(x1)
+        j2 = j1 if x2 is x1 else jac(x2)
+        out = {}
+        for n in modules:
+            for p in plan[n]["other"]:
+                a = j1[p].reshape(j1[p].shape[:2] + (-1,))
+                b = j2[p].reshape(j2[p].shape[:2] + (-1,))
+                b = _sign(b) if kernel == "sign" else b
+                out[n] = out.get(n, 0) + jnp.einsum("iap,jbp->ijab", a, b)
+        return out
+
+    def tile(x1, x2, trainable, frozen):
+        h1, g1 = factors(x1, trainable, frozen)
+        h2, g2 = factors(x2, trainable, frozen)
+        extra = other_kernels(x1, x2, trainable, frozen)
+        result = {}
+        for n in modules:
+            k = extra.get(n, 0)
+            if n in h1:
+                for f1, f2 in zip(features(n, h1[n], g1[n], trainable), features(n, h2[n], g2[n], trainable)):
+                    k = k + contract(f1, f2)
+                if "kernel" in plan[n]["own"]:
+                    if kernel == "sign":
+                        f1 = jnp.einsum("bli,obld->obid", h1[n], g1[n])
+                        f2 = jnp.einsum("bli,obld->obid", h2[n], g2[n])
+                        k = k + contract(f1, f2)
+                    else:
+                        k = k + dense_weight(h1[n], g1[n], h2[n], g2[n])
+            result[n] = jnp.einsum("ijaa->ij", k) if trace else k
+        return result
+
+    return tile
+
+
+def _jacobian_tile(adapted: Adapted, modules, output_fn, kernel: str, trace: bool):
+    f = output_function(adapted, output_fn)
+
+    def jac(batch, trainable):
+        per = lambda b: jax.jacrev(lambda t: f(t, jax.tree.map(lambda x: x[None], b))[0])(trainable)
+        return traverse_util.flatten_dict(jax.vmap(per)(batch))  # leaf: (B, O, *shape)
+
+    def tile(x1, x2, trainable, frozen):
+        del frozen  # closed over by f through adapted; identical by construction
+        j1, j2 = jac(x1, trainable), jac(x2, trainable)
+        result = {}
+        for n in modules:
+            k = 0
+            for p in adapted.groups[n]:
+                a = j1[p].reshape(j1[p].shape[:2] + (-1,))
+                b = j2[p].reshape(j2[p].shape[:2] + (-1,))
+                b = _sign(b) if kernel == "sign" else b
+                k = k + jnp.einsum("iap,jbp->ijab", a, b)
+            result[n] = jnp.einsum("ijaa->ij", k) if trace else k
+        return result
+
+    return tile
+
+
+def _ntvp_tile(adapted: Adapted, modules, output_fn, trace: bool):
+    f = output_function(adapted, output_fn)
+
+    def tile(x1, x2, trainable, frozen):
+        del frozen
+        out2, vjp2 = jax.vjp(lambda t: f(t, x2), trainable)
+        n2, o = out2.shape
+        basis = jnp.eye(n2 * o, dtype=out2.dtype).reshape(n2 * o, n2, o)
+        cotangents = jax.vmap(lambda e: vjp2(e)[0])(basis)  # each leaf (n2·O, *shape)
+        flat_ct = traverse_util.flatten_dict(cotangents)
+        result = {}
+        for n in modules:
+            keep = set(adapted.groups[n])
+            masked = traverse_util.unflatten_dict(
+                {p: (v if p in keep else jnp.zeros_like(v)) for p, v in flat_ct.items()})
+            cols = jax.vmap(lambda t: jax.jvp(lambda q: f(q, x1), (trainable,), (t,))[1])(masked)
+            k = cols.reshape(n2, o, -1, o).transpose(2, 0, 3, 1)  # (n1, n2, O, O)
+            result[n] = jnp.einsum("ijaa->ij", k) if trace else k
+        return result
+
+    return tile
+
+
+_TILES: "weakref.WeakKeyDictionary[Adapted, dict]" = weakref.WeakKeyDictionary()
+
+
+def _tile_fn(adapted, modules, output_fn, kernel, trace, implementation):
+    """One tile function per request, kept while ``adapted`` lives, so a second call does not recompile."""
+    cache = _TILES.setdefault(adapted, {})
+    key = (modules, output_fn, kernel, trace, implementation)
+    if key not in cache:
+        if implementation == "structured":
+            cache[key] = _structured_tile(adapted, modules, _group_leaves(adapted, modules), output_fn, kernel,
+                                          trace)
+        elif implementation == "jacobian_contraction":
+            cache[key] = _jacobian_tile(adapted, modules, output_fn, kernel, trace)
+        else:
+            cache[key] = _ntvp_tile(adapted, modules, output_fn, trace)
+    return cache[key]
+
+
+def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kernel: str = "ntk",
+                implementation: str = "auto", modules: Sequence[str] | None = None, trainable=None,
+                output_fn: Optional[Callable] = None, block_size: int | None = None,
+                accumulate_dtype=np.float64, progress: bool = False, checkpoint_dir: str | None = None,
+                key: str = "", mesh=None, sharding: _gram.ShardingSpec = _gram.ShardingSpec(),
+                reduce: str = "sum") -> dict[str, np.ndarray]:
+    """``{module: K_m}`` for every name in ``adapted.modules`` (or ``modules``), at ``trainable`` (default θ0).
+
+    ``batch``: a mapping with ``input_ids`` and ``attention_mask`` (N, L) (real lengths, bucketed padding).
+    ``trace_axes=(-1,)`` gives (N1, N2) kernels (outputs summed, or averaged with ``reduce="mean"``);
+    ``trace_axes=()`` gives (N1, N2, O, O). ``kernel``: "ntk" or "sign". Host numpy arrays of
+    ``accumulate_dtype`` (float64 needs ``jax_enable_x64``; otherwise the tiles are float32 and only the sum on
+    the host is float64). Tiling/resume/sharding arguments: ``jaxlin.gram.blocked_gram``.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
+    if kernel not in _ntk.KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {_ntk.KERNELS}")
+    if reduce not in _ntk.REDUCES:
+        raise ValueError(f"reduce={reduce!r} is not one of {_ntk.REDUCES}")
+    if tuple(trace_axes) not in ((), (-1,), (1,)):
+        raise ValueError(f"trace_axes={trace_axes!r}: module kernels support () (full (N1, N2, O, O)) or (-1,)")
+    for b, name in ((batch1, "batch1"), (batch2, "batch2")):
+        if b is not None and not {"input_ids", "attention_mask"} <= set(b):
+            raise ValueError(f"{name} must be a mapping with 'input_ids' and 'attention_mask'; got keys {list(b)}")
+    modules = tuple(adapted.modules if modules is None else modules)
+    unknown = [m for m in modules if m not in adapted.groups]
+    if unknown:
+        raise ValueError(f"modules {unknown} are not trainable in this adapted model; choose from {adapted.modules}")
+    trace = tuple(trace_axes) != ()
+    trainable = adapted.trainable if trainable is None else trainable
+    if implementation == "auto":
+        implementation = "structured"
+    if kernel == "sign" and implementation == "ntk_vector_products":
+        raise ValueError("kernel='sign' is not available with implementation='ntk_vector_products'; "
+                         "use 'structured' or 'jacobian_contraction'")
+    tile = _tile_fn(adapted, modules, output_fn, kernel, trace, implementation)
+    x1 = {k: jnp.asarray(batch1[k]) for k in ("input_ids", "attention_mask")}
+    x2 = None if batch2 is None else {k: jnp.asarray(batch2[k]) for k in ("input_ids", "attention_mask")}
+    symmetric = x2 is None and kernel == "ntk"
+    if x2 is None and not symmetric:
+        x2 = x1
+    out = _gram.blocked_gram(tile, x1, x2, block_size=block_size, args=(trainable, adapted.frozen),
+                             symmetric=symmetric, accumulate_dtype=accumulate_dtype, progress=progress,
+                             checkpoint_dir=checkpoint_dir, key=key, mesh=mesh, sharding=sharding)
+    out = {n: out[n] for n in modules}  # the pytree round trip sorted the keys
+    if trace and reduce == "mean":
+        o = jax.eval_shape(output_function(adapted, output_fn), trainable, x1).shape[-1]
+        out = {n: k / o for n, k in out.items()}
+    return out
+
+
+def _structured_builder(f, spec: _ntk.KernelSpec):
+    """``empirical_ntk_fn(f, implementation="structured")`` for ``f = output_function(adapted)``: the sum of the
+    module kernels of one tile (pure and jit-able; no host-side tiling)."""
+    adapted = getattr(f, "jaxlin_adapted", None)
+    if adapted is None:
+        return _ntk._structured(f, spec)
+    modules = adapted.modules
+    tile = _structured_tile(adapted, modules, _group_leaves(adapted, modules), f.jaxlin_output_fn, spec.kernel,
+                            trace=bool(spec.trace_axes))
+
+    def ntk(x1, x2, params):
+        k = sum(tile(x1, x1 if x2 is None else x2, params, adapted.frozen).values())
+        if spec.trace_axes and spec.reduce == "mean":
+            k = k / jax.eval_shape(f, params, x1).shape[-1]
+        return k if spec.accumulate_dtype is None else k.astype(spec.accumulate_dtype)
+
+    return ntk
+
+
+_ntk._IMPLEMENTATIONS["structured"] = _structured_builder
+
+__all__ = ["module_ntks", "output_function", "IMPLEMENTATIONS"]

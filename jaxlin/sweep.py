@@ -1,0 +1,181 @@
+"""The λ sweep: how far regularised fine-tuning moves, and how close it stays to its linearization
+(PAPER.md §4.4, §7.1).
+
+For each λ, `lambda_sweep` trains the nonlinear model f and the linearized model f̄ = f(θ0) + J(θ − θ0) from the
+same θ0 on the same batches with the same optimiser, and records distances in parameter space (θ_T vs θ0, θ_T vs
+θ̄_T), in function space (logits of f vs f̄), per-module relative weight changes and the Theorem 2 radius.
+`sweep_summary` fits log-log slopes against λ (the candidates of §4.4 predict λ^{-1/2} for the distance to
+init and ~λ^{-3/2} for nonlinear vs linearized).
+
+Normalisation. Training minimises mean_i ℓ_i + (λ/2)‖θ − θ0‖² (a mean over the N training examples). The paper
+writes R̃ = Σ_i ℓ_i + (λ̃/2)‖θ − θ0‖², so R̃ = N·mean and λ̃ = N·λ. Its candidate Theorem 2 radius
+√(2R̃(θ0)/λ̃) is then √(2·mean_i ℓ_i(θ0)/λ): that is `theorem2_radius`. It bounds ‖θ_t − θ0‖ for gradient
+flow with the coupled pull; for Adam, mini-batches or other regularisers it is a reference scale only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from . import data
+from .train import TrainConfig, evaluate, fit, model_functions
+
+DISTANCE_KEYS = ("theta_distance_to_init", "theta_distance_to_init_linearized", "theta_distance_lin_nonlin",
+                 "output_distance_lin_nonlin_train", "output_distance_lin_nonlin_eval", "kl_nonlin_lin")
+
+
+def lambda_sweep(adapted, train_data: data.TextDataset, eval_data: data.TextDataset, tokenizer, *,
+                 lambdas: Sequence[float], config: TrainConfig, regularizer: str = "prox",
+                 progress: bool = True) -> list[dict]:
+    """Train f and f̄ at each λ in `lambdas` and compare them; one JSON-serialisable dict per λ.
+
+    `config` gives everything but the pull: its `regularizer` and `strength` are replaced by `regularizer`
+    and each λ. Batches: `jaxlin.data.batches` with `config.batch_size`/`max_length`, shuffled per epoch from
+    `config.seed` (identical for both models), padding on `tokenizer.padding_side` (default right).
+
+    Keys per λ (norms are Euclidean over all trainable leaves; f, f̄ are logits (N, C)):
+      lambda, regularizer, anchor, variant {loss, regularizer, anchor, optimizer, schedule, learning_rate,
+        epochs, steps, batch_size, seed}
+      theta_distance_to_init ‖θ_T − θ0‖, theta_distance_to_init_linearized ‖θ̄_T − θ0‖,
+      theta_distance_lin_nonlin ‖θ_T − θ̄_T‖
+      output_distance_lin_nonlin_train / _eval: √(mean_i ‖f(x_i) − f̄(x_i)‖²), the RMS over examples of the
+        per-example logit distance, on the training / eval set
+      kl_nonlin_lin, agreement: mean_i KL(softmax f(x_i) ‖ softmax f̄(x_i)) and the fraction of equal argmax,
+        on the eval set; kl_nonlin_lin_train, agreement_train the same on the training set
+      eval_accuracy_nonlinear / _linearized, eval_loss_nonlinear / _linearized
+      train_loss_nonlinear / _linearized: mean loss over the whole training set at θ_T (not the last batch)
+      loss_curve_nonlinear / _linearized: mean batch loss per step
+      init_train_loss_mean mean_i ℓ_i(θ0); init_train_loss_sum R̃(θ0) = N·mean; num_train N
+      theorem2_radius √(2·init_train_loss_mean/λ) (module doc; None at λ = 0)
+      relative_module_distances {"nonlinear", "linearized"}: {module: ‖ΔW‖_F/‖W0‖_F}, with ΔW = s(A_T B_T −
+        A0 B0) for a LoRA module (s = alpha/rank; = ‖BA‖_F/‖W0‖_F of §7.1 when B0 = 0 and s = 1), and the
+        change of all the module's leaves relative to their init norm for a module trained in full (a head)
+      wall_time_s: both runs and their evaluations, compiles included.
+    """
+    lambdas = [float(lam) for lam in lambdas]
+    bad = [lam for lam in lambdas if not (math.isfinite(lam) and lam >= 0)]
+    if not lambdas or bad:
+        raise ValueError(f"lambdas={lambdas} must be a non-empty list of finite values ≥ 0; bad: {bad}")
+    padding_side = getattr(tokenizer, "padding_side", "right")
+
+    def batches_of(dataset, shuffle, seed):
+        return data.batches(dataset, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
+                            shuffle=shuffle, seed=seed, padding_side=padding_side)
+
+    def train_batches(epoch):
+        return batches_of(train_data, True, config.seed * 100_003 + epoch)
+
+    def eval_batches():
+        return batches_of(eval_data, False, 0)
+
+    apply_nonlinear, apply_linearized = model_functions(adapted)
+    theta0 = adapted.trainable
+    init = evaluate(apply_nonlinear, theta0, batches_of(train_data, False, 0), loss=config.loss)
+    n_train = len(train_data)
+    results = []
+    for lam in lambdas:
+        start = time.perf_counter()
+        cfg = dataclasses.replace(config, regularizer=regularizer, strength=lam)
+        runs = {}
+        for name, apply_fn in (("nonlinear", apply_nonlinear), ("linearized", apply_linearized)):
+            res = fit(apply_fn, theta0, train_batches, config=cfg, progress=progress)
+            runs[name] = {"result": res,
+                          "train": evaluate(apply_fn, res.trainable, batches_of(train_data, False, 0), loss=cfg.loss),
+                          "eval": evaluate(apply_fn, res.trainable, eval_batches(), loss=cfg.loss)}
+        theta, theta_lin = runs["nonlinear"]["result"].trainable, runs["linearized"]["result"].trainable
+        out_train = _output_comparison(runs["nonlinear"]["train"]["logits"], runs["linearized"]["train"]["logits"])
+        out_eval = _output_comparison(runs["nonlinear"]["eval"]["logits"], runs["linearized"]["eval"]["logits"])
+        results.append({
+            "lambda": lam, "regularizer": regularizer, "anchor": cfg.anchor, "variant": _variant(cfg),
+            "theta_distance_to_init": _distance(theta, theta0),
+            "theta_distance_to_init_linearized": _distance(theta_lin, theta0),
+            "theta_distance_lin_nonlin": _distance(theta, theta_lin),
+            "output_distance_lin_nonlin_train": out_train["rms_distance"],
+            "output_distance_lin_nonlin_eval": out_eval["rms_distance"],
+            "kl_nonlin_lin": out_eval["kl"], "agreement": out_eval["agreement"],
+            "kl_nonlin_lin_train": out_train["kl"], "agreement_train": out_train["agreement"],
+            **{f"{split}_{metric}_{name}": runs[name][split][metric]
+               for name in runs for split, metric in (("eval", "accuracy"), ("eval", "loss"), ("train", "loss"))},
+            **{f"loss_curve_{name}": runs[name]["result"].train_loss for name in runs},
+            "init_train_loss_mean": init["loss"], "init_train_loss_sum": n_train * init["loss"],
+            "num_train": n_train,
+            "theorem2_radius": math.sqrt(2.0 * init["loss"] / lam) if lam > 0 else None,
+            "relative_module_distances": {name: relative_module_distances(adapted, runs[name]["result"].trainable)
+                                          for name in runs},
+            "wall_time_s": time.perf_counter() - start,
+        })
+    return results
+
+
+def _variant(cfg: TrainConfig) -> dict:
+    keys = ("loss", "regularizer", "anchor", "optimizer", "schedule", "learning_rate", "epochs", "steps",
+            "batch_size", "seed")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def _distance(a, b) -> float:
+    sq = jax.tree.map(lambda x, y: np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2), a, b)
+    return float(np.sqrt(sum(jax.tree.leaves(sq))))
+
+
+def _output_comparison(f_NC: np.ndarray, f_bar_NC: np.ndarray) -> dict:
+    """RMS over examples of ‖f − f̄‖₂, mean KL(softmax f ‖ softmax f̄), fraction of equal argmax."""
+    f_NC, f_bar_NC = np.asarray(f_NC, np.float64), np.asarray(f_bar_NC, np.float64)
+    logp_NC = f_NC - _logsumexp(f_NC)
+    logq_NC = f_bar_NC - _logsumexp(f_bar_NC)
+    kl_N = np.sum(np.exp(logp_NC) * (logp_NC - logq_NC), axis=-1)
+    return {"rms_distance": float(np.sqrt(np.mean(np.sum((f_NC - f_bar_NC) ** 2, axis=-1)))),
+            "kl": float(np.mean(kl_N)),
+            "agreement": float(np.mean(f_NC.argmax(-1) == f_bar_NC.argmax(-1)))}
+
+
+def _logsumexp(x_NC: np.ndarray) -> np.ndarray:
+    m = x_NC.max(-1, keepdims=True)
+    return m + np.log(np.sum(np.exp(x_NC - m), axis=-1, keepdims=True))
+
+
+def relative_module_distances(adapted, trainable) -> dict[str, float]:
+    """{module: ‖ΔW‖_F/‖W0‖_F} for every trainable group of `adapted` (see `lambda_sweep`)."""
+    frozen = traverse_util.flatten_dict(adapted.frozen)
+    now, start = traverse_util.flatten_dict(trainable), traverse_util.flatten_dict(adapted.trainable)
+    out = {}
+    for module, paths in adapted.groups.items():
+        if module in adapted.lora_modules:
+            a, b, a0, b0 = (np.asarray(t[("lora", module, k)], np.float64) for t in (now, start) for k in "ab")
+            delta = adapted.lora_scale * (a @ b - a0 @ b0)
+            w0 = np.asarray(frozen[adapted.model.module(module).path + ("kernel",)], np.float64)
+            out[module] = float(np.linalg.norm(delta) / np.linalg.norm(w0))
+        else:
+            diff = sum(float(np.sum((np.asarray(now[p], np.float64) - np.asarray(start[p], np.float64)) ** 2))
+                       for p in paths)
+            norm = sum(float(np.sum(np.asarray(start[p], np.float64) ** 2)) for p in paths)
+            out[module] = math.sqrt(diff / norm) if norm > 0 else math.inf
+    return out
+
+
+def loglog_slope(lambdas: Sequence[float], values: Sequence[float | None]) -> float:
+    """Least-squares slope of log(value) against log(λ), over the pairs with λ > 0 and a finite value > 0;
+    nan when fewer than two such pairs (or a single distinct λ) remain."""
+    pairs = [(float(lam), float(v)) for lam, v in zip(lambdas, values)
+             if v is not None and lam > 0 and math.isfinite(float(v)) and float(v) > 0]
+    if len({lam for lam, _ in pairs}) < 2:
+        return math.nan
+    x, y = np.log([p[0] for p in pairs]), np.log([p[1] for p in pairs])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def sweep_summary(results: Sequence[dict]) -> dict:
+    """Log-log slopes against λ of each distance in `DISTANCE_KEYS`, next to the Theorem 2 radius's slope
+    (−0.5 by construction) and the variant; JSON-serialisable."""
+    if not results:
+        raise ValueError("sweep_summary got no results; pass the list returned by lambda_sweep")
+    lambdas = [r["lambda"] for r in results]
+    return {"lambdas": lambdas, "variant": results[0]["variant"],
+            "slopes": {key: loglog_slope(lambdas, [r[key] for r in results]) for key in DISTANCE_KEYS},
+            "theorem2_radius_slope": loglog_slope(lambdas, [r["theorem2_radius"] for r in results])}

