@@ -61,14 +61,6 @@ class KernelSpec:
 
 
 # ----------------------------------------------------------------------------------------------- shapes
-def _leading(x, name: str) -> int:
-    sizes = {tuple(np.shape(leaf))[:1] for leaf in jax.tree.leaves(x)}
-    if len(sizes) != 1 or sizes == {()}:
-        raise ValueError(f"{name} must be a pytree of arrays sharing one leading example axis; got leading "
-                         f"shapes {sorted(sizes)} for leaves {[np.shape(l) for l in jax.tree.leaves(x)]}.")
-    return sizes.pop()[0]
-
-
 def _normalize_trace_axes(trace_axes: Sequence[int], out_ndim: int) -> tuple[int, ...]:
     """Map trace_axes (axes of the full output (N, S...)) to sorted per-example axes 0..d-1."""
     valid = list(range(1, out_ndim)) + list(range(-out_ndim + 1, 0))
@@ -249,11 +241,11 @@ def empirical_ntk_fn(f: Callable, *, trace_axes: Sequence[int] = (-1,), vmap_axe
     builders = {}
 
     def ntk(x1, x2, params):
-        _leading(x1, "x1")
+        _gram._leading(x1, "x1")
         if x2 is not None and jax.tree.structure(x2) != jax.tree.structure(x1):
             raise ValueError("x2 must have the pytree structure of x1 (or be None).")
         if x2 is not None:
-            _leading(x2, "x2")
+            _gram._leading(x2, "x2")
         ndim = _out_shape(f, params, x1).ndim
         spec = KernelSpec(_normalize_trace_axes(trace_axes, ndim), vmap_axes, reduce, accumulate_dtype, kernel)
         if spec not in builders:
@@ -283,7 +275,7 @@ def choose_implementation(f, params, x1, x2=None, *, trace_axes=(-1,), vmap_axes
     """
     out = _out_shape(f, params, x1)
     n1 = out.shape[0]
-    n2 = n1 if x2 is None else _leading(x2, "x2")
+    n2 = n1 if x2 is None else _gram._leading(x2, "x2")
     per_ex = out.shape[1:]
     o = math.prod(per_ex)
     traced = _normalize_trace_axes(trace_axes, out.ndim)
@@ -361,7 +353,7 @@ def estimate_memory(f, params, x1, x2=None, *, implementation="auto", block_size
         implementation = choose_implementation(f, params, x1, x2, trace_axes=trace_axes, vmap_axes=vmap_axes)
     out = _out_shape(f, params, x1)
     n1 = out.shape[0]
-    n2 = n1 if x2 is None else _leading(x2, "x2")
+    n2 = n1 if x2 is None else _gram._leading(x2, "x2")
     b1, b2 = (n1, n2) if block_size is None else (min(block_size, n1), min(block_size, n2))
     o = math.prod(out.shape[1:])
     traced = _normalize_trace_axes(trace_axes, out.ndim)

