@@ -267,7 +267,13 @@ def stage_sweep(ctx: Context):
                      loss=cfg.loss, anchor=cfg.anchor, seed=cfg.seed, max_length=cfg.max_length)
     results = lambda_sweep(ctx.adapted, ctx.train, ctx.eval, ctx.model.tokenizer, lambdas=list(cfg.lambdas),
                            config=tc, regularizer=cfg.regularizer, progress=True)
-    return {"sweep": results, "sweep_summary": sweep_summary(results)}, {}
+    for r in results:  # the schema's headline output distance is the eval one; no radius at λ = 0
+        r["output_distance_lin_nonlin"] = r["output_distance_lin_nonlin_eval"]
+        if r["theorem2_radius"] is None:
+            r["theorem2_radius"] = float("nan")
+    summary = sweep_summary(results)
+    return {"sweep": results, "sweep_summary": {**summary["slopes"],
+                                                "theorem2_radius": summary["theorem2_radius_slope"]}}, {}
 
 
 def stage_probe(ctx: Context):
@@ -364,9 +370,7 @@ def assemble(ctx: Context, timings: dict) -> dict:
         selection = study["selection"]
     elif "spectrum" in r:
         selection = {"budget": cfg.selection_budget,
-                     "methods": {k: {"modules": v.get("selected", v.get("modules", [])),
-                                     **({"scores": v["scores"]} if "scores" in v else {})}
-                                 for k, v in r["spectrum"]["selection_scores"].items() if isinstance(v, dict)}}
+                     "methods": {k: _selection_entry(v) for k, v in r["spectrum"]["selection_scores"].items()}}
     return {
         "schema": SCHEMA_VERSION, "jaxlin_version": __version__, "config": cfg.to_dict(),
         "environment": environment(), "timings": timings,
@@ -394,6 +398,12 @@ def assemble(ctx: Context, timings: dict) -> dict:
         "selection": selection,
         "arrays": "arrays.npz",
     }
+
+
+def _selection_entry(v) -> dict:
+    if isinstance(v, dict):  # greedy_select: {"selected", "scores", ...}
+        return {"modules": list(v["selected"]), "scores": list(v["scores"])}
+    return {"modules": list(v)}  # a baseline: the modules
 
 
 def write_results(out: Path, results: dict, arrays: dict) -> None:

@@ -191,8 +191,10 @@ def adamspd(learning_rate: ScalarOrSchedule, weight_decay: float, *, b1: float =
         raise ValueError(f"eps={eps} must be ≥ 0 (e.g. 1e-8).")
 
     def init_fn(params):
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        return AdamSPDState(jnp.zeros((), jnp.int32), zeros, zeros, _init_anchor(anchor, params))
+        def zeros():  # two distinct trees: the state may be donated, and a buffer cannot be donated twice
+            return jax.tree_util.tree_map(jnp.zeros_like, params)
+
+        return AdamSPDState(jnp.zeros((), jnp.int32), zeros(), zeros(), _init_anchor(anchor, params))
 
     def update_fn(grads, state, params=None):
         _need_params(params, "adamspd")

@@ -95,11 +95,9 @@ class TrainConfig:
             _check_int(name, getattr(self, name))
         if self.epochs is not None and self.steps is not None:
             raise ValueError(f"TrainConfig got epochs={self.epochs} and steps={self.steps}; give one of them")
-        if self.steps is not None:
-            _check_int("steps", self.steps)
-        else:
-            _check_int("epochs", 1 if self.epochs is None else self.epochs)
-            object.__setattr__(self, "epochs", 1 if self.epochs is None else self.epochs)
+        for name in ("epochs", "steps"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name))
         if self.regularizer == "none" and self.strength != 0:
             raise ValueError(f"TrainConfig.strength={self.strength} needs a regularizer; set regularizer='prox' "
                              f"(or another of {REGULARIZERS[1:]}) or strength=0")
@@ -109,6 +107,10 @@ class TrainConfig:
         if self.weight_decay and self.optimizer != "adamw":
             raise ValueError(f"TrainConfig.weight_decay={self.weight_decay} applies to optimizer='adamw' only "
                              f"(got {self.optimizer!r}); set weight_decay=0 or optimizer='adamw'")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimiser steps of the run: `steps`, else `epochs` (default 1) × steps_per_epoch."""
+        return self.steps if self.steps is not None else (self.epochs or 1) * steps_per_epoch
 
 
 def _check_real(name, value, allowed, ok):
@@ -239,7 +241,8 @@ class _TrainStep:
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Partial:
     """`step(trainable, opt_state, batch) -> (trainable, opt_state, metrics)`: one optimiser step on the batch's
     loss. metrics: "loss" (before the step), "grad_norm" and, for selective regularisers, "fired" (fraction of
-    the Eq. 8 tests that added the pull). Pure and unjitted: jit it once with donate_argnums=(0, 1)."""
+    the Eq. 8 tests that added the pull). Pure and unjitted: jit it once, donating trainable and opt_state
+    (`jax.jit(step, donate_argnums=(0, 1))`; `fit` passes the step itself as an argument, see module doc)."""
     return Partial(_TrainStep(optimizer), _as_partial(loss_fn))
 
 
@@ -318,14 +321,15 @@ def fit(apply_fn: Callable, trainable0, train_batches_fn: Callable[[int], Iterab
     first_epoch = list(train_batches_fn(0))
     if not first_epoch:
         raise ValueError("train_batches_fn(0) yielded no batches; check the training set and batch_size")
-    total = config.steps if config.steps is not None else config.epochs * len(first_epoch)
+    total = config.total_steps(len(first_epoch))
     optimizer = make_optimizer(config, total)
     step = make_train_step(make_loss_fn(apply_fn, config.loss), optimizer)
     # The one jit of training. `step` is an argument, so the arrays it carries are inputs, not constants;
-    # trainable and opt_state are donated: copies, so neither trainable0 nor the anchor's source is consumed.
+    # trainable and opt_state are donated, so both are fresh copies: trainable0 survives, and no buffer appears
+    # twice (an "init" anchor is trainable0 itself; adamspd's init shares one zeros tree between mu and nu).
     run_step = jax.jit(_call, donate_argnums=(1, 2))
     trainable = jax.tree.map(jnp.copy, trainable0)
-    opt_state = optimizer.init(jax.tree.map(jnp.copy, trainable0))
+    opt_state = jax.tree.map(jnp.copy, optimizer.init(trainable0))
 
     def run_eval(epoch, done):
         ev = evaluate(apply_fn, trainable, eval_batches_fn(), loss=config.loss)

@@ -1,4 +1,6 @@
 """jaxlin.train: one jitted step, masked losses, the pull to θ0, linearized GD = NTK kernel ridge regression."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +20,8 @@ def adapted():
     return add_lora(model, targets=("query", "value"), rank=2, head=True)
 
 
-def _batch(model, n=7, length=11, seed=0):
-    batch = random_batch(model, batch=n, length=length, seed=seed)
+def _batch(model_or_vocab, n=7, length=11, seed=0):
+    batch = random_batch(model_or_vocab, batch=n, length=length, seed=seed)
     labels = np.random.default_rng(seed).integers(0, 3, n).astype(np.int32)
     return {**batch, "labels": labels, "example_mask": np.ones(n, np.float32)}
 
@@ -37,7 +39,7 @@ def test_config_errors_name_the_field():
         TrainConfig(strength=1.0)
     with pytest.raises(ValueError, match="give one of them"):
         TrainConfig(epochs=2, steps=10)
-    assert TrainConfig().epochs == 1
+    assert TrainConfig().total_steps(7) == 7 and TrainConfig(epochs=3).total_steps(7) == 21
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero():
@@ -46,6 +48,30 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
 
     lr = learning_rate_schedule(cfg, 100)
     assert [float(lr(t)) for t in (0, 5, 10, 55, 100)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+
+
+def _bag_of_words(trainable, ids, mask):
+    """A cheap stand-in model: logits = mean over real tokens of w[token] + b."""
+    m = mask[..., None].astype(trainable["w"].dtype)
+    return (trainable["w"][ids] * m).sum(1) / m.sum(1) + trainable["b"]
+
+
+@pytest.mark.parametrize("regularizer", ["none", "prox", "prox_decoupled", "selective", "selective_per_tensor",
+                                         "adamspd"])
+def test_every_regularizer_trains_and_keeps_lambda_out_of_the_program(regularizer):
+    rng = np.random.default_rng(0)
+    theta0 = {"w": jnp.asarray(rng.normal(size=(211, 3))), "b": jnp.zeros(3)}
+    batch = _batch(211, n=6)
+    lam = 0.0 if regularizer == "none" else 0.5
+    cfg = TrainConfig(learning_rate=0.05, steps=6, regularizer=regularizer, strength=lam)
+    res = fit(_bag_of_words, theta0, lambda e: [batch], config=cfg, eval_batches_fn=lambda: [batch], progress=False)
+    assert res.train_loss[-1] < res.train_loss[0] and res.eval_history[-1]["step"] == 6
+    assert ("fired" in res.regularizer_info) == regularizer.startswith("selective")
+    if regularizer != "none":  # two λ, one program: the step's jaxpr is the same
+        grads = jax.tree.map(jnp.ones_like, theta0)
+        jaxprs = [str(jax.make_jaxpr(opt.update)(grads, opt.init(theta0), theta0))
+                  for opt in (make_optimizer(dataclasses.replace(cfg, strength=s), 6) for s in (0.5, 7.0))]
+        assert jaxprs[0] == jaxprs[1]
 
 
 def test_jitted_step_does_not_recompile(adapted):
@@ -74,17 +100,23 @@ def test_jitted_step_does_not_recompile(adapted):
 
 
 def test_padded_rows_change_neither_loss_nor_gradient(adapted):
+    """Two batches with the same 5 real rows and different junk in 3 padded rows: same loss and gradient, and the
+    loss is the mean of the real rows' losses."""
     real = _batch(adapted.model, n=5, seed=5)
-    junk = _batch(adapted.model, n=3, seed=6)
-    padded = {k: np.concatenate([real[k], junk[k]]) for k in real}
-    padded["example_mask"] = np.array([1] * 5 + [0] * 3, np.float32)
+    padded = []
+    for seed in (6, 7):
+        junk = _batch(adapted.model, n=3, seed=seed)
+        padded.append({**{k: np.concatenate([real[k], junk[k]]) for k in real},
+                       "example_mask": np.array([1] * 5 + [0] * 3, np.float32)})
     apply_nonlinear, _ = model_functions(adapted)
     for kind in ("cross_entropy", "squared"):
-        loss_fn = make_loss_fn(apply_nonlinear, kind)
-        (v1, _), g1 = jax.value_and_grad(loss_fn, has_aux=True)(adapted.trainable, real)
-        (v2, _), g2 = jax.value_and_grad(loss_fn, has_aux=True)(adapted.trainable, padded)
+        value_and_grad = jax.jit(jax.value_and_grad(make_loss_fn(apply_nonlinear, kind), has_aux=True))
+        (v1, aux1), g1 = value_and_grad(adapted.trainable, padded[0])
+        (v2, _), g2 = value_and_grad(adapted.trainable, padded[1])
+        np.testing.assert_allclose(float(v1), np.mean(np.asarray(aux1["per_example"])[:5]), rtol=1e-12)
         np.testing.assert_allclose(float(v2), float(v1), rtol=1e-12)
         np.testing.assert_allclose(ravel_pytree(g2)[0], ravel_pytree(g1)[0], rtol=1e-10, atol=1e-14)
+        assert float(jnp.linalg.norm(ravel_pytree(g1)[0])) > 0
 
 
 def test_large_lambda_stays_at_init_and_lambda_zero_moves(adapted):
@@ -95,7 +127,7 @@ def test_large_lambda_stays_at_init_and_lambda_zero_moves(adapted):
     big = TrainConfig(learning_rate=1 / lam, steps=5, optimizer="sgd", schedule="constant", warmup_ratio=0.0,
                       regularizer="prox", strength=lam)
     theta_big = fit(apply_nonlinear, adapted.trainable, lambda e: [batch], config=big, progress=False).trainable
-    grad0 = jax.grad(lambda t: make_loss_fn(apply_nonlinear)(t, batch)[0])(adapted.trainable)
+    grad0 = jax.jit(jax.grad(lambda t: make_loss_fn(apply_nonlinear)(t, batch)[0]))(adapted.trainable)
     gnorm = float(jnp.linalg.norm(ravel_pytree(grad0)[0]))
     assert _distance(theta_big, adapted.trainable) == pytest.approx(gnorm / lam, rel=1e-4)
     assert _distance(theta_big, adapted.trainable) < 1e-5
@@ -117,7 +149,8 @@ def test_linearized_prox_gd_converges_to_ntk_kernel_ridge(adapted):
     batch = _batch(adapted.model)
     n, c = batch["labels"].shape[0], 3
     flat0, unravel = ravel_pytree(adapted.trainable)
-    jac_NOP = jax.jacrev(lambda p: apply_nonlinear(unravel(p), batch["input_ids"], batch["attention_mask"]))(flat0)
+    f_flat = lambda p: apply_nonlinear(unravel(p), batch["input_ids"], batch["attention_mask"])  # noqa: E731
+    jac_NOP = jax.jit(jax.jacrev(f_flat))(flat0)
     jac = np.asarray(jac_NOP, np.float64).reshape(n * c, -1)
     gram = jac @ jac.T
     mu_max = float(np.linalg.eigvalsh(gram)[-1])

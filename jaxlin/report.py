@@ -1,0 +1,273 @@
+"""The HTML report of a `jaxlin run` output directory, and the few summary lines the CLI prints.
+
+`render_report(results_dir)` reads `results.json` (validated against jaxlin/schema.py) and, when present, the
+arrays file it names, and writes one self-contained HTML page: inline CSS, figures as base64 PNGs, no scripts
+and no external assets. Every figure and table carries a stable `id` (`FIGURE_IDS`, `TABLE_IDS`); a section that
+is missing, empty or skipped shows a short note instead. All text from the results is HTML-escaped.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import _plots
+from .schema import is_skipped, validate_results
+
+RESULTS_NAME = "results.json"
+FIGURE_IDS = ("fig-spectra", "fig-kappa-scatter", "fig-distances", "fig-loss-curves", "fig-lipschitz",
+              "fig-dynamics", "fig-krr")
+TABLE_IDS = ("table-selection", "table-correlation")
+MAX_SCORES_SHOWN = 8
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;max-width:1000px;margin:1.5em auto;padding:0 1em;color:#222}
+h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.15em;border-bottom:1px solid #ccc;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0;font-size:12px}td,th{border:1px solid #ddd;padding:2px 7px;
+text-align:left;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+figure{margin:.8em 0}figcaption{font-size:12px;color:#555}img{max-width:100%}
+.note{color:#8a5a00;background:#fff6e0;padding:4px 8px;border-left:3px solid #e0a800}
+.grid{display:flex;flex-wrap:wrap;gap:0 2em}
+"""
+
+
+def _esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_esc(text)}</p>'
+
+
+def _table(rows, headers, table_id: str | None = None, numeric: tuple[int, ...] = ()) -> str:
+    """An HTML table; `numeric` names the columns aligned right. Every cell is escaped."""
+    ident = f' id="{_esc(table_id)}"' if table_id else ""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f'<td class="num">{_esc(c)}</td>' if i in numeric else f"<td>{_esc(c)}</td>"
+                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _missing_note(results: dict, key: str) -> str | None:
+    """Why section `key` cannot be drawn (missing, skipped, empty), or None when it has data."""
+    section = results.get(key)
+    if section is None:
+        return f"No '{key}' section in this run."
+    if isinstance(section, dict) and "skipped" in section:
+        return f"Stage '{key}' was skipped: {section['skipped']}"
+    if len(section) == 0:
+        return f"Stage '{key}' produced no data (skipped or not configured)."
+    return None
+
+
+def _figure(fig_id: str, fig, caption: str, note: str | None) -> str:
+    """A <figure> holding the PNG of `fig`, or the note when there is no figure."""
+    if fig is None:
+        return f'<div id="{fig_id}">{_note(note or "Nothing finite to plot.")}</div>'
+    img = f'<img alt="{_esc(caption)}" src="data:image/png;base64,{_plots.to_png_base64(fig)}">'
+    extra = f"<br>{_esc(note)}" if note else ""
+    return f'<figure id="{fig_id}">{img}<figcaption>{_esc(caption)}{extra}</figcaption></figure>'
+
+
+def _spectra_section(results: dict) -> str:
+    note = _missing_note(results, "spectrum")
+    if note:
+        return _figure("fig-spectra", None, "", note)
+    spectrum = results["spectrum"]
+    left_out = _plots.spectra_order(spectrum)[1]
+    extra = (f"{len(left_out)} more configurations are in the table below: {', '.join(left_out)}."
+             if left_out else None)
+    fig = _figure("fig-spectra", _plots.spectra(spectrum),
+                  'Eigenvalues of the empirical NTK per configuration (positive ones, log scale); "all" in black.',
+                  extra)
+    rows = [(name, c["family"], len(c["modules"]), *(_plots.fmt(c["stats"][k]) for k in (
+        "condition_number", "max_eigenvalue", "min_eigenvalue", "trace", "effective_rank", "stable_rank", "sigma")))
+        for name, c in spectrum.items()]
+    table = _table(rows, ("configuration", "family", "modules", "κ", "μ_max", "μ_min", "trace", "eff. rank",
+                          "stable rank", "σ"), "table-spectrum", numeric=tuple(range(2, 10)))
+    return fig + table
+
+
+def _correlation_section(results: dict) -> str:
+    note = _missing_note(results, "correlation")
+    if note:
+        return _figure("fig-kappa-scatter", None, "", note) + f'<div id="table-correlation">{_note(note)}</div>'
+    corr = results["correlation"]
+    fig = _figure("fig-kappa-scatter", _plots.kappa_scatter(corr) if corr["runs"] else None,
+                  "κ at init against the fine-tuning outcome, one point per run, least-squares line in log κ; "
+                  "bootstrap CIs in brackets. The paper expects lower κ ↔ higher accuracy, lower loss.",
+                  None if corr["runs"] else "No runs recorded.")
+    rows = []
+    for stat, outcomes in corr["results"].items():
+        for outcome, r in outcomes.items():
+            rows.append((stat, outcome, _plots.fmt(r["pearson"]), _ci(r["pearson_ci"]), _plots.fmt(r["spearman"]),
+                         _ci(r["spearman_ci"]), r["n"], r.get("reason") or ""))
+    table = _table(rows, ("statistic", "outcome", "Pearson r", "CI", "Spearman ρ", "CI", "n", "note"),
+                   "table-correlation", numeric=(2, 3, 4, 5, 6))
+    return fig + table
+
+
+def _ci(pair) -> str:
+    return f"[{_plots.fmt(pair[0], 2)}, {_plots.fmt(pair[1], 2)}]"
+
+
+def _sweep_section(results: dict) -> str:
+    note = _missing_note(results, "sweep")
+    if note:
+        return _figure("fig-distances", None, "", note) + _figure("fig-loss-curves", None, "", note)
+    sweep = results["sweep"]
+    summary = results.get("sweep_summary")
+    summary = {} if is_skipped(summary) else summary
+    distances = _figure("fig-distances", _plots.distances(sweep, summary),
+                        "Distances after fine-tuning against λ (log-log); dashed: the candidate Theorem 2 radius "
+                        "√(2R(θ0)/λ) (slope −1/2). Slopes from sweep_summary (or fitted here).", None)
+    has_curves = any("loss_curve_nonlinear" in p or "loss_curve_linearized" in p for p in sweep)
+    curves = _figure("fig-loss-curves", _plots.loss_curves(sweep) if has_curves else None,
+                     "Training loss per step: nonlinear (solid) and linearized (dashed) fine-tuning, "
+                     "one colour per λ.",
+                     None if has_curves else "The sweep recorded no loss curves.")
+    rows = [(_plots.fmt(p["lambda"]), _plots.fmt(p["eval_accuracy_nonlinear"]),
+             _plots.fmt(p["eval_accuracy_linearized"]), _plots.fmt(p["theorem2_radius"])) for p in sweep]
+    return distances + curves + _table(rows, ("λ", "eval acc. nonlinear", "eval acc. linearized",
+                                              "Theorem 2 radius"), "table-sweep", numeric=(0, 1, 2, 3))
+
+
+def _simple_figure(results: dict, key: str, fig_id: str, plot, caption: str) -> str:
+    note = _missing_note(results, key)
+    return _figure(fig_id, None if note else plot(results[key]), caption, note)
+
+
+def _selection_section(results: dict) -> str:
+    note = _missing_note(results, "selection")
+    if note:
+        return f'<div id="table-selection">{_note(note)}</div>'
+    sel = results["selection"]
+    rows = []
+    for method, m in sel["methods"].items():
+        scores = m.get("scores", [])
+        shown = ", ".join(_plots.fmt(s) for s in scores[:MAX_SCORES_SHOWN])
+        shown += f", … ({len(scores)} in all)" if len(scores) > MAX_SCORES_SHOWN else ""
+        rows.append((method, ", ".join(m["modules"]), shown, _plots.fmt(m.get("final_train_loss", "")),
+                     _plots.fmt(m.get("eval_accuracy", ""))))
+    return (f"<p>Budget: {_esc(sel['budget'])} modules.</p>" +
+            _table(rows, ("method", "modules", "scores", "final train loss", "eval accuracy"), "table-selection",
+                   numeric=(3, 4)))
+
+
+def _header(results: dict, arrays: dict | None) -> str:
+    env, model, data = results["environment"], results["model"], results["data"]
+    facts = [("preset", results["config"]["preset"]),
+             ("model", f"{model['source']} ({model['family']}, {model['num_layers']} layers, "
+                       f"{len(model['modules'])} adaptable modules, {model['num_trainable_params']:,} trainable)"),
+             ("data", f"{data['dataset']}: {data['num_train']} train, {data['num_eval']} eval, "
+                      f"{data['num_calibration']} calibration; labels {', '.join(data['label_names'])}"),
+             ("device", f"{env['platform']}: {', '.join(env['devices'])}; x64={env['x64']}"),
+             ("versions", f"jaxlin {env['jaxlin']}, JAX {env['jax']} (jaxlib {env['jaxlib']}), flax {env['flax']}, "
+                          f"optax {env['optax']}, Python {env['python']}"),
+             ("schema", results["schema"])]
+    timings = [(stage, _plots.fmt(sec)) for stage, sec in results["timings"].items()]
+    total = sum(float(s) for s in results["timings"].values() if math.isfinite(float(s)))
+    config = [(k, json.dumps(v, ensure_ascii=False)) for k, v in results["config"].items()]
+    parts = [f"<h1>jaxlin report: {_esc(results['config']['preset'])}</h1>", _table(facts, ("", "")),
+             '<div class="grid"><div><h2>Timings (s)</h2>',
+             _table(timings + [("total", _plots.fmt(total))], ("stage", "seconds"), "table-timings", numeric=(1,)),
+             "</div><div><h2>Variants</h2>",
+             _table(results["variants"].items(), ("choice", "value"), "table-variants"), "</div></div>",
+             "<h2>Configuration</h2>", _table(config, ("key", "value"), "table-config")]
+    parts.append(_arrays_block(results["arrays"], arrays))
+    return "".join(parts)
+
+
+def _arrays_block(name: str, arrays: dict | None) -> str:
+    if arrays is None:
+        return _note(f"Arrays file {name!r} not found beside results.json.")
+    rows = [(k, "×".join(map(str, shape)) or "scalar", dtype) for k, (shape, dtype) in arrays.items()]
+    return f"<details><summary>{_esc(name)}: {len(rows)} arrays</summary>{_table(rows, ('name', 'shape', 'dtype'))}" \
+           "</details>"
+
+
+def render_html(results: dict, arrays: dict | None = None) -> str:
+    """The report page for a validated results dict; `arrays` maps array names to (shape, dtype) or is None
+    when no arrays file was found."""
+    body = [
+        _header(results, arrays),
+        "<h2>NTK spectra</h2>", _spectra_section(results),
+        "<h2>Does κ predict fine-tuning?</h2>", _correlation_section(results),
+        "<h2>Kernel ridge regression</h2>",
+        _simple_figure(results, "krr", "fig-krr", _plots.krr,
+                       "Accuracy of the NTK kernel predictor f0 + K(x,X)(K+λI)⁻¹r0 against the ridge λ."),
+        "<h2>Linearized GD dynamics</h2>",
+        _simple_figure(results, "dynamics", "fig-dynamics", _plots.dynamics,
+                       "Closed-form loss of linearized gradient descent against measured training curves."),
+        "<h2>λ sweep: nonlinear vs linearized fine-tuning</h2>", _sweep_section(results),
+        "<h2>Linearity probe</h2>",
+        _simple_figure(results, "probe", "fig-lipschitz", _plots.lipschitz,
+                       "Lipschitz estimates of the Jacobian at radius r: L_avg (line) up to L_upper (dotted, band)."),
+        "<h2>Layer selection</h2>", _selection_section(results),
+    ]
+    title = _esc(f"jaxlin report: {results['config']['preset']}")
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+
+
+def load_results(results_dir) -> tuple[dict, dict | None]:
+    """Read and validate `<results_dir>/results.json`; also list the arrays file it names (name → (shape,
+    dtype)), or None when that file is absent."""
+    path = Path(results_dir) / RESULTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; pass the output directory of `jaxlin run`")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); rerun `jaxlin run` to rewrite it") from err
+    validate_results(results)
+    npz = Path(results_dir) / results["arrays"]
+    if not npz.is_file():
+        return results, None
+    with np.load(npz, allow_pickle=False) as f:
+        return results, {k: (f[k].shape, str(f[k].dtype)) for k in f.files}
+
+
+def render_report(results_dir, *, out_name: str = "report.html") -> Path:
+    """Write the self-contained HTML report of `results_dir` (holding results.json) to `results_dir/out_name`
+    and return its path."""
+    results, arrays = load_results(results_dir)
+    out = Path(results_dir) / out_name
+    out.write_text(render_html(results, arrays), encoding="utf-8")
+    return out
+
+
+def _summary_lines(results: dict):
+    spectrum = results["spectrum"]
+    if is_skipped(spectrum) or "all" not in spectrum:
+        yield f"κ(all): {_missing_note(results, 'spectrum') or 'no configuration named all'}"
+    else:
+        stats = spectrum["all"]["stats"]
+        yield (f"κ(all) = {_plots.fmt(stats['condition_number'])} (σ = {_plots.fmt(stats['sigma'])}, "
+               f"μ_max = {_plots.fmt(stats['max_eigenvalue'])}, eff. rank = {_plots.fmt(stats['effective_rank'])})")
+    best = None if is_skipped(results["krr"]) else _plots.best_krr(results["krr"])
+    if best is None:
+        yield f"KRR: {_missing_note(results, 'krr') or 'no finite eval accuracy'}"
+    else:
+        yield (f"KRR best eval accuracy {_plots.fmt(best[1])} at λ = {_plots.fmt(best[0])} "
+               f"({results['krr']['ridge_scale']})")
+    summary = results.get("sweep_summary")
+    yield ("sweep slopes vs λ: " + ", ".join(f"{k} {_plots.fmt(v, 2)}" for k, v in summary.items())
+           if not is_skipped(summary) else f"sweep slopes: none ({len(results['sweep'])} λ values)")
+    corr = results["correlation"]
+    kappa_corr = {} if is_skipped(corr) else corr["results"].get(_plots.KAPPA_STATISTIC, {})
+    for outcome, r in kappa_corr.items():
+        yield (f"corr(κ, {outcome}): Pearson r = {_plots.fmt(r['pearson'], 2)} {_ci(r['pearson_ci'])}, "
+               f"Spearman ρ = {_plots.fmt(r['spearman'], 2)} {_ci(r['spearman_ci'])}, n = {r['n']}")
+    if not is_skipped(results["selection"]):
+        for method, m in results["selection"]["methods"].items():
+            yield f"selection {method}: {', '.join(m['modules'])}"
+
+
+def summary_text(results: dict) -> str:
+    """A few lines for the end of `jaxlin run`: κ of "all", best KRR accuracy, sweep slopes, the correlation
+    of κ with the outcomes and the modules each selection method chose. Validates `results` first."""
+    validate_results(results)
+    return "\n".join(_summary_lines(results))

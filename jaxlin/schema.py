@@ -1,0 +1,319 @@
+"""The results.json contract of `jaxlin run` (version "jaxlin.results/1"); docs/results-schema.md describes it.
+
+`validate_results(obj)` checks a loaded results dict by hand (no jsonschema dependency): strict on required
+keys and on types, permissive on extra keys. The first problem raises `SchemaError` whose message starts with
+the JSON path of the bad value, e.g. ``sweep[2].lambda: expected a number, got 'x'``.
+
+Numbers are ints or floats (never bools) or one of the strings "inf", "-inf", "nan", which is how
+`jaxlin.spectrum.to_jsonable` writes non-finite floats. A skipped stage is ``{"skipped": "<reason>"}`` for a dict
+section and ``[]`` for `sweep`. `example_results()` returns a small, complete synthetic results dict.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+import numpy as np
+
+from .spectrum import to_jsonable
+from .stats import correlation
+
+SCHEMA_VERSION = "jaxlin.results/1"
+NONFINITE_STRINGS = ("inf", "-inf", "nan")
+OUTCOMES = ("final_train_loss", "eval_accuracy")
+
+Check = Callable[[Any, str], None]
+
+
+class SchemaError(ValueError):
+    """A results dict breaks the results.json contract; the message starts with the JSON path of the problem."""
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fail(path: str, expected: str, value) -> None:
+    raise SchemaError(f"{path}: expected {expected}, got {_show(value)}")
+
+
+def _child(path: str, key: str) -> str:
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{key!r}]"
+
+
+def is_number(value) -> bool:
+    """True for an int or float (not a bool) or one of the strings "inf", "-inf", "nan"."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) or value in NONFINITE_STRINGS
+
+
+def number(value, path: str) -> None:
+    if not is_number(value):
+        _fail(path, 'a number (or "inf"/"-inf"/"nan")', value)
+
+
+def integer(value, path: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        _fail(path, "an integer", value)
+
+
+def string(value, path: str) -> None:
+    if not isinstance(value, str):
+        _fail(path, "a string", value)
+
+
+def boolean(value, path: str) -> None:
+    if not isinstance(value, bool):
+        _fail(path, "true or false", value)
+
+
+def string_or_null(value, path: str) -> None:
+    if value is not None and not isinstance(value, str):
+        _fail(path, "a string or null", value)
+
+
+def number_or_string(value, path: str) -> None:
+    if not (is_number(value) or isinstance(value, str)):
+        _fail(path, "a number or a string", value)
+
+
+def list_of(item: Check, length: int | None = None) -> Check:
+    """A check for a JSON list whose every item passes `item` (and has `length` items when given)."""
+    def check(value, path):
+        if not isinstance(value, list):
+            _fail(path, "a list", value)
+        if length is not None and len(value) != length:
+            _fail(path, f"a list of {length} items", value)
+        for i, v in enumerate(value):
+            item(v, f"{path}[{i}]")
+    return check
+
+
+def dict_of(item: Check) -> Check:
+    """A check for a JSON object with string keys whose every value passes `item`."""
+    def check(value, path):
+        _dict(value, path)
+        for k, v in value.items():
+            item(v, _child(path, k))
+    return check
+
+
+def _dict(value, path: str) -> None:
+    if not isinstance(value, dict):
+        _fail(path, "an object", value)
+
+
+def record(required: dict[str, Check], optional: dict[str, Check] | None = None,
+           same_length: tuple[str, ...] = ()) -> Check:
+    """A check for a JSON object with `required` and `optional` keys (extra keys allowed); the lists named in
+    `same_length` must all have as many items as the first one."""
+    def check(value, path):
+        _dict(value, path)
+        for key, item in required.items():
+            if key not in value:
+                raise SchemaError(f"{_child(path, key)}: required key missing; add it (see docs/results-schema.md)")
+            item(value[key], _child(path, key))
+        for key, item in (optional or {}).items():
+            if key in value:
+                item(value[key], _child(path, key))
+        present = [k for k in same_length if k in value]
+        for key in present[1:]:
+            if len(value[key]) != len(value[present[0]]):
+                raise SchemaError(f"{_child(path, key)}: has {len(value[key])} items but {present[0]} has "
+                                  f"{len(value[present[0]])}; write one value per {present[0]} entry")
+    return check
+
+
+def skippable(check: Check) -> Check:
+    """`check`, or a skipped stage: exactly an object {"skipped": "<reason>"}."""
+    def wrapped(value, path):
+        if isinstance(value, dict) and "skipped" in value:
+            string(value["skipped"], _child(path, "skipped"))
+            return
+        check(value, path)
+    return wrapped
+
+
+def descending(value, path: str) -> None:
+    list_of(number)(value, path)
+    finite = [(i, float(v)) for i, v in enumerate(value) if math.isfinite(float(v))]
+    for (_, a), (i, b) in zip(finite, finite[1:]):
+        if b > a:
+            raise SchemaError(f"{path}[{i}]: eigenvalues must be in descending order, but {b!r} follows {a!r}; "
+                              "sort them largest first")
+
+
+def schema_version(value, path: str) -> None:
+    if value != SCHEMA_VERSION:
+        raise SchemaError(f"{path}: expected {SCHEMA_VERSION!r}, got {_show(value)}; this jaxlin reads only "
+                          f"{SCHEMA_VERSION} results: rerun `jaxlin run` with this version")
+
+
+NUMBERS = list_of(number)
+STRINGS = list_of(string)
+
+STATS = record({"eigenvalues": descending, **{k: number for k in (
+    "max_eigenvalue", "min_eigenvalue", "condition_number", "trace", "effective_rank", "stable_rank", "sigma")}})
+SIGN_STATS = record({"singular_values": descending, "condition_number": number})
+KAPPA_SIGMA = record({"sigmas": NUMBERS, "condition_numbers": NUMBERS},
+                     same_length=("sigmas", "condition_numbers"))
+CONFIGURATION = record({"modules": STRINGS, "family": string, "stats": STATS},
+                       {"sign_stats": SIGN_STATS, "kappa_sigma": KAPPA_SIGMA})
+KRR = record({"configuration": string, "ridges": NUMBERS, "ridge_scale": string, "eval_accuracy": NUMBERS,
+              "train_accuracy": NUMBERS, "objective": NUMBERS},
+             same_length=("ridges", "eval_accuracy", "train_accuracy", "objective"))
+DYNAMICS = record({"steps": list_of(integer), "learning_rate": number, "ridge": number, "predicted_loss": NUMBERS,
+                   "measured_loss_linearized": NUMBERS, "measured_loss_nonlinear": NUMBERS},
+                  same_length=("steps", "predicted_loss", "measured_loss_linearized", "measured_loss_nonlinear"))
+SWEEP_POINT = record({k: number for k in (
+    "lambda", "theta_distance_to_init", "theta_distance_lin_nonlin", "output_distance_lin_nonlin",
+    "eval_accuracy_nonlinear", "eval_accuracy_linearized", "theorem2_radius")},
+    {"loss_curve_nonlinear": NUMBERS, "loss_curve_linearized": NUMBERS})
+ESTIMATE = record({"L_avg": NUMBERS, "L_upper": NUMBERS, "L_std": NUMBERS}, same_length=("L_avg", "L_upper", "L_std"))
+PROBE = record({"radii": NUMBERS, "estimates": dict_of(ESTIMATE)})
+RUN = record({"configuration": string, "seed": integer, "modules": STRINGS, "statistics": dict_of(number_or_string),
+              "final_train_loss": number, "eval_accuracy": number})
+CORRELATION_RESULT = record({"pearson": number, "spearman": number, "pearson_ci": list_of(number, 2),
+                             "spearman_ci": list_of(number, 2), "n": integer}, {"reason": string_or_null})
+CORRELATION = record({"runs": list_of(RUN), "results": dict_of(dict_of(CORRELATION_RESULT))})
+METHOD = record({"modules": STRINGS}, {"scores": NUMBERS, "final_train_loss": number, "eval_accuracy": number})
+SELECTION = record({"budget": integer, "methods": dict_of(METHOD)})
+ENVIRONMENT = record({**{k: string for k in ("jaxlin", "jax", "jaxlib", "flax", "optax", "python", "platform")},
+                      "devices": STRINGS, "x64": boolean})
+DATA = record({"dataset": string, "num_train": integer, "num_eval": integer, "num_calibration": integer,
+               "label_names": STRINGS})
+MODEL = record({"source": string, "family": string, "num_layers": integer, "modules": STRINGS,
+                "num_trainable_params": integer})
+
+RESULTS = record(
+    {"schema": schema_version, "jaxlin_version": string, "config": record({"preset": string}),
+     "environment": ENVIRONMENT, "timings": dict_of(number), "variants": dict_of(string), "data": DATA,
+     "model": MODEL, "spectrum": skippable(dict_of(CONFIGURATION)), "krr": skippable(KRR),
+     "sweep": list_of(SWEEP_POINT), "probe": skippable(PROBE), "correlation": skippable(CORRELATION),
+     "selection": skippable(SELECTION), "arrays": string},
+    {"dynamics": skippable(DYNAMICS), "sweep_summary": skippable(dict_of(number))})
+
+
+def validate_results(obj) -> None:
+    """Raise `SchemaError` (a ValueError) naming the JSON path of the first way `obj` breaks the results.json
+    contract of `SCHEMA_VERSION`; return None when it conforms."""
+    if not isinstance(obj, dict):
+        raise SchemaError(f"$: expected a results object (dict), got {type(obj).__name__}; pass the parsed "
+                          "results.json")
+    RESULTS(obj, "")
+
+
+def is_skipped(section) -> bool:
+    """True for a missing (None), skipped ({"skipped": ...}) or empty section."""
+    return section is None or (isinstance(section, dict) and "skipped" in section) or len(section) == 0
+
+
+def _spectrum_entry(eigs, modules, family, sigma):
+    eigs = np.sort(np.asarray(eigs, np.float64))[::-1]
+    pos = np.clip(eigs, 0.0, None)
+    p = pos / pos.sum()
+    p = p[p > 0]
+    stats = {"eigenvalues": eigs, "max_eigenvalue": eigs[0], "min_eigenvalue": eigs[-1],
+             "condition_number": (eigs[0] + sigma) / (eigs[-1] + sigma) if eigs[-1] + sigma > 0 else math.inf,
+             "trace": eigs.sum(), "effective_rank": np.exp(-np.sum(p * np.log(p))),
+             "stable_rank": pos.sum() / eigs[0], "sigma": sigma}
+    return {"modules": list(modules), "family": family, "stats": stats}
+
+
+def _example_spectrum(rng, modules):
+    n, spectrum = 12, {}
+    for i, m in enumerate(modules):
+        spectrum[m] = _spectrum_entry(np.geomspace(1.0, 10.0 ** -(2 + i), n) * (1 + i), [m], "single", 0.0)
+    spectrum["layer0"] = _spectrum_entry(np.geomspace(2.0, 1e-3, n), modules[:2], "layer", 0.0)
+    spectrum["rank_deficient"] = _spectrum_entry(np.r_[np.geomspace(1.0, 1e-2, n - 2), 0.0, 0.0], modules[2:],
+                                                 "top_k", 0.0)
+    all_eigs = sum(np.geomspace(1.0, 10.0 ** -(2 + i), n) * (1 + i) for i in range(len(modules)))
+    spectrum["all"] = _spectrum_entry(all_eigs + 1e-3 * rng.random(n), modules, "all", 0.0)
+    sv = np.asarray(spectrum["all"]["stats"]["eigenvalues"]) * 1.5
+    spectrum["all"]["sign_stats"] = {"singular_values": sv, "condition_number": sv[0] / sv[-1]}
+    sigmas = [0.0, 1e-6, 1e-4, 1e-2]
+    e = spectrum["all"]["stats"]["eigenvalues"]
+    spectrum["all"]["kappa_sigma"] = {"sigmas": sigmas, "condition_numbers": [(e[0] + s) / (e[-1] + s)
+                                                                               for s in sigmas]}
+    return spectrum
+
+
+def _example_sweep(rng):
+    sweep = []
+    for lam in (1e-3, 1e-2, 1e-1, 1.0):
+        curve = 0.7 * np.exp(-np.arange(20) / (4 + 10 * lam)) + 0.05 + 0.2 * lam / (1 + lam)
+        sweep.append({"lambda": lam, "theta_distance_to_init": lam ** -0.5,
+                      "theta_distance_lin_nonlin": 0.05 * lam ** -1.5, "output_distance_lin_nonlin": 0.02 / lam,
+                      "eval_accuracy_nonlinear": 0.85 - 0.1 * lam, "eval_accuracy_linearized": 0.8 - 0.1 * lam,
+                      "theorem2_radius": math.sqrt(2 * 0.69 / lam), "loss_curve_nonlinear": curve,
+                      "loss_curve_linearized": curve * (1 + 0.05 * rng.random(20))})
+    lams = np.log([s["lambda"] for s in sweep])
+    keys = ("theta_distance_to_init", "theta_distance_lin_nonlin", "output_distance_lin_nonlin", "theorem2_radius")
+    summary = {k: float(np.polyfit(lams, np.log([s[k] for s in sweep]), 1)[0]) for k in keys}
+    return sweep, summary
+
+
+def _example_correlation(rng, spectrum):
+    runs = []
+    for name in ("layer0", "all", "layer0.query", "layer1.value"):
+        kappa = float(spectrum[name]["stats"]["condition_number"])
+        for seed in (0, 1):
+            runs.append({"configuration": name, "seed": seed, "modules": spectrum[name]["modules"],
+                         "statistics": {"condition_number": kappa * (1 + 0.1 * rng.random()),
+                                        "effective_rank": spectrum[name]["stats"]["effective_rank"],
+                                        "sigma_scale": "absolute"},
+                         "final_train_loss": 0.1 + 0.05 * math.log10(kappa) + 0.02 * rng.random(),
+                         "eval_accuracy": 0.9 - 0.03 * math.log10(kappa) + 0.01 * rng.random()})
+    results = {stat: {out: correlation([r["statistics"][stat] for r in runs], [r[out] for r in runs],
+                                       n_bootstrap=200) for out in OUTCOMES}
+               for stat in ("condition_number", "effective_rank")}
+    results["min_eigenvalue"] = {out: correlation([1.0, 1.0], [0.0, 1.0]) for out in OUTCOMES}  # degenerate: nan
+    return {"runs": runs, "results": results}
+
+
+def example_results() -> dict:
+    """A small but complete synthetic results dict (every section filled, a few non-finite values) that
+    passes `validate_results`; for tests and for trying the report without a run."""
+    rng = np.random.default_rng(0)
+    modules = ["layer0.query", "layer0.value", "layer1.query", "layer1.value"]
+    spectrum = _example_spectrum(rng, modules)
+    sweep, summary = _example_sweep(rng)
+    ridges = np.geomspace(1e-4, 1e1, 6)
+    steps = list(range(0, 50, 5))
+    predicted = 0.69 * np.exp(-np.asarray(steps) / 15.0) + 0.1
+    results = {
+        "schema": SCHEMA_VERSION, "jaxlin_version": "0.1.0",
+        "config": {"preset": "example", "model": "synthetic", "seeds": [0, 1], "ridge": 1e-2},
+        "environment": {"jaxlin": "0.1.0", "jax": "0.0", "jaxlib": "0.0", "flax": "0.0", "optax": "0.0",
+                        "python": "3.12", "platform": "cpu", "devices": ["TFRT_CPU_0"], "x64": True},
+        "timings": {"load": 1.5, "ntk": 12.25, "sweep": 40.0, "probe": 3.0},
+        "variants": {"kernel": "jjt", "calibration_selection": "first", "ridge_scale": "trace",
+                     "regularizer": "prox", "anchor": "init", "loss": "mse", "head": "frozen", "padding": "bucketed"},
+        "data": {"dataset": "synthetic/sst2-like", "num_train": 64, "num_eval": 32, "num_calibration": 12,
+                 "label_names": ["negative", "positive"]},
+        "model": {"source": "synthetic://tiny-bert", "family": "bert", "num_layers": 2, "modules": modules,
+                  "num_trainable_params": 4096},
+        "spectrum": spectrum,
+        "krr": {"configuration": "all", "ridges": ridges, "ridge_scale": "trace",
+                "eval_accuracy": 0.6 + 0.2 * np.exp(-(np.log10(ridges) + 2) ** 2),
+                "train_accuracy": 1.0 - 0.05 * np.log10(ridges / 1e-4), "objective": 0.3 * ridges / (1 + ridges)},
+        "dynamics": {"steps": steps, "learning_rate": 0.1, "ridge": 1e-2, "predicted_loss": predicted,
+                     "measured_loss_linearized": predicted * 1.01, "measured_loss_nonlinear": predicted * 1.1},
+        "sweep": sweep, "sweep_summary": summary,
+        "probe": {"radii": [1e-3, 1e-2, 1e-1, 1.0],
+                  "estimates": {"jacobian": {"L_avg": [0.5, 0.52, 0.6, 0.9], "L_upper": [0.7, 0.75, 0.8, 1.3],
+                                             "L_std": [0.05, 0.05, 0.06, 0.1]},
+                                "remainder": {"L_avg": [0.3, 0.31, 0.35, 0.5], "L_upper": [0.4, 0.4, 0.5, 0.8],
+                                              "L_std": [0.02, 0.02, 0.03, 0.05]}}},
+        "correlation": _example_correlation(rng, spectrum),
+        "selection": {"budget": 2, "methods": {
+            "greedy_kappa": {"modules": ["layer0.query", "layer1.value"], "scores": [120.0, 85.5],
+                             "final_train_loss": 0.21, "eval_accuracy": 0.83},
+            "top_layers": {"modules": ["layer1.query", "layer1.value"], "eval_accuracy": 0.8},
+            "random": {"modules": ["layer0.value", "layer1.query"]}}},
+        "arrays": "arrays.npz",
+    }
+    return to_jsonable(results)

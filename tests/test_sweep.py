@@ -1,0 +1,86 @@
+"""jaxlin.sweep: the λ sweep on a tiny model with synthetic text, and log-log slopes."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from jaxlin.adapters import add_lora
+from jaxlin.data import TextDataset
+from jaxlin.sweep import DISTANCE_KEYS, lambda_sweep, loglog_slope, sweep_summary
+from jaxlin.testing import tiny_model
+from jaxlin.train import TrainConfig
+
+
+class WordTokenizer:
+    """<s> word ids </s>, one id per word (3 + its index in a fixed vocabulary), like RoBERTa's specials."""
+
+    pad_token_id = 1
+    padding_side = "right"
+
+    def __init__(self, words):
+        self.ids = {w: 3 + i for i, w in enumerate(words)}
+
+    def encode_unpadded(self, texts, max_length):
+        return [([0] + [self.ids[w] for w in t.split()] + [2])[:max_length] for t in texts]
+
+
+def _dataset(n, seed, words):
+    """Texts of 2–6 words; label = which of words[0:3] occurs most (ties to the lowest), so it is learnable."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        text = rng.choice(words, size=rng.integers(2, 7))
+        texts.append(" ".join(text))
+        labels.append(int(np.argmax([np.sum(text == w) for w in words[:3]])))
+    return TextDataset(tuple(texts), np.array(labels), ("a", "b", "c"), name=f"synthetic{seed}", source="test")
+
+
+def test_loglog_slope_recovers_power_laws():
+    lambdas = [0.1, 1.0, 10.0, 100.0]
+    for exponent in (-0.5, -1.5, 2.0):
+        assert loglog_slope(lambdas, [3.0 * lam ** exponent for lam in lambdas]) == pytest.approx(exponent)
+    # λ = 0, zero, negative, None and inf values are skipped; fewer than two points give nan
+    assert loglog_slope([0.0, 1.0, 4.0, 9.0], [5.0, 2.0, 1.0, -1.0]) == pytest.approx(-0.5)
+    assert math.isnan(loglog_slope([1.0, 2.0], [1.0, None]))
+    assert math.isnan(loglog_slope([1.0, 1.0], [1.0, 2.0]))
+
+
+def test_lambda_sweep_on_tiny_model():
+    model = tiny_model("roberta", task="classification", num_labels=3, num_hidden_layers=2)
+    adapted = add_lora(model, targets=("query", "value"), rank=2, head=True)
+    words = np.array([f"w{i}" for i in range(40)])
+    tokenizer = WordTokenizer(words)
+    train, ev = _dataset(24, 0, words), _dataset(10, 1, words)
+    # sgd with ηλ ≤ 1: δ ← (1 − ηλ)δ − ηg, so a larger λ keeps θ closer to θ0 at every step; max_length 8 = one L
+    cfg = TrainConfig(learning_rate=0.1, epochs=3, batch_size=8, optimizer="sgd", schedule="constant",
+                      warmup_ratio=0.0, max_length=8)
+    lambdas = [0.1, 1.0, 10.0]
+    results = lambda_sweep(adapted, train, ev, tokenizer, lambdas=lambdas, config=cfg, progress=False)
+
+    expected = {"lambda", "regularizer", "anchor", "variant", "theta_distance_to_init",
+                "theta_distance_to_init_linearized", "theta_distance_lin_nonlin", "output_distance_lin_nonlin_train",
+                "output_distance_lin_nonlin_eval", "kl_nonlin_lin", "agreement", "eval_accuracy_nonlinear",
+                "eval_accuracy_linearized", "train_loss_nonlinear", "train_loss_linearized", "loss_curve_nonlinear",
+                "loss_curve_linearized", "theorem2_radius", "relative_module_distances", "wall_time_s"}
+    for r in results:
+        assert expected <= set(r)
+        assert r["variant"] == {**r["variant"], "loss": "cross_entropy", "regularizer": "prox", "anchor": "init",
+                                "optimizer": "sgd"}
+        assert len(r["loss_curve_nonlinear"]) == len(r["loss_curve_linearized"]) == 9
+        assert r["loss_curve_nonlinear"][0] == pytest.approx(r["loss_curve_linearized"][0])  # same θ0, same batch
+        for key in DISTANCE_KEYS:
+            assert np.isfinite(r[key]) and r[key] >= 0, (key, r[key])
+        assert r["theorem2_radius"] == pytest.approx(math.sqrt(2 * r["init_train_loss_mean"] / r["lambda"]))
+        assert set(r["relative_module_distances"]["nonlinear"]) == set(adapted.modules)
+        assert 0 <= r["agreement"] <= 1
+    for key in ("theta_distance_to_init", "theta_distance_to_init_linearized"):
+        values = [r[key] for r in results]
+        assert values[0] > values[1] > values[2], (key, values)
+    assert results[0]["theta_distance_lin_nonlin"] > 0
+
+    summary = sweep_summary(results)
+    assert summary["theorem2_radius_slope"] == pytest.approx(-0.5)
+    assert summary["slopes"]["theta_distance_to_init"] < 0
+    text = json.dumps({"results": results, "summary": summary})
+    assert json.loads(text)["results"][2]["lambda"] == 10.0
