@@ -51,11 +51,16 @@ class Context:
     results: dict = dataclasses.field(default_factory=dict)
     arrays: dict = dataclasses.field(default_factory=dict)
 
-    def batch(self, dataset, n=None):
-        from .data import encode
+    length: int = 0  # every kernel batch is padded to this many tokens, so all kernel tiles share one compile
 
-        ds = dataset if n is None else dataset.subset(np.arange(min(n, len(dataset))))
-        return encode(ds, self.model.tokenizer, max_length=self.config.max_length)
+    def batch(self, dataset):
+        from .data import pad_batch
+
+        tok = self.model.tokenizer
+        ids = tok.encode_unpadded(list(dataset.texts), self.config.max_length)
+        out = pad_batch(ids, pad_token_id=tok.pad_token_id, length=self.length, padding_side=tok.padding_side)
+        out["labels"] = np.asarray(dataset.labels, np.int32)
+        return out
 
 
 def default_out_dir(config: RunConfig, resume: bool = False) -> Path:
@@ -103,7 +108,15 @@ def setup(config: RunConfig, out: Path) -> Context:
     lora = LoRA(tuple(config.targets), config.layers, config.rank, config.alpha, config.lora_init, config.seed)
     ctx.adapted = adapt(ctx.model, lora=lora, head=config.train_head)
     ctx.adapted_lora = adapt(ctx.model, lora=lora)
+    longest = max(len(t) for ds in (ctx.train, ctx.eval)
+                  for t in ctx.model.tokenizer.encode_unpadded(list(ds.texts), config.max_length))
+    ctx.length = -(-longest // 8) * 8
     return ctx
+
+
+def _block_size(ctx: Context) -> int:
+    """One tile shape for every kernel of the run (calibration, KRR, cross): the calibration set's size."""
+    return ctx.config.block_size or ctx.config.num_calibration
 
 
 def _is_encoder(source: str) -> bool:
@@ -128,7 +141,7 @@ def stage_ntk(ctx: Context):
     cfg = ctx.config
     cal = ctx.batch(ctx.calibration)
     modules = ctx.adapted_lora.lora_modules
-    kw = dict(trace_axes=(), implementation=cfg.kernel_implementation, block_size=cfg.block_size, progress=True)
+    kw = dict(trace_axes=(), implementation=cfg.kernel_implementation, block_size=_block_size(ctx), progress=True)
     t = time.perf_counter()
     grams = module_ntks(ctx.adapted_lora, cal, **kw)
     seconds = time.perf_counter() - t
@@ -174,7 +187,7 @@ def stage_spectrum(ctx: Context):
             entry["sign_stats"] = spectrum.sign_kernel_stats(select.configuration_kernel(signs, mods))
         out[name] = entry
         arrays[f"eig/{name}"] = stats["eigenvalues"]
-    y = _onehot(ctx.calibration.labels, ctx.model_num_labels if hasattr(ctx, "model_num_labels") else None, ctx)
+    y = _onehot(ctx, ctx.calibration.labels)
     resid0 = (y - _outputs(ctx, ctx.batch(ctx.calibration))).reshape(-1)
     flat = {m: _flat(k) for m, k in grams.items()}
     ridge = 1e-4 * np.trace(sum(flat.values())) / resid0.size
@@ -188,9 +201,8 @@ def stage_spectrum(ctx: Context):
                                  "ridge_objective_ridge": ridge}), arrays
 
 
-def _onehot(labels, num_classes, ctx):
-    c = ctx.model.params["classifier" if "classifier" in ctx.model.params else "score"]["kernel"].shape[-1]
-    return np.eye(c)[np.asarray(labels)]
+def _onehot(ctx: Context, labels) -> np.ndarray:
+    return np.eye(ctx.train.num_classes)[np.asarray(labels)]
 
 
 def _outputs(ctx: Context, batch, trainable=None):
@@ -209,11 +221,11 @@ def stage_krr(ctx: Context):
     cfg = ctx.config
     krr_set = ctx.train.subset(np.arange(min(cfg.num_krr, len(ctx.train))))
     xb, eb = ctx.batch(krr_set), ctx.batch(ctx.eval)
-    kw = dict(trace_axes=(), implementation=cfg.kernel_implementation, block_size=cfg.block_size, progress=True)
+    kw = dict(trace_axes=(), implementation=cfg.kernel_implementation, block_size=_block_size(ctx), progress=True)
     k_train = sum(module_ntks(ctx.adapted_lora, xb, **kw).values())
     k_cross = sum(module_ntks(ctx.adapted_lora, eb, xb, **kw).values())
     f0_train, f0_eval = _outputs(ctx, xb), _outputs(ctx, eb)
-    y = _onehot(krr_set.labels, None, ctx)
+    y = _onehot(ctx, krr_set.labels)
     path = ridge_path(k_train, y - f0_train, np.asarray(cfg.krr_ridges), ridge_scale="trace")
     pred_eval = np.asarray(path.predict(k_cross, f0_eval))  # (K, M, O)
     pred_train = np.asarray(path.train_predictions(f0_train))
@@ -235,7 +247,7 @@ def stage_dynamics(ctx: Context):
     cfg = ctx.config
     n = len(ctx.calibration)
     k = _flat(sum(module_grams(ctx).values()))
-    y = _onehot(ctx.calibration.labels, None, ctx)
+    y = _onehot(ctx, ctx.calibration.labels)
     resid0 = (y - _outputs(ctx, ctx.batch(ctx.calibration))).reshape(-1)
     ridge_sum = cfg.dynamics_ridge * np.trace(k) / k.shape[0]  # ridge of the summed objective ½Σ‖r‖² + ½λΣ‖δ‖²
     mu_max = float(np.linalg.eigvalsh(k)[-1])
@@ -245,9 +257,10 @@ def stage_dynamics(ctx: Context):
     predicted = gd_dynamics(k, resid0, ridge_sum, lr_sum, np.arange(steps))
     tc = TrainConfig(learning_rate=n * lr_sum, steps=steps, batch_size=n, warmup_ratio=0.0, schedule="constant",
                      optimizer="sgd", loss="squared", regularizer="prox" if ridge_sum > 0 else "none",
-                     strength=ridge_sum / n, anchor="init", seed=cfg.seed, max_length=cfg.max_length)
+                     strength=ridge_sum / n, anchor="init", seed=cfg.seed, max_length=cfg.max_length,
+                     pad_to_multiple_of=ctx.length)
     batches = lambda epoch: data.batches(ctx.calibration, ctx.model.tokenizer, batch_size=n,  # noqa: E731
-                                         max_length=cfg.max_length)
+                                         max_length=cfg.max_length, pad_to_multiple_of=ctx.length)
     nonlinear, linearized = model_functions(ctx.adapted_lora)
     measured = {name: fit(fn, ctx.adapted_lora.trainable, batches, config=tc, progress=False).train_loss
                 for name, fn in (("linearized", linearized), ("nonlinear", nonlinear))}
@@ -264,7 +277,8 @@ def stage_sweep(ctx: Context):
 
     cfg = ctx.config
     tc = TrainConfig(learning_rate=cfg.learning_rate, steps=cfg.sweep_steps, batch_size=cfg.batch_size,
-                     loss=cfg.loss, anchor=cfg.anchor, seed=cfg.seed, max_length=cfg.max_length)
+                     loss=cfg.loss, anchor=cfg.anchor, seed=cfg.seed, max_length=cfg.max_length,
+                     pad_to_multiple_of=ctx.length)
     results = lambda_sweep(ctx.adapted, ctx.train, ctx.eval, ctx.model.tokenizer, lambdas=list(cfg.lambdas),
                            config=tc, regularizer=cfg.regularizer, progress=True)
     for r in results:  # the schema's headline output distance is the eval one; no radius at λ = 0

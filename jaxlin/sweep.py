@@ -66,7 +66,8 @@ def lambda_sweep(adapted, train_data: data.TextDataset, eval_data: data.TextData
 
     def batches_of(dataset, shuffle, seed):
         return data.batches(dataset, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
-                            shuffle=shuffle, seed=seed, padding_side=padding_side)
+                            shuffle=shuffle, seed=seed, padding_side=padding_side,
+                            pad_to_multiple_of=config.pad_to_multiple_of)
 
     def train_batches(epoch):
         return batches_of(train_data, True, config.seed * 100_003 + epoch)

@@ -63,6 +63,8 @@ class TrainConfig:
     anchor: where the pull points: "init" = θ0 (LoRA (A0, B0 = 0)) or "zero".
     seed: seeds batch shuffling (`jaxlin.sweep` uses it; `fit` itself is deterministic).
     max_length: tokens per example after truncation (used where batches are built from text).
+    pad_to_multiple_of: batch lengths are rounded up to a multiple of this; each distinct length compiles
+      the step once, so on CPU a value equal to max_length (one compile) is often fastest.
     eval_every_epoch: evaluate after each epoch (else only at the end).
     """
 
@@ -80,6 +82,7 @@ class TrainConfig:
     anchor: str = "init"
     seed: int = 0
     max_length: int = 128
+    pad_to_multiple_of: int = 8
     eval_every_epoch: bool = True
 
     def __post_init__(self):
@@ -91,7 +94,7 @@ class TrainConfig:
         _check_real("warmup_ratio", self.warmup_ratio, "in [0, 1), e.g. 0.06", lambda v: 0 <= v < 1)
         _check_real("strength", self.strength, "≥ 0 (λ of (λ/2)‖θ−θ0‖²)", lambda v: v >= 0)
         _check_real("weight_decay", self.weight_decay, "≥ 0", lambda v: v >= 0)
-        for name in ("batch_size", "max_length"):
+        for name in ("batch_size", "max_length", "pad_to_multiple_of"):
             _check_int(name, getattr(self, name))
         if self.epochs is not None and self.steps is not None:
             raise ValueError(f"TrainConfig got epochs={self.epochs} and steps={self.steps}; give one of them")

@@ -125,7 +125,7 @@ class RMSNorm(nnx.Module):
         self.eps, self.hf_name = eps, hf_name
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # HF upcasts half precision; float64 stays
         normed = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
         return self.scale[...] * normed.astype(x.dtype)
 

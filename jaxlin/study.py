@@ -1,0 +1,458 @@
+"""The κ–performance study: do spectral statistics of the LoRA eNTK at init predict fine-tuning? (PAPER.md §5, §6.3, §9)
+
+For every layer configuration S and LoRA seed, `run_study` computes statistics of K_S = Σ_{m∈S} K_m on the
+calibration examples before any training, fine-tunes LoRA on S for a fixed budget, and correlates the two; then
+it trains greedy spectral selections and baselines of `selection_budget` modules on the same setup.
+
+No recompilation across configurations and seeds. Per seed, LoRA sits on ALL candidate modules (B0 = 0, so an
+inactive module leaves the function unchanged, PAPER.md §5.4 item 1) and a configuration is a 0/1 gate per module,
+`gate_M`, an array leaf of the model's `jax.tree_util.Partial` (`gated_apply`): module m's (a, b) enter the model
+as g_m·x + (1 − g_m)·stop_gradient(x), the same value, with zero gradient where g_m = 0, so under Adam (no weight
+decay, no pull) an inactive module stays bit-exactly at init. One Adapted (of the first seed; the others only
+swap A0 values) and one optimiser serve every run, so all runs share one compiled train step and one eval forward
+per padded length. (`train.fit` builds a fresh optimiser per call and so retraces; `train_gated` is its loop
+without that.) Per seed one `module_ntks` pass gives the full (N, N, O, O) float64 kernel of every candidate module
+(float32 tiles unless jax_enable_x64); a smaller calibration set that is a prefix of the larger one (modes
+"first", "random") takes its leading block.
+
+Statistics (`kernel_statistics`; the paper's exact choice is unknown, PAPER.md §0, so each is reported), on the
+(N·O × N·O) example-major matrix of the full kernel, μ its eigenvalues ("ntk") or singular values ("sign"):
+  kappa μ_max/μ_min; kappa_sigma_abs (μ_max+σ)/(μ_min+σ), σ = sigma_absolute; kappa_sigma_trace the same with
+  σ = sigma_trace·Σμ/(N·O); mu_min; mu_max; trace Σμ; effective_rank exp(H(μ/Σμ)); stable_rank Σμ/μ_max;
+  ridge_objective ½λ r0ᵀ(K+λI)⁻¹r0, λ = ridge_trace·trace(K)/(N·O), r0 = onehot(y) − f0 on the calibration set
+  (squared loss; "ntk" only); kappa_traced κ of the (N × N) kernel summed over outputs.
+Names: plain for the first kernel on `num_calibration` examples, "<kernel>_n<N>.<name>" for the other variants.
+
+Result of `run_study` (JSON-ready; non-finite floats are the strings "inf", "-inf", "nan"):
+  config: the StudyConfig fields.   variants: {"statistic_sets": {variant: {kernel, num_calibration, prefix}},
+    primary, candidates, and the recorded choices (calibration, kernel layout, head, σ, ridge, outcomes)}.
+  runs: [{configuration, seed, modules, statistics: {name: float}, final_train_loss (mean cross-entropy over the
+    num_train training examples after training), train_loss_last10pct (mean batch loss of the last 10% of steps),
+    train_accuracy, eval_accuracy, eval_loss, train_loss_curve: [per step], wall_time_s}].
+  results: {statistic: {outcome: stats.correlation dict (pearson, spearman, CIs, n, ...)}} over all runs.
+  results_by_configuration: the same with statistics and outcomes averaged over seeds per configuration.
+  selection: {budget, seed, sigma_trace, ridge, methods: {name: {modules, scores (greedy: the score after each
+    step; baselines: []), statistics (of K_S, primary variant), + the outcome keys of a run}}}.
+  timings: seconds (ntk, statistics, train, selection, correlations, total) and the number of trained runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
+from tqdm.auto import tqdm
+
+from . import data
+from .adapters import Adapted, add_lora
+from .module_ntk import module_ntks
+from .select import FAMILIES, SCORES, baseline_selections, configuration_kernel, enumerate_configurations, \
+    greedy_select
+from .spectrum import as_matrix, kappa, sign_kernel_stats, spectrum_stats, to_jsonable
+from .stats import correlation
+from .train import TrainConfig, evaluate, make_loss_fn, make_optimizer, make_train_step
+
+STATISTICS = ("kappa", "kappa_sigma_abs", "kappa_sigma_trace", "mu_min", "mu_max", "trace", "effective_rank",
+              "stable_rank", "ridge_objective", "kappa_traced")
+OUTCOMES = ("final_train_loss", "train_loss_last10pct", "eval_accuracy", "eval_loss")
+KERNELS = ("ntk", "sign")
+CALIBRATION_MODES = ("first", "random", "balanced")
+PRESETS = ("quick", "default", "gpu")
+_STEP_KEYS = ("input_ids", "attention_mask", "labels", "example_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """Sizes and settings of one study; the defaults are the `"default"` preset's (≤ 30 min on a 2-core CPU).
+
+    configurations: family names of `select.FAMILIES` (union, in order, module sets deduplicated; default the 6
+      "layer" (q, k, v of one layer) + 18 "single" configurations of MiniLM) or a dict name → module names.
+    targets: the candidate LoRA modules (projection names, as `add_lora`). seeds: LoRA init seeds (vary A0 only).
+    num_calibration / num_calibration_large (None = skip): calibration examples for the statistics, taken from
+      the training data by `calibration_mode` ("first" = the first of the (shuffled) split, as the paper).
+    rank, alpha: LoRA rank R and scale alpha/R. train_head: train the classification head too (the paper does;
+      the NTK excludes it either way).
+    steps, batch_size, learning_rate (per step, Adam), warmup_ratio: the fixed training budget, linear schedule.
+    max_length, pad_to_multiple_of: tokens per example, padding bucket (fewer buckets = fewer compiles).
+    num_train, num_eval: the first examples of the training / eval data used; eval_batch_size for evaluation.
+    sigma_absolute, sigma_trace, ridge_trace: σ of κ_σ (absolute; relative to trace/(N·O)) and ridge λ relative
+      to trace/(N·O). kernels: "ntk" and optionally "sign" (a statistic set each). n_bootstrap: CI resamples.
+    selection_budget: modules per selection. data_seed: seeds the (shared) training batch order.
+    """
+
+    configurations: tuple[str, ...] | Mapping[str, Sequence[str]] = ("layer", "single")
+    targets: tuple[str, ...] = ("query", "key", "value")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    num_calibration: int = 32
+    num_calibration_large: int | None = 128
+    calibration_mode: str = "first"
+    rank: int = 8
+    alpha: float = 8.0
+    train_head: bool = True
+    steps: int = 32
+    batch_size: int = 8
+    learning_rate: float = 4e-3
+    warmup_ratio: float = 0.06
+    max_length: int = 48
+    pad_to_multiple_of: int = 16
+    num_train: int = 256
+    num_eval: int = 256
+    eval_batch_size: int = 64
+    sigma_absolute: float = 1e-4
+    sigma_trace: float = 1e-4
+    ridge_trace: float = 1e-4
+    kernels: tuple[str, ...] = ("ntk",)
+    n_bootstrap: int = 1000
+    selection_budget: int = 3
+    data_seed: int = 0
+
+    def __post_init__(self):
+        spec = self.configurations
+        if isinstance(spec, Mapping):
+            if not spec or any(isinstance(v, str) or not v for v in spec.values()):
+                _bad("configurations", spec, "a non-empty dict name → non-empty sequence of module names")
+        elif isinstance(spec, str) or not spec or any(f not in FAMILIES for f in spec):
+            _bad("configurations", spec, f"a non-empty tuple of families from {FAMILIES}, or a dict name → modules")
+        if isinstance(self.targets, str) or not self.targets:
+            _bad("targets", self.targets, "a non-empty tuple of module names, e.g. ('query', 'key', 'value')")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or not all(_is_int(s) for s in self.seeds):
+            _bad("seeds", self.seeds, "a non-empty tuple of distinct integers, e.g. (0, 1, 2)")
+        for name, low, high in (("num_calibration", 2, 4096), ("rank", 1, 1024), ("steps", 1, 10**6),
+                                ("batch_size", 1, 4096), ("max_length", 2, 8192), ("pad_to_multiple_of", 1, 8192),
+                                ("num_train", 1, 10**7), ("num_eval", 1, 10**7), ("eval_batch_size", 1, 4096),
+                                ("n_bootstrap", 1, 10**6), ("selection_budget", 1, 4096), ("data_seed", 0, 2**31)):
+            if not _is_int(getattr(self, name)) or not low <= getattr(self, name) <= high:
+                _bad(name, getattr(self, name), f"an integer in [{low}, {high}]")
+        large = self.num_calibration_large
+        if large is not None and (not _is_int(large) or not self.num_calibration < large <= 65536):
+            _bad("num_calibration_large", large, f"None or an integer in ({self.num_calibration}, 65536]")
+        if self.calibration_mode not in CALIBRATION_MODES:
+            _bad("calibration_mode", self.calibration_mode, f"one of {CALIBRATION_MODES}")
+        if isinstance(self.kernels, str) or not self.kernels or self.kernels[0] != "ntk" \
+                or len(set(self.kernels)) != len(self.kernels) or any(k not in KERNELS for k in self.kernels):
+            _bad("kernels", self.kernels, f"('ntk',) or ('ntk', 'sign'): distinct kernels of {KERNELS}, ntk first")
+        for name, ok, allowed in (("alpha", lambda v: v > 0, "> 0"), ("learning_rate", lambda v: v > 0, "> 0"),
+                                  ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+                                  ("sigma_absolute", lambda v: v >= 0, "≥ 0"), ("sigma_trace", lambda v: v >= 0, "≥ 0"),
+                                  ("ridge_trace", lambda v: v > 0, "> 0")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value):
+                _bad(name, value, f"a finite number {allowed}")
+
+    @property
+    def variants(self) -> dict[str, dict]:
+        """Statistic sets: variant name → {kernel, num_calibration, prefix}; the first has no prefix."""
+        sizes = (self.num_calibration,) + (() if self.num_calibration_large is None else (self.num_calibration_large,))
+        out = {}
+        for kernel in self.kernels:
+            for n in sizes:
+                out[f"{kernel}_n{n}"] = {"kernel": kernel, "num_calibration": n,
+                                         "prefix": "" if not out else f"{kernel}_n{n}."}
+        return out
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _bad(name, value, allowed):
+    raise ValueError(f"StudyConfig.{name}={value!r} must be {allowed}")
+
+
+def study_preset(name: str) -> StudyConfig:
+    """"quick" (≤ 3 min on a 2-core CPU with MiniLM: 6 layer configurations × 1 seed, 16 calibration examples),
+    "default" (≤ 30 min: 24 configurations × 3 seeds, 32 + 128 calibration examples) or "gpu" (one GPU: 24
+    configurations plus projections and top-k × 5 seeds, both kernels, a longer budget at real lengths)."""
+    if name == "quick":
+        return StudyConfig(configurations=("layer",), seeds=(0,), num_calibration=16, num_calibration_large=None,
+                           steps=8, batch_size=8, max_length=32, pad_to_multiple_of=32, num_train=64, num_eval=64,
+                           n_bootstrap=200, selection_budget=2)
+    if name == "default":
+        return StudyConfig()
+    if name == "gpu":
+        return StudyConfig(configurations=("layer", "single", "projection", "top_k"), seeds=(0, 1, 2, 3, 4),
+                           kernels=("ntk", "sign"), steps=400, batch_size=16, max_length=128, pad_to_multiple_of=16,
+                           num_train=4096, num_eval=1024, eval_batch_size=128, n_bootstrap=2000, selection_budget=6)
+    raise ValueError(f"study_preset({name!r}): unknown preset; use one of {PRESETS}")
+
+
+def study_configurations(module_names: Sequence[str], spec) -> dict[str, tuple[str, ...]]:
+    """Configuration name → modules for `StudyConfig.configurations` over the candidate `module_names`."""
+    names = tuple(module_names)
+    if isinstance(spec, Mapping):
+        out = {str(k): tuple(v) for k, v in spec.items()}
+        unknown = sorted({m for mods in out.values() for m in mods} - set(names))
+        if unknown:
+            raise ValueError(f"configurations name modules {unknown} that are not candidates; candidates: {names}")
+        return out
+    out, seen = {}, set()
+    for family in spec:
+        for name, mods in enumerate_configurations(names, family).items():
+            if frozenset(mods) not in seen:
+                seen.add(frozenset(mods))
+                out[name] = mods
+    return out
+
+
+# ------------------------------------------------------------------------------------------- gated model
+@dataclasses.dataclass(frozen=True)
+class _GatedApply:
+    apply: Callable  # Adapted.apply (bound methods of one Adapted compare equal: jit cache hits)
+    modules: tuple[str, ...]  # gate order
+
+    def __call__(self, frozen, gate_M, trainable, input_ids, attention_mask):
+        def gated(x, g):
+            return g * x + (1 - g) * jax.lax.stop_gradient(x)
+
+        lora = {m: {k: gated(v, gate_M[i]) for k, v in trainable["lora"][m].items()}
+                for i, m in enumerate(self.modules)}
+        return self.apply({**trainable, "lora": lora}, frozen, input_ids, attention_mask)
+
+
+def gate_vector(adapted: Adapted, active: Sequence[str]) -> np.ndarray:
+    """gate_M: 1.0 for the modules in `active`, 0.0 for the other LoRA modules of `adapted` (its order)."""
+    unknown = sorted(set(active) - set(adapted.lora_modules))
+    if unknown:
+        raise ValueError(f"modules {unknown} carry no LoRA adapter; choose from {adapted.lora_modules}")
+    return np.array([float(m in set(active)) for m in adapted.lora_modules])
+
+
+def gated_apply(adapted: Adapted, gate_M) -> Partial:
+    """`apply(trainable, input_ids, attention_mask) -> logits` in which LoRA module i of `adapted.lora_modules`
+    trains iff gate_M[i] = 1 (same value either way); the frozen weights and gate_M are leaves of the Partial."""
+    modules = adapted.lora_modules
+    gate_M = np.asarray(gate_M)
+    if gate_M.shape != (len(modules),) or not np.all((gate_M == 0) | (gate_M == 1)):
+        raise ValueError(f"gate_M must be {len(modules)} values in {{0, 1}}, one per LoRA module; got {gate_M}")
+    dtype = adapted.trainable["lora"][modules[0]]["a"].dtype
+    return Partial(_GatedApply(adapted.apply, modules), adapted.frozen, jnp.asarray(gate_M, dtype))
+
+
+def _call(fn, *args):
+    return fn(*args)
+
+
+_run_step = jax.jit(_call, donate_argnums=(1, 2))  # one jit for every gate, seed and study
+
+
+def train_gated(adapted: Adapted, trainable0, gate_M, step_batches: Sequence[dict], *, optimizer,
+                loss: str = "cross_entropy") -> tuple[object, list[float]]:
+    """(θ_T, per-step losses): one optimiser step per batch from `trainable0` (not modified) with the gates of
+    `gated_apply`. Calls with the same `adapted` and `optimizer` object share one compiled step (per batch shape)."""
+    step = make_train_step(make_loss_fn(gated_apply(adapted, gate_M), loss), optimizer)
+    trainable = jax.tree.map(jnp.copy, trainable0)
+    opt_state = jax.tree.map(jnp.copy, optimizer.init(trainable0))
+    losses = []
+    for batch in step_batches:
+        trainable, opt_state, metrics = _run_step(step, trainable, opt_state, {k: batch[k] for k in _STEP_KEYS})
+        losses.append(metrics["loss"])
+    return trainable, [float(v) for v in jax.device_get(losses)]
+
+
+# ------------------------------------------------------------------------------------------- statistics
+def kernel_statistics(gram_NNOO, resid0_NO=None, *, kernel: str = "ntk", sigma_absolute: float = 1e-4,
+                      sigma_trace: float = 1e-4, ridge_trace: float = 1e-4) -> dict[str, float]:
+    """The `STATISTICS` of one full kernel (module docstring); ridge_objective needs resid0_NO and kernel="ntk"."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
+    mat = as_matrix(gram_NNOO)
+    n = mat.shape[0]
+    traced_NN = np.einsum("ijaa->ij", np.asarray(gram_NNOO, np.float64)) if np.ndim(gram_NNOO) == 4 else mat
+    if kernel == "ntk":
+        st, st_traced = spectrum_stats(mat), spectrum_stats(traced_NN)
+        top, bottom, total = st["max_eigenvalue"], st["min_eigenvalue"], st["trace"]
+        kappa_traced = kappa(st_traced["max_eigenvalue"], st_traced["min_eigenvalue"], 0.0)
+    else:
+        st, st_traced = sign_kernel_stats(mat), sign_kernel_stats(traced_NN)
+        top, bottom, total = st["max_singular_value"], st["min_singular_value"], st["nuclear_norm"]
+        kappa_traced = kappa(st_traced["max_singular_value"], st_traced["min_singular_value"], 0.0)
+    out = {"kappa": kappa(top, bottom, 0.0), "kappa_sigma_abs": kappa(top, bottom, sigma_absolute),
+           "kappa_sigma_trace": kappa(top, bottom, sigma_trace * total / n), "mu_min": bottom, "mu_max": top,
+           "trace": total, "effective_rank": st["effective_rank"], "stable_rank": st["stable_rank"]}
+    if kernel == "ntk" and resid0_NO is not None:
+        ridge = ridge_trace * total / n
+        resid0 = np.asarray(resid0_NO, np.float64).reshape(-1)
+        sym = 0.5 * (mat + mat.T)
+        out["ridge_objective"] = 0.5 * ridge * float(resid0 @ np.linalg.solve(sym + ridge * np.eye(n), resid0))
+    out["kappa_traced"] = kappa_traced
+    return out
+
+
+def _correlations(records, names, n_bootstrap):
+    return {s: {o: correlation([r["statistics"].get(s, math.nan) for r in records], [r[o] for r in records],
+                               n_bootstrap=n_bootstrap) for o in OUTCOMES} for s in names}
+
+
+def _by_configuration(runs):
+    groups = {}
+    for r in runs:
+        groups.setdefault(r["configuration"], []).append(r)
+    return [{"configuration": name, "statistics": {s: float(np.mean([r["statistics"][s] for r in rs]))
+                                                   for s in rs[0]["statistics"]},
+             **{o: float(np.mean([r[o] for r in rs])) for o in OUTCOMES}} for name, rs in groups.items()]
+
+
+# ------------------------------------------------------------------------------------------------ study
+def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, config: StudyConfig, *,
+              tokenizer=None, progress: bool = True, callback: Callable[[dict], None] | None = None) -> dict:
+    """Run the κ–performance study of `config` on a classification `model`; returns the dict of the module
+    docstring. `tokenizer` defaults to `model.tokenizer`; `callback(record)` gets each trained run's record."""
+    start = time.perf_counter()
+    tokenizer = model.tokenizer if tokenizer is None else tokenizer
+    if model.task != "classification" or tokenizer is None:
+        raise ValueError(f"run_study needs a classification model with a tokenizer (got task={model.task!r}, "
+                         f"tokenizer={tokenizer!r}); load_pretrained(..., task='classification') or pass tokenizer=")
+    largest = max(v["num_calibration"] for v in config.variants.values())
+    for name, have, need in (("num_train", len(train_data), config.num_train), ("num_eval", len(eval_data),
+                             config.num_eval), ("num_calibration(_large)", len(train_data), largest)):
+        if have < need:
+            raise ValueError(f"StudyConfig.{name}={need} exceeds the {have} examples given; lower it or pass more data")
+    c = config
+    adapters = {s: add_lora(model, targets=c.targets, rank=c.rank, alpha=c.alpha, seed=s, head=c.train_head)
+                for s in c.seeds}
+    adapted = adapters[c.seeds[0]]  # its apply and frozen serve every seed: seeds differ in A0 values only
+    candidates = adapted.lora_modules
+    configurations = study_configurations(candidates, c.configurations)
+    if c.selection_budget > len(candidates):
+        raise ValueError(f"StudyConfig.selection_budget={c.selection_budget} exceeds the {len(candidates)} "
+                         f"candidate modules; lower it")
+    padding = dict(max_length=c.max_length, pad_to_multiple_of=c.pad_to_multiple_of,
+                   padding_side=getattr(tokenizer, "padding_side", "right"))
+    train_sub, eval_sub = train_data.subset(np.arange(c.num_train)), eval_data.subset(np.arange(c.num_eval))
+    step_batches, epoch = [], 0
+    while len(step_batches) < c.steps:  # one batch order, shared by every run
+        step_batches += list(data.batches(train_sub, tokenizer, batch_size=c.batch_size, shuffle=True,
+                                          seed=c.data_seed * 100_003 + epoch, **padding))
+        epoch += 1
+    step_batches = step_batches[:c.steps]
+    eval_batches, train_eval_batches = ([*data.batches(d, tokenizer, batch_size=c.eval_batch_size, **padding)]
+                                        for d in (eval_sub, train_sub))
+    optimizer = make_optimizer(TrainConfig(learning_rate=c.learning_rate, steps=c.steps, batch_size=c.batch_size,
+                                           warmup_ratio=c.warmup_ratio, max_length=c.max_length), c.steps)
+
+    # calibration: kernels on the largest set; a smaller set that is its prefix takes the leading block
+    calibration = {n: data.calibration_subset(train_data, n, mode=c.calibration_mode, seed=c.data_seed)
+                   for n in {v["num_calibration"] for v in c.variants.values()}}
+    encoded = {n: data.encode(d, tokenizer, max_length=c.max_length, padding_side=padding["padding_side"])
+               for n, d in calibration.items()}
+    is_prefix = {n: calibration[n].texts == calibration[largest].texts[:n]
+                 and np.array_equal(calibration[n].labels, calibration[largest].labels[:n]) for n in calibration}
+
+    def residual(n):  # r0 = onehot(y) − f0 (N, O) on calibration set n; f0 is the same for every seed (B0 = 0)
+        batch = {**encoded[n], "example_mask": np.ones(n, np.float32)}
+        f0_NO = evaluate(gated_apply(adapted, gate_vector(adapted, candidates)), adapted.trainable, [batch])["logits"]
+        return np.eye(f0_NO.shape[1])[batch["labels"]] - f0_NO
+
+    resid0 = {largest: residual(largest)}
+    resid0.update({n: resid0[largest][:n] if is_prefix[n] else residual(n) for n in calibration if n != largest})
+    timings = dict.fromkeys(("ntk_s", "statistics_s", "train_s", "selection_s", "correlations_s"), 0.0)
+    trained, runs, primary_grams = {}, [], None
+
+    def train_run(seed, modules, label, **extra):
+        """The record of `modules` trained with `seed` (trained once per module set), passed to `callback`."""
+        key = (seed, frozenset(modules))
+        if key not in trained:
+            t0 = time.perf_counter()
+            gate = gate_vector(adapted, modules)
+            theta, losses = train_gated(adapted, adapters[seed].trainable, gate, step_batches, optimizer=optimizer)
+            apply = gated_apply(adapted, gate)
+            ev, tr = evaluate(apply, theta, eval_batches), evaluate(apply, theta, train_eval_batches)
+            last = losses[-max(1, math.ceil(0.1 * len(losses))):]
+            trained[key] = {"final_train_loss": tr["loss"], "train_loss_last10pct": float(np.mean(last)),
+                            "train_accuracy": tr["accuracy"], "eval_accuracy": ev["accuracy"], "eval_loss": ev["loss"],
+                            "train_loss_curve": losses, "wall_time_s": time.perf_counter() - t0}
+            timings["train_s"] += trained[key]["wall_time_s"]
+        record = {"configuration": label, "seed": seed, "modules": list(modules), **extra, **trained[key]}
+        if callback is not None:
+            callback(record)
+        return record
+
+    bar = tqdm(total=len(configurations) * len(c.seeds), disable=not progress, desc="study", unit="run")
+    for seed in c.seeds:
+        t0 = time.perf_counter()
+        grams = {}
+        for kernel in c.kernels:
+            full = module_ntks(adapted, encoded[largest], trace_axes=(), kernel=kernel, modules=candidates,
+                               trainable=adapters[seed].trainable)
+            for n in calibration:
+                grams[kernel, n] = ({m: k[:n, :n] for m, k in full.items()} if is_prefix[n] else
+                                    module_ntks(adapted, encoded[n], trace_axes=(), kernel=kernel, modules=candidates,
+                                                trainable=adapters[seed].trainable))
+        timings["ntk_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        statistics = {name: {} for name in configurations}
+        for v in c.variants.values():
+            vgrams = grams[v["kernel"], v["num_calibration"]]
+            for name, modules in configurations.items():
+                stats = kernel_statistics(configuration_kernel(vgrams, modules), resid0[v["num_calibration"]],
+                                          kernel=v["kernel"], sigma_absolute=c.sigma_absolute,
+                                          sigma_trace=c.sigma_trace, ridge_trace=c.ridge_trace)
+                statistics[name].update({v["prefix"] + s: val for s, val in stats.items()})
+        if primary_grams is None:
+            primary_grams = grams[c.kernels[0], c.num_calibration]
+        timings["statistics_s"] += time.perf_counter() - t0
+        for name, modules in configurations.items():
+            runs.append(train_run(seed, modules, name, statistics=statistics[name]))
+            bar.update(1)
+            bar.set_postfix(config=name, seed=seed, acc=f"{runs[-1]['eval_accuracy']:.3f}")
+    bar.close()
+
+    t0 = time.perf_counter()
+    selection = _selection(c, candidates, primary_grams, resid0[c.num_calibration], train_run, progress)
+    timings["selection_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    names = list(runs[0]["statistics"])
+    results = _correlations(runs, names, c.n_bootstrap)
+    by_configuration = _correlations(_by_configuration(runs), names, c.n_bootstrap)
+    timings["correlations_s"] = time.perf_counter() - t0
+    timings.update(total_s=time.perf_counter() - start, num_trained_runs=len(trained))
+    variants = {
+        "statistic_sets": c.variants, "primary": next(iter(c.variants)), "candidates": list(candidates),
+        "calibration": f"{c.calibration_mode} examples of train_data, max_length {c.max_length}; smaller sets that "
+                       "are prefixes of the largest take its leading kernel block",
+        "calibration_is_prefix": {str(n): p for n, p in is_prefix.items()},
+        "kernel_layout": "full (N, N, O, O) read as the example-major (N·O × N·O) matrix; kappa_traced: the (N × N) "
+                         "kernel summed over outputs; sign: singular values of J·s(J)ᵀ",
+        "ntk_parameters": "LoRA A and B of the configuration's modules at init; the head is excluded",
+        "train_head": c.train_head,
+        "sigma": {"absolute": c.sigma_absolute, "trace_relative": c.sigma_trace},
+        "ridge": f"λ = {c.ridge_trace}·trace(K_S)/(N·O); r0 = onehot(y) − f0 on the calibration set (squared loss)",
+        "final_train_loss": "mean cross-entropy over the num_train training examples after training; "
+                            "train_loss_last10pct: mean batch loss of the last 10% of steps",
+        "training": f"adam, linear schedule, warmup {c.warmup_ratio}, no weight decay, no pull to θ0; "
+                    "same batch order for every run; the LoRA seed varies A0 only",
+    }
+    return to_jsonable({"config": dataclasses.asdict(c), "variants": variants, "runs": runs, "results": results,
+                        "results_by_configuration": by_configuration, "selection": selection, "timings": timings})
+
+
+def _selection(c: StudyConfig, candidates, grams, resid0_NO, train_run, progress) -> dict:
+    """Greedy spectral selections (each score of `select.SCORES`) and baselines of `selection_budget` modules,
+    each trained with the first seed; statistics of each K_S from the primary variant."""
+    n = as_matrix(next(iter(grams.values()))).shape[0]
+    ridge = c.ridge_trace * float(np.trace(as_matrix(configuration_kernel(grams, candidates)))) / n
+    sets = {}
+    for score in SCORES:
+        greedy = greedy_select(grams, c.selection_budget, score=score, sigma=c.sigma_trace, sigma_scale="trace",
+                               ridge=ridge, resid0=resid0_NO)
+        sets[f"greedy_{score}"] = (tuple(greedy["selected"]), greedy["scores"])
+    for name, modules in baseline_selections(candidates, c.selection_budget, seed=c.seeds[0], module_grams=grams,
+                                             sigma=c.sigma_trace, sigma_scale="trace").items():
+        sets[name] = (modules, [])
+    methods = {}
+    for name, (modules, scores) in tqdm(sets.items(), disable=not progress, desc="selection", unit="run"):
+        stats = kernel_statistics(configuration_kernel(grams, modules), resid0_NO, sigma_absolute=c.sigma_absolute,
+                                  sigma_trace=c.sigma_trace, ridge_trace=c.ridge_trace)
+        methods[name] = train_run(c.seeds[0], modules, name, scores=scores, statistics=stats)
+    return {"budget": c.selection_budget, "seed": c.seeds[0], "sigma_trace": c.sigma_trace, "ridge": ridge,
+            "methods": methods}
+
+
+__all__ = ["StudyConfig", "study_preset", "study_configurations", "gate_vector", "gated_apply", "train_gated",
+           "kernel_statistics", "run_study", "STATISTICS", "OUTCOMES", "KERNELS", "PRESETS"]
