@@ -74,7 +74,9 @@ class RunConfig:
     probe_directions: int = 8
     probe_tangents: int = 4
     # κ–performance study and layer selection
-    study: str = "default"
+    study: str = "default"  # the study preset: sizes, budget and statistics (jaxlin.study.study_preset)
+    study_configurations: tuple | None = ("layer",)  # configuration families; None = the study preset's
+    study_seeds: tuple | None = (0, 1)  # LoRA init seeds; None = the study preset's
     selection_budget: int = 3
     stages: tuple = STAGES
 
@@ -97,14 +99,17 @@ PRESETS: dict[str, dict] = {
     "default": {},
     "quick": dict(num_train=96, num_eval=64, num_calibration=16, num_krr=48, max_length=32, krr_ridges=(1e-4, 1e-2, 1.0),
                   lambdas=(0.5, 50.0), sweep_steps=12, dynamics_steps=12, probe_radii=(0.1, 1.0),
-                  probe_directions=2, probe_tangents=2, study="quick", selection_budget=2, batch_size=8),
+                  probe_directions=2, probe_tangents=2, study="quick", study_seeds=None, selection_budget=2,
+                  batch_size=8),
     "paper": dict(model="roberta-base", dataset="glue/sst2", num_train=67349, num_eval=872, num_calibration=32,
                   max_length=512, lambdas=(0.5, 5.0, 50.0), regularizer="adamspd", anchor="zero",
-                  learning_rate=4e-3, batch_size=64, sweep_steps=10520, study="gpu"),
-    "decoder": dict(model="SmolLM2-135M-Instruct", targets=("q_proj", "k_proj", "v_proj"), num_krr=64,
-                    num_train=256, num_eval=128, num_calibration=16, max_length=48, lambdas=(0.5, 50.0),
-                    sweep_steps=24, dynamics_steps=16, probe_directions=2, probe_tangents=2, study="quick",
-                    selection_budget=2, batch_size=8, learning_rate=1e-3),
+                  learning_rate=4e-3, batch_size=64, sweep_steps=10520, study="gpu", study_configurations=None,
+                  study_seeds=None),
+    "decoder": dict(model="SmolLM2-135M-Instruct", targets=("q_proj", "v_proj"), layers=(28, 29), num_krr=32,
+                    num_train=64, num_eval=64, num_calibration=16, max_length=32, lambdas=(0.5, 50.0),
+                    krr_ridges=(1e-4, 1e-2, 1.0), sweep_steps=8, dynamics_steps=8, probe_radii=(0.1, 1.0),
+                    probe_directions=2, probe_tangents=2, study="quick", study_configurations=("single",),
+                    study_seeds=None, selection_budget=2, batch_size=8, learning_rate=1e-3),
 }
 
 
@@ -229,6 +234,10 @@ def _validate(c: RunConfig):
     check(c.kernel_implementation in ("auto", "structured", "jacobian_contraction", "ntk_vector_products"),
           "kernel_implementation", "auto, structured, jacobian_contraction or ntk_vector_products")
     check(c.study in ("quick", "default", "gpu"), "study", "'quick', 'default' or 'gpu'")
+    check(c.study_seeds is None or (len(c.study_seeds) > 0 and all(isinstance(s, int) for s in c.study_seeds)),
+          "study_seeds", "None or one or more integer seeds")
+    check(c.study_configurations is None or len(c.study_configurations) > 0, "study_configurations",
+          "None or one or more of single, layer, projection, top_k, all")
     check(len(c.targets) > 0 and all(isinstance(t, str) for t in c.targets), "targets", "one or more module names")
     check(c.layers is None or all(isinstance(i, int) and i >= 0 for i in c.layers), "layers",
           "None or layer indices ≥ 0")

@@ -302,8 +302,11 @@ def stage_study(ctx: Context):
     from . import study
 
     cfg = ctx.config
-    scfg = study.study_preset(cfg.study, rank=cfg.rank, alpha=cfg.alpha, max_length=cfg.max_length,
-                              selection_budget=cfg.selection_budget, train_head=cfg.train_head)
+    chosen = {k: v for k, v in (("configurations", cfg.study_configurations), ("seeds", cfg.study_seeds))
+              if v is not None}
+    scfg = dataclasses.replace(study.study_preset(cfg.study), targets=tuple(cfg.targets), rank=cfg.rank,
+                               alpha=cfg.alpha, selection_budget=cfg.selection_budget, train_head=cfg.train_head,
+                               data_seed=cfg.seed, **chosen)
     return study.run_study(ctx.model, ctx.train, ctx.eval, scfg, progress=True), {}
 
 
