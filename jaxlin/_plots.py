@@ -125,7 +125,8 @@ def kappa_scatter(correlation: dict) -> Figure | None:
             _fit_line(ax, x, y)
         ax.set(xscale="log", xlabel="κ at init", ylabel=outcome.replace("_", " "))
         ax.set_title(_corr_label(results.get(outcome)), fontsize=7)
-        ax.legend(fontsize=6)
+        if x.size:
+            ax.legend(fontsize=6)
     return fig if drawn else None
 
 

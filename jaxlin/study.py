@@ -72,7 +72,8 @@ class StudyConfig:
 
     configurations: family names of `select.FAMILIES` (union, in order, module sets deduplicated; default the 6
       "layer" (q, k, v of one layer) + 18 "single" configurations of MiniLM) or a dict name → module names.
-    targets: the candidate LoRA modules (projection names, as `add_lora`). seeds: LoRA init seeds (vary A0 only).
+    targets, layers: the candidate LoRA modules (projection names and layer indices, None = all layers, as
+    `add_lora`). seeds: LoRA init seeds (vary A0 only).
     num_calibration / num_calibration_large (None = skip): calibration examples for the statistics, taken from
       the training data by `calibration_mode` ("first" = the first of the (shuffled) split, as the paper).
     rank, alpha: LoRA rank R and scale alpha/R. train_head: train the classification head too (the paper does;
@@ -87,6 +88,7 @@ class StudyConfig:
 
     configurations: tuple[str, ...] | Mapping[str, Sequence[str]] = ("layer", "single")
     targets: tuple[str, ...] = ("query", "key", "value")
+    layers: tuple[int, ...] | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     num_calibration: int = 32
     num_calibration_large: int | None = 128
@@ -314,7 +316,8 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         if have < need:
             raise ValueError(f"StudyConfig.{name}={need} exceeds the {have} examples given; lower it or pass more data")
     c = config
-    adapters = {s: add_lora(model, targets=c.targets, rank=c.rank, alpha=c.alpha, seed=s, head=c.train_head)
+    adapters = {s: add_lora(model, targets=c.targets, layers=c.layers, rank=c.rank, alpha=c.alpha, seed=s,
+                            head=c.train_head)
                 for s in c.seeds}
     adapted = adapters[c.seeds[0]]  # its apply and frozen serve every seed: seeds differ in A0 values only
     candidates = adapted.lora_modules

@@ -1,0 +1,135 @@
+"""The main job end to end (quick preset), every subcommand's --help, and one-line errors for bad input."""
+import json
+
+import numpy as np
+import pytest
+
+from jaxlin import cli
+from jaxlin.config import ConfigError, load_config, override, preset
+from jaxlin.report import FIGURE_IDS
+from jaxlin.schema import validate_results
+
+SUBCOMMANDS = ("run", "ntk", "spectrum", "select-layers", "sweep", "report", "models")
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: jaxlin " + command in capsys.readouterr().out
+
+
+def test_top_level_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(c in out for c in SUBCOMMANDS)
+
+
+def test_models_lists_packaged_and_families(capsys):
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "all-MiniLM-L6-v2" in out and "SmolLM2-135M-Instruct" in out and "llama" in out and "gpt2" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rank", "0"], "rank=0 is invalid: an integer ≥ 1"),
+    (["--lambdas", "0.5,-1"], "lambdas=(0.5, -1) is invalid"),
+    (["--regularizer", "l1"], "regularizer='l1' is invalid: one of"),
+    (["--num-calibration", "1"], "num_calibration=1 is invalid"),
+    (["--train-head", "maybe"], "train_head='maybe' must be true or false"),
+    (["--stages", "ntk,everything"], "stages=('ntk', 'everything') is invalid"),
+])
+def test_bad_flags_give_one_line_errors(args, message, capsys):
+    assert cli.main(["run", "--preset", "quick", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxlin: error: ") and message in err and "\n" not in err
+
+
+def test_config_files(tmp_path):
+    good = tmp_path / "c.toml"
+    good.write_text('preset = "quick"\nrank = 4\nlambdas = [0.5, 5]\nlayers = [1, 2]\n')
+    c = load_config(good, {"num_train": "80"})
+    assert (c.preset, c.rank, c.lambdas, c.layers, c.num_train) == ("quick", 4, (0.5, 5), (1, 2), 80)
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("rank: 2\nsweep_steps: 7\n")
+    assert load_config(yaml, base="quick").sweep_steps == 7
+    for text, message in (("rank = [1", "cannot parse"), ('flavour = "x"', "unknown config field 'flavour'"),
+                          ("rank = -3", "rank=-3 is invalid")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(bad)
+    with pytest.raises(ConfigError, match="must end in"):
+        load_config(tmp_path / "c.json") if (tmp_path / "c.json").write_text("{}") else None
+    with pytest.raises(ConfigError, match="preset='huge' is unknown"):
+        preset("huge")
+    assert override(preset("quick"), {"layers": "none"}).layers is None
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"text,label\n", "no data rows"),
+    (b"", "is empty"),
+    (b"words,label\nhello,positive\n", "no column 'text'"),
+    (b"text,label\ncaf\xe9 au lait,positive\n", "not valid utf-8"),
+    (b"text,label\nfine,positive\nbad,grumpy\n", "'grumpy'"),
+    (b"text,label\nfine,positive\nbad,negative\n", "needs at least 18 examples"),
+])
+def test_bad_data_files_give_clear_errors(tmp_path, capsys, content, message):
+    path = tmp_path / "data.csv"
+    path.write_bytes(content)
+    code = cli.main(["run", "--preset", "quick", "--dataset", str(path), "--label-names", "negative,positive",
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("jaxlin: error: ") and message in last and "Traceback" not in err
+
+
+def test_labels_outside_a_given_set_are_named(tmp_path):
+    from jaxlin.data import DataError, load_dataset
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine", "label": "pos"}\n{"text": "bad", "label": "meh"}\n')
+    with pytest.raises(DataError, match="meh"):
+        load_dataset(path, label_names=("neg", "pos"))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    assert cli.main(["run", "--preset", "quick", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_quick_preset_end_to_end(quick_run):
+    results = json.loads((quick_run / "results.json").read_text())
+    validate_results(results)
+    for key in ("config", "environment", "timings", "spectrum", "krr", "sweep", "probe", "correlation",
+                "selection"):
+        assert key in results and "skipped" not in results[key]
+    assert {"lambda", "theta_distance_to_init", "theta_distance_lin_nonlin", "output_distance_lin_nonlin",
+            "eval_accuracy_nonlinear", "eval_accuracy_linearized"} <= set(results["sweep"][0])
+    assert results["spectrum"]["all"]["stats"]["eigenvalues"][0] > 0
+    dyn = results["dynamics"]  # closed-form linearized GD predicts the measured linearized curve
+    np.testing.assert_allclose(dyn["measured_loss_linearized"], dyn["predicted_loss"], rtol=1e-3)
+    html = (quick_run / "report.html").read_text()
+    for fig in FIGURE_IDS:
+        assert f'id="{fig}"' in html
+    assert "data:image/png;base64," in html and "https://" not in html
+    arrays = np.load(quick_run / "arrays.npz")
+    assert any(k.startswith("gram/") for k in arrays.files)
+
+
+@pytest.mark.slow
+def test_resume_reuses_stages_and_report_rerenders(quick_run, capsys):
+    stamp = (quick_run / "stages" / "ntk.json").stat().st_mtime_ns
+    assert cli.main(["run", "--preset", "quick", "--out", str(quick_run), "--resume", "--stages",
+                     "ntk,spectrum,report"]) == 0
+    assert (quick_run / "stages" / "ntk.json").stat().st_mtime_ns == stamp
+    assert "ntk: reused" in capsys.readouterr().err
+    (quick_run / "report.html").unlink()
+    assert cli.main(["report", str(quick_run)]) == 0
+    assert (quick_run / "report.html").exists()
