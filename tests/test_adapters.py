@@ -144,3 +144,28 @@ def test_peft_in_pytorch_loads_what_jaxlin_trained(tmp_path):
                   attention_mask=torch.tensor(batch["attention_mask"]).long()).logits.numpy()
     got = ad.apply(trained, ad.frozen, batch["input_ids"], batch["attention_mask"])
     assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() < 1e-5
+
+
+@pytest.mark.torch
+def test_peft_loads_a_llama_adapter_jaxlin_trained(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(testing.tiny_config("llama")).eval().save_pretrained(tmp_path / "base")
+    model = M.load_pretrained(tmp_path / "base", task="causal_lm")
+    ad = add_lora(model, targets=("q_proj", "v_proj", "down_proj"), layers=(0, 2), rank=4, alpha=16, seed=5)
+    key = iter(jax.random.split(jax.random.key(3), 100))
+    trained = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(next(key), x.shape, x.dtype),
+                                     ad.trainable)
+    save_peft(ad, tmp_path / "adapter", trained)
+    base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    pt = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    batch = testing.random_batch(model, batch=3, length=7)
+    with torch.no_grad():
+        want = pt(input_ids=torch.tensor(batch["input_ids"]).long(),
+                  attention_mask=torch.tensor(batch["attention_mask"]).long()).logits.numpy()
+    got = np.asarray(ad.apply(trained, ad.frozen, batch["input_ids"], batch["attention_mask"]))
+    mask = batch["attention_mask"].astype(bool)
+    assert np.abs(got[mask] - want[mask]).max() / np.abs(want[mask]).max() < 1e-5

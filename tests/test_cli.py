@@ -133,3 +133,14 @@ def test_resume_reuses_stages_and_report_rerenders(quick_run, capsys):
     (quick_run / "report.html").unlink()
     assert cli.main(["report", str(quick_run)]) == 0
     assert (quick_run / "report.html").exists()
+
+
+def test_paper_preset_fails_early_and_clearly_offline(tmp_path, capsys, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    assert cli.main(["run", "--preset", "paper", "--out", str(tmp_path / "paper")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "glue/sst2" in err and "offline" in err and "hub" in err
+    assert time.perf_counter() - start < 60
