@@ -81,3 +81,45 @@ def random_batch(model_or_vocab, batch: int = 5, length: int = 11, *, seed: int 
     pad = 0 if isinstance(model_or_vocab, int) else (getattr(model_or_vocab.config, "pad_token_id", 0) or 0)
     ids = np.where(mask == 1, ids, pad).astype(np.int32)
     return {"input_ids": ids, "attention_mask": mask}
+
+
+# ---------------------------------------------------------------------------- toy functions for engine tests
+
+def toy_mlp(params, x):
+    """A plain MLP f(params, x) -> (N, 3) for x (N, 5)."""
+    import jax.numpy as jnp
+
+    return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+
+
+def toy_token(params, x):
+    """Embedding lookup, masked mean over tokens, dense: f(params, {"input_ids", "attention_mask"}) -> (N, 3)."""
+    import jax.numpy as jnp
+
+    h = params["emb"][x["input_ids"]]
+    m = x["attention_mask"][..., None].astype(h.dtype)
+    h = (h * m).sum(1) / m.sum(1)
+    return jnp.tanh(h @ params["w"] + params["b"]) @ params["v"] + params["c"]
+
+
+def toy_problem(name: str):
+    """``(f, params, x1 (7 examples), x2 (5 examples))`` for "mlp" (P = 102) or "token" (P = 161), O = 3."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    k = jax.random.split(jax.random.PRNGKey(0), 8)
+    if name == "mlp":
+        params = {"w1": jax.random.normal(k[0], (5, 11)) / 2.2, "b1": 0.1 * jax.random.normal(k[1], (11,)),
+                  "w2": jax.random.normal(k[2], (11, 3)) / 3.3, "b2": 0.1 * jax.random.normal(k[3], (3,))}
+        return toy_mlp, params, jax.random.normal(k[4], (7, 5)), jax.random.normal(k[5], (5, 5))
+
+    def inputs(key, n):
+        lens = 1 + np.arange(n) % 4
+        return {"input_ids": jax.random.randint(key, (n, 4), 0, 13),
+                "attention_mask": jnp.asarray((np.arange(4)[None] < lens[:, None]).astype(np.int32))}
+
+    params = {"emb": jax.random.normal(k[0], (13, 6)), "w": jax.random.normal(k[1], (6, 8)) / 2.4,
+              "b": 0.1 * jax.random.normal(k[5], (8,)), "v": jax.random.normal(k[2], (8, 3)) / 2.8,
+              "c": 0.1 * jax.random.normal(k[3], (3,))}
+    return toy_token, params, inputs(k[4], 7), inputs(k[6], 5)

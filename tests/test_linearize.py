@@ -5,33 +5,13 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from jaxlin import testing
 from jaxlin.linearize import linearize, linearize_at
 
 
-def mlp(params, x):
-    return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
-
-
-def token(params, x):
-    h = params["emb"][x["input_ids"]]
-    m = x["attention_mask"][..., None].astype(h.dtype)
-    h = (h * m).sum(1) / m.sum(1)
-    return jnp.tanh(h @ params["w"] + params["b"]) @ params["v"] + params["c"]
-
-
 def _setup(name):
-    k = jax.random.split(jax.random.PRNGKey(0), 8)
-    if name == "mlp":  # P = 5·11 + 11 + 11·3 + 3 = 102, N = 7, O = 3
-        params = {"w1": jax.random.normal(k[0], (5, 11)) / 2.2, "b1": 0.1 * jax.random.normal(k[1], (11,)),
-                  "w2": jax.random.normal(k[2], (11, 3)) / 3.3, "b2": 0.1 * jax.random.normal(k[3], (3,))}
-        return mlp, params, jax.random.normal(k[4], (7, 5))
-    params = {"emb": jax.random.normal(k[0], (13, 6)), "w": jax.random.normal(k[1], (6, 8)) / 2.4,  # P = 161
-              "b": 0.1 * jax.random.normal(k[5], (8,)), "v": jax.random.normal(k[2], (8, 3)) / 2.8,
-              "c": 0.1 * jax.random.normal(k[3], (3,))}
-    lens = 1 + np.arange(7) % 4
-    x = {"input_ids": jax.random.randint(k[4], (7, 4), 0, 13),
-         "attention_mask": jnp.asarray((np.arange(4)[None] < lens[:, None]).astype(np.int32))}
-    return token, params, x
+    f, params, x, _ = testing.toy_problem(name)
+    return f, params, x
 
 
 def _direction(params, seed):

@@ -11,40 +11,16 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from jaxlin import ntk as ntk_mod
+from jaxlin import testing
 from jaxlin.ntk import (MemoryEstimate, available_memory, choose_implementation, empirical_ntk,
                         empirical_ntk_fn, estimate_memory)
 
 IMPLS = ["jacobian_contraction", "ntk_vector_products", "auto"]
 
 
-def mlp(params, x):
-    return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
-
-
-def token(params, x):
-    h = params["emb"][x["input_ids"]]
-    m = x["attention_mask"][..., None].astype(h.dtype)
-    h = (h * m).sum(1) / m.sum(1)
-    return jnp.tanh(h @ params["w"] + params["b"]) @ params["v"] + params["c"]
-
-
-def _token_inputs(key, n):
-    lens = 1 + np.arange(n) % 4
-    return {"input_ids": jax.random.randint(key, (n, 4), 0, 13),
-            "attention_mask": jnp.asarray((np.arange(4)[None] < lens[:, None]).astype(np.int32))}
-
-
 @functools.cache
 def _setup(name):
-    k = jax.random.split(jax.random.PRNGKey(0), 8)
-    if name == "mlp":
-        params = {"w1": jax.random.normal(k[0], (5, 11)) / 2.2, "b1": 0.1 * jax.random.normal(k[1], (11,)),
-                  "w2": jax.random.normal(k[2], (11, 3)) / 3.3, "b2": 0.1 * jax.random.normal(k[3], (3,))}
-        return mlp, params, jax.random.normal(k[4], (7, 5)), jax.random.normal(k[5], (5, 5))
-    params = {"emb": jax.random.normal(k[0], (13, 6)), "w": jax.random.normal(k[1], (6, 8)) / 2.4,
-              "b": 0.1 * jax.random.normal(k[5], (8,)), "v": jax.random.normal(k[2], (8, 3)) / 2.8,
-              "c": 0.1 * jax.random.normal(k[3], (3,))}
-    return token, params, _token_inputs(k[4], 7), _token_inputs(k[6], 5)
+    return testing.toy_problem(name)
 
 
 _JACS = {}
@@ -128,7 +104,7 @@ def test_bad_inputs_raise_value_errors():
         with pytest.raises(ValueError, match="trace_axes"):
             empirical_ntk_fn(f, trace_axes=bad)(x1, x2, params)
     with pytest.raises(ValueError, match="leading"):
-        empirical_ntk_fn(token)({"input_ids": jnp.zeros((7, 4), int), "attention_mask": jnp.ones((6, 4))},
+        empirical_ntk_fn(testing.toy_token)({"input_ids": jnp.zeros((7, 4), int), "attention_mask": jnp.ones((6, 4))},
                                 None, _setup("token")[1])
     with pytest.raises(ValueError, match="module_ntks"):
         empirical_ntk_fn(f, implementation="structured")(x1, x2, params)
@@ -156,7 +132,8 @@ def test_jitted_ntk_does_not_retrace():
         ntk = jax.jit(empirical_ntk_fn(counted, trace_axes=(), implementation=impl))
         ntk(x1, x2, params)
         n = len(traces)
-        ntk(_token_inputs(jax.random.PRNGKey(9), 7), x2, jax.tree.map(lambda a: a * 1.1, params))
+        other = jax.tree.map(lambda a: a[::-1], x1)  # same shapes, other values
+        ntk(other, x2, jax.tree.map(lambda a: a * 1.1, params))
         assert len(traces) == n and ntk._cache_size() == 1
 
 

@@ -84,3 +84,10 @@ def module_infos(model: nnx.Module) -> tuple[ModuleInfo, ...]:
             infos.append((node.order, ModuleInfo(node.name, tuple(path), node.d_in, node.d_out,
                                                  node.bias is not None, node.hf_name, layer)))
     return tuple(info for _, info in sorted(infos, key=lambda t: t[0]))  # the order the family defines them
+
+
+def reject_encoder_head(head) -> None:
+    """Decoders classify with a linear ``score`` on the last real token; ``head`` is for BERT-style encoders."""
+    if head is not None:
+        raise ValueError(f"head={head!r} applies to BERT-style encoders only; decoders classify with a linear "
+                         "'score' on the last real token: leave head=None")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from .base import reject_encoder_head
 from .layers import (Embed, LayerNorm, Linear, activation, causal_allowed, last_real_token,
                      masked_softmax_attention, merge_heads, split_heads)
 
@@ -84,9 +85,7 @@ class GPT2Decoder(nnx.Module):
 
 
 def build(config, *, task: str, num_labels: int | None, head: str | None, rngs: nnx.Rngs, dtype) -> GPT2Decoder:
-    if head is not None:
-        raise ValueError(f"head={head!r} applies to BERT-style encoders only; decoders classify with a linear "
-                         "'score' on the last real token: leave head=None")
+    reject_encoder_head(head)
     return GPT2Decoder(config, task=task, num_labels=num_labels, rngs=rngs, dtype=dtype)
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .base import reject_encoder_head
 from .layers import (Embed, Linear, RMSNorm, activation, causal_allowed, last_real_token, masked_softmax_attention,
                      merge_heads, split_heads)
 
@@ -142,9 +143,7 @@ class LlamaDecoder(nnx.Module):
 
 def build(config, *, task: str, num_labels: int | None, head: str | None, rngs: nnx.Rngs,
           dtype) -> LlamaDecoder:
-    if head is not None:
-        raise ValueError(f"head={head!r} applies to BERT-style encoders only; decoders classify with a linear "
-                         "'score' on the last real token: leave head=None")
+    reject_encoder_head(head)
     return LlamaDecoder(config, task=task, num_labels=num_labels, rngs=rngs, dtype=dtype)
 
 
