@@ -213,12 +213,11 @@ def _ntvp_tile(adapted: Adapted, modules, output_fn, trace: bool):
         n2, o = out2.shape
         basis = jnp.eye(n2 * o, dtype=out2.dtype).reshape(n2 * o, n2, o)
         cotangents = jax.vmap(lambda e: vjp2(e)[0])(basis)  # each leaf (n2·O, *shape)
-        flat_ct = traverse_util.flatten_dict(cotangents)
         result = {}
         for n in modules:
             keep = set(adapted.groups[n])
-            masked = traverse_util.unflatten_dict(
-                {p: (v if p in keep else jnp.zeros_like(v)) for p, v in flat_ct.items()})
+            masked = jax.tree_util.tree_map_with_path(  # keeps empty subtrees, unlike a flatten/unflatten trip
+                lambda path, v: v if tuple(k.key for k in path) in keep else jnp.zeros_like(v), cotangents)
             cols = jax.vmap(lambda t: jax.jvp(lambda q: f(q, x1), (trainable,), (t,))[1])(masked)
             k = cols.reshape(n2, o, -1, o).transpose(2, 0, 3, 1)  # (n1, n2, O, O)
             result[n] = jnp.einsum("ijaa->ij", k) if trace else k
