@@ -128,7 +128,7 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
                  args: tuple = (), symmetric: Optional[bool] = None, accumulate_dtype=np.float64,
                  progress: bool = True, checkpoint_dir: Optional[str] = None, key: str = "",
                  mesh: Optional[jax.sharding.Mesh] = None, sharding: ShardingSpec = ShardingSpec(),
-                 _after_tile: Optional[Callable[[int, int], None]] = None) -> PyTree:
+                 diagonal_as_none: bool = False, _after_tile: Optional[Callable[[int, int], None]] = None) -> PyTree:
     """Assemble the pytree of (N1, N2, ...) host arrays of `tile_fn` over all tiles (module docstring).
 
     Args:
@@ -143,6 +143,8 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
       checkpoint_dir, key: resume directory and a string identifying the computation (e.g. model + params
         revision: params are not fingerprinted, only x1, x2 and key).
       mesh, sharding: shard the rows of each x1 tile over `mesh.shape[sharding.data_axis]` devices.
+      diagonal_as_none: in symmetric mode, call diagonal tiles as tile_fn(x_tile, None, *args), so a tile
+        function that accepts x2=None (rows of both sides the same) can reuse its per-row work.
       _after_tile: test hook called as _after_tile(i, j) after each computed (not loaded) tile is stored.
     """
     if block_size is not None and (not isinstance(block_size, (int, np.integer)) or block_size <= 0):
@@ -215,6 +217,8 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
             bar.update()
             continue
         t1, t2, a = place(_rows(x1, i * b1, b1, n1), _rows(x2_full, j * b2, b2, n2))
+        if symmetric and diagonal_as_none and i == j:
+            t2 = None
         pending.append((i, j, jitted(t1, t2, *a)))  # dispatch the next tile before fetching this one
         if len(pending) > 1:
             finish_one()

@@ -158,9 +158,10 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
         return out
 
     def tile(x1, x2, trainable, frozen):
+        """x2=None: the same rows on both sides (a diagonal tile), so the factors are computed once."""
         h1, g1 = factors(x1, trainable, frozen)
-        h2, g2 = factors(x2, trainable, frozen)
-        extra = other_kernels(x1, x2, trainable, frozen)
+        h2, g2 = (h1, g1) if x2 is None else factors(x2, trainable, frozen)
+        extra = other_kernels(x1, x1 if x2 is None else x2, trainable, frozen)
         result = {}
         for n in modules:
             k = extra.get(n, 0)
@@ -189,7 +190,8 @@ def _jacobian_tile(adapted: Adapted, modules, output_fn, kernel: str, trace: boo
 
     def tile(x1, x2, trainable, frozen):
         del frozen  # closed over by f through adapted; identical by construction
-        j1, j2 = jac(x1, trainable), jac(x2, trainable)
+        j1 = jac(x1, trainable)
+        j2 = j1 if x2 is None else jac(x2, trainable)
         result = {}
         for n in modules:
             k = 0
@@ -209,6 +211,7 @@ def _ntvp_tile(adapted: Adapted, modules, output_fn, trace: bool):
 
     def tile(x1, x2, trainable, frozen):
         del frozen
+        x2 = x1 if x2 is None else x2
         out2, vjp2 = jax.vjp(lambda t: f(t, x2), trainable)
         n2, o = out2.shape
         basis = jnp.eye(n2 * o, dtype=out2.dtype).reshape(n2 * o, n2, o)
@@ -288,7 +291,8 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
         x2 = x1
     out = _gram.blocked_gram(tile, x1, x2, block_size=block_size, args=(trainable, adapted.frozen),
                              symmetric=symmetric, accumulate_dtype=accumulate_dtype, progress=progress,
-                             checkpoint_dir=checkpoint_dir, key=key, mesh=mesh, sharding=sharding)
+                             checkpoint_dir=checkpoint_dir, key=key, mesh=mesh, sharding=sharding,
+                             diagonal_as_none=True)
     out = {n: out[n] for n in modules}  # the pytree round trip sorted the keys
     if trace and reduce == "mean":
         o = jax.eval_shape(output_function(adapted, output_fn), trainable, x1).shape[-1]
@@ -307,7 +311,7 @@ def _structured_builder(f, spec: _ntk.KernelSpec):
                             trace=bool(spec.trace_axes))
 
     def ntk(x1, x2, params):
-        k = sum(tile(x1, x1 if x2 is None else x2, params, adapted.frozen).values())
+        k = sum(tile(x1, x2, params, adapted.frozen).values())
         if spec.trace_axes and spec.reduce == "mean":
             k = k / jax.eval_shape(f, params, x1).shape[-1]
         return k if spec.accumulate_dtype is None else k.astype(spec.accumulate_dtype)
