@@ -58,17 +58,17 @@ class RunConfig:
     sign_kernel: bool = True
     sigmas: tuple = (0.0, 1e-6, 1e-4, 1e-2)
     sigma_absolute: float = 1e-4
-    num_krr: int = 256  # training examples of the kernel-ridge predictor (the first of the training subset)
+    num_krr: int = 128  # train (and eval) examples of the kernel-ridge predictor: the first of each subset
     krr_ridges: tuple = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     # training and the λ sweep
-    lambdas: tuple = (0.0, 0.5, 5.0, 50.0)
+    lambdas: tuple = (0.5, 5.0, 50.0)
     regularizer: str = "prox"
     anchor: str = "init"
     loss: str = "cross_entropy"
     learning_rate: float = 4e-3
     batch_size: int = 16
-    sweep_steps: int = 120
-    dynamics_steps: int = 60
+    sweep_steps: int = 80
+    dynamics_steps: int = 40
     dynamics_ridge: float = 1e-2
     # linearity probe
     probe_radii: tuple = (0.01, 0.03, 0.1, 0.3, 1.0)

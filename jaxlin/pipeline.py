@@ -167,11 +167,6 @@ def module_grams(ctx: Context, sign: bool = False) -> dict:
     return {k[len(prefix):]: v for k, v in ctx.arrays.items() if k.startswith(prefix)}
 
 
-def _flat(k_NNOO):
-    n, _, o, _ = k_NNOO.shape
-    return k_NNOO.transpose(0, 2, 1, 3).reshape(n * o, n * o)
-
-
 def stage_spectrum(ctx: Context):
     from . import select, spectrum
 
@@ -196,7 +191,7 @@ def stage_spectrum(ctx: Context):
         arrays[f"eig/{name}"] = stats["eigenvalues"]
     y = _onehot(ctx, ctx.calibration.labels)
     resid0 = (y - _outputs(ctx, ctx.batch(ctx.calibration))).reshape(-1)
-    flat = {m: _flat(k) for m, k in grams.items()}
+    flat = {m: spectrum.as_matrix(k) for m, k in grams.items()}
     ridge = 1e-4 * np.trace(sum(flat.values())) / resid0.size
     greedy = {}
     for score in ("kappa", "mu_min", "ridge_objective"):
@@ -227,7 +222,8 @@ def stage_krr(ctx: Context):
 
     cfg = ctx.config
     krr_set = ctx.train.subset(np.arange(min(cfg.num_krr, len(ctx.train))))
-    xb, eb = ctx.batch(krr_set), ctx.batch(ctx.eval)
+    krr_eval = ctx.eval.subset(np.arange(min(cfg.num_krr, len(ctx.eval))))  # the cross kernel costs M·N
+    xb, eb = ctx.batch(krr_set), ctx.batch(krr_eval)
     kw = dict(trace_axes=(), implementation=cfg.kernel_implementation, block_size=_block_size(ctx), progress=True)
     k_train = sum(module_ntks(ctx.adapted_lora, xb, **kw).values())
     k_cross = sum(module_ntks(ctx.adapted_lora, eb, xb, **kw).values())
@@ -239,9 +235,10 @@ def stage_krr(ctx: Context):
     acc = lambda p, labels: [float(np.mean(np.argmax(q, -1) == labels)) for q in p]  # noqa: E731
     return {"configuration": "all", "num_train": len(krr_set), "ridges": list(cfg.krr_ridges),
             "ridge_scale": "trace", "ridges_absolute": np.asarray(path.ridges).tolist(),
-            "eval_accuracy": acc(pred_eval, ctx.eval.labels), "train_accuracy": acc(pred_train, krr_set.labels),
+            "num_eval": len(krr_eval), "eval_accuracy": acc(pred_eval, krr_eval.labels),
+            "train_accuracy": acc(pred_train, krr_set.labels),
             "objective": np.asarray(path.objective).tolist(),
-            "eval_accuracy_at_init": float(np.mean(np.argmax(f0_eval, -1) == ctx.eval.labels)),
+            "eval_accuracy_at_init": float(np.mean(np.argmax(f0_eval, -1) == krr_eval.labels)),
             "targets": "one-hot, residual Y - f0"}, {"krr/k_train": k_train}
 
 
@@ -249,11 +246,12 @@ def stage_dynamics(ctx: Context):
     """Full-batch GD with squared loss on the calibration set, LoRA parameters only (those of the kernel)."""
     from . import data
     from .solve import gd_dynamics
+    from .spectrum import as_matrix
     from .train import TrainConfig, fit, model_functions
 
     cfg = ctx.config
     n = len(ctx.calibration)
-    k = _flat(sum(module_grams(ctx).values()))
+    k = as_matrix(sum(module_grams(ctx).values()))
     y = _onehot(ctx, ctx.calibration.labels)
     resid0 = (y - _outputs(ctx, ctx.batch(ctx.calibration))).reshape(-1)
     ridge_sum = cfg.dynamics_ridge * np.trace(k) / k.shape[0]  # ridge of the summed objective ½Σ‖r‖² + ½λΣ‖δ‖²
