@@ -189,8 +189,7 @@ def stage_spectrum(ctx: Context):
             entry["sign_stats"] = spectrum.sign_kernel_stats(select.configuration_kernel(signs, mods))
         out[name] = entry
         arrays[f"eig/{name}"] = stats["eigenvalues"]
-    y = _onehot(ctx, ctx.calibration.labels)
-    resid0 = (y - _outputs(ctx, ctx.batch(ctx.calibration))).reshape(-1)
+    resid0 = _calibration_residual(ctx)
     flat = {m: spectrum.as_matrix(k) for m, k in grams.items()}
     ridge = 1e-4 * np.trace(sum(flat.values())) / resid0.size
     greedy = {}
@@ -207,13 +206,19 @@ def _onehot(ctx: Context, labels) -> np.ndarray:
     return np.eye(ctx.train.num_classes)[np.asarray(labels)]
 
 
-def _outputs(ctx: Context, batch, trainable=None):
+def _outputs(ctx: Context, batch):
+    """Logits at θ0 (LoRA B = 0, so those of the base model with its head), float64 on the host."""
     import jax
 
     ad = ctx.adapted_lora
-    fn = jax.jit(ad.apply)
-    return np.asarray(fn(ad.trainable if trainable is None else trainable, ad.frozen, batch["input_ids"],
-                         batch["attention_mask"]), np.float64)
+    return np.asarray(jax.jit(ad.apply)(ad.trainable, ad.frozen, batch["input_ids"], batch["attention_mask"]),
+                      np.float64)
+
+
+def _calibration_residual(ctx: Context) -> np.ndarray:
+    """r0 = onehot(y) − f(θ0) on the calibration set, flattened example-major to (N·C,)."""
+    y = _onehot(ctx, ctx.calibration.labels)
+    return (y - _outputs(ctx, ctx.batch(ctx.calibration))).reshape(-1)
 
 
 def stage_krr(ctx: Context):
@@ -252,8 +257,7 @@ def stage_dynamics(ctx: Context):
     cfg = ctx.config
     n = len(ctx.calibration)
     k = as_matrix(sum(module_grams(ctx).values()))
-    y = _onehot(ctx, ctx.calibration.labels)
-    resid0 = (y - _outputs(ctx, ctx.batch(ctx.calibration))).reshape(-1)
+    resid0 = _calibration_residual(ctx)
     ridge_sum = cfg.dynamics_ridge * np.trace(k) / k.shape[0]  # ridge of the summed objective ½Σ‖r‖² + ½λΣ‖δ‖²
     mu_max = float(np.linalg.eigvalsh(k)[-1])
     lr_sum = 1.0 / (mu_max + ridge_sum)
