@@ -16,6 +16,12 @@ Resume: with `checkpoint_dir`, every finished tile is written atomically (temp f
 the inputs' bytes and the user's `key`). A rerun loads the tiles on disk and computes only the rest; a
 manifest that does not match raises, naming the directory.
 
+Row reuse: a tile function given as `RowFactored(rows, pair)` factors as pair(rows(x1_tile), rows(x2_tile)).
+Then each row block's `rows` are computed once and kept on the device (up to `cache_bytes`; blocks beyond it
+are recomputed when needed), so an (n × m)-tile Gram costs n + m row computations instead of 2·n·m. The
+structured per-module kernels are of this kind: `rows` is the forward and backward passes of a block, `pair`
+a contraction of their features.
+
 Sharding: pass `mesh` (a jax.sharding.Mesh) and `sharding=ShardingSpec(data_axis="data")`; the rows of each
 x1 tile are sharded over that mesh axis with NamedSharding, x2 tile and args are replicated, and the tile
 is jitted with those in/out shardings (the block is rounded up to a multiple of the axis size). One code
@@ -52,6 +58,19 @@ class ShardingSpec:
     """Maps the logical example axis of a tile's x1 rows to a mesh axis."""
 
     data_axis: str = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class RowFactored:
+    """A tile function that factors through per-block work: tile(x1, x2, *args) = pair(rows(x1, *args),
+    rows(x2, *args)), with x2=None meaning the same rows on both sides (computed once)."""
+
+    rows: Callable
+    pair: Callable
+
+    def __call__(self, x1, x2, *args):
+        r1 = self.rows(x1, *args)
+        return self.pair(r1, r1 if x2 is None else self.rows(x2, *args))
 
 
 def _leading(x, name: str) -> int:
@@ -128,7 +147,8 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
                  args: tuple = (), symmetric: Optional[bool] = None, accumulate_dtype=np.float64,
                  progress: bool = True, checkpoint_dir: Optional[str] = None, key: str = "",
                  mesh: Optional[jax.sharding.Mesh] = None, sharding: ShardingSpec = ShardingSpec(),
-                 diagonal_as_none: bool = False, _after_tile: Optional[Callable[[int, int], None]] = None) -> PyTree:
+                 diagonal_as_none: bool = False, cache_bytes: int = 2 << 30,
+                 _after_tile: Optional[Callable[[int, int], None]] = None) -> PyTree:
     """Assemble the pytree of (N1, N2, ...) host arrays of `tile_fn` over all tiles (module docstring).
 
     Args:
@@ -145,6 +165,8 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
       mesh, sharding: shard the rows of each x1 tile over `mesh.shape[sharding.data_axis]` devices.
       diagonal_as_none: in symmetric mode, call diagonal tiles as tile_fn(x_tile, None, *args), so a tile
         function that accepts x2=None (rows of both sides the same) can reuse its per-row work.
+      cache_bytes: for a `RowFactored` tile_fn, the most bytes of computed rows kept for reuse (default 2 GiB);
+        0 recomputes every block's rows for each tile (the row block of the current tile row is always kept).
       _after_tile: test hook called as _after_tile(i, j) after each computed (not loaded) tile is stored.
     """
     if block_size is not None and (not isinstance(block_size, (int, np.integer)) or block_size <= 0):
@@ -174,6 +196,15 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
         jitted = jax.jit(tile_fn, out_shardings=rows)
         args_rep = jax.device_put(args, rep)
         place = lambda t1, t2: (jax.device_put(t1, rows), jax.device_put(t2, rep), args_rep)  # noqa: E731
+    if isinstance(tile_fn, RowFactored):
+        compute_tile = _row_reuse(tile_fn, x1, x2_full, b1, b2, n1, n2, symmetric, args, cache_bytes, mesh,
+                                  sharding)
+    else:
+        def compute_tile(i, j):
+            t1, t2, a = place(_rows(x1, i * b1, b1, n1), _rows(x2_full, j * b2, b2, n2))
+            if symmetric and diagonal_as_none and i == j:
+                t2 = None
+            return jitted(t1, t2, *a)
     shapes = jax.eval_shape(tile_fn, _rows(x1, 0, b1, n1), _rows(x2_full, 0, b2, n2), *args)
     leaves_shape, treedef = jax.tree.flatten(shapes)
     for s in leaves_shape:
@@ -216,13 +247,50 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
                 store(i, j, [z[f"arr_{k}"] for k in range(len(out))])
             bar.update()
             continue
-        t1, t2, a = place(_rows(x1, i * b1, b1, n1), _rows(x2_full, j * b2, b2, n2))
-        if symmetric and diagonal_as_none and i == j:
-            t2 = None
-        pending.append((i, j, jitted(t1, t2, *a)))  # dispatch the next tile before fetching this one
+        pending.append((i, j, compute_tile(i, j)))  # dispatch the next tile before fetching this one
         if len(pending) > 1:
             finish_one()
     while pending:
         finish_one()
     bar.close()
     return jax.tree.unflatten(treedef, out)
+
+
+def _row_reuse(tile_fn: RowFactored, x1, x2, b1, b2, n1, n2, symmetric, args, cache_bytes, mesh, sharding):
+    """compute_tile(i, j) for a RowFactored tile: rows of each block computed once and kept within cache_bytes."""
+    rows_fn = jax.jit(tile_fn.rows)
+    if mesh is None:
+        pair_fn = jax.jit(tile_fn.pair)
+        place = {"x1": lambda t: t, "x2": lambda t: t}
+        args_placed = args
+    else:  # x1 blocks sharded over the data axis, x2 blocks replicated; jit inserts what pair needs to gather
+        row_sharding, rep = NamedSharding(mesh, P(sharding.data_axis)), NamedSharding(mesh, P())
+        pair_fn = jax.jit(tile_fn.pair, out_shardings=row_sharding)
+        args_placed = jax.device_put(args, rep)
+        place = {"x1": lambda t: jax.device_put(t, row_sharding),
+                 "x2": lambda t: jax.device_put(t, row_sharding if symmetric else rep)}
+    sides = {"x1": (x1, b1, n1), "x2": (x1, b1, n1) if symmetric else (x2, b2, n2)}
+    sizes = {side: sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(
+        jax.eval_shape(tile_fn.rows, _rows(x, 0, b, n), *args))) for side, (x, b, n) in sides.items()}
+    cache, used, current = {}, [0], {}
+
+    def block_rows(side, index):
+        key = ("x1" if symmetric else side, index)
+        if key in cache:
+            return cache[key]
+        if side == "x1" and current.get("index") == index:
+            return current["rows"]
+        x, b, n = sides[side]
+        r = rows_fn(place[side](_rows(x, index * b, b, n)), *args_placed)
+        if used[0] + sizes[side] <= cache_bytes:
+            cache[key] = r
+            used[0] += sizes[side]
+        return r
+
+    def compute_tile(i, j):
+        r1 = block_rows("x1", i)
+        current.update(index=i, rows=r1)
+        r2 = r1 if symmetric and i == j else block_rows("x2", j)
+        return pair_fn(r1, r2)
+
+    return compute_tile

@@ -131,7 +131,8 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
         hh = jnp.einsum("itd,jsd->ijts", h1, h2)
         return jnp.einsum("ijts,aitd,bjsd->ijab", hh, g1, g2)
 
-    def other_kernels(x1, x2, trainable, frozen):
+    def other_jacobians(x, trainable, frozen):
+        """Per-example Jacobians {path: (B, O, *shape)} of the leaves that are not dense-module weights."""
         if not other_paths:
             return {}
         flat = traverse_util.flatten_dict(trainable)
@@ -142,12 +143,10 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
             merged.update(sub_params)
             return outputs(traverse_util.unflatten_dict(merged), frozen, {}, batch)[0]
 
-        def jac(batch):
-            per = lambda b: jax.jacrev(lambda s: f(s, jax.tree.map(lambda x: x[None], b))[0])(sub)
-            return jax.vmap(per)(batch)  # leaf: (B, O, *shape)
+        per = lambda b: jax.jacrev(lambda s: f(s, jax.tree.map(lambda v: v[None], b))[0])(sub)  # noqa: E731
+        return jax.vmap(per)(x)
 
-        j1 = jac(x1)
-        j2 = j1 if x2 is x1 else jac(x2)
+    def other_kernels(j1, j2):
         out = {}
         for n in modules:
             for p in plan[n]["other"]:
@@ -157,28 +156,33 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
                 out[n] = out.get(n, 0) + jnp.einsum("iap,jbp->ijab", a, b)
         return out
 
-    def tile(x1, x2, trainable, frozen):
-        """x2=None: the same rows on both sides (a diagonal tile), so the factors are computed once."""
-        h1, g1 = factors(x1, trainable, frozen)
-        h2, g2 = (h1, g1) if x2 is None else factors(x2, trainable, frozen)
-        extra = other_kernels(x1, x1 if x2 is None else x2, trainable, frozen)
+    def rows(x, trainable, frozen):
+        """Everything one block of examples contributes to a tile: per module its Jacobian features (LoRA
+        factors, bias) and, for a dense weight trained in full, (h, g); per other leaf its per-example Jacobian."""
+        h, g = factors(x, trainable, frozen)
+        payload = {n: {"features": features(n, h[n], g[n], trainable),
+                       "hg": (h[n], g[n]) if "kernel" in plan[n]["own"] else None} for n in h}
+        return payload, other_jacobians(x, trainable, frozen)
+
+    def pair(rows1, rows2):
+        (p1, j1), (p2, j2) = rows1, rows2
+        extra = other_kernels(j1, j2)
         result = {}
         for n in modules:
             k = extra.get(n, 0)
-            if n in h1:
-                for f1, f2 in zip(features(n, h1[n], g1[n], trainable), features(n, h2[n], g2[n], trainable)):
+            if n in p1:
+                for f1, f2 in zip(p1[n]["features"], p2[n]["features"]):
                     k = k + contract(f1, f2)
-                if "kernel" in plan[n]["own"]:
+                if p1[n]["hg"] is not None:
+                    (h1, g1), (h2, g2) = p1[n]["hg"], p2[n]["hg"]
                     if kernel == "sign":
-                        f1 = jnp.einsum("bli,obld->obid", h1[n], g1[n])
-                        f2 = jnp.einsum("bli,obld->obid", h2[n], g2[n])
-                        k = k + contract(f1, f2)
+                        k = k + contract(jnp.einsum("bli,obld->obid", h1, g1), jnp.einsum("bli,obld->obid", h2, g2))
                     else:
-                        k = k + dense_weight(h1[n], g1[n], h2[n], g2[n])
+                        k = k + dense_weight(h1, g1, h2, g2)
             result[n] = jnp.einsum("ijaa->ij", k) if trace else k
         return result
 
-    return tile
+    return _gram.RowFactored(rows, pair)
 
 
 def _jacobian_tile(adapted: Adapted, modules, output_fn, kernel: str, trace: bool):
@@ -252,14 +256,16 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
                 output_fn: Optional[Callable] = None, block_size: int | None = None,
                 accumulate_dtype=np.float64, progress: bool = False, checkpoint_dir: str | None = None,
                 key: str = "", mesh=None, sharding: _gram.ShardingSpec = _gram.ShardingSpec(),
-                reduce: str = "sum") -> dict[str, np.ndarray]:
+                reduce: str = "sum", cache_bytes: int = 2 << 30) -> dict[str, np.ndarray]:
     """``{module: K_m}`` for every name in ``adapted.modules`` (or ``modules``), at ``trainable`` (default θ0).
 
     ``batch``: a mapping with ``input_ids`` and ``attention_mask`` (N, L) (real lengths, bucketed padding).
     ``trace_axes=(-1,)`` gives (N1, N2) kernels (outputs summed, or averaged with ``reduce="mean"``);
     ``trace_axes=()`` gives (N1, N2, O, O). ``kernel``: "ntk" or "sign". Host numpy arrays of
     ``accumulate_dtype`` (float64 needs ``jax_enable_x64``; otherwise the tiles are float32 and only the sum on
-    the host is float64). Tiling/resume/sharding arguments: ``jaxlin.gram.blocked_gram``.
+    the host is float64). Tiling/resume/sharding arguments: ``jaxlin.gram.blocked_gram``; with
+    implementation="structured" each row block's forward/backward passes run once and their features are kept
+    for every tile that needs them, up to ``cache_bytes`` (then recomputed per tile).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
@@ -292,7 +298,7 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
     out = _gram.blocked_gram(tile, x1, x2, block_size=block_size, args=(trainable, adapted.frozen),
                              symmetric=symmetric, accumulate_dtype=accumulate_dtype, progress=progress,
                              checkpoint_dir=checkpoint_dir, key=key, mesh=mesh, sharding=sharding,
-                             diagonal_as_none=True)
+                             diagonal_as_none=True, cache_bytes=cache_bytes)
     out = {n: out[n] for n in modules}  # the pytree round trip sorted the keys
     if trace and reduce == "mean":
         o = jax.eval_shape(output_function(adapted, output_fn), trainable, x1).shape[-1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from jaxlin.gram import ShardingSpec, blocked_gram
+from jaxlin.gram import RowFactored, ShardingSpec, blocked_gram
 from jaxlin.ntk import empirical_ntk_fn
 
 N1, N2, D, H, O = 7, 5, 5, 11, 3
@@ -104,6 +104,36 @@ def test_sharded_equals_single_device(devices, block_size):
         out = blocked_gram(_pair_tile, X1, x2, args=(PARAMS,), block_size=block_size, mesh=mesh, progress=False)
         for name in ("full", "trace"):
             np.testing.assert_allclose(out[name], ref[name], rtol=1e-13, atol=1e-13)
+
+
+def _factored(counter):
+    """_pair_tile as rows (the per-example Jacobian, a pytree) and pair (their contraction); counts rows runs."""
+    def rows(x, params):
+        jax.debug.callback(lambda: counter.append(1))
+        return jax.vmap(lambda xi: jax.jacrev(mlp)(params, xi))(x)
+
+    def pair(j1, j2):
+        k = sum(jnp.einsum("aip,bjp->abij", a.reshape(a.shape[:2] + (-1,)), b.reshape(b.shape[:2] + (-1,)))
+                for a, b in zip(jax.tree.leaves(j1), jax.tree.leaves(j2)))
+        return {"full": k, "trace": jnp.einsum("abii->ab", k)}
+
+    return RowFactored(rows, pair)
+
+
+@pytest.mark.parametrize("x2, cache_bytes, row_runs", [(None, 2 << 30, 3), (None, 0, 6), (X2, 2 << 30, 5), (X2, 0, 9)],
+                         ids=["symmetric", "symmetric-no-cache", "cross", "cross-no-cache"])
+def test_row_factored_reuses_rows_and_equals_the_tile(x2, cache_bytes, row_runs):
+    ref, runs = _reference(x2), []
+    out = blocked_gram(_factored(runs), X1, x2, args=(PARAMS,), block_size=3, cache_bytes=cache_bytes,
+                       progress=False)
+    jax.effects_barrier()
+    assert len(runs) == row_runs  # 3 row blocks of X1 (and 2 of X2); without a cache each tile recomputes x2's
+    for name in ("full", "trace"):
+        np.testing.assert_allclose(out[name], ref[name], rtol=1e-13, atol=1e-13)
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    sharded = blocked_gram(_factored([]), X1, x2, args=(PARAMS,), block_size=3, mesh=mesh, progress=False)
+    for name in ("full", "trace"):
+        np.testing.assert_allclose(sharded[name], ref[name], rtol=1e-13, atol=1e-13)
 
 
 def test_manifest_mismatch_names_the_directory(tmp_path):
