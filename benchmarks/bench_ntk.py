@@ -96,11 +96,6 @@ def run(name: str, p: dict) -> dict:
 
     if method in ("structured", "jacobian_contraction", "ntk_vector_products"):
         tile = module_ntk._tile_fn(adapted, adapted.modules, None, "ntk", False, method)
-        if method == "ntk_vector_products" and not tr.get("params"):
-            # workaround (jaxlin bug, see RESULTS.md): _ntvp_tile's flatten/unflatten of the cotangents drops
-            # the empty "params" subtree add_lora creates, and jax.jvp then rejects the tangent's tree
-            tr = {k: v for k, v in tr.items() if k != "params"}
-            out["note"] = "trainable passed without its empty 'params' subtree (ntvp tile bug workaround)"
         total = lambda a, b, t, f: sum(tile(a, b, t, f).values())  # noqa: E731
         bs = p.get("block_size")
         if bs is None:

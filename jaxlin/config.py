@@ -68,6 +68,8 @@ class RunConfig:
     learning_rate: float = 4e-3
     batch_size: int = 16
     sweep_steps: int = 80
+    sweep_num_train_evaluated: int = 256  # training examples (the first) on which the sweep measures train
+    # loss, output distance and KL after each fit; capped at num_train
     dynamics_steps: int = 40
     dynamics_ridge: float = 1e-2
     # linearity probe
@@ -211,7 +213,7 @@ def _validate(c: RunConfig):
         check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, field, f"an integer ≥ {minimum}")
 
     for f in ("rank", "num_train", "num_krr", "num_eval", "max_length", "batch_size", "sweep_steps", "dynamics_steps",
-              "probe_directions", "probe_tangents", "selection_budget"):
+              "sweep_num_train_evaluated", "probe_directions", "probe_tangents", "selection_budget"):
         positive_int(f)
     positive_int("num_calibration", 2)
     check(c.block_size is None or (isinstance(c.block_size, int) and c.block_size > 0), "block_size",

@@ -289,7 +289,8 @@ def stage_sweep(ctx: Context):
                      loss=cfg.loss, anchor=cfg.anchor, seed=cfg.seed, max_length=cfg.max_length,
                      pad_to_multiple_of=ctx.length)
     results = lambda_sweep(ctx.adapted, ctx.train, ctx.eval, ctx.model.tokenizer, lambdas=list(cfg.lambdas),
-                           config=tc, regularizer=cfg.regularizer, progress=True)
+                           config=tc, regularizer=cfg.regularizer, progress=True,
+                           num_train_evaluated=min(cfg.sweep_num_train_evaluated, len(ctx.train)))
     for r in results:  # the schema's headline output distance is the eval one; no radius at λ = 0
         r["output_distance_lin_nonlin"] = r["output_distance_lin_nonlin_eval"]
         if r["theorem2_radius"] is None:

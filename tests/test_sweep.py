@@ -84,3 +84,14 @@ def test_lambda_sweep_on_tiny_model():
     assert summary["slopes"]["theta_distance_to_init"] < 0
     text = json.dumps({"results": results, "summary": summary})
     assert json.loads(text)["results"][2]["lambda"] == 10.0
+
+    # measuring the train-set quantities on the first 8 examples changes no trajectory, only what is measured
+    sub = lambda_sweep(adapted, train, ev, tokenizer, lambdas=[1.0], config=cfg, progress=False,
+                       num_train_evaluated=8)[0]
+    assert sub["num_train_evaluated"] == 8 and results[1]["num_train_evaluated"] == sub["num_train"] == 24
+    for key in ("theta_distance_to_init", "theta_distance_lin_nonlin", "output_distance_lin_nonlin_eval",
+                "eval_accuracy_nonlinear", "eval_loss_linearized"):
+        assert sub[key] == pytest.approx(results[1][key], rel=1e-6), key
+    assert sub["init_train_loss_mean"] != pytest.approx(results[1]["init_train_loss_mean"], rel=1e-9)
+    with pytest.raises(ValueError, match="num_train_evaluated=25"):
+        lambda_sweep(adapted, train, ev, tokenizer, lambdas=[1.0], config=cfg, num_train_evaluated=25)
