@@ -262,14 +262,14 @@ def _example_correlation(rng, spectrum):
         kappa = float(spectrum[name]["stats"]["condition_number"])
         for seed in (0, 1):
             runs.append({"configuration": name, "seed": seed, "modules": spectrum[name]["modules"],
-                         "statistics": {"condition_number": kappa * (1 + 0.1 * rng.random()),
+                         "statistics": {"kappa": kappa * (1 + 0.1 * rng.random()),
                                         "effective_rank": spectrum[name]["stats"]["effective_rank"],
                                         "sigma_scale": "absolute"},
                          "final_train_loss": 0.1 + 0.05 * math.log10(kappa) + 0.02 * rng.random(),
                          "eval_accuracy": 0.9 - 0.03 * math.log10(kappa) + 0.01 * rng.random()})
     results = {stat: {out: correlation([r["statistics"][stat] for r in runs], [r[out] for r in runs],
                                        n_bootstrap=200) for out in OUTCOMES}
-               for stat in ("condition_number", "effective_rank")}
+               for stat in ("kappa", "effective_rank")}
     results["min_eigenvalue"] = {out: correlation([1.0, 1.0], [0.0, 1.0]) for out in OUTCOMES}  # degenerate: nan
     return {"runs": runs, "results": results}
 

@@ -6,7 +6,7 @@ import pytest
 
 from jaxlin import cli
 from jaxlin.config import ConfigError, load_config, override, preset
-from jaxlin.report import FIGURE_IDS
+from jaxlin.report import FIGURE_IDS, summary_text
 from jaxlin.schema import validate_results
 
 SUBCOMMANDS = ("run", "ntk", "spectrum", "select-layers", "sweep", "report", "models")
@@ -116,9 +116,10 @@ def test_quick_preset_end_to_end(quick_run):
     dyn = results["dynamics"]  # closed-form linearized GD predicts the measured linearized curve
     np.testing.assert_allclose(dyn["measured_loss_linearized"], dyn["predicted_loss"], rtol=1e-3)
     html = (quick_run / "report.html").read_text()
-    for fig in FIGURE_IDS:
-        assert f'id="{fig}"' in html
-    assert "data:image/png;base64," in html and "https://" not in html
+    for fig in FIGURE_IDS:  # every plot drawn from the run's own numbers, none replaced by a note
+        assert f'<figure id="{fig}"><img' in html, fig
+    assert "https://" not in html
+    assert "corr(κ, eval_accuracy)" in summary_text(results)
     arrays = np.load(quick_run / "arrays.npz")
     assert any(k.startswith("gram/") for k in arrays.files)
 
