@@ -35,8 +35,9 @@ both A and B; the fold s·A·B is bilinear, so ∂f/∂A becomes s·(r·v_B)-siz
 the first step. L_J(r) therefore tends to a nonzero constant (the second derivative along v, including the
 LoRA cross term) as r → 0, and the estimate is meaningful at every radius.
 
-Compilation: one `jax.jit` (`_at_radius`), with the radius a traced argument and f, the estimators and the
-chunking static, so every radius of a grid, and a second grid, reuse one compile. Directions are vmapped
+Compilation: two `jax.jit`s: `_at_origin` (f(θ0), J(θ0)u, J(θ0)v and K_θ0, shared by every radius, computed
+once a probe) and `_at_radius`, with the radius a traced argument and f, the estimators and the chunking
+static, so every radius of a grid, and a second grid, reuse one compile. Directions are vmapped
 (or, with `chunk_size`, mapped in vmapped chunks by `jax.lax.map`); tangents are always vmapped.
 """
 from __future__ import annotations
@@ -80,40 +81,53 @@ def random_unit_directions(key, params: PyTree, num: int) -> PyTree:
     return jax.vmap(_unit)(jax.tree.unflatten(treedef, raw))
 
 
+@functools.partial(jax.jit, static_argnames=("f", "estimators", "ntk_entries"))
+def _at_origin(f, params0, batch, f_args, directions, tangents, *, estimators, ntk_entries):
+    """What every radius shares, computed once: f(θ0) (N, O), the unit tangents and J(θ0)u (U, N, O),
+    J(θ0)v per unit direction (T, N, O) and the traced K_θ0 (N, N)."""
+    f_x = lambda p: f(p, batch, *f_args)  # noqa: E731
+    as_params = lambda tree: jax.tree.map(lambda d, p: d.astype(p.dtype), tree, params0)  # noqa: E731
+    origin = {"f0": f_x(params0)}
+    if "jacobian" in estimators:
+        origin["tangents"] = jax.vmap(lambda u: _unit(as_params(u)))(tangents)
+        origin["j0u"] = jax.vmap(lambda u: jax.jvp(f_x, (params0,), (u,))[1])(origin["tangents"])
+    if "remainder" in estimators:
+        origin["j0v"] = jax.vmap(lambda v: jax.jvp(f_x, (params0,), (_unit(as_params(v)),))[1])(directions)
+    if ntk_entries:
+        origin["k0"] = empirical_ntk_fn(lambda p, x: f(p, x, *f_args), implementation="jacobian_contraction")(
+            batch, None, params0)
+    return origin
+
+
 @functools.partial(jax.jit, static_argnames=("f", "estimators", "ntk_entries", "chunk_size"))
-def _at_radius(f, params0, batch, f_args, radius, directions, tangents, *, estimators, ntk_entries,
-               chunk_size):
+def _at_radius(f, params0, batch, f_args, radius, directions, origin, *, estimators, ntk_entries, chunk_size):
     """Per-direction estimates {name: (T,)} at one radius (the formulas are in the module docstring)."""
     f_x = lambda p: f(p, batch, *f_args)  # noqa: E731
     as_params = lambda tree: jax.tree.map(lambda d, p: d.astype(p.dtype), tree, params0)  # noqa: E731
-    f0_NO = f_x(params0)
-    n = f0_NO.shape[0]
-    if "jacobian" in estimators:
-        tangents = jax.vmap(lambda u: _unit(as_params(u)))(tangents)
-        j0u_UNO = jax.vmap(lambda u: jax.jvp(f_x, (params0,), (u,))[1])(tangents)
+    n = origin["f0"].shape[0]
     if ntk_entries:
         ntk = empirical_ntk_fn(lambda p, x: f(p, x, *f_args), implementation="jacobian_contraction")
-        k0_NN = ntk(batch, None, params0)
 
-    def one(v):
+    def one(v_and_j0v):
+        v, j0v_NO = v_and_j0v
         v = _unit(as_params(v))
         theta = jax.tree.map(lambda p, d: p + radius * d, params0, v)
         out = {}
         if "jacobian" in estimators:
-            ju_UNO = jax.vmap(lambda u: jax.jvp(f_x, (theta,), (u,))[1])(tangents)
-            diff_UM = (ju_UNO - j0u_UNO).reshape(ju_UNO.shape[0], -1)
+            ju_UNO = jax.vmap(lambda u: jax.jvp(f_x, (theta,), (u,))[1])(origin["tangents"])
+            diff_UM = (ju_UNO - origin["j0u"]).reshape(ju_UNO.shape[0], -1)
             out["jacobian"] = jnp.max(jnp.linalg.norm(diff_UM, axis=1)) / radius
         if "remainder" in estimators:
-            _, jv_NO = jax.jvp(f_x, (params0,), (v,))
-            rem_N = jnp.linalg.norm((f_x(theta) - f0_NO - radius * jv_NO).reshape(n, -1), axis=1) / radius**2
+            rem_N = jnp.linalg.norm((f_x(theta) - origin["f0"] - radius * j0v_NO).reshape(n, -1), axis=1) / radius**2
             out["remainder"], out["remainder_mean"] = jnp.max(rem_N), jnp.mean(rem_N)
         if ntk_entries:
-            out["ntk"] = jnp.max(jnp.abs(ntk(batch, None, theta) - k0_NN)) / radius
+            out["ntk"] = jnp.max(jnp.abs(ntk(batch, None, theta) - origin["k0"])) / radius
         return out
 
+    per_direction = (directions, origin.get("j0v", jnp.zeros(jax.tree.leaves(directions)[0].shape[:1])))
     if chunk_size is None:
-        return jax.vmap(one)(directions)
-    return jax.lax.map(one, directions, batch_size=chunk_size)
+        return jax.vmap(one)(per_direction)
+    return jax.lax.map(one, per_direction, batch_size=chunk_size)
 
 
 def _check_estimators(estimators, ntk_entries) -> tuple[str, ...]:
@@ -188,7 +202,9 @@ def lipschitz_at_radius(f: Callable, params0: PyTree, batch, radius: float, dire
                          "random_unit_directions(key, params0, 4)")
     if ntk_entries:
         _check_ntk_size(_shapes(f, params0, batch, tuple(f_args)), sizes.pop()[0], chunk_size, ntk_max_bytes)
-    return _at_radius(f, params0, batch, tuple(f_args), _check_radius(radius), directions, tangents,
+    origin = _at_origin(f, params0, batch, tuple(f_args), directions, tangents, estimators=estimators,
+                        ntk_entries=bool(ntk_entries))
+    return _at_radius(f, params0, batch, tuple(f_args), _check_radius(radius), directions, origin,
                       estimators=estimators, ntk_entries=bool(ntk_entries), chunk_size=chunk_size)
 
 
@@ -212,9 +228,13 @@ def linearity_probe(f: Callable, params0: PyTree, batch, *, radii: Sequence[floa
     key_dirs, key_tans = jax.random.split(jax.random.key(seed))
     directions = random_unit_directions(key_dirs, params0, num_directions)
     tangents = random_unit_directions(key_tans, params0, num_tangents) if "jacobian" in estimators else None
-    per_radius = [jax.device_get(lipschitz_at_radius(
-        f, params0, batch, r, directions, tangents, estimators=estimators, ntk_entries=ntk_entries,
-        chunk_size=chunk_size, f_args=f_args, ntk_max_bytes=ntk_max_bytes)) for r in radii]
+    _check_count("chunk_size", chunk_size, allow_none=True)
+    if ntk_entries:
+        _check_ntk_size(shapes, num_directions, chunk_size, ntk_max_bytes)
+    kw = dict(estimators=estimators, ntk_entries=bool(ntk_entries))
+    origin = _at_origin(f, params0, batch, tuple(f_args), directions, tangents, **kw)
+    per_radius = [jax.device_get(_at_radius(f, params0, batch, tuple(f_args), r, directions, origin,
+                                            chunk_size=chunk_size, **kw)) for r in radii]
     names = estimators + (("ntk",) if ntk_entries else ())
     estimates = {}
     for name in names:
