@@ -80,6 +80,7 @@ def run(name: str, p: dict) -> dict:
 
     import jaxlin
     from jaxlin import module_ntk
+    from jaxlin.gram import RowFactored
 
     mem = H.MemoryProbe()
     model, batch = S.model_and_batch(p["model"], p["n"], p["length"])
@@ -107,10 +108,19 @@ def run(name: str, p: dict) -> dict:
             out.update(t, time_s=t["median_s"], kernel_path=path)
         else:
             xb = jax.tree.map(lambda a: a[:bs], x)
-            _, info = H.compile_apart(total, xb, xb, tr, fr)  # compile time and FLOPs of one (bs × bs) tile
-            tiles = -(-n // bs)
-            out.update(info, tiles=tiles * (tiles + 1) // 2, flops_per_tile=info["flops"])
-            out["flops"] = None if info["flops"] is None else info["flops"] * out["tiles"]
+            blocks = -(-n // bs)
+            out["tiles"] = blocks * (blocks + 1) // 2
+            if isinstance(tile, RowFactored):  # each block's rows once, then one pair per tile
+                _, info = H.compile_apart(tile.rows, xb, tr, fr)
+                rows = jax.jit(tile.rows)(xb, tr, fr)
+                _, pinfo = H.compile_apart(tile.pair, rows, rows)
+                out.update(info, flops_rows_per_block=info["flops"], flops_pair_per_tile=pinfo["flops"])
+                out["flops"] = None if None in (info["flops"], pinfo["flops"]) else (
+                    info["flops"] * blocks + pinfo["flops"] * out["tiles"])
+            else:
+                _, info = H.compile_apart(total, xb, xb, tr, fr)  # compile time and FLOPs of one (bs × bs) tile
+                out.update(info, flops_per_tile=info["flops"])
+                out["flops"] = None if info["flops"] is None else info["flops"] * out["tiles"]
             head = {k: v[:bs] for k, v in batch.items()}
             _, out["warm_one_tile_s"] = H.time_once(lambda: module_ntks_total(adapted, head, method, bs))  # jit warm-up
             call = lambda: module_ntks_total(adapted, batch, method, bs)  # noqa: E731

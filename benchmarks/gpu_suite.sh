@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # jaxlin benchmarks on one GPU, offline: jax (CUDA), flax, optax, numpy and jaxlin from this checkout only.
-# No pip, no network, no transformers: the models are RoBERTa-base dimensions with random weights.
+# No network, no transformers: the models are RoBERTa-base dimensions with random weights. neural-tangents
+# (the NT cases) comes from wheels carried in benchmarks/wheels/ when the machine lacks it; put them there
+# untracked before the run:  pip download neural-tangents==0.6.5 frozendict --no-deps -d benchmarks/wheels
 #
 #   bash benchmarks/gpu_suite.sh            # from the repository root; ~8 minutes on one H100
 #   SIZE=smoke bash benchmarks/gpu_suite.sh # the same path at toy size (also the CPU check: < 3 min)
@@ -18,6 +20,11 @@ export TF_CPP_MIN_LOG_LEVEL=2
 if ! "$PY" -c "import tqdm.auto" 2>/dev/null; then
   echo "tqdm not installed: using benchmarks/_shims/tqdm (no-op progress bar)"
   export PYTHONPATH="$PWD/benchmarks/_shims:$PYTHONPATH"
+fi
+if ! "$PY" -c "import neural_tangents" 2>/dev/null && compgen -G "benchmarks/wheels/*.whl" > /dev/null; then
+  "$PY" -m pip install --quiet --no-deps --no-index --target /tmp/jaxlin-bench-site benchmarks/wheels/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/jaxlin-bench-site"
+  echo "neural-tangents from benchmarks/wheels (installed to /tmp/jaxlin-bench-site)"
 fi
 "$PY" - <<'PYEOF'
 import sys, jax

@@ -147,7 +147,7 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
                  args: tuple = (), symmetric: Optional[bool] = None, accumulate_dtype=np.float64,
                  progress: bool = True, checkpoint_dir: Optional[str] = None, key: str = "",
                  mesh: Optional[jax.sharding.Mesh] = None, sharding: ShardingSpec = ShardingSpec(),
-                 diagonal_as_none: bool = False, cache_bytes: int = 2 << 30,
+                 diagonal_as_none: bool = False, cache_bytes: int | None = None,
                  _after_tile: Optional[Callable[[int, int], None]] = None) -> PyTree:
     """Assemble the pytree of (N1, N2, ...) host arrays of `tile_fn` over all tiles (module docstring).
 
@@ -165,12 +165,16 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
       mesh, sharding: shard the rows of each x1 tile over `mesh.shape[sharding.data_axis]` devices.
       diagonal_as_none: in symmetric mode, call diagonal tiles as tile_fn(x_tile, None, *args), so a tile
         function that accepts x2=None (rows of both sides the same) can reuse its per-row work.
-      cache_bytes: for a `RowFactored` tile_fn, the most bytes of computed rows kept for reuse (default 2 GiB);
-        0 recomputes every block's rows for each tile (the row block of the current tile row is always kept).
+      cache_bytes: for a `RowFactored` tile_fn, the most bytes of computed rows kept for reuse; None: a quarter
+        of the first device's memory where it reports one (GPUs, TPUs), else 2 GiB; 0 recomputes every
+        block's rows for each tile (the row block of the current tile row is always kept).
       _after_tile: test hook called as _after_tile(i, j) after each computed (not loaded) tile is stored.
     """
     if block_size is not None and (not isinstance(block_size, (int, np.integer)) or block_size <= 0):
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}.")
+    if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, (int, np.integer))
+                                    or cache_bytes < 0):
+        raise ValueError(f"cache_bytes must be None (automatic) or an int ≥ 0, got {cache_bytes!r}.")
     if symmetric is None:
         symmetric = x2 is None
     if symmetric and x2 is not None:
@@ -256,6 +260,11 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
     return jax.tree.unflatten(treedef, out)
 
 
+def _default_cache_bytes() -> int:
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats["bytes_limit"]) // 4 if stats.get("bytes_limit") else 2 << 30
+
+
 def _row_reuse(tile_fn: RowFactored, x1, x2, b1, b2, n1, n2, symmetric, args, cache_bytes, mesh, sharding):
     """compute_tile(i, j) for a RowFactored tile: rows of each block computed once and kept within cache_bytes."""
     rows_fn = jax.jit(tile_fn.rows)
@@ -269,6 +278,7 @@ def _row_reuse(tile_fn: RowFactored, x1, x2, b1, b2, n1, n2, symmetric, args, ca
         args_placed = jax.device_put(args, rep)
         place = {"x1": lambda t: jax.device_put(t, row_sharding),
                  "x2": lambda t: jax.device_put(t, row_sharding if symmetric else rep)}
+    cache_bytes = _default_cache_bytes() if cache_bytes is None else cache_bytes
     sides = {"x1": (x1, b1, n1), "x2": (x1, b1, n1) if symmetric else (x2, b2, n2)}
     sizes = {side: sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(
         jax.eval_shape(tile_fn.rows, _rows(x, 0, b, n), *args))) for side, (x, b, n) in sides.items()}

@@ -256,7 +256,7 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
                 output_fn: Optional[Callable] = None, block_size: int | None = None,
                 accumulate_dtype=np.float64, progress: bool = False, checkpoint_dir: str | None = None,
                 key: str = "", mesh=None, sharding: _gram.ShardingSpec = _gram.ShardingSpec(),
-                reduce: str = "sum", cache_bytes: int = 2 << 30) -> dict[str, np.ndarray]:
+                reduce: str = "sum", cache_bytes: int | None = None) -> dict[str, np.ndarray]:
     """``{module: K_m}`` for every name in ``adapted.modules`` (or ``modules``), at ``trainable`` (default θ0).
 
     ``batch``: a mapping with ``input_ids`` and ``attention_mask`` (N, L) (real lengths, bucketed padding).
@@ -265,7 +265,8 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
     ``accumulate_dtype`` (float64 needs ``jax_enable_x64``; otherwise the tiles are float32 and only the sum on
     the host is float64). Tiling/resume/sharding arguments: ``jaxlin.gram.blocked_gram``; with
     implementation="structured" each row block's forward/backward passes run once and their features are kept
-    for every tile that needs them, up to ``cache_bytes`` (then recomputed per tile).
+    for every tile that needs them, up to ``cache_bytes`` (then recomputed per tile; None: a quarter of the
+    device's memory where it reports one, else 2 GiB).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}")

@@ -84,6 +84,8 @@ def test_bad_inputs_raise_value_errors():
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match="block_size"):
             blocked_gram(_pair_tile, X1, args=(PARAMS,), block_size=bad)
+    with pytest.raises(ValueError, match="cache_bytes"):
+        blocked_gram(_pair_tile, X1, args=(PARAMS,), block_size=2, cache_bytes=-1)
     with pytest.raises(ValueError, match="leading"):
         blocked_gram(_pair_tile, {"a": X1, "b": X2}, args=(PARAMS,), block_size=2)
     with pytest.raises(ValueError, match="symmetric"):
