@@ -266,7 +266,8 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
     the host is float64). Tiling/resume/sharding arguments: ``jaxlin.gram.blocked_gram``; with
     implementation="structured" each row block's forward/backward passes run once and their features are kept
     for every tile that needs them, up to ``cache_bytes`` (then recomputed per tile; None: a quarter of the
-    device's memory where it reports one, else 2 GiB).
+    device's memory where it reports one, else 2 GiB). ``block_size=None`` is one tile of every row: on a CPU,
+    blocks of 32–64 examples are faster (MiniLM, N = 256: 10.3 s in blocks of 64, 25.0 s as one tile).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
