@@ -19,7 +19,7 @@ from .schema import is_number
 FIGSIZE = (6.0, 3.5)
 DPI = 90
 MAX_SPECTRA = 12
-KAPPA_STATISTIC = "kappa"  # the study's name for κ_σ at its absolute σ (jaxlin.study.kernel_statistics)
+KAPPA_STATISTIC = "kappa"  # the study's name for κ = μ_max/μ_min, σ = 0 (jaxlin.study.kernel_statistics)
 DISTANCES = (("theta_distance_to_init", "‖θ − θ0‖"), ("theta_distance_lin_nonlin", "‖θ − θ̄‖"),
              ("output_distance_lin_nonlin", "‖f − f̄‖ (outputs)"))
 
