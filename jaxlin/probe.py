@@ -81,6 +81,11 @@ def random_unit_directions(key, params: PyTree, num: int) -> PyTree:
     return jax.vmap(_unit)(jax.tree.unflatten(treedef, raw))
 
 
+def _traced_ntk(f, f_args):
+    """(batch, None, params) -> the (N, N) kernel traced over outputs, from per-example Jacobians."""
+    return empirical_ntk_fn(lambda p, x: f(p, x, *f_args), implementation="jacobian_contraction")
+
+
 @functools.partial(jax.jit, static_argnames=("f", "estimators", "ntk_entries"))
 def _at_origin(f, params0, batch, f_args, directions, tangents, *, estimators, ntk_entries):
     """What every radius shares, computed once: f(θ0) (N, O), the unit tangents and J(θ0)u (U, N, O),
@@ -94,8 +99,7 @@ def _at_origin(f, params0, batch, f_args, directions, tangents, *, estimators, n
     if "remainder" in estimators:
         origin["j0v"] = jax.vmap(lambda v: jax.jvp(f_x, (params0,), (_unit(as_params(v)),))[1])(directions)
     if ntk_entries:
-        origin["k0"] = empirical_ntk_fn(lambda p, x: f(p, x, *f_args), implementation="jacobian_contraction")(
-            batch, None, params0)
+        origin["k0"] = _traced_ntk(f, f_args)(batch, None, params0)
     return origin
 
 
@@ -105,8 +109,6 @@ def _at_radius(f, params0, batch, f_args, radius, directions, origin, *, estimat
     f_x = lambda p: f(p, batch, *f_args)  # noqa: E731
     as_params = lambda tree: jax.tree.map(lambda d, p: d.astype(p.dtype), tree, params0)  # noqa: E731
     n = origin["f0"].shape[0]
-    if ntk_entries:
-        ntk = empirical_ntk_fn(lambda p, x: f(p, x, *f_args), implementation="jacobian_contraction")
 
     def one(v_and_j0v):
         v, j0v_NO = v_and_j0v
@@ -121,7 +123,7 @@ def _at_radius(f, params0, batch, f_args, radius, directions, origin, *, estimat
             rem_N = jnp.linalg.norm((f_x(theta) - origin["f0"] - radius * j0v_NO).reshape(n, -1), axis=1) / radius**2
             out["remainder"], out["remainder_mean"] = jnp.max(rem_N), jnp.mean(rem_N)
         if ntk_entries:
-            out["ntk"] = jnp.max(jnp.abs(ntk(batch, None, theta) - origin["k0"])) / radius
+            out["ntk"] = jnp.max(jnp.abs(_traced_ntk(f, f_args)(batch, None, theta) - origin["k0"])) / radius
         return out
 
     per_direction = (directions, origin.get("j0v", jnp.zeros(jax.tree.leaves(directions)[0].shape[:1])))
