@@ -192,23 +192,11 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
         b2 = b1
     tiles = [(i, j) for i in range(-(-n1 // b1)) for j in range(-(-n2 // b2)) if not symmetric or j >= i]
 
-    if mesh is None:
-        jitted = jax.jit(tile_fn)
-        place = lambda t1, t2: (t1, t2, args)  # noqa: E731
-    else:
-        rows, rep = NamedSharding(mesh, P(sharding.data_axis)), NamedSharding(mesh, P())
-        jitted = jax.jit(tile_fn, out_shardings=rows)
-        args_rep = jax.device_put(args, rep)
-        place = lambda t1, t2: (jax.device_put(t1, rows), jax.device_put(t2, rep), args_rep)  # noqa: E731
+    tiling = (tile_fn, x1, x2_full, b1, b2, n1, n2, symmetric, args, mesh, sharding)
     if isinstance(tile_fn, RowFactored):
-        compute_tile = _row_reuse(tile_fn, x1, x2_full, b1, b2, n1, n2, symmetric, args, cache_bytes, mesh,
-                                  sharding)
+        compute_tile = _row_reuse(*tiling, cache_bytes)
     else:
-        def compute_tile(i, j):
-            t1, t2, a = place(_rows(x1, i * b1, b1, n1), _rows(x2_full, j * b2, b2, n2))
-            if symmetric and diagonal_as_none and i == j:
-                t2 = None
-            return jitted(t1, t2, *a)
+        compute_tile = _whole_tiles(*tiling, diagonal_as_none)
     shapes = jax.eval_shape(tile_fn, _rows(x1, 0, b1, n1), _rows(x2_full, 0, b2, n2), *args)
     leaves_shape, treedef = jax.tree.flatten(shapes)
     for s in leaves_shape:
@@ -265,8 +253,29 @@ def _default_cache_bytes() -> int:
     return int(stats["bytes_limit"]) // 4 if stats.get("bytes_limit") else 2 << 30
 
 
-def _row_reuse(tile_fn: RowFactored, x1, x2, b1, b2, n1, n2, symmetric, args, cache_bytes, mesh, sharding):
-    """compute_tile(i, j) for a RowFactored tile: rows of each block computed once and kept within cache_bytes."""
+def _whole_tiles(tile_fn, x1, x2, b1, b2, n1, n2, symmetric, args, mesh, sharding, diagonal_as_none):
+    """compute_tile(i, j) dispatching tile_fn on the two row blocks (x2 None on a diagonal tile if asked)."""
+    if mesh is None:
+        jitted = jax.jit(tile_fn)
+        place = lambda t1, t2: (t1, t2, args)  # noqa: E731
+    else:
+        rows, rep = NamedSharding(mesh, P(sharding.data_axis)), NamedSharding(mesh, P())
+        jitted = jax.jit(tile_fn, out_shardings=rows)
+        args_rep = jax.device_put(args, rep)
+        place = lambda t1, t2: (jax.device_put(t1, rows), jax.device_put(t2, rep), args_rep)  # noqa: E731
+
+    def compute_tile(i, j):
+        t1, t2, a = place(_rows(x1, i * b1, b1, n1), _rows(x2, j * b2, b2, n2))
+        if symmetric and diagonal_as_none and i == j:
+            t2 = None
+        return jitted(t1, t2, *a)
+
+    return compute_tile
+
+
+def _row_reuse(tile_fn: RowFactored, x1, x2, b1, b2, n1, n2, symmetric, args, mesh, sharding, cache_bytes):
+    """compute_tile(i, j) for a RowFactored tile: rows of each block computed once and kept within cache_bytes
+    (a diagonal tile always reuses its block's rows)."""
     rows_fn = jax.jit(tile_fn.rows)
     if mesh is None:
         pair_fn = jax.jit(tile_fn.pair)
