@@ -10,9 +10,12 @@ compare each with the float64 answer. Run from the repository root:
 Measured 2026-11-28, jax/jaxlib 0.10.2, 2-core AMD EPYC (max |Δ| / max |g64| per output):
     N =  8 and 31: every variant ≤ 7.3e-7 (float32 rounding)
     N = 32: one vjp per output 7.4e-7, 5.7e-7; vmap over outputs 3.6e-7 and **6.8e-1** for the second output
-The same with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false. neural-tangents vmaps its VJPs the same way and
-is off by the same mechanism. Not yet reduced to plain JAX: the model is jaxlin's, so a batching rule on
-jaxlin's side is not excluded, but float64 and the per-output VJPs of the same code are right.
+Narrowing (same machine): the vmapped VJP in float64 is right at N = 32 (1e-15), so batching semantics are
+fine and the fault is float32-specific; with LoRA only on layer 0's value projection the second output's
+gradient is off by 8.2× its size (layer 5 only: 7.6 %; head only: exact), so it grows with the depth of the
+backward pass. Unchanged by XLA_FLAGS --xla_cpu_multi_thread_eigen=false, --xla_cpu_use_xnnpack=false,
+--xla_cpu_use_onednn=false, --xla_cpu_use_fusion_emitters=false or --xla_cpu_strict_dot_conv_math=true.
+neural-tangents vmaps its VJPs the same way and is off by the same mechanism. Not yet reduced to plain JAX.
 """
 from __future__ import annotations
 
