@@ -16,7 +16,8 @@ Implementations (all exact, same numbers up to float rounding):
   trained in full, K_W(x, x') = Σ_{t,t'} (h_t·h'_{t'}) (g_t·g'_{t'}) — the (L × L) form, never the
   d_in × d_out Jacobian. Groups that are not dense modules (LayerNorms, embeddings) fall back to
   per-example Jacobians of their few parameters.
-- ``"jacobian_contraction"``: per-example ``jax.jacrev`` w.r.t. the trainable tree, contracted per leaf.
+- ``"jacobian_contraction"``: per-example reverse-mode Jacobians (``jaxlin.ntk.jacrev_per_output``: one VJP per
+  output, never vmapped over outputs) w.r.t. the trainable tree, contracted per leaf.
 - ``"ntk_vector_products"``: K_m columns as jvp(vjp(e_b)) with the tangent restricted to module m.
 - ``"auto"``: "structured" unless the request is a sign kernel of a full dense weight in L×L form.
 
@@ -143,7 +144,7 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
             merged.update(sub_params)
             return outputs(traverse_util.unflatten_dict(merged), frozen, {}, batch)[0]
 
-        per = lambda b: jax.jacrev(lambda s: f(s, jax.tree.map(lambda v: v[None], b))[0])(sub)  # noqa: E731
+        per = lambda b: _ntk.jacrev_per_output(lambda s: f(s, jax.tree.map(lambda v: v[None], b))[0])(sub)  # noqa: E731
         return jax.vmap(per)(x)
 
     def other_kernels(j1, j2):
@@ -189,7 +190,7 @@ def _jacobian_tile(adapted: Adapted, modules, output_fn, kernel: str, trace: boo
     f = output_function(adapted, output_fn)
 
     def jac(batch, trainable):
-        per = lambda b: jax.jacrev(lambda t: f(t, jax.tree.map(lambda x: x[None], b))[0])(trainable)
+        per = lambda b: _ntk.jacrev_per_output(lambda t: f(t, jax.tree.map(lambda x: x[None], b))[0])(trainable)
         return traverse_util.flatten_dict(jax.vmap(per)(batch))  # leaf: (B, O, *shape)
 
     def tile(x1, x2, trainable, frozen):
@@ -219,7 +220,7 @@ def _ntvp_tile(adapted: Adapted, modules, output_fn, trace: bool):
         out2, vjp2 = jax.vjp(lambda t: f(t, x2), trainable)
         n2, o = out2.shape
         basis = jnp.eye(n2 * o, dtype=out2.dtype).reshape(n2 * o, n2, o)
-        cotangents = jax.vmap(lambda e: vjp2(e)[0])(basis)  # each leaf (n2·O, *shape)
+        cotangents = jax.lax.map(lambda e: vjp2(e)[0], basis)  # each leaf (n2·O, *shape); not vmapped (ntk.py)
         result = {}
         for n in modules:
             keep = set(adapted.groups[n])

