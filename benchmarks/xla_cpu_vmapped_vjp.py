@@ -15,7 +15,9 @@ fine and the fault is float32-specific; with LoRA only on layer 0's value projec
 gradient is off by 8.2× its size (layer 5 only: 7.6 %; head only: exact), so it grows with the depth of the
 backward pass. Unchanged by XLA_FLAGS --xla_cpu_multi_thread_eigen=false, --xla_cpu_use_xnnpack=false,
 --xla_cpu_use_onednn=false, --xla_cpu_use_fusion_emitters=false or --xla_cpu_strict_dot_conv_math=true.
-neural-tangents vmaps its VJPs the same way and is off by the same mechanism. Not yet reduced to plain JAX.
+neural-tangents vmaps its VJPs the same way and is off by the same mechanism (so were jaxlin's
+jacobian_contraction and ntk_vector_products until they switched to `jaxlin.ntk.jacrev_per_output`).
+Not yet reduced to plain JAX.
 """
 from __future__ import annotations
 
