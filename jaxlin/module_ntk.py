@@ -144,8 +144,7 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
             merged.update(sub_params)
             return outputs(traverse_util.unflatten_dict(merged), frozen, {}, batch)[0]
 
-        per = lambda b: _ntk.jacrev_per_output(lambda s: f(s, jax.tree.map(lambda v: v[None], b))[0])(sub)  # noqa: E731
-        return jax.vmap(per)(x)
+        return jax.vmap(lambda b: _ntk.jacrev_per_output(_ntk._per_example(f))(sub, b))(x)
 
     def other_kernels(j1, j2):
         out = {}
@@ -190,8 +189,8 @@ def _jacobian_tile(adapted: Adapted, modules, output_fn, kernel: str, trace: boo
     f = output_function(adapted, output_fn)
 
     def jac(batch, trainable):
-        per = lambda b: _ntk.jacrev_per_output(lambda t: f(t, jax.tree.map(lambda x: x[None], b))[0])(trainable)
-        return traverse_util.flatten_dict(jax.vmap(per)(batch))  # leaf: (B, O, *shape)
+        per = jax.vmap(lambda b: _ntk.jacrev_per_output(_ntk._per_example(f))(trainable, b))
+        return traverse_util.flatten_dict(per(batch))  # leaf: (B, O, *shape)
 
     def tile(x1, x2, trainable, frozen):
         del frozen  # closed over by f through adapted; identical by construction
