@@ -5,6 +5,9 @@ models → adapters → linearize / ntk / module_ntk → spectrum / select / sol
 """
 __version__ = "0.1.0"
 
+# is the backend computing what jaxlin relies on?
+from .backend import BackendCheck, BackendError, check_backend, require_healthy_backend
+
 # models and what is fine-tuned
 from .models import CheckpointError, Model, load_pretrained
 from .adapters import Adapted, LoRA, adapt, add_lora, load_peft, save_peft
@@ -28,6 +31,7 @@ from .probe import linearity_probe, probe_adapted
 
 __all__ = [
     "__version__",
+    "BackendCheck", "BackendError", "check_backend", "require_healthy_backend",
     "CheckpointError", "Model", "load_pretrained",
     "Adapted", "LoRA", "adapt", "add_lora", "load_peft", "save_peft",
     "AssetNotFoundError", "DataError", "TextDataset", "batches", "calibration_subset", "encode", "load_dataset",

@@ -87,6 +87,7 @@ def main(argv=None) -> int:
         parser().print_help()
         return 0
     from .assets import AssetNotFoundError
+    from .backend import BackendError
     from .data import DataError
     from .models.checkpoint import CheckpointError
 
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         print(f"results: {out / 'results.json'}" + (f"\nreport:  {out / 'report.html'}"
                                                     if (out / "report.html").exists() else ""))
         return 0
-    except (ConfigError, DataError, CheckpointError, AssetNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, AssetNotFoundError, BackendError) as e:
         print(f"jaxlin: error: {e}", file=sys.stderr)
         return 2
 

@@ -79,10 +79,12 @@ def environment() -> dict:
     import optax
 
     from . import __version__
+    from .backend import check_backend
 
     return {"jaxlin": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "devices": [str(d) for d in jax.devices()], "x64": bool(jax.config.jax_enable_x64)}
+            "devices": [str(d) for d in jax.devices()], "x64": bool(jax.config.jax_enable_x64),
+            "backend_check": check_backend().to_dict()}
 
 
 def setup(config: RunConfig, out: Path) -> Context:
@@ -334,6 +336,9 @@ def run(config: RunConfig, out: Path | None = None, *, resume: bool = False) -> 
     import jax
 
     jax.config.update("jax_enable_x64", True)  # float64 Gram accumulation and eigensolves
+    from .backend import require_healthy_backend
+
+    require_healthy_backend()  # before anything is computed or written: a miscompiling jaxlib stops the run here
     out = Path(out) if out is not None else default_out_dir(config, resume)
     (out / "stages").mkdir(parents=True, exist_ok=True)
     timings = {}

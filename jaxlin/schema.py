@@ -181,8 +181,11 @@ CORRELATION_RESULT = record({"pearson": number, "spearman": number, "pearson_ci"
 CORRELATION = record({"runs": list_of(RUN), "results": dict_of(dict_of(CORRELATION_RESULT))})
 METHOD = record({"modules": STRINGS}, {"scores": NUMBERS, "final_train_loss": number, "eval_accuracy": number})
 SELECTION = record({"budget": integer, "methods": dict_of(METHOD)})
+CANARY = record({"relative_error": number, "tolerance": number, "passed": boolean})
+BACKEND_CHECK = record({"passed": boolean, "status": string, "jax": string, "jaxlib": string, "backend": string,
+                        "device_kind": string, "canaries": dict_of(CANARY), "message": string})
 ENVIRONMENT = record({**{k: string for k in ("jaxlin", "jax", "jaxlib", "flax", "optax", "python", "platform")},
-                      "devices": STRINGS, "x64": boolean})
+                      "devices": STRINGS, "x64": boolean}, {"backend_check": BACKEND_CHECK})
 DATA = record({"dataset": string, "num_train": integer, "num_eval": integer, "num_calibration": integer,
                "label_names": STRINGS})
 MODEL = record({"source": string, "family": string, "num_layers": integer, "modules": STRINGS,
@@ -288,7 +291,11 @@ def example_results() -> dict:
         "schema": SCHEMA_VERSION, "jaxlin_version": "0.1.0",
         "config": {"preset": "example", "model": "synthetic", "seeds": [0, 1], "ridge": 1e-2},
         "environment": {"jaxlin": "0.1.0", "jax": "0.0", "jaxlib": "0.0", "flax": "0.0", "optax": "0.0",
-                        "python": "3.12", "platform": "cpu", "devices": ["TFRT_CPU_0"], "x64": True},
+                        "python": "3.12", "platform": "cpu", "devices": ["TFRT_CPU_0"], "x64": True,
+                        "backend_check": {"passed": True, "status": "ok", "jax": "0.0", "jaxlib": "0.0",
+                                          "backend": "cpu", "device_kind": "cpu", "message": "example",
+                                          "canaries": {"broadcast_reduce/float32": {
+                                              "relative_error": 1.7e-7, "tolerance": 1e-4, "passed": True}}}},
         "timings": {"load": 1.5, "ntk": 12.25, "sweep": 40.0, "probe": 3.0},
         "variants": {"kernel": "jjt", "calibration_selection": "first", "ridge_scale": "trace",
                      "regularizer": "prox", "anchor": "init", "loss": "mse", "head": "frozen", "padding": "bucketed"},
