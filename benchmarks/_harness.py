@@ -1,4 +1,4 @@
-"""Timing, memory, FLOP and reporting helpers shared by the benchmarks (DESIGN.md conventions).
+"""Timing, memory, FLOP and reporting helpers shared by the benchmarks (the project's benchmark conventions, below).
 
 Conventions every benchmark follows:
 - compile time is measured apart: ``compile_apart(f, *args)`` times ``jax.jit(f).lower(*args)`` and

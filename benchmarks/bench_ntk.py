@@ -2,7 +2,7 @@
 
 Methods (all give the full (N, N, O, O) kernel, O = 2 logits, summed over the LoRA modules):
 
-- ``published``: what the paper's code does (PAPER.md §5.2): per example, a reverse-mode Jacobian of the
+- ``published``: what the paper's code does (docs/paper.md §5.2): per example, a reverse-mode Jacobian of the
   logits w.r.t. ALL parameters of the adapted model (trainable LoRA factors AND the whole frozen base, the
   full Jacobian materialised as the jitted function's output), then only the LoRA entries are kept and
   contracted. One example at a time (the paper's chunk of 1). Counted once per example (the published code

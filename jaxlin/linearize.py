@@ -1,4 +1,4 @@
-"""The first-order Taylor model of any `f(params, *inputs)` at `params0` (PAPER.md §4.1).
+"""The first-order Taylor model of any `f(params, *inputs)` at `params0` (docs/paper.md §4.1).
 
     f_lin(θ; x) = f(θ0; x) + J(x) (θ − θ0),   J(x) = ∂f(θ0; x)/∂θ
 

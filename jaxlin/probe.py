@@ -1,4 +1,4 @@
-"""The linearity probe: how fast the Jacobian moves away from θ0 (PAPER.md §4.4, Algorithm 1; §5.4 item 6).
+"""The linearity probe: how fast the Jacobian moves away from θ0 (docs/paper.md §4.4, Algorithm 1; §5.4 item 6).
 
 The paper's Algorithm 1 ("Computation of L_avg and L_upper vs. r") is known only by its opening: for each
 radius r draw n_T models θ = θ0 + r·v, v ~ N(0, I) normalised, compute a per-model estimate L_max(θ), and
@@ -20,7 +20,7 @@ Lipschitz constant L of J in assumption A1, ‖J(θ) − J(θ0)‖_op ≤ L‖θ
    In float32 it loses digits to cancellation at small r (f(θ) and f_lin agree to ~r²).
 3. "ntk" (NTK-entry change, `ntk_entries=True`). With the traced kernel K_θ(x, x') = Σ_o ∂f_o(x)·∂f_o(x'),
        L_K(θ) = max_{(x, x')} |K_θ(x, x') − K_θ0(x, x')| / r
-   over all N² calibration pairs of the batch (the second completion PAPER.md §4.4 offers). K needs the
+   over all N² calibration pairs of the batch (the second completion docs/paper.md §4.4 offers). K needs the
    per-example Jacobians (N, O, P) (`jaxlin.ntk.empirical_ntk_fn`, "jacobian_contraction": per-example
    `jax.jacrev`), so it is for small trainable sets (LoRA); the probe estimates the bytes first and raises
    above `ntk_max_bytes`. Assumes f treats examples independently (no cross-example coupling).
@@ -30,7 +30,7 @@ n_T directions; L_max (K × n_T) keeps every per-model value. The same direction
 every radius (common random numbers: the curves vs r are paired, not re-sampled). Seeds:
 `key_dirs, key_tans = jax.random.split(jax.random.key(seed))`, then `random_unit_directions(key, params0, n)`.
 
-LoRA at init (PAPER.md §5.3): with B0 = 0, ∂f/∂A ≡ 0 at θ0, so J(θ0) has zero A-columns. A random v moves
+LoRA at init (docs/paper.md §5.3): with B0 = 0, ∂f/∂A ≡ 0 at θ0, so J(θ0) has zero A-columns. A random v moves
 both A and B; the fold s·A·B is bilinear, so ∂f/∂A becomes s·(r·v_B)-sized and J changes linearly in r from
 the first step. L_J(r) therefore tends to a nonzero constant (the second derivative along v, including the
 LoRA cross term) as r → 0, and the estimate is meaningful at every radius.

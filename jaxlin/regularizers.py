@@ -1,4 +1,4 @@
-"""Pulls toward the pretrained weights as optax GradientTransformations (PAPER.md §3).
+"""Pulls toward the pretrained weights as optax GradientTransformations (docs/paper.md §3).
 
 R1 `prox_l2`       always-on (λ/2)‖θ − a‖²: the regulariser under which linearized fine-tuning is KRR.
 R2 `selective_prox` Eq. 8: add λ(θ − θ0) only when ∇R̃ᵀ(θ − θ0) ≥ 0 (keeps the loss monotone; for linear least
@@ -168,7 +168,7 @@ class AdamSPDState(NamedTuple):
 
 def adamspd(learning_rate: ScalarOrSchedule, weight_decay: float, *, b1: float = 0.9, b2: float = 0.999,
             eps: float = 1e-8, anchor: Anchor = "zero") -> optax.GradientTransformation:
-    """R3, AdamSPD (Selective Projection Decay), as described in PAPER.md §3.3. A full optimiser.
+    """R3, AdamSPD (Selective Projection Decay), as described in docs/paper.md §3.3. A full optimiser.
 
     Per step t (count from 1), per tensor θ with raw gradient g and anchor a:
         m ← b1 m + (1−b1) g,  v ← b2 v + (1−b2) g²,  θ̂ = θ − η_t · (m/(1−b1ᵗ)) / (√(v/(1−b2ᵗ)) + eps)

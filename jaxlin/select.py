@@ -1,4 +1,4 @@
-"""Layer configurations, spectral perturbation facts and greedy spectral layer selection (PAPER.md §6).
+"""Layer configurations, spectral perturbation facts and greedy spectral layer selection (docs/paper.md §6).
 
 A module kernel dict `module_grams` maps module name (e.g. "layer3.attention.query") → K_m, (n, n) or
 (N, N, O, O) (read as in `spectrum.as_matrix`); dict order is the module order and breaks every tie.
@@ -122,7 +122,7 @@ def _le(x, y, rtol):
 
 
 def perturbation_report(gram_S, gram_l, ridge=None, resid0=None, *, sigma=0.0, rtol=1e-9):
-    """What adding a PSD K_l to K_S does (PAPER.md §6.2), checked on the numbers.
+    """What adding a PSD K_l to K_S does (docs/paper.md §6.2), checked on the numbers.
 
     Weyl, per eigenvalue (descending): μ_i(K_S) + μ_min(K_l) ≤ μ_i(K_S+K_l) ≤ μ_i(K_S) + μ_max(K_l), checked
     to rtol·(|μ_max(K_S)| + |μ_max(K_l)|). Mediant, with one absolute σ:
@@ -170,7 +170,7 @@ def perturbation_report(gram_S, gram_l, ridge=None, resid0=None, *, sigma=0.0, r
 
 
 def theorem7_counterexample():
-    """The third-party counterexample to Theorem 7 / Eq. 21 (PAPER.md §4.4), in exact arithmetic.
+    """The third-party counterexample to Theorem 7 / Eq. 21 (docs/paper.md §4.4), in exact arithmetic.
 
     1×1 kernels K = 1, added S = 3, ridge σ = 1, target Y = 1 (with the critique's c = 1, η = 3, a = 0.25).
     Ridge residual σ/(K+σ)·Y = 1/2 before, σ/(K+S+σ)·Y = 1/5 after: ratio 2/5 = 0.4. Eq. 21's form is not
@@ -205,7 +205,7 @@ def _budget_check(budget, budget_unit, names, param_counts):
 
 def greedy_select(module_grams, budget, *, score="kappa", sigma=0.0, sigma_scale="absolute", ridge=None,
                   resid0=None, param_counts=None, budget_unit="modules"):
-    """Greedy spectral layer selection (PAPER.md §6.3 reconstruction).
+    """Greedy spectral layer selection (docs/paper.md §6.3 reconstruction).
 
     S = ∅; while the budget allows, add the affordable module l ∉ S optimising the score of K = K_S + K_l:
       "kappa": min κ_σ(K) = (μ_max+σ)/(μ_min+σ);  "mu_min": max μ_min(K) + σ;
@@ -249,7 +249,7 @@ def greedy_select(module_grams, budget, *, score="kappa", sigma=0.0, sigma_scale
 
 
 def baseline_selections(module_names, budget, *, seed, module_grams=None, sigma=0.0, sigma_scale="absolute"):
-    """Baseline module sets of `budget` modules (PAPER.md §6.3): name → tuple of modules.
+    """Baseline module sets of `budget` modules (docs/paper.md §6.3): name → tuple of modules.
 
     "all": every module; "top_layers": the first `budget` modules when taking layers from the last down
     (module order within a layer); "random": `budget` modules drawn without replacement by

@@ -1,4 +1,4 @@
-"""Spectral statistics of NTK Gram matrices (PAPER.md §5.1, §5.2).
+"""Spectral statistics of NTK Gram matrices (docs/paper.md §5.1, §5.2).
 
 Dense statistics use one float64 eigendecomposition in numpy (kernels here are small: N·O ≈ 64); the
 matrix-free estimates (`lanczos_extreme_eigenvalues`, `hutchinson_trace`) take an NTK-vector product and
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 SIGMA_SCALES = ("absolute", "trace")
-PAPER_ABSOLUTE_SIGMA = 1e-4  # the paper's reported fixed σ (PAPER.md §5.1)
-PAPER_TRACE_SIGMAS = (0.0, 1e-6, 1e-4, 1e-2)  # × trace(K)/n, the scale-fair grid of PAPER.md §5.1
+PAPER_ABSOLUTE_SIGMA = 1e-4  # the paper's reported fixed σ (docs/paper.md §5.1)
+PAPER_TRACE_SIGMAS = (0.0, 1e-6, 1e-4, 1e-2)  # × trace(K)/n, the scale-fair grid of docs/paper.md §5.1
 
 
 def as_matrix(gram):
@@ -115,7 +115,7 @@ def spectrum_stats(gram, sigma=0.0, *, sigma_scale="absolute"):
 
 
 def sign_kernel_stats(gram_sign, sigma=0.0, *, sigma_scale="absolute"):
-    """Statistics of the asymmetric sign kernel K_s = J·sign(J)ᵀ (PAPER.md §5.2), from its singular values.
+    """Statistics of the asymmetric sign kernel K_s = J·sign(J)ᵀ (docs/paper.md §5.2), from its singular values.
 
     K_s is not symmetric (its eigenvalues can be complex), so with s_1 ≥ … ≥ s_n its singular values:
       condition_number = (s_max + σ)/(s_min + σ), stable_rank = Σ s/s_max, effective_rank = exp(H(s/Σ s)),

@@ -1,4 +1,4 @@
-"""Correlations between spectral predictors and fine-tuning outcomes (PAPER.md §5.1), numpy only.
+"""Correlations between spectral predictors and fine-tuning outcomes (docs/paper.md §5.1), numpy only.
 
 The paper's claim is that κ at init predicts final train loss and accuracy across runs; with a handful of
 runs the interval matters as much as the point value, so every coefficient comes with a bootstrap CI.

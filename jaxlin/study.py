@@ -1,11 +1,11 @@
-"""The κ–performance study: do spectral statistics of the LoRA eNTK at init predict fine-tuning? (PAPER.md §5, §6.3, §9)
+"""The κ–performance study: do spectral statistics of the LoRA eNTK at init predict fine-tuning? (docs/paper.md §5, §6.3, §9)
 
 For every layer configuration S and LoRA seed, `run_study` computes statistics of K_S = Σ_{m∈S} K_m on the
 calibration examples before any training, fine-tunes LoRA on S for a fixed budget, and correlates the two; then
 it trains greedy spectral selections and baselines of `selection_budget` modules on the same setup.
 
 No recompilation across configurations and seeds. Per seed, LoRA sits on ALL candidate modules (B0 = 0, so an
-inactive module leaves the function unchanged, PAPER.md §5.4 item 1) and a configuration is a 0/1 gate per module,
+inactive module leaves the function unchanged, docs/paper.md §5.4 item 1) and a configuration is a 0/1 gate per module,
 `gate_M`, an array leaf of the model's `jax.tree_util.Partial` (`gated_apply`): module m's (a, b) enter the model
 as g_m·x + (1 − g_m)·stop_gradient(x), the same value, with zero gradient where g_m = 0, so under Adam (no weight
 decay, no pull) an inactive module stays bit-exactly at init. One Adapted (of the first seed; the others only
@@ -15,7 +15,7 @@ without that.) Per seed one `module_ntks` pass gives the full (N, N, O, O) float
 (float32 tiles unless jax_enable_x64); a smaller calibration set that is a prefix of the larger one (modes
 "first", "random") takes its leading block.
 
-Statistics (`kernel_statistics`; the paper's exact choice is unknown, PAPER.md §0, so each is reported), on the
+Statistics (`kernel_statistics`; the paper's exact choice is unknown, docs/paper.md §0, so each is reported), on the
 (N·O × N·O) example-major matrix of the full kernel, μ its eigenvalues ("ntk") or singular values ("sign"):
   kappa μ_max/μ_min; kappa_sigma_abs (μ_max+σ)/(μ_min+σ), σ = sigma_absolute; kappa_sigma_trace the same with
   σ = sigma_trace·Σμ/(N·O); mu_min; mu_max; trace Σμ; effective_rank exp(H(μ/Σμ)); stable_rank Σμ/μ_max;

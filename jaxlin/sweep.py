@@ -1,5 +1,5 @@
 """The λ sweep: how far regularised fine-tuning moves, and how close it stays to its linearization
-(PAPER.md §4.4, §7.1).
+(docs/paper.md §4.4, §7.1).
 
 For each λ, `lambda_sweep` trains the nonlinear model f and the linearized model f̄ = f(θ0) + J(θ − θ0) from the
 same θ0 on the same batches with the same optimiser, and records distances in parameter space (θ_T vs θ0, θ_T vs

@@ -32,7 +32,7 @@ def _run(opt, loss, params, steps, record=None):
 
 
 def test_selective_reaches_min_norm_interpolant_always_on_reaches_krr():
-    """PAPER.md §3.2: on linear least squares Eq. 8 essentially never fires → J⁺r0; always-on R1 → KRR."""
+    """docs/paper.md §3.2: on linear least squares Eq. 8 essentially never fires → J⁺r0; always-on R1 → KRR."""
     n, p, lam = 11, 37, 1.0
     rng = np.random.default_rng(0)
     jac = rng.normal(size=(n, p)) / np.sqrt(p)
@@ -145,7 +145,7 @@ def test_selective_prox_fires_only_when_test_is_nonnegative(b_dot):
 
 
 def _np_adamspd(params, anchor, grad_fn, lrs, wd, b1, b2, eps):
-    """Hand-written AdamSPD (PAPER.md §3.3), learning rate lrs[t-1] at step t; logs (cond, raw ratio) per leaf."""
+    """Hand-written AdamSPD (docs/paper.md §3.3), learning rate lrs[t-1] at step t; logs (cond, raw ratio) per leaf."""
     params = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
     m = {k: np.zeros_like(v) for k, v in params.items()}
     v2 = {k: np.zeros_like(v) for k, v in params.items()}

@@ -87,7 +87,7 @@ def test_weyl_and_mediant_hold(sigma):
 
 
 def test_mediant_with_sigma_counts_sigma_once():
-    """max(κ_σ(K_S), κ_σ(K_l)) is not a bound; max(κ_σ(K_S), κ(K_l)) is (PAPER.md §6.2 wording)."""
+    """max(κ_σ(K_S), κ_σ(K_l)) is not a bound; max(κ_σ(K_S), κ(K_l)) is (docs/paper.md §6.2 wording)."""
     rep = perturbation_report(np.diag([1.0, 0.0]), np.diag([1.0, 0.0]), sigma=1.0)
     assert rep["kappa_S"] == 2.0 and rep["kappa_l_sigma"] == 2.0 and rep["kappa_sum"] == 3.0
     assert math.isinf(rep["mediant_max_bound"]) and rep["mediant_holds"] and rep["kappa_rose"]
@@ -104,7 +104,7 @@ def test_three_by_three_trials_monotone_objective_not_residual():
         assert rep["weyl_holds"] and rep["mediant_holds"]
         kappa_rose += rep["kappa_rose"]
         resid_rose += rep["residual_norm_increased"]
-    # both are real (PAPER.md §6.2 reports ~28% and ~8%); only their existence is asserted
+    # both are real (docs/paper.md §6.2 reports ~28% and ~8%); only their existence is asserted
     assert 0 < kappa_rose < trials and 0 < resid_rose < trials
 
 

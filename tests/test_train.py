@@ -138,7 +138,7 @@ def test_large_lambda_stays_at_init_and_lambda_zero_moves(adapted):
 
 
 def test_linearized_prox_gd_converges_to_ntk_kernel_ridge(adapted):
-    """Squared loss, always-on prox, full-batch GD on the linearized model → the KRR closed form (PAPER.md §4.2).
+    """Squared loss, always-on prox, full-batch GD on the linearized model → the KRR closed form (docs/paper.md §4.2).
 
     fit minimises (1/n)Σ_i ½‖f̄(x_i) − y_i‖² + (λ/2)‖δ‖². Times n this is the summed objective of §4.2 with
     ridge n·λ, so f̄* = f0 + K(K + nλI)⁻¹(Y − f0), K = J Jᵀ over the n·C logits (example-major). GD on δ has
