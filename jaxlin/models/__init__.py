@@ -196,5 +196,5 @@ def _hf_shape(shape, node, attr):
     return tuple(shape)
 
 
-__all__ = ["Model", "ModuleInfo", "CheckpointError", "check_inputs", "Tokenizer", "load_pretrained", "build_model", "from_nnx",
-           "families", "family_for", "TASKS"]
+__all__ = ["Model", "ModuleInfo", "CheckpointError", "check_inputs", "Tokenizer", "load_pretrained", "build_model",
+           "from_nnx", "families", "family_for", "TASKS"]
