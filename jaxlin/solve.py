@@ -245,6 +245,7 @@ def kernel_predict(gram_eval_train, dual, f0_eval=None) -> Array:
     g, a = jnp.asarray(gram_eval_train), jnp.asarray(dual)
     dt = jnp.result_type(g.dtype, a.dtype)
     g, a = g.astype(dt), a.astype(dt)
+    _finite_code(g, "gram_eval_train")  # refuses a concrete cross kernel with NaN/inf (traced: unchecked)
     if g.ndim == 4:
         m, n, o1, o2 = g.shape
         if o1 != o2 or a.size != n * o2:
@@ -260,6 +261,7 @@ def kernel_predict(gram_eval_train, dual, f0_eval=None) -> Array:
                          "(M, N) or (M, N, O, O) with N matching the dual's leading axis.")
     if f0_eval is not None:
         f0 = jnp.asarray(f0_eval)
+        _finite_code(f0, "f0_eval")
         if f0.shape != out.shape:
             raise ValueError(f"f0_eval has shape {f0.shape} but the predictions have shape {out.shape}.")
         out = out + f0

@@ -146,6 +146,8 @@ REFUSALS = [
      ValueError, "gram is not symmetric: ‖K − Kᵀ‖_F/‖K‖_F = "),
     ("asymmetric K names the fixes", lambda t: solve.flow_dynamics(np.triu(_gram()[0]), _gram()[1], 0.1, np.ones(2)),
      ValueError, "pass (K + K.T)/2 explicitly; an asymmetric kernel (e.g. the sign kernel J·s(J)ᵀ) has no"),
+    ("NaN cross kernel", lambda t: solve.kernel_predict(_nan_at(np.ones((4, 6))), np.ones(6)),
+     ValueError, "gram_eval_train has 1 non-finite"),
     ("NaN ridge", lambda t: solve.kernel_ridge(*_gram(), np.nan), ValueError, "ridge=nan must be finite and ≥ 0"),
     ("no ridge for traced NaN",
      lambda t: jax.jit(solve.kernel_ridge)(_gram()[0], _nan_at(_gram()[1]), 0.1).suggested_ridge,
