@@ -27,10 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from .config import ConfigError
 from .models.base import Model
 
 LORA_INITS = ("peft", "gaussian")
 HEAD_PREFIXES = ("classifier", "score", "lm_head")
+# transformers class the adapter is for -> peft task_type (SEQ_CLS only with a saved head); module names follow
+# the class (see save_peft)
+PEFT_MODEL_CLASSES = {"AutoModel": "FEATURE_EXTRACTION", "AutoModelForSequenceClassification": "SEQ_CLS",
+                      "AutoModelForCausalLM": "CAUSAL_LM"}
+_TASK_MODEL_CLASS = {"encoder": "AutoModel", "classification": "AutoModelForSequenceClassification",
+                     "causal_lm": "AutoModelForCausalLM"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +45,9 @@ class LoRA:
     """LoRA on the dense modules matching ``targets`` in ``layers`` (None = all layers).
 
     ``targets``: projection names (``"query"``, ``"q_proj"``, ``"c_attn"``), dotted suffixes
-    (``"attention.output.dense"``), full names or globs (``"layer*.mlp.*"``). ``alpha``/``rank`` is the scale.
+    (``"attention.output.dense"``), full names or globs (``"layer*.mlp.*"``); a lone string is one target, a
+    lone int one layer. ``alpha``/``rank`` is the scale; ``rank`` is at most each target's min(d_in, d_out).
+    Bad targets, layers or ranks raise ``jaxlin.config.ConfigError`` naming the valid ones.
     ``init``: "peft" (A ~ U(±1/√d_in), peft's kaiming-uniform default; B = 0) or "gaussian" (A ~ N(0, 1/R),
     B = 0). The A of a module depends only on ``seed`` and that module, not on which others are adapted.
     """
@@ -50,6 +59,12 @@ class LoRA:
     init: str = "peft"
     seed: int = 0
     use_rslora: bool = False  # scale alpha/√R instead of alpha/R
+
+    def __post_init__(self):
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        layers = (self.layers,) if isinstance(self.layers, (int, np.integer)) else self.layers
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "layers", None if layers is None else tuple(layers))
 
     @property
     def scale(self) -> float:
@@ -85,6 +100,7 @@ class Adapted:
         return traverse_util.unflatten_dict(flat)
 
     def apply(self, trainable, frozen, input_ids, attention_mask, **kwargs):
+        """The model's apply (which checks concrete inputs, `jaxlin.models.check_inputs`) at merged params."""
         return self.model.apply(self.merge(trainable, frozen), input_ids, attention_mask, **kwargs)
 
     def tapped_apply(self, trainable, frozen, probes, input_ids, attention_mask, *, capture=()):
@@ -127,6 +143,7 @@ def adapt(model: Model, *, lora: LoRA | None = None, layers: Iterable[int] | Non
     if lora is not None:
         _check_lora(lora)
         targets = _match(model, lora.targets, lora.layers)
+        _check_rank(lora.rank, targets)
         lora_modules = tuple(m.name for m in targets)
         key = jax.random.key(lora.seed)
         index = {m.name: i for i, m in enumerate(model.modules)}
@@ -144,8 +161,7 @@ def adapt(model: Model, *, lora: LoRA | None = None, layers: Iterable[int] | Non
 def add_lora(model: Model, *, targets=("query", "key", "value"), layers=None, rank: int = 8, alpha: float = 8,
              init: str = "peft", seed: int = 0, head: bool = False, biases: bool = False) -> Adapted:
     """LoRA (rank, scale alpha/rank) on ``targets`` of ``layers``; optionally also train the head/biases."""
-    return adapt(model, lora=LoRA(tuple(targets), None if layers is None else tuple(layers), rank, alpha, init,
-                                  seed), head=head, biases=biases)
+    return adapt(model, lora=LoRA(targets, layers, rank, alpha, init, seed), head=head, biases=biases)
 
 
 def _init_lora(key, d_in, d_out, lora: LoRA, dtype) -> dict:
@@ -158,34 +174,46 @@ def _init_lora(key, d_in, d_out, lora: LoRA, dtype) -> dict:
 
 
 def _check_lora(lora: LoRA):
-    if not isinstance(lora.rank, (int, np.integer)) or lora.rank < 1:
-        raise ValueError(f"LoRA rank={lora.rank!r} must be a positive integer, e.g. 8")
+    if isinstance(lora.rank, bool) or not isinstance(lora.rank, (int, np.integer)) or lora.rank < 1:
+        raise ConfigError(f"LoRA rank={lora.rank!r} must be a positive integer, e.g. 8 (--rank, rank=)")
     if lora.init not in LORA_INITS:
-        raise ValueError(f"LoRA init={lora.init!r} is not one of {LORA_INITS}")
-    if isinstance(lora.targets, str):
-        raise ValueError(f"LoRA targets={lora.targets!r} must be a sequence of names, e.g. ({lora.targets!r},)")
+        raise ConfigError(f"LoRA init={lora.init!r} is not one of {LORA_INITS} (--lora-init, init=)")
+
+
+def _check_rank(rank: int, targets) -> None:
+    """A rank above min(d_in, d_out) adds no capacity, only redundant factors: refuse it naming the widths."""
+    narrow = [m for m in targets if rank > min(m.d_in, m.d_out)]
+    if narrow:
+        m, limit = narrow[0], min(min(t.d_in, t.d_out) for t in targets)
+        raise ConfigError(f"LoRA rank={rank} exceeds the width of {m.name} (d_in={m.d_in}, d_out={m.d_out}) and of "
+                          f"{len(narrow) - 1} other target(s); pass --rank {limit} or less (rank=)")
 
 
 def _check_layers(model: Model, layers) -> set:
     wanted = {int(i) for i in layers}
     bad = sorted(i for i in wanted if not 0 <= i < model.num_layers)
     if bad:
-        raise ValueError(f"layers {bad} do not exist: this model has layers 0..{model.num_layers - 1}")
+        raise ConfigError(f"layers {bad} do not exist: this {model.family} model has layers 0..{model.num_layers - 1}"
+                          f"; pass --layers with indices in that range (layers=)")
     return wanted
 
 
 def _match(model: Model, patterns, layers):
     wanted = None if layers is None else _check_layers(model, layers)
+    projections = sorted({m.projection for m in model.modules})
+    if not patterns:
+        raise ConfigError(f"targets={tuple(patterns)} names no module; pass --targets (targets=) with names such as "
+                          f"{projections}")
     out = []
     for pattern in patterns:
         hits = [m for m in model.modules if _matches(m.name, pattern)]
         if not hits:
-            projections = sorted({m.projection for m in model.modules})
-            raise ValueError(f"target {pattern!r} matches no module of this {model.family} model; projections: "
-                             f"{projections}; names look like {model.module_names[0]!r}")
+            raise ConfigError(f"target {pattern!r} matches no module of this {model.family} model; projections: "
+                              f"{projections}; names look like {model.module_names[0]!r} (--targets, targets=)")
         out += [m for m in hits if m not in out and (wanted is None or m.layer in wanted)]
     if not out:
-        raise ValueError(f"targets {list(patterns)} select no module in layers {sorted(wanted)}")
+        raise ConfigError(f"targets {list(patterns)} select no module in layers {sorted(wanted)}; pick layers that "
+                          "hold them (--layers, layers=)")
     order = {m.name: i for i, m in enumerate(model.modules)}
     return sorted(out, key=lambda m: order[m.name])
 
@@ -218,13 +246,33 @@ def _path_key(p):
 
 # ---------------------------------------------------------------------------------------------- peft format
 
-def save_peft(adapted: Adapted, directory, trainable=None, *, base_model_name_or_path: str | None = None) -> Path:
+def _backbone_name(model: Model, hf_name: str) -> str:
+    """``hf_name`` as the bare backbone (``AutoModel``) names it: without the task model's prefix."""
+    from .models import family_for
+
+    prefix = next((p for p in family_for(model.config)["backbone_prefixes"] if hf_name.startswith(p)), "")
+    return hf_name[len(prefix):]
+
+
+def save_peft(adapted: Adapted, directory, trainable=None, *, base_model_name_or_path: str | None = None,
+              model_class: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in peft's format (LoRA, plus the head as
-    ``modules_to_save``), so PyTorch peft loads what jaxlin trained. Other selections have no peft form."""
+    ``modules_to_save``), so PyTorch peft loads what jaxlin trained. Other selections have no peft form.
+
+    ``model_class``: the transformers class the adapter will be loaded onto, one of `PEFT_MODEL_CLASSES`;
+    module names and peft's task_type follow it (``AutoModel``, the bare backbone, names modules
+    ``encoder.layer.0.attention.self.query``; the task classes ``bert.encoder.layer.0…``). Default by the
+    model's task: "encoder" → AutoModel, "classification" → AutoModelForSequenceClassification, "causal_lm" →
+    AutoModelForCausalLM."""
     from safetensors.numpy import save_file
 
     trainable = adapted.trainable if trainable is None else trainable
     model, lora = adapted.model, adapted.lora
+    model_class = _TASK_MODEL_CLASS[model.task] if model_class is None else model_class
+    if model_class not in PEFT_MODEL_CLASSES:
+        raise ValueError(f"model_class={model_class!r} is not one of {list(PEFT_MODEL_CLASSES)}")
+    bare = model_class == "AutoModel"
+    peft_name = (lambda hf: _backbone_name(model, hf)) if bare else (lambda hf: hf)
     heads = [m for m in model.modules if m.layer is None and m.name.startswith(HEAD_PREFIXES)]
     head_paths = {("params",) + m.path + (leaf,) for m in heads for leaf in ("kernel", "bias")}
     flat = traverse_util.flatten_dict({"params": trainable.get("params", {})})
@@ -234,9 +282,12 @@ def save_peft(adapted: Adapted, directory, trainable=None, *, base_model_name_or
                          f"peft form: {other[:4]}. Use jaxlin's own save (np.savez of the trainable tree) instead")
     if lora is None and not flat:
         raise ValueError("nothing to export: the adapted model has no LoRA modules and no trained head")
+    if bare and flat:
+        raise ValueError("model_class='AutoModel' is the bare backbone, which has no head for the trained head; "
+                         "use model_class='AutoModelForSequenceClassification'")
     tensors, targets = {}, []
     for name, ab in trainable.get("lora", {}).items():
-        hf = model.module(name).hf_name
+        hf = peft_name(model.module(name).hf_name)
         targets.append(hf)
         tensors[f"base_model.model.{hf}.lora_A.weight"] = np.ascontiguousarray(np.asarray(ab["a"], np.float32).T)
         tensors[f"base_model.model.{hf}.lora_B.weight"] = np.ascontiguousarray(np.asarray(ab["b"], np.float32).T)
@@ -249,7 +300,9 @@ def save_peft(adapted: Adapted, directory, trainable=None, *, base_model_name_or
         if ("params",) + m.path + ("bias",) in flat:
             tensors[f"base_model.model.{m.hf_name}.bias"] = np.asarray(flat[("params",) + m.path + ("bias",)],
                                                                         np.float32)
-    task_type = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}.get(model.task, "FEATURE_EXTRACTION")
+    # SEQ_CLS makes peft expect the head's weights (it adds the head to modules_to_save): only with a saved head
+    task_type = PEFT_MODEL_CLASSES[model_class] if model_class != "AutoModelForSequenceClassification" or \
+        saved_heads else None
     config = {
         "peft_type": "LORA", "task_type": task_type, "r": lora.rank if lora else 8,
         "lora_alpha": lora.alpha if lora else 8, "use_rslora": bool(lora and lora.use_rslora),
@@ -266,7 +319,8 @@ def save_peft(adapted: Adapted, directory, trainable=None, *, base_model_name_or
 
 
 def load_peft(model: Model, directory) -> Adapted:
-    """Read a peft LoRA adapter directory (as written by peft or ``save_peft``) onto ``model``."""
+    """Read a peft LoRA adapter directory (as written by peft or ``save_peft``, with the bare backbone's module
+    names or a task class's) onto ``model``."""
     from safetensors.numpy import load_file
 
     directory = Path(directory)
@@ -277,7 +331,7 @@ def load_peft(model: Model, directory) -> Adapted:
         raise ValueError(f"{directory} is not a peft adapter directory ({e.filename} is missing)") from None
     if config.get("peft_type") != "LORA":
         raise ValueError(f"peft_type={config.get('peft_type')!r} in {directory}; only LORA adapters are read")
-    by_hf = {m.hf_name: m for m in model.modules}
+    by_hf = {**{_backbone_name(model, m.hf_name): m for m in model.modules}, **{m.hf_name: m for m in model.modules}}
     names, a_b = [], {}
     for key, value in tensors.items():
         stem = key.removeprefix("base_model.model.")
@@ -304,4 +358,4 @@ def load_peft(model: Model, directory) -> Adapted:
     return dataclasses.replace(adapted, trainable=trainable)
 
 
-__all__ = ["LoRA", "Adapted", "adapt", "add_lora", "save_peft", "load_peft"]
+__all__ = ["LoRA", "Adapted", "adapt", "add_lora", "save_peft", "load_peft", "PEFT_MODEL_CLASSES"]

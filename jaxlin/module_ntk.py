@@ -37,6 +37,7 @@ from flax import traverse_util
 from . import gram as _gram
 from . import ntk as _ntk
 from .adapters import Adapted
+from .models.base import check_inputs
 
 SIGN_EPS = _ntk.SIGN_EPS
 IMPLEMENTATIONS = ("auto", "structured", "jacobian_contraction", "ntk_vector_products")
@@ -280,6 +281,8 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
     for b, name in ((batch1, "batch1"), (batch2, "batch2")):
         if b is not None and not {"input_ids", "attention_mask"} <= set(b):
             raise ValueError(f"{name} must be a mapping with 'input_ids' and 'attention_mask'; got keys {list(b)}")
+        if b is not None:
+            check_inputs(adapted.model, b["input_ids"], b["attention_mask"])
     modules = tuple(adapted.modules if modules is None else modules)
     unknown = [m for m in modules if m not in adapted.groups]
     if unknown:

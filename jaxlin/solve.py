@@ -14,6 +14,10 @@ Shapes. A kernel is `gram_NN` (n, n), or `gram_NNOO` (N, N, O, O), flattened exa
 Targets/residuals are (n,), (n, O) with a kernel shared by O outputs (independent columns), or (N, O)
 with N·O = n for a full per-output kernel. Results come back in the shape of the targets.
 All maths runs in float64 when x64 is enabled (float32 otherwise); float32 inputs are accepted.
+
+Inputs. Kernels and targets must be finite, and a kernel symmetric up to rounding (‖K − Kᵀ‖_F/‖K‖_F at most
+1e-6 for float64 input, 1e-4 for float32): concrete inputs that are not raise a ValueError naming the input;
+traced inputs (a caller's jit) cannot raise, so they come back with status "not_finite" or "not_symmetric".
 """
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ import numpy as np
 
 from jaxlin._types import Array
 
-STATUSES = ("ok", "not_psd", "not_converged", "unstable")
-_OK, _NOT_PSD, _NOT_CONVERGED, _UNSTABLE = range(4)
+# Ordered by precedence: a result's status is the largest code that applies (bad inputs outrank the rest).
+STATUSES = ("ok", "not_psd", "not_converged", "unstable", "not_symmetric", "not_finite")
+_OK, _NOT_PSD, _NOT_CONVERGED, _UNSTABLE, _NOT_SYMMETRIC, _NOT_FINITE = range(6)
 
 
 def _dt():
@@ -49,9 +54,44 @@ def _pytree_dataclass(data, meta=()):
     return wrap
 
 
-def _gram_matrix(gram, name="gram") -> Array:
-    """(n, n) or (N, N, O, O) → symmetrised (N·O, N·O) matrix in the compute dtype."""
+def _asymmetry_tol(dtype) -> float:
+    """Largest ‖K − Kᵀ‖_F/‖K‖_F accepted as rounding for a kernel given in `dtype`."""
+    return 1e-6 if jnp.dtype(dtype) == jnp.float64 else 1e-4
+
+
+def _finite_code(x: Array, name: str) -> Array:
+    """Refuse a concrete `x` with NaN/inf entries (ValueError naming `name` and the count); the status code
+    (_OK, or _NOT_FINITE for a traced `x`) to return instead."""
+    bad = jnp.sum(~jnp.isfinite(x))
+    if isinstance(x, jax.core.Tracer):
+        return jnp.where(bad > 0, _NOT_FINITE, _OK).astype(jnp.int32)
+    if int(bad):
+        raise ValueError(f"{name} has {int(bad)} non-finite (NaN or inf) entries of {x.size}; the solvers need "
+                         f"finite inputs: find where they come from (a NaN model output, a missing label) and "
+                         "fix or drop those examples.")
+    return jnp.asarray(_OK, jnp.int32)
+
+
+def _symmetric_code(gram_nn: Array, name: str, tol: float) -> Array:
+    """Refuse a concrete kernel with ‖K − Kᵀ‖_F/‖K‖_F > tol (ValueError with the value and the fix); the
+    status code (_OK, or _NOT_SYMMETRIC for a traced kernel) to return instead."""
+    norm = jnp.linalg.norm(gram_nn)
+    asym = jnp.where(norm > 0, jnp.linalg.norm(gram_nn - gram_nn.T) / jnp.where(norm > 0, norm, 1.0), 0.0)
+    if isinstance(gram_nn, jax.core.Tracer):
+        return jnp.where(asym > tol, _NOT_SYMMETRIC, _OK).astype(jnp.int32)
+    if float(asym) > tol:
+        raise ValueError(f"{name} is not symmetric: ‖K − Kᵀ‖_F/‖K‖_F = {float(asym):.3g} > {tol:g}. If the "
+                         "asymmetry is rounding you mean to remove, pass (K + K.T)/2 explicitly; an asymmetric "
+                         "kernel (e.g. the sign kernel J·s(J)ᵀ) has no kernel ridge regression: use "
+                         "jaxlin.spectrum.sign_kernel_stats for it.")
+    return jnp.asarray(_OK, jnp.int32)
+
+
+def _gram_matrix(gram, name="gram") -> tuple[Array, Array]:
+    """(n, n) or (N, N, O, O) → symmetrised (N·O, N·O) matrix in the compute dtype, and the input's status
+    code (a concrete kernel that is not finite and symmetric is refused here)."""
     gram = jnp.asarray(gram)
+    tol = _asymmetry_tol(gram.dtype)
     if gram.ndim == 4:
         n1, n2, o1, o2 = gram.shape
         if n1 != n2 or o1 != o2:
@@ -62,11 +102,14 @@ def _gram_matrix(gram, name="gram") -> Array:
         raise ValueError(f"{name} must be a square (n, n) or an (N, N, O, O) kernel; got shape {gram.shape}. "
                          "Pass K(X, X) on the training set (use kernel_predict for cross kernels).")
     gram = gram.astype(_dt())
-    return 0.5 * (gram + gram.T)
+    code = _finite_code(gram, name)
+    code = jnp.maximum(code, _symmetric_code(jnp.where(code == _OK, gram, 0.0), name, tol))
+    return 0.5 * (gram + gram.T), code
 
 
-def _rhs(y, n, name) -> tuple[Array, Callable[[Array], Array]]:
-    """targets → (n, k) matrix, and a function mapping (..., n, k) back to (..., *y.shape)."""
+def _rhs(y, n, name) -> tuple[Array, Callable[[Array], Array], Array]:
+    """targets → (n, k) matrix, a function mapping (..., n, k) back to (..., *y.shape), and the input's status
+    code (concrete targets with NaN/inf are refused here)."""
     y = jnp.asarray(y)
     shape = y.shape
     if y.ndim == 1 and shape[0] == n:
@@ -78,7 +121,8 @@ def _rhs(y, n, name) -> tuple[Array, Callable[[Array], Array]]:
     else:
         raise ValueError(f"{name} has shape {shape}, which does not fit a kernel of size n={n}: pass ({n},), "
                          f"({n}, O) for a kernel shared by O outputs, or (N, O) with N·O = {n}.")
-    return mat.astype(_dt()), lambda m: m.reshape(m.shape[:-2] + shape)
+    mat = mat.astype(_dt())
+    return mat, lambda m: m.reshape(m.shape[:-2] + shape), _finite_code(mat, name)
 
 
 def _ridge_abs(gram_nn, ridge, ridge_scale, name="ridge"):
@@ -87,17 +131,45 @@ def _ridge_abs(gram_nn, ridge, ridge_scale, name="ridge"):
         raise ValueError(f"ridge_scale={ridge_scale!r}; use 'absolute' (λ in units of K) or 'trace' "
                          "(λ · trace(K)/n).")
     value = _concrete(ridge)
-    if value is not None and not np.all(value >= 0):
-        raise ValueError(f"{name}={value} must be ≥ 0 (λ is the strength of (λ/2)‖θ−θ0‖²); use 0 for "
-                         "interpolation or a positive value.")
+    if value is not None and not np.all(np.isfinite(value) & (value >= 0)):
+        raise ValueError(f"{name}={value} must be finite and ≥ 0 (λ is the strength of (λ/2)‖θ−θ0‖²); use 0 "
+                         "for interpolation or a positive value.")
     mean_eig = jnp.trace(gram_nn) / gram_nn.shape[0]
     unit = mean_eig if ridge_scale == "trace" else jnp.ones((), gram_nn.dtype)
     return jnp.asarray(ridge, gram_nn.dtype) * unit, unit, mean_eig
 
 
-def _suggest(min_eig, mean_eig):
-    """An absolute ridge that makes K + λI safely positive definite."""
-    return max(2.0 * max(-float(min_eig), 0.0), 1e-8 * abs(float(mean_eig)), np.finfo(float).tiny)
+def _is_zero_kernel(min_eig, mean_eig) -> bool:
+    """K = 0: no negative eigenvalue and a zero trace."""
+    return float(mean_eig) == 0.0 and not float(min_eig) < 0.0
+
+
+def _suggest(min_eig, mean_eig, ridge_scale: str) -> tuple[float, str]:
+    """(ridge, ridge_scale) that makes K + λI safely positive definite, to pass back as they are: 2|μ_min| or a
+    small multiple of the mean eigenvalue (never a denormal); "absolute" where trace units cannot express it
+    (a zero or negative trace); ridge 1 absolute for a zero kernel (any positive ridge solves it)."""
+    min_eig, mean_eig = float(min_eig), float(mean_eig)
+    if _is_zero_kernel(min_eig, mean_eig):
+        return 1.0, "absolute"
+    floor = max(1e-8, 100 * float(jnp.finfo(_dt()).eps))  # relative to the mean eigenvalue
+    absolute = max(2.0 * max(-min_eig, 0.0), floor * abs(mean_eig))
+    if ridge_scale == "trace" and mean_eig > 0:
+        return absolute / mean_eig, "trace"
+    return absolute, "absolute"
+
+
+_ZERO_KERNEL = ("the kernel K is zero: nothing to regress on (K(x, X) α = 0, so the predictions stay f0 for "
+                "every ridge); check that the trainable parameters reach the outputs.")
+
+
+def _input_message(status: str) -> str:
+    """The message of a status set by traced inputs that could not be refused."""
+    if status == "not_finite":
+        return ("not_finite: the kernel, the targets or the matvec's output hold NaN or inf (inputs were traced, "
+                "so they could not be refused); find where they come from and pass finite values.")
+    return ("not_symmetric: ‖K − Kᵀ‖_F/‖K‖_F is above the rounding tolerance (inputs were traced, so they could "
+            "not be refused); pass (K + K.T)/2 if that is intended, or use jaxlin.spectrum.sign_kernel_stats "
+            "for an asymmetric kernel.")
 
 
 @_pytree_dataclass(["value", "ridge", "ridge_unit", "min_eig", "mean_eig", "status_code"], ["ridge_scale"])
@@ -118,26 +190,41 @@ class KRRSolution:
 
     @property
     def suggested_ridge(self) -> float:
-        """A ridge in the caller's units (ridge_scale) that makes K + λI positive definite."""
+        """A ridge that makes K + λI positive definite, in the units of `suggested_ridge_scale`: pass both back."""
         if self.status == "ok":
             return float(self.ridge / self.ridge_unit)
-        return _suggest(self.min_eig, self.mean_eig) / float(self.ridge_unit)
+        return self._suggestion()[0]
+
+    @property
+    def suggested_ridge_scale(self) -> str:
+        """The ridge_scale `suggested_ridge` is in (the one used, unless it cannot express the suggestion)."""
+        return self.ridge_scale if self.status == "ok" else self._suggestion()[1]
+
+    def _suggestion(self) -> tuple[float, str]:
+        if self.status != "not_psd":
+            raise ValueError(f"no ridge helps: {self.message}")
+        return _suggest(self.min_eig, self.mean_eig, self.ridge_scale)
 
     @property
     def message(self) -> str:
         if self.status == "ok":
             return f"ok: solved (K + λI)α = Y by Cholesky at λ = {float(self.ridge):.4g} (absolute)."
+        if self.status != "not_psd":
+            return _input_message(self.status)
+        ridge, scale = self._suggestion()
+        if _is_zero_kernel(self.min_eig, self.mean_eig):
+            return (f"not_psd: {_ZERO_KERNEL} K + λI is singular at λ = {float(self.ridge):.4g} (absolute); "
+                    f"ridge={ridge:g} with ridge_scale={scale!r} solves it.")
         return (f"not_psd: K + λI is not positive definite at λ = {float(self.ridge):.4g} (absolute); the "
                 f"smallest eigenvalue of K is {float(self.min_eig):.4g}, so λ must exceed "
-                f"{max(-float(self.min_eig), 0.0):.4g}. Try ridge={self.suggested_ridge:.4g} "
-                f"(ridge_scale={self.ridge_scale!r}), or check K is a symmetric PSD Gram J Jᵀ (float32 "
-                "accumulation can give small negative eigenvalues).")
+                f"{max(-float(self.min_eig), 0.0):.4g}. Try ridge={ridge:.4g} (ridge_scale={scale!r}), or check "
+                "K is a symmetric PSD Gram J Jᵀ (float32 accumulation can give small negative eigenvalues).")
 
 
 def kernel_ridge(gram, targets, ridge, *, ridge_scale: str = "absolute") -> KRRSolution:
     """Dual coefficients α = (K + λI)⁻¹ Y by Cholesky. Check `.status` ("ok"/"not_psd") and `.message`."""
-    gram_nn = _gram_matrix(gram)
-    y_nk, unflatten = _rhs(targets, gram_nn.shape[0], "targets")
+    gram_nn, gram_code = _gram_matrix(gram)
+    y_nk, unflatten, y_code = _rhs(targets, gram_nn.shape[0], "targets")
     lam, unit, mean_eig = _ridge_abs(gram_nn, ridge, ridge_scale)
     if lam.ndim != 0:
         raise ValueError(f"ridge must be a scalar; got shape {lam.shape}. Use ridge_path for a grid of ridges.")
@@ -145,8 +232,8 @@ def kernel_ridge(gram, targets, ridge, *, ridge_scale: str = "absolute") -> KRRS
     ok = jnp.all(jnp.isfinite(chol))
     alpha = jax.scipy.linalg.cho_solve((chol, True), y_nk)
     min_eig = jax.lax.cond(ok, lambda g: jnp.full((), jnp.nan, g.dtype), lambda g: jnp.linalg.eigvalsh(g)[0], gram_nn)
-    return KRRSolution(unflatten(alpha), lam, unit, min_eig, mean_eig,
-                       jnp.where(ok, _OK, _NOT_PSD).astype(jnp.int32), ridge_scale)
+    code = jnp.maximum(jnp.maximum(gram_code, y_code), jnp.where(ok, _OK, _NOT_PSD))
+    return KRRSolution(unflatten(alpha), lam, unit, min_eig, mean_eig, code.astype(jnp.int32), ridge_scale)
 
 
 def kernel_predict(gram_eval_train, dual, f0_eval=None) -> Array:
@@ -158,6 +245,7 @@ def kernel_predict(gram_eval_train, dual, f0_eval=None) -> Array:
     g, a = jnp.asarray(gram_eval_train), jnp.asarray(dual)
     dt = jnp.result_type(g.dtype, a.dtype)
     g, a = g.astype(dt), a.astype(dt)
+    _finite_code(g, "gram_eval_train")  # refuses a concrete cross kernel with NaN/inf (traced: unchecked)
     if g.ndim == 4:
         m, n, o1, o2 = g.shape
         if o1 != o2 or a.size != n * o2:
@@ -173,6 +261,7 @@ def kernel_predict(gram_eval_train, dual, f0_eval=None) -> Array:
                          "(M, N) or (M, N, O, O) with N matching the dual's leading axis.")
     if f0_eval is not None:
         f0 = jnp.asarray(f0_eval)
+        _finite_code(f0, "f0_eval")
         if f0.shape != out.shape:
             raise ValueError(f"f0_eval has shape {f0.shape} but the predictions have shape {out.shape}.")
         out = out + f0
@@ -207,23 +296,29 @@ class RidgePath:
 
     @property
     def status(self) -> str:
-        return "ok" if bool(np.all(np.asarray(self.status_code) == _OK)) else "not_psd"
+        return STATUSES[int(np.max(np.asarray(self.status_code)))]
 
     @property
     def message(self) -> str:
         bad = np.flatnonzero(np.asarray(self.status_code) != _OK)
         if bad.size == 0:
             return f"ok: {len(self.ridges)} ridges solved from one eigh."
-        mu_min = float(np.min(self.eigvals))
-        return (f"not_psd: K + λI is singular or indefinite for ridges {np.asarray(self.ridges)[bad]} (absolute); "
-                f"the smallest eigenvalue of K is {mu_min:.4g}, so use absolute ridges above {max(-mu_min, 0.0):.4g}"
-                f" (e.g. {_suggest(mu_min, np.mean(self.eigvals)):.4g}); those entries are inf/nan.")
+        if self.status != "not_psd":
+            return _input_message(self.status)
+        mu_min, mu_mean = float(np.min(self.eigvals)), float(np.mean(self.eigvals))
+        ridge, scale = _suggest(mu_min, mu_mean, self.ridge_scale)
+        where = f"K + λI is singular or indefinite for ridges {np.asarray(self.ridges)[bad]} (absolute)"
+        if _is_zero_kernel(mu_min, mu_mean):
+            return f"not_psd: {_ZERO_KERNEL} {where}; ridge={ridge:g} with ridge_scale={scale!r} solves it."
+        return (f"not_psd: {where}; the smallest eigenvalue of K is {mu_min:.4g}, so use absolute ridges above "
+                f"{max(-mu_min, 0.0):.4g} (e.g. ridge={ridge:.4g} with ridge_scale={scale!r}); those entries are "
+                "inf/nan.")
 
 
 def ridge_path(gram, resid0, ridges, *, ridge_scale: str = "absolute") -> RidgePath:
     """KRR for every ridge of a 1-D grid from ONE `eigh` of K. resid0 = Y − f0(X); see RidgePath."""
-    gram_nn = _gram_matrix(gram)
-    r_nk, unflatten = _rhs(resid0, gram_nn.shape[0], "resid0")
+    gram_nn, gram_code = _gram_matrix(gram)
+    r_nk, unflatten, r_code = _rhs(resid0, gram_nn.shape[0], "resid0")
     lam, _, _ = _ridge_abs(gram_nn, ridges, ridge_scale, "ridges")
     if lam.ndim != 1:
         raise ValueError(f"ridges must be a 1-D grid; got shape {lam.shape}. Use kernel_ridge for one ridge.")
@@ -237,7 +332,8 @@ def ridge_path(gram, resid0, ridges, *, ridge_scale: str = "absolute") -> RidgeP
     dsq = jnp.sum(mu * c2 * inv * inv, axis=1)
     return RidgePath(lam, mu, unflatten(dual), unflatten(change), unflatten(lam[:, None, None] * dual),
                      0.5 * lam * jnp.sum(c2 * inv, axis=1), dsq, jnp.sqrt(jnp.maximum(dsq, 0.0)),
-                     jnp.where(jnp.min(shifted, axis=1) > 0, _OK, _NOT_PSD).astype(jnp.int32), ridge_scale)
+                     jnp.maximum(jnp.maximum(gram_code, r_code), jnp.where(jnp.min(shifted, axis=1) > 0, _OK, _NOT_PSD)
+                                 ).astype(jnp.int32), ridge_scale)
 
 
 def ridge_path_predict(gram_eval_train, path: RidgePath, f0_eval=None) -> Array:
@@ -267,6 +363,8 @@ class CGSolution:
         it, res, tol = int(self.iterations), float(self.residual), float(self.tol)
         if self.status == "ok":
             return f"ok: CG converged in {it} iterations, relative residual {res:.3g} ≤ tol {tol:.3g}."
+        if self.status == "not_finite":
+            return _input_message(self.status)
         if self.status == "not_psd":
             return (f"not_psd: CG broke down after {it} iterations (pᵀ(K+λI)p ≤ 0): the matvec is not symmetric "
                     f"positive definite at λ = {float(self.ridge):.4g}; increase the ridge or check the matvec.")
@@ -299,6 +397,9 @@ def conjugate_gradient(matvec: Callable[[Array], Array], rhs, ridge, *, tol=1e-6
     lam, tol = jnp.asarray(ridge, dt), jnp.asarray(tol, dt)
     if x0 is not None and jnp.shape(x0) != b.shape:
         raise ValueError(f"x0 has shape {jnp.shape(x0)} but rhs has shape {b.shape}.")
+    input_code = _finite_code(b, "rhs")
+    if x0 is not None:
+        input_code = jnp.maximum(input_code, _finite_code(jnp.asarray(x0).astype(dt), "x0"))
 
     def op(v):
         return jnp.asarray(matvec(v)).astype(dt) + lam * v
@@ -328,7 +429,8 @@ def conjugate_gradient(matvec: Callable[[Array], Array], rhs, ridge, *, tol=1e-6
     rs0 = dot(r, r)
     x, r, _, rs, k, broke = jax.lax.while_loop(cond, body, (x, r, r, rs0, jnp.zeros((), jnp.int32), jnp.array(False)))
     res = jnp.sqrt(dot(b - op(x), b - op(x))) / scale
-    code = jnp.where(broke, _NOT_PSD, jnp.where(res <= tol, _OK, _NOT_CONVERGED)).astype(jnp.int32)
+    code = jnp.where(broke, _NOT_PSD, jnp.where(res <= tol, _OK, _NOT_CONVERGED))
+    code = jnp.where(jnp.isfinite(res), jnp.maximum(input_code, code), _NOT_FINITE).astype(jnp.int32)
     return CGSolution(x, lam, k, res, jnp.sqrt(rs) / scale, tol, code, int(n_iters))
 
 
@@ -359,6 +461,8 @@ class Dynamics:
     @property
     def message(self) -> str:
         bound = float(self.max_stable_learning_rate)
+        if self.status in ("not_finite", "not_symmetric"):
+            return _input_message(self.status)
         if self.status == "ok":
             return f"ok: {self.kind} dynamics; stable for learning rates below 2/(μ_max+λ) = {bound:.4g}."
         return (f"unstable: learning_rate {float(self.learning_rate):.4g} is not in (0, 2/(μ_max+λ)) = (0, {bound:.4g})"
@@ -366,16 +470,16 @@ class Dynamics:
 
 
 def _modes(gram, resid0, ridge, ridge_scale):
-    gram_nn = _gram_matrix(gram)
-    r_nk, unflatten = _rhs(resid0, gram_nn.shape[0], "resid0")
+    gram_nn, gram_code = _gram_matrix(gram)
+    r_nk, unflatten, r_code = _rhs(resid0, gram_nn.shape[0], "resid0")
     lam, _, _ = _ridge_abs(gram_nn, ridge, ridge_scale)
     if lam.ndim != 0:
         raise ValueError(f"ridge must be a scalar; got shape {lam.shape}.")
     mu, u = jnp.linalg.eigh(gram_nn)
-    return mu, u, u.T @ r_nk, r_nk, lam, unflatten
+    return mu, u, u.T @ r_nk, r_nk, lam, unflatten, jnp.maximum(gram_code, r_code)
 
 
-def _trajectory(mu, u, c, r_nk, lam, unflatten, fitted, times, eta, kind):
+def _trajectory(mu, u, c, r_nk, lam, unflatten, input_code, fitted, times, eta, kind):
     """fitted (T, n): the fraction 1 − decay of mode i reached at each time."""
     shifted = mu + lam
     safe = jnp.where(shifted == 0, 1.0, shifted)
@@ -391,7 +495,8 @@ def _trajectory(mu, u, c, r_nk, lam, unflatten, fitted, times, eta, kind):
     if kind == "gd":
         unstable = unstable | ~((eta > 0) & (eta < bound))
     return Dynamics(times, unflatten(change), unflatten(resid), loss, dsq, loss + 0.5 * lam * dsq, lam,
-                    jnp.asarray(eta, mu.dtype), bound, jnp.where(unstable, _UNSTABLE, _OK).astype(jnp.int32), kind)
+                    jnp.asarray(eta, mu.dtype), bound,
+                    jnp.maximum(input_code, jnp.where(unstable, _UNSTABLE, _OK)).astype(jnp.int32), kind)
 
 
 def _times(t, name, integer):
@@ -412,7 +517,7 @@ def gd_dynamics(gram, resid0, ridge, learning_rate, steps, *, ridge_scale: str =
 
     status "unstable" unless 0 < η < 2/(μ_max+λ).
     """
-    mu, u, c, r_nk, lam, unflatten = _modes(gram, resid0, ridge, ridge_scale)
+    mu, u, c, r_nk, lam, unflatten, input_code = _modes(gram, resid0, ridge, ridge_scale)
     steps = _times(steps, "steps", integer=True)
     eta = jnp.asarray(learning_rate, mu.dtype)
     step = eta * (mu + lam)[None, :]
@@ -422,7 +527,7 @@ def gd_dynamics(gram, resid0, ridge, learning_rate, steps, *, ridge_scale: str =
     fit_pos = -jnp.expm1(t * jnp.log1p(-jnp.where(pos, step, 0.0)))   # 1 − ρ^t, accurate for small ηa
     sign = jnp.where((steps[:, None] % 2 == 1) & ~pos, -1.0, 1.0)
     fitted = jnp.where(pos, fit_pos, 1.0 - sign * jnp.abs(rho) ** t)
-    return _trajectory(mu, u, c, r_nk, lam, unflatten, fitted, steps, eta, "gd")
+    return _trajectory(mu, u, c, r_nk, lam, unflatten, input_code, fitted, steps, eta, "gd")
 
 
 def flow_dynamics(gram, resid0, ridge, times, *, ridge_scale: str = "absolute") -> Dynamics:
@@ -430,15 +535,15 @@ def flow_dynamics(gram, resid0, ridge, times, *, ridge_scale: str = "absolute") 
 
     `times` are in units of η·steps (GD with learning rate η for t/η steps approaches the flow at time t).
     """
-    mu, u, c, r_nk, lam, unflatten = _modes(gram, resid0, ridge, ridge_scale)
+    mu, u, c, r_nk, lam, unflatten, input_code = _modes(gram, resid0, ridge, ridge_scale)
     times = _times(times, "times", integer=False).astype(mu.dtype)
     fitted = -jnp.expm1(-times[:, None] * (mu + lam)[None, :])
-    return _trajectory(mu, u, c, r_nk, lam, unflatten, fitted, times, jnp.nan, "flow")
+    return _trajectory(mu, u, c, r_nk, lam, unflatten, input_code, fitted, times, jnp.nan, "flow")
 
 
 def stable_learning_rate(gram, ridge, *, ridge_scale: str = "absolute") -> Array:
     """The bound 2/(μ_max + λ): GD on δ converges iff 0 < η < it (1/(μ_max+λ) is the usual safe choice)."""
-    gram_nn = _gram_matrix(gram)
+    gram_nn, _ = _gram_matrix(gram)  # traced bad input: a NaN or meaningless bound, no status to carry it
     lam, _, _ = _ridge_abs(gram_nn, ridge, ridge_scale)
     return 2.0 / (jnp.linalg.eigvalsh(gram_nn)[-1] + lam)
 

@@ -31,6 +31,7 @@ import optax
 from jax.tree_util import Partial
 
 from .linearize import linearize
+from .models.base import check_inputs
 from .regularizers import SelectiveProxState, adamspd, prox_l2, selective_prox
 
 SCHEDULES = ("linear", "constant")
@@ -275,8 +276,10 @@ def evaluate(apply_fn: Callable, trainable, batches: Iterable[dict], *, loss: st
     """Mean loss and accuracy over the real examples of `batches`, and their logits (N, C) and labels (N,)
     as numpy, in example order (by the batches' "index", else in order of appearance)."""
     loss_fn = make_loss_fn(apply_fn, loss)
+    config = _model_config(apply_fn)
     logits, per, labels, index, seen = [], [], [], [], 0
     for batch in batches:
+        _check_batch(config, batch, host_only=True)
         batch = _step_batch(batch)
         _, aux = _forward(loss_fn, trainable, batch)
         keep = np.asarray(batch["example_mask"]) > 0
@@ -319,11 +322,18 @@ def fit(apply_fn: Callable, trainable0, train_batches_fn: Callable[[int], Iterab
     epoch 0 is read once up front to count the steps per epoch for the schedule. eval_batches_fn() -> eval
     batches, evaluated after each epoch (`config.eval_every_epoch`) and at the end. callback(step, metrics)
     gets each step's metrics as floats (this syncs with the device every step).
+
+    The token ids of a jaxlin model's batches (`model_functions`, `Adapted.apply`) are checked on the host
+    (`jaxlin.models.check_inputs`, a DataError naming the bad id or length): all of epoch 0 before the first
+    step, later epochs' batches when they are numpy arrays.
     """
     start = time.perf_counter()
     first_epoch = list(train_batches_fn(0))
     if not first_epoch:
         raise ValueError("train_batches_fn(0) yielded no batches; check the training set and batch_size")
+    config_of_model = _model_config(apply_fn)
+    for batch in first_epoch:
+        _check_batch(config_of_model, batch, host_only=False)
     total = config.total_steps(len(first_epoch))
     optimizer = make_optimizer(config, total)
     step = make_train_step(make_loss_fn(apply_fn, config.loss), optimizer)
@@ -343,6 +353,8 @@ def fit(apply_fn: Callable, trainable0, train_batches_fn: Callable[[int], Iterab
     while done < total:
         before = done
         for batch in first_epoch if epoch == 0 else train_batches_fn(epoch):
+            if epoch > 0:
+                _check_batch(config_of_model, batch, host_only=True)
             trainable, opt_state, metrics = run_step(step, trainable, opt_state, _step_batch(batch))
             losses.append(metrics["loss"])
             fired.append(metrics.get("fired"))
@@ -364,6 +376,23 @@ def fit(apply_fn: Callable, trainable0, train_batches_fn: Callable[[int], Iterab
     info = {"fired": [float(f) for f in jax.device_get(fired)]} if fired and fired[0] is not None else {}
     return TrainResult(trainable, [float(v) for v in jax.device_get(losses)], history, info,
                        time.perf_counter() - start, done, config)
+
+
+def _model_config(apply_fn: Callable):
+    """The transformers config of the jaxlin model behind `apply_fn` (`model_functions`' Partials or a bound
+    `Adapted.apply`), or None for other callables, whose inputs are then not checked."""
+    fn = apply_fn.func if isinstance(apply_fn, Partial) else apply_fn
+    fn = getattr(fn, "apply", fn)  # _Nonlinear / _Linearized
+    return getattr(getattr(getattr(fn, "__self__", None), "model", None), "config", None)
+
+
+def _check_batch(config, batch, *, host_only: bool) -> None:
+    """`check_inputs` on a batch before the jitted step sees it (inside, the ids are tracers). `host_only`
+    skips ids already on a device, so later epochs add no device sync per step; the first epoch is checked
+    whole before training starts."""
+    if config is None or (host_only and isinstance(batch["input_ids"], jax.Array)):
+        return
+    check_inputs(config, batch["input_ids"], batch["attention_mask"])
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -47,9 +47,9 @@ def test_lora_init_conventions_and_seeding(clf):
     # A of a module does not depend on which other modules are adapted
     one = add_lora(clf, targets=("key",), layers=(1,), rank=4, seed=3)
     np.testing.assert_array_equal(a, one.trainable["lora"]["layer1.attention.key"]["a"])
-    g = adapt(clf, lora=LoRA(("key",), rank=64, init="gaussian", seed=0))
+    g = adapt(clf, lora=LoRA(("key",), rank=36, init="gaussian", seed=0))  # the largest rank: the width
     a = np.concatenate([np.asarray(v["a"]).ravel() for v in g.trainable["lora"].values()])
-    assert abs(a.std() - 1 / 8) < 0.01
+    assert abs(a.std() - 1 / 6) < 0.01
     assert add_lora(clf, seed=4).trainable["lora"]["layer0.attention.query"]["a"][0, 0] != \
         ad.trainable["lora"]["layer0.attention.query"]["a"][0, 0]
 
@@ -169,3 +169,38 @@ def test_peft_loads_a_llama_adapter_jaxlin_trained(tmp_path):
     got = np.asarray(ad.apply(trained, ad.frozen, batch["input_ids"], batch["attention_mask"]))
     mask = batch["attention_mask"].astype(bool)
     assert np.abs(got[mask] - want[mask]).max() / np.abs(want[mask]).max() < 1e-5
+
+
+@pytest.mark.torch
+def test_peft_names_modules_for_the_model_class(tmp_path):
+    """An encoder-task adapter loads onto AutoModel (bare names, encoder.layer.0…) by default, and onto
+    AutoModelForSequenceClassification (bert.encoder.layer.0…) when asked; jaxlin reads both back."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.BertModel(testing.tiny_config("bert")).eval().save_pretrained(tmp_path / "base")
+    model = M.load_pretrained(tmp_path / "base", task="encoder")
+    ad = add_lora(model, targets=("query", "value"), layers=(0, 2), rank=4, alpha=8, seed=2)
+    key = iter(jax.random.split(jax.random.key(4), 100))
+    trained = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(next(key), x.shape, x.dtype),
+                                     ad.trainable)
+    batch = testing.random_batch(model, batch=3, length=9)
+    got = np.asarray(ad.apply(trained, ad.frozen, batch["input_ids"], batch["attention_mask"]))
+    ids, mask = (torch.tensor(batch[k]).long() for k in ("input_ids", "attention_mask"))
+    for model_class, auto in (("AutoModel", transformers.AutoModel),
+                              ("AutoModelForSequenceClassification", transformers.AutoModelForSequenceClassification)):
+        out = save_peft(ad, tmp_path / model_class, trained, model_class=None if auto is transformers.AutoModel
+                        else model_class)
+        pt = peft.PeftModel.from_pretrained(auto.from_pretrained(tmp_path / "base"), out).eval()
+        backbone = pt.base_model.model if auto is transformers.AutoModel else pt.base_model.model.bert
+        with torch.no_grad():
+            want = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+        real = batch["attention_mask"].astype(bool)
+        assert np.abs(got[real] - want[real]).max() / np.abs(want[real]).max() < 1e-5, model_class
+        back = load_peft(model, out)
+        np.testing.assert_allclose(np.asarray(back.apply(back.trainable, back.frozen, batch["input_ids"],
+                                                         batch["attention_mask"])), got, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="model_class='AutoModelForSeqClassification' is not one of"):
+        save_peft(ad, tmp_path / "x", model_class="AutoModelForSeqClassification")

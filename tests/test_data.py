@@ -111,8 +111,10 @@ def test_error_label_not_in_set(tmp_path):
     path = _write(tmp_path, "i.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 5}\n')
     with pytest.raises(DataError, match=r"line 2: integer label 5 is not a class index in \[0, 2\)"):
         load_dataset(path, label_names=["neg", "pos"])
-    with pytest.raises(DataError, match=r"line 1: label 0.5 is neither"):
+    with pytest.raises(DataError, match=r"line 1: label 0.5 .* looks like a regression target"):
         load_dataset(_write(tmp_path, "f.jsonl", '{"text": "a", "label": 0.5}\n'))
+    with pytest.raises(DataError, match=r"line 1: label \[1\] is neither a string nor a number"):
+        load_dataset(_write(tmp_path, "l.jsonl", '{"text": "a", "label": [1]}\n'))
 
 
 def test_empty_text_error_or_skip(tmp_path):
@@ -122,6 +124,27 @@ def test_empty_text_error_or_skip(tmp_path):
     with pytest.warns(UserWarning, match="skipped 2 rows"):
         ds = load_dataset(path, skip_empty=True)
     assert ds.texts == ("a", "b") and ds.label_names == ("x",)
+
+
+@pytest.mark.parametrize("name, content, line", [
+    ("d.csv", "text,label\na,1\nb,\nc,0\nd,nan\ne,1\n", 3),
+    ("d.tsv", "text\tlabel\na\t1\nb\tNULL\nc\t0\nd\tNone\ne\t1\n", 3),
+    ("d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": null}\n{"text": "c", "label": 0}\n'
+                '{"text": "d", "label": NaN}\n{"text": "e", "label": 1}\n', 2),
+])
+def test_missing_labels_drop_exactly_those_rows(tmp_path, name, content, line):
+    path = _write(tmp_path, name, content)
+    with pytest.raises(DataError, match=rf"line {line}: missing label .*--missing-labels drop"):
+        load_dataset(path)
+    with pytest.warns(UserWarning, match="dropped 2 rows with a missing label"):
+        ds = load_dataset(path, missing_labels="drop")
+    assert ds.texts == ("a", "c", "e") and ds.labels.tolist() == [1, 0, 1] and ds.label_names == ("0", "1")
+
+
+def test_whole_float_labels_are_class_indices(tmp_path):
+    rows = "".join(f"t{i},{i % 3}.0\n" for i in range(30))
+    ds = load_dataset(_write(tmp_path, "d.csv", "text,label\n" + rows))
+    assert ds.labels.tolist() == [i % 3 for i in range(30)] and ds.label_names == ("0", "1", "2")
 
 
 def test_malformed_rows(tmp_path):

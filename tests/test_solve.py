@@ -209,3 +209,44 @@ def test_prox_gd_converges_to_krr():
     np.testing.assert_allclose(delta, jac.T @ alpha, rtol=1e-8, atol=1e-10)
     late = solve.gd_dynamics(gram, r0, lam, eta, 2000)
     np.testing.assert_allclose(late.change[0], gram @ alpha, rtol=1e-8, atol=1e-10)
+
+
+def test_suggested_ridges_are_valid_inputs():
+    """Every suggestion passed back as given (value and ridge_scale) solves: an indefinite K in trace units, and
+    a zero K, for which trace units cannot express any ridge (no denormal suggestion)."""
+    rng = np.random.default_rng(8)
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    indefinite = q @ np.diag([3.0, 1.0, 0.5, 0.2, -2.0]) @ q.T
+    for gram in (indefinite, np.zeros((5, 5))):
+        sol = solve.kernel_ridge(gram, np.ones(5), 0.0, ridge_scale="trace")
+        assert sol.status == "not_psd" and sol.suggested_ridge >= 1e-8
+        again = solve.kernel_ridge(gram, np.ones(5), sol.suggested_ridge, ridge_scale=sol.suggested_ridge_scale)
+        assert again.status == "ok" and np.all(np.isfinite(again.value))
+    assert "kernel K is zero" in sol.message and "ridge_scale='absolute'" in sol.message
+    path = solve.ridge_path(np.zeros((5, 5)), np.ones(5), np.array([0.0, 1.0]), ridge_scale="trace")
+    assert path.status == "not_psd" and "kernel K is zero" in path.message
+
+
+def test_traced_bad_inputs_come_back_as_statuses():
+    """Under a caller's jit the input checks cannot raise: NaN/inf give "not_finite", asymmetry "not_symmetric"."""
+    _, gram, y = _problem(9)
+    nan_y = np.where(np.arange(N) == 3, np.nan, y)
+    skew = gram + 0.1 * np.triu(gram, 1)
+    krr = jax.jit(solve.kernel_ridge)
+    assert krr(gram, y, 0.1).status == "ok"
+    assert krr(gram, nan_y, 0.1).status == "not_finite" and "NaN" in krr(gram, nan_y, 0.1).message
+    assert krr(skew, y, 0.1).status == "not_symmetric"
+    assert jax.jit(solve.ridge_path)(gram, nan_y, jnp.array([0.1, 1.0])).status == "not_finite"
+    assert jax.jit(solve.gd_dynamics)(skew, y, 0.1, 0.01, jnp.arange(3)).status == "not_symmetric"
+    cg = jax.jit(lambda b: solve.conjugate_gradient(lambda v: gram @ v, b, 0.1))
+    assert cg(y).status == "ok" and cg(nan_y).status == "not_finite"
+
+
+def test_rounding_asymmetry_is_accepted_per_dtype():
+    _, gram, y = _problem(10)
+    noise = 1e-7 * np.triu(gram, 1)  # relative asymmetry ~5e-8: below both tolerances
+    assert solve.kernel_ridge(gram + noise, y, 0.1).status == "ok"
+    noise32 = (3e-5 * np.triu(gram, 1)).astype(np.float32)  # relative ~1e-5: refused as float64, not float32
+    assert solve.kernel_ridge(gram.astype(np.float32) + noise32, y, 0.1).status == "ok"
+    with pytest.raises(ValueError, match=r"not symmetric: .* > 1e-06"):
+        solve.kernel_ridge(gram + noise32.astype(np.float64), y, 0.1)

@@ -1,8 +1,8 @@
 """Model families as Flax NNX modules, and ``load_pretrained`` which turns a checkpoint into a pure function.
 
 Families register themselves with a ``FAMILY`` dict: the HF ``model_type`` values they build, a ``build``
-function, the tasks they support, backbone prefixes a bare checkpoint may lack, and tensors other tasks leave
-behind that are safe to ignore.
+function, the tasks they support, backbone prefixes a bare checkpoint may lack, tensors other tasks leave
+behind that are safe to ignore and, for learned positions, ``max_length(config)`` (see ``check_inputs``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from . import checkpoint
-from .base import Model, ModuleInfo, make_apply, module_infos
+from .base import Model, ModuleInfo, check_inputs, make_apply, module_infos
 from .checkpoint import CheckpointError
 from .tokenizer import Tokenizer
 
@@ -68,7 +68,7 @@ def from_nnx(module: nnx.Module, *, config, family: str, task: str, tokenizer=No
              new_tensors=()) -> Model:
     """Split an NNX model once into a pure ``apply`` and a plain params dict."""
     graphdef, state = nnx.split(module)
-    return Model(apply=make_apply(graphdef), params=nnx.to_pure_dict(state), config=config, tokenizer=tokenizer,
+    return Model(apply=make_apply(graphdef, config), params=nnx.to_pure_dict(state), config=config, tokenizer=tokenizer,
                  family=family, task=task, modules=module_infos(module), graphdef=graphdef, source=source,
                  new_tensors=tuple(new_tensors))
 
@@ -120,7 +120,7 @@ def load_pretrained(source, *, task: str, num_labels: int | None = None, seed: i
             params[path] = concrete[path]
     graphdef = nnx.graphdef(abstract)
     tok = Tokenizer(hf_tokenizer) if hf_tokenizer is not None else None
-    return Model(apply=make_apply(graphdef), params=traverse_util.unflatten_dict(params), config=config,
+    return Model(apply=make_apply(graphdef, config), params=traverse_util.unflatten_dict(params), config=config,
                  tokenizer=tok, family=fam["name"], task=task, modules=module_infos(abstract), graphdef=graphdef,
                  source=str(source), new_tensors=tuple(sorted(missing)))
 
@@ -196,5 +196,5 @@ def _hf_shape(shape, node, attr):
     return tuple(shape)
 
 
-__all__ = ["Model", "ModuleInfo", "CheckpointError", "Tokenizer", "load_pretrained", "build_model", "from_nnx",
-           "families", "family_for", "TASKS"]
+__all__ = ["Model", "ModuleInfo", "CheckpointError", "check_inputs", "Tokenizer", "load_pretrained", "build_model",
+           "from_nnx", "families", "family_for", "TASKS"]

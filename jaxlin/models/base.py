@@ -6,7 +6,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from ..data import DataError
 
 from .layers import tapping
 
@@ -67,11 +70,49 @@ class Model:
         return out, dict(state.inputs)
 
 
-def make_apply(graphdef) -> Callable:
+def make_apply(graphdef, config) -> Callable:
     def apply(params, input_ids, attention_mask, **kwargs):
+        check_inputs(config, input_ids, attention_mask)
         return nnx.merge(graphdef, params)(jnp.asarray(input_ids), jnp.asarray(attention_mask), **kwargs)
 
     return apply
+
+
+def max_input_length(config) -> int | None:
+    """The longest sequence the family's learned position embeddings cover; None for rotary families."""
+    from . import family_for
+
+    limit = family_for(config).get("max_length")
+    return None if limit is None else int(limit(config))
+
+
+def check_inputs(model_or_config, input_ids, attention_mask) -> None:
+    """Refuse inputs a model would turn into NaN or wrong rows without an error, with a DataError naming the
+    value and the fix: ids and mask not both (B, L); a length L past the learned positions (BERT, RoBERTa,
+    GPT-2; the shape is static, so this holds under jit too); token ids outside [0, vocab_size) (an id past
+    the table gives a NaN row, a negative id indexes from its end). The ids are read on the host once, only
+    when concrete: a tracer passes untouched, so jitted callers check their concrete inputs before the jit."""
+    config = getattr(model_or_config, "config", model_or_config)
+    ids_shape, mask_shape = np.shape(input_ids), np.shape(attention_mask)
+    if len(ids_shape) != 2 or ids_shape != mask_shape:
+        raise DataError(f"input_ids {ids_shape} and attention_mask {mask_shape} must both be (batch, length); "
+                        "pad the batch with jaxlin.data.pad_batch")
+    limit = max_input_length(config)
+    if limit is not None and ids_shape[1] > limit:
+        fit = limit // 8 * 8 or limit  # batches pad their length up to a multiple of 8
+        raise DataError(f"sequence length {ids_shape[1]} exceeds the {limit} positions this {config.model_type} "
+                        f"model has learned embeddings for; truncate: pass --max-length {fit} (max_length= in "
+                        "Python) or less")
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.dtype.kind not in "iu":
+        raise DataError(f"input_ids have dtype {ids.dtype}; token ids must be integers (tokenize the texts)")
+    if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+        row, col = np.argwhere((ids < 0) | (ids >= config.vocab_size))[0]
+        raise DataError(f"input_ids[{row}, {col}] = {ids[row, col]} is outside this model's vocabulary "
+                        f"[0, {config.vocab_size}); tokenize with the model's own tokenizer (an id past the "
+                        "table gives NaN, a negative one a wrong row)")
 
 
 def module_infos(model: nnx.Module) -> tuple[ModuleInfo, ...]:

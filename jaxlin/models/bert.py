@@ -111,5 +111,7 @@ FAMILY = dict(
     tasks=("encoder", "classification"),
     # checkpoint prefixes a bare backbone may have been saved without, and tensors other tasks leave behind
     backbone_prefixes=("bert.", "roberta."),
+    # learned positions: BERT 0 … L-1; RoBERTa pad_token_id+1 … pad_token_id+L (see BertEncoder.positions)
+    max_length=lambda c: c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type in ROBERTA_TYPES else 0),
     ignorable=(r"(^|\.)position_ids$", r"(^|\.)pooler\.", r"^cls\.", r"^lm_head\.", r"^classifier\."),
 )

@@ -123,7 +123,7 @@ class SafetensorsReader(Mapping):
     """Lazy ``name -> np.ndarray`` over one or several (sharded) safetensors files."""
 
     def __init__(self, directory: Path):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         index = directory / "model.safetensors.index.json"
         if index.exists():
@@ -131,21 +131,35 @@ class SafetensorsReader(Mapping):
             files = sorted(set(weight_map.values()))
         else:
             files = ["model.safetensors"]
-        self._handles, self._where = {}, {}
+        self._handles, self._where, self._directory = {}, {}, directory
         for name in files:
             file = directory / name
             if not file.exists():
                 raise CheckpointError(f"shard {file} named in {index.name} is missing")
-            handle = safe_open(str(file), framework="flax")  # numpy cannot hold bfloat16
+            try:
+                handle = safe_open(str(file), framework="flax")  # numpy cannot hold bfloat16
+            except SafetensorError as e:
+                raise _broken(file, e) from None
             self._handles[name] = handle
             for key in handle.keys():
                 self._where[key] = name
 
     def __getitem__(self, key: str) -> np.ndarray:
-        return np.asarray(self._handles[self._where[key]].get_tensor(key))
+        from safetensors import SafetensorError
+
+        try:
+            return np.asarray(self._handles[self._where[key]].get_tensor(key))
+        except SafetensorError as e:
+            raise _broken(self._directory / self._where[key], e) from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
     def __len__(self) -> int:
         return len(self._where)
+
+
+def _broken(file: Path, error: Exception) -> CheckpointError:
+    size = file.stat().st_size
+    return CheckpointError(f"{file} ({size:,} bytes) is truncated or corrupt ({error}); download it again (or "
+                           "re-convert it), and check the disk is not full")

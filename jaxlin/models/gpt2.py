@@ -60,7 +60,7 @@ class GPT2Decoder(nnx.Module):
         self.wpe = Embed(c.n_positions, d, hf_name="transformer.wpe", rngs=rngs, init_std=std, dtype=dtype)
         self.layers = nnx.List([GPT2Block(i, c, rngs, dtype) for i in range(c.n_layer)])
         self.ln_f = LayerNorm(d, eps=c.layer_norm_epsilon, hf_name="transformer.ln_f", dtype=dtype)
-        self.task, self.max_positions = task, c.n_positions
+        self.task = task
         score = None
         if task == "classification":
             score = Linear(d, num_labels, name="score", hf_name="score", rngs=rngs, use_bias=False, init_std=std,
@@ -68,11 +68,7 @@ class GPT2Decoder(nnx.Module):
         self.score = nnx.data(score)
 
     def __call__(self, input_ids_BL, attention_mask_BL):
-        length = input_ids_BL.shape[1]
-        if length > self.max_positions:
-            raise ValueError(f"sequence length {length} exceeds GPT-2's n_positions={self.max_positions}; "
-                             "truncate the inputs (max_length)")
-        x_BLD = self.wte(input_ids_BL) + self.wpe(jnp.arange(length))[None]
+        x_BLD = self.wte(input_ids_BL) + self.wpe(jnp.arange(input_ids_BL.shape[1]))[None]
         allowed_B1LL = causal_allowed(attention_mask_BL)
         for layer in self.layers:
             x_BLD = layer(x_BLD, allowed_B1LL)
@@ -95,6 +91,7 @@ FAMILY = dict(
     build=build,
     tasks=("encoder", "causal_lm", "classification"),
     backbone_prefixes=("transformer.",),
+    max_length=lambda c: c.n_positions,  # learned positions 0 … n_positions-1
     # causal-mask buffers of old checkpoints, the tied lm_head, and heads other tasks leave behind
     ignorable=(r"\.attn\.(masked_)?bias$", r"^lm_head\.", r"^score\."),
 )
