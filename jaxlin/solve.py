@@ -1,4 +1,4 @@
-"""Kernel ridge regression with the empirical NTK, and GD dynamics in function space (PAPER.md §4.2–4.3).
+"""Kernel ridge regression with the empirical NTK, and GD dynamics in function space (docs/paper.md §4.2–4.3).
 
 Linearized fine-tuning with squared loss ½‖f(X) − Y‖² (summed over examples and outputs) and the
 always-on pull (λ/2)‖δ‖², δ = θ − θ0, is KRR with K = J Jᵀ and r0 = Y − f0(X):

@@ -1,4 +1,4 @@
-"""Fine-tuning with optax: one loop for the nonlinear model and its linearization (PAPER.md §3, §4, §7.1).
+"""Fine-tuning with optax: one loop for the nonlinear model and its linearization (docs/paper.md §3, §4, §7.1).
 
     min_θ  mean_i ℓ(f_θ(x_i), y_i)  +  (λ/2)‖θ − a‖²        (a = θ0 or 0; the pull per `TrainConfig.regularizer`)
 
@@ -44,7 +44,7 @@ _STEP_KEYS = ("input_ids", "attention_mask", "labels", "example_mask")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of one fine-tuning run; the defaults follow the paper's script (PAPER.md §7.1).
+    """Hyper-parameters of one fine-tuning run; the defaults follow the paper's script (docs/paper.md §7.1).
 
     learning_rate: peak step size η (parameter units per unit gradient for sgd; per step for adam).
     epochs / steps: length of the run, in passes over the training batches or in optimiser steps; give at
