@@ -206,7 +206,7 @@ def _parse(name, value, hint):
         try:
             return hint(value)
         except ValueError:
-            raise ConfigError(f"{name}={value!r} must be a {hint.__name__}") from None
+            raise ConfigError(f"{name}={value!r} must be {'an integer' if hint is int else 'a number'}") from None
     if hint is str and not isinstance(value, str):
         raise ConfigError(f"{name}={value!r} must be a string (quote it in a config file)")
     return value
@@ -281,7 +281,8 @@ def _validate(c: RunConfig):
     check(c.study_configurations is None or (len(c.study_configurations) > 0
                                              and all(f in FAMILIES for f in c.study_configurations)),
           "study_configurations", f"None or one or more of {', '.join(FAMILIES)}")
-    check(len(c.targets) > 0 and all(isinstance(t, str) and t for t in c.targets), "targets", "one or more module names")
+    check(len(c.targets) > 0 and all(isinstance(t, str) and t for t in c.targets), "targets",
+          "one or more module names")
     check(c.layers is None or (len(c.layers) > 0 and all(isinstance(i, int) and i >= 0 for i in c.layers)), "layers",
           "None or layer indices ≥ 0")
     check(c.label_names is None or (len(c.label_names) >= 2 and all(isinstance(n, str) for n in c.label_names)),
