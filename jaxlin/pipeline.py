@@ -438,8 +438,9 @@ def run(config: RunConfig, out: Path | None = None, *, resume: bool = False) -> 
             result, arrays, record = _run_stage(ctx, stage, resume)
             ctx.results[stage], ctx.stages[stage], timings[stage] = result, record, record["seconds"]
             ctx.arrays.update(arrays)
-            how = "reused (computed" if record["reused"] else "done"
-            log(f"[{i}/{len(wanted)}] {stage}: {how} in {record['seconds']:.1f} s{')' if record['reused'] else ''}")
+            seconds = record["seconds"]
+            log(f"[{i}/{len(wanted)}] {stage}: "
+                + (f"reused (computed in {seconds:.1f} s)" if record["reused"] else f"done in {seconds:.1f} s"))
         results = assemble(ctx, timings)
         write_results(out, results, ctx.arrays)
         if "report" in config.stages:
@@ -554,21 +555,24 @@ NONFINITE_CAUSES = {
 def check_finite(stage: str, result: dict, arrays: dict, config: RunConfig) -> None:
     """Raise RunError naming the first quantity of a stage that holds inf/nan where NONFINITE_ALLOWED allows
     none, with the likely cause."""
-    from .schema import NONFINITE_STRINGS
-
-    allowed = NONFINITE_ALLOWED.get(stage, ())
-    bad = None
-    for path, value in _leaves(result):
-        if value in NONFINITE_STRINGS and not any(fnmatch.fnmatchcase(path, p) and value == v for p, v in allowed):
-            bad = f"{value} at {path}"
-            break
-    for name, a in arrays.items():
-        a = np.asarray(a)
-        if bad is None and np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
-            bad = f"{int(np.sum(~np.isfinite(a)))} non-finite of {a.size} values in the array {name}"
+    bad = _first_nonfinite(stage, result, arrays)
     if bad is not None:
         cause = NONFINITE_CAUSES[stage].format(learning_rate=config.learning_rate)
         raise RunError(f"stage {stage} produced {bad}, so it was not stored; {cause}")
+
+
+def _first_nonfinite(stage: str, result: dict, arrays: dict) -> str | None:
+    from .schema import NONFINITE_STRINGS
+
+    allowed = NONFINITE_ALLOWED.get(stage, ())
+    for path, value in _leaves(result):  # JSON-able: non-finite floats are the strings "nan", "inf", "-inf"
+        if value in NONFINITE_STRINGS and not any(fnmatch.fnmatchcase(path, p) and value == v for p, v in allowed):
+            return f"{value} at {path}"
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+            return f"{int(np.sum(~np.isfinite(a)))} non-finite of {a.size} values in the array {name}"
+    return None
 
 
 def _leaves(obj, path: str = ""):
@@ -698,13 +702,17 @@ def _acquire_lock(out: Path) -> Path:
             raise RunError(f"{out} is in use by another jaxlin run ({who}); wait for it to finish or pass "
                            f"another --out (if that run is gone, delete {path})") from None
         _take_stale_lock(path, holder)
-        log(f"note: taking over the lock of pid {holder.get('pid')} (started {holder.get('started')}), "
-            "which is no longer running")
+        log(f"note: taking over the lock of pid {holder.get('pid')} (started {holder.get('started')}), which is no "
+            "longer running" if holder else f"note: taking over the empty lock {path} of a run that died taking it")
         return _acquire_lock(out)
     except OSError as e:
         raise RunError(_os_message(out, e)) from None
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise RunError(_os_message(path, e)) from None
     return path
 
 

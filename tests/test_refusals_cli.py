@@ -265,39 +265,68 @@ def test_damaged_stage_files_are_recomputed_under_resume(name, damage, message, 
 
 # ---------------------------------------------------------------------------------------- the output directory
 
-def _lock(out: Path, pid: int):
+def _lock(out: Path, holder: dict | None, age_s: float = 0.0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    (out / pipeline.LOCK_NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
-                                                      "started": "2026-01-01T00:00:00+00:00"}))
+    path = out / pipeline.LOCK_NAME
+    path.write_text("" if holder is None else json.dumps({"host": socket.gethostname(),
+                                                          "started": "2026-01-01T00:00:00+00:00", **holder}))
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return path
 
 
-def test_a_held_lock_refuses_at_once_naming_its_holder(tmp_path, capsys, fake_ntk):
+@pytest.fixture
+def live_pid():
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        out = tmp_path / "out"
-        _lock(out, holder.pid)
-        assert cli.main(ntk_argv(write_csv(tmp_path / "d.csv", 24), out)) == 2
-        line = error_line(capsys)
-        host = socket.gethostname()
-        assert f"is in use by another jaxlin run (pid {holder.pid} on {host}, started 2026-01-01" in line
-        assert "pass another --out" in line and fake_ntk == []
-        assert json.loads((out / pipeline.LOCK_NAME).read_text())["pid"] == holder.pid  # the holder's lock stays
-    finally:
-        holder.kill()
-        holder.wait()
+    yield holder.pid
+    holder.kill()
+    holder.wait()
 
 
-def test_a_stale_lock_and_temp_files_of_a_dead_run_are_taken_over(tmp_path, capsys, fake_ntk):
+@pytest.fixture
+def dead_pid():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    return dead.pid
+
+
+HELD_LOCKS = [  # (id, holder: a function of the pids, lock age in s, message fragment)
+    ("live-pid", lambda live, dead: {"pid": live}, 0.0,
+     "is in use by another jaxlin run (pid {live} on {host}, started 2026-01-01T00:00:00+00:00); wait for it to "
+     "finish or pass another --out"),
+    ("other-host", lambda live, dead: {"pid": dead, "host": "elsewhere"}, 0.0, "(pid {dead} on elsewhere, started"),
+    ("being-written", lambda live, dead: None, 0.0, "(its lock is being written)"),
+]
+
+
+@pytest.mark.parametrize("holder,age_s,message", [r[1:] for r in HELD_LOCKS], ids=[r[0] for r in HELD_LOCKS])
+def test_a_held_lock_refuses_at_once_naming_its_holder(holder, age_s, message, live_pid, dead_pid, tmp_path, capsys,
+                                                       fake_ntk):
     out = tmp_path / "out"
-    _lock(out, dead.pid)
+    lock = _lock(out, holder(live_pid, dead_pid), age_s)
+    before = lock.read_bytes()
+    assert cli.main(ntk_argv(write_csv(tmp_path / "d.csv", 24), out)) == 2
+    line = error_line(capsys)
+    assert message.format(live=live_pid, dead=dead_pid, host=socket.gethostname()) in line
+    assert f"delete {lock}" in line and fake_ntk == [] and lock.read_bytes() == before  # the holder's lock stays
+
+
+STALE_LOCKS = [
+    ("dead-pid", lambda dead: {"pid": dead}, 0.0, "note: taking over the lock of pid {dead} (started 2026-01-01"),
+    ("empty-and-old", lambda dead: None, 60.0, "note: taking over the empty lock"),
+]
+
+
+@pytest.mark.parametrize("holder,age_s,message", [r[1:] for r in STALE_LOCKS], ids=[r[0] for r in STALE_LOCKS])
+def test_a_stale_lock_and_temp_files_of_a_dead_run_are_taken_over(holder, age_s, message, dead_pid, tmp_path,
+                                                                  capsys, fake_ntk):
+    out = tmp_path / "out"
+    _lock(out, holder(dead_pid), age_s)
     (out / "stages").mkdir()
-    (out / "stages" / f".ntk.npz.{dead.pid}.tmp").write_bytes(b"half")
-    (out / f".results.json.{dead.pid}.tmp").write_bytes(b"{")
+    (out / "stages" / f".ntk.npz.{dead_pid}.tmp").write_bytes(b"half")
+    (out / f".results.json.{dead_pid}.tmp").write_bytes(b"{")
     assert cli.main(ntk_argv(write_csv(tmp_path / "d.csv", 24), out)) == 0
     err = capsys.readouterr().err
-    assert f"note: taking over the lock of pid {dead.pid}" in err and "removed 2 temp file(s)" in err
+    assert message.format(dead=dead_pid) in err and "removed 2 temp file(s)" in err
     assert not list(out.rglob("*.tmp")) and not (out / pipeline.LOCK_NAME).exists()
 
 
