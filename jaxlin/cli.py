@@ -49,7 +49,8 @@ def _add_config_flags(p: argparse.ArgumentParser):
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="base configuration (default: default)")
     p.add_argument("--config", type=Path, help="TOML or YAML file of config fields")
     p.add_argument("--out", type=Path, help="output directory (default: ./jaxlin-out/<preset>-<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="reuse finished stages whose config hash matches")
+    p.add_argument("--resume", action="store_true", help="reuse finished stages whose inputs (config, dataset, "
+                   "checkpoint, jaxlin version) are unchanged; recompute the others")
     group = p.add_argument_group("config fields (override the preset and the file)")
     for f in dataclasses.fields(RunConfig):
         if f.name == "preset":

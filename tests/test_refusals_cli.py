@@ -418,14 +418,16 @@ def test_concurrent_run_is_refused_and_a_killed_run_resumes(tmp_path):
     data, out = write_csv(tmp_path / "d.csv", 24), tmp_path / "out"
     argv = [sys.executable, "-m", "jaxlin.cli", *ntk_argv(data, out, "--sign-kernel", "false")]
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(Path.home() / ".cache" / "jaxlin-jax")}
-    a = subprocess.Popen([*argv, "--stages", "ntk,krr"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
+    log = tmp_path / "a.log"
+    with open(log, "wb") as a_err:
+        a = subprocess.Popen([*argv, "--stages", "ntk,krr,dynamics"], cwd=ROOT, env=env,  # long after ntk
+                             stdout=subprocess.DEVNULL, stderr=a_err)
     try:
-        _wait_for(out / pipeline.LOCK_NAME, a)
+        _wait_for(out / pipeline.LOCK_NAME, a, log)
         b = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert b.returncode == 2 and f"is in use by another jaxlin run (pid {a.pid}" in b.stderr
         assert "Traceback" not in b.stderr
-        _wait_for(out / "stages" / "ntk.json", a)
+        _wait_for(out / "stages" / "ntk.json", a, log)
     finally:
         a.kill()
         a.wait()
@@ -436,9 +438,9 @@ def test_concurrent_run_is_refused_and_a_killed_run_resumes(tmp_path):
     assert not (out / pipeline.LOCK_NAME).exists() and not list(out.rglob("*.tmp"))
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 400.0):
+def _wait_for(path: Path, process: subprocess.Popen, log: Path, timeout_s: float = 400.0):
     end = time.monotonic() + timeout_s
     while not path.exists():
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert process.poll() is None, log.read_text()[-2000:]
         assert time.monotonic() < end, f"{path} did not appear within {timeout_s} s"
         time.sleep(0.1)
