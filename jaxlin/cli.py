@@ -2,6 +2,8 @@
 
 Every RunConfig field is also a flag (``--num-train 512``, ``--lambdas 0.5,5,50``, ``--layers 3,4,5``);
 ``--config FILE`` reads a TOML/YAML file first; ``--preset`` picks the base (default, quick, paper, decoder).
+A value may start with a minus: ``--lambdas -1,5`` is read as ``--lambdas=-1,5``. Every refusal is one line,
+``jaxlin: error: …``, with exit code 2; docs/refusals.md lists them.
 """
 from __future__ import annotations
 

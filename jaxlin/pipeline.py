@@ -161,6 +161,8 @@ def _adapt(model, config: RunConfig):
     lora = LoRA(tuple(config.targets), config.layers, config.rank, config.alpha, config.lora_init, config.seed)
     try:
         return adapt(model, lora=lora, head=config.train_head), adapt(model, lora=lora)
+    except ConfigError:  # already names its flag
+        raise
     except ValueError as e:  # adapters' checks of the layers and targets against this model's modules
         raise ConfigError(f"{e}; fix --layers or --targets") from None
 
