@@ -304,6 +304,7 @@ def summary_text(results: dict, stages=None) -> str:
     that ran) only their lines, after one line on how each was obtained. Validates `results` first."""
     validate_results(results)
     lines = [line for stage, line in _summary_lines(results) if stages is None or stage in stages]
-    if stages is not None and "stages" in results:
-        lines.insert(0, _stages_line({k: v for k, v in results["stages"].items() if k in stages}))
+    ran = {k: v for k, v in results.get("stages", {}).items() if stages is not None and k in stages}
+    if ran:
+        lines.insert(0, _stages_line(ran))
     return "\n".join(lines)
