@@ -523,8 +523,11 @@ def _read_stage(path: Path, key: str, inputs: dict) -> tuple[dict | None, dict, 
 
 
 def _write_stage(path: Path, stored: dict, arrays: dict) -> None:
-    path.parent.mkdir(exist_ok=True)
-    path.unlink(missing_ok=True)  # the stage is unfinished until its json is back
+    try:
+        path.parent.mkdir(exist_ok=True)
+        path.unlink(missing_ok=True)  # the stage is unfinished until its json is back
+    except OSError as e:
+        raise RunError(_os_message(path.parent, e)) from None
     if arrays:
         atomic_write(path.with_suffix(".npz"), lambda f: np.savez(f, **arrays))
     atomic_write(path, lambda f: f.write(json.dumps(stored, allow_nan=False).encode()))
