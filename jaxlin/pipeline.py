@@ -11,23 +11,36 @@ Stages (each a function ``ctx -> (json-able dict, {name: array})``; data between
     study     the κ–performance correlation over configurations × seeds, and spectral selection vs baselines
     report    results.json, arrays.npz and report.html
 
-A stage's result is stored in ``<out>/stages/<stage>.json`` (+ ``.npz``) with a hash of the config; with
-``resume=True`` a stored stage whose hash matches is read back instead of recomputed.
+A stage's result is stored in ``<out>/stages/<stage>.json`` (+ ``.npz``) under a key that hashes everything
+it read: the config, the loaded dataset, the checkpoint's files and the jaxlin version. With ``resume=True`` a
+stored stage with the same key is read back instead of recomputed; a changed input or a damaged file is
+recomputed, and the log says why. A stage holding NaN/inf outside `NONFINITE_ALLOWED` is never stored.
+The run holds a lock on its output directory and writes every file through a temp file and an atomic
+rename (`output_directory`, `atomic_write`); docs/refusals.md lists what a run refuses.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import errno
+import fnmatch
+import hashlib
 import json
+import math
+import os
 import platform
+import socket
 import sys
 import time
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .config import STAGES, RunConfig
+from .config import STAGES, ConfigError, RunConfig
 
 ORDER = STAGES
 
@@ -50,6 +63,8 @@ class Context:
     calibration: object = None
     results: dict = dataclasses.field(default_factory=dict)
     arrays: dict = dataclasses.field(default_factory=dict)
+    inputs: dict = dataclasses.field(default_factory=dict)  # fingerprints of what the stages read (setup)
+    stages: dict = dataclasses.field(default_factory=dict)  # per finished stage: key, reused, seconds, finished
 
     length: int = 0  # every kernel batch is padded to this many tokens, so all kernel tiles share one compile
 
@@ -88,11 +103,12 @@ def environment() -> dict:
 
 
 def setup(config: RunConfig, out: Path) -> Context:
-    """Load the model and the data, choose the calibration set and put LoRA on the targets."""
-    from . import data
-    from .adapters import LoRA, adapt
+    """Load the model and the data, check them against each other, choose the calibration set, put LoRA on the
+    targets and fingerprint every input (``ctx.inputs``)."""
+    from . import __version__, data
     from .data import DataError
     from .models import load_pretrained
+    from .models.checkpoint import CheckpointError
 
     ctx = Context(config, out)
     ds = load_data(config)
@@ -101,7 +117,8 @@ def setup(config: RunConfig, out: Path) -> Context:
         raise DataError(f"{config.dataset} has {len(ds)} examples in {ds.num_classes} class(es); jaxlin run needs "
                         f"at least {need} examples (num_calibration={config.num_calibration} + 2 to evaluate) and "
                         "two classes; add data or lower --num-calibration")
-    n_eval = max(1, min(config.num_eval, len(ds) // 5))
+    # eval takes at most a fifth, and always leaves num_calibration examples to train on
+    n_eval = max(1, min(config.num_eval, len(ds) // 5, len(ds) - config.num_calibration))
     train, ctx.eval = data.train_eval_split(ds, eval_size=n_eval, seed=config.seed)
     if len(train) < config.num_train:
         log(f"note: {config.dataset} has {len(train)} training examples after the split; using all of them")
@@ -112,14 +129,44 @@ def setup(config: RunConfig, out: Path) -> Context:
     ctx.model = load_pretrained(config.model, task="classification", num_labels=ds.num_classes, seed=config.seed,
                                 head=head)
     if ctx.model.tokenizer is None:
-        raise ValueError(f"{config.model} has no tokenizer; jaxlin run needs one to encode {config.dataset}")
-    lora = LoRA(tuple(config.targets), config.layers, config.rank, config.alpha, config.lora_init, config.seed)
-    ctx.adapted = adapt(ctx.model, lora=lora, head=config.train_head)
-    ctx.adapted_lora = adapt(ctx.model, lora=lora)
+        raise CheckpointError(f"{config.model} has no tokenizer; jaxlin run needs one to encode {config.dataset}: "
+                              "put tokenizer.json (or vocab files) next to the weights")
+    limit = position_limit(ctx.model)
+    if limit is not None and config.max_length > limit:
+        raise ConfigError(f"max_length={config.max_length} is longer than the {limit} positions {config.model} "
+                          f"embeds; tokens past {limit} would read undefined position embeddings: pass "
+                          f"--max-length {limit} or less")
+    ctx.adapted, ctx.adapted_lora = _adapt(ctx.model, config)
     longest = max(len(t) for ds in (ctx.train, ctx.eval)
                   for t in ctx.model.tokenizer.encode_unpadded(list(ds.texts), config.max_length))
-    ctx.length = -(-longest // 8) * 8
+    ctx.length = min(-(-longest // 8) * 8, limit or math.inf)  # padded positions must exist too
+    ctx.inputs = {"config": config.fingerprint(), "dataset": dataset_digest(ds),
+                  "checkpoint": checkpoint_digest(config.model), "jaxlin": __version__}
     return ctx
+
+
+def position_limit(model) -> int | None:
+    """How many token positions `model` embeds (None when its config states no limit)."""
+    from .models.bert import ROBERTA_TYPES
+
+    c = model.config
+    limit = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+    if limit and getattr(c, "model_type", None) in ROBERTA_TYPES:  # RoBERTa counts positions from pad_token_id + 1
+        limit -= c.pad_token_id + 1
+    return limit
+
+
+def _adapt(model, config: RunConfig):
+    """(LoRA + head if config.train_head, LoRA only) on config.targets in config.layers of `model`."""
+    from .adapters import LoRA, adapt
+
+    lora = LoRA(tuple(config.targets), config.layers, config.rank, config.alpha, config.lora_init, config.seed)
+    try:
+        return adapt(model, lora=lora, head=config.train_head), adapt(model, lora=lora)
+    except ConfigError:  # already names its flag
+        raise
+    except ValueError as e:  # adapters' checks of the layers and targets against this model's modules
+        raise ConfigError(f"{e}; fix --layers or --targets") from None
 
 
 def _block_size(ctx: Context) -> int:
@@ -137,9 +184,53 @@ def load_data(config: RunConfig):
     if config.dataset.startswith("glue/"):
         from .hub_data import load_glue
 
+        if config.missing_labels != "error":
+            raise ConfigError(f"missing_labels={config.missing_labels!r} applies to user files, not to "
+                              f"{config.dataset}; drop --missing-labels")
         return load_glue(config.dataset.split("/", 1)[1])
+    missing = {"missing_labels": config.missing_labels} if config.missing_labels != "error" else {}
     return data.load_dataset(config.dataset, text_column=config.text_column, label_column=config.label_column,
-                             label_names=config.label_names)
+                             label_names=config.label_names, **missing)
+
+
+# ------------------------------------------------------------------------------------------- input identity
+
+BIG_FILE_BYTES = 4 * 2**30  # a checkpoint file larger than this is identified by its size, mtime and first bytes
+HEAD_BYTES = 64 * 2**20  # how many first bytes of such a file are hashed (its header and metadata)
+
+
+def dataset_digest(ds) -> str:
+    """SHA-256 of a loaded data set: its label names, every text and every label, in order."""
+    h = hashlib.sha256(json.dumps(list(ds.label_names)).encode())
+    for text in ds.texts:
+        h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    h.update(np.asarray(ds.labels, np.int64).tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_digest(source: str) -> str:
+    """SHA-256 over the names and contents of the checkpoint's files (a .gguf file, or every file at the top of
+    its directory); files over BIG_FILE_BYTES contribute size, mtime and their first HEAD_BYTES instead."""
+    from .models.checkpoint import resolve
+
+    path = resolve(source).path
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    h = hashlib.sha256()
+    for file in files:
+        h.update(f"{file.name}\0{_file_digest(file)}\0".encode())
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if st.st_size > BIG_FILE_BYTES:
+            h.update(f.read(HEAD_BYTES))
+            return f"{h.hexdigest()}:{st.st_size}:{st.st_mtime_ns}"
+        for chunk in iter(lambda: f.read(2**20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # -------------------------------------------------------------------------------------------------- stages
@@ -332,7 +423,8 @@ NEEDS = {"spectrum": ("ntk",), "dynamics": ("ntk",)}
 # --------------------------------------------------------------------------------------------------- runner
 
 def run(config: RunConfig, out: Path | None = None, *, resume: bool = False) -> Path:
-    """Run the configured stages; write ``results.json``, ``arrays.npz`` and ``report.html`` to ``out``."""
+    """Run the configured stages; write ``results.json``, ``arrays.npz`` and ``report.html`` to ``out``, which
+    the run holds locked (`output_directory`) until it ends."""
     import jax
 
     jax.config.update("jax_enable_x64", True)  # float64 Gram accumulation and eigensolves
@@ -340,53 +432,169 @@ def run(config: RunConfig, out: Path | None = None, *, resume: bool = False) -> 
 
     require_healthy_backend()  # before anything is computed or written: a miscompiling jaxlib stops the run here
     out = Path(out) if out is not None else default_out_dir(config, resume)
-    (out / "stages").mkdir(parents=True, exist_ok=True)
-    timings = {}
-    t = time.perf_counter()
-    log(f"jaxlin run: preset {config.preset}, output {out}")
-    ctx = setup(config, out)
-    timings["setup"] = time.perf_counter() - t
-    wanted = [s for s in ORDER if s in config.stages and s != "report"]
-    for dep in [d for s in wanted for d in NEEDS.get(s, ())]:
-        if dep not in wanted:
-            wanted.insert(0, dep)
-    for i, stage in enumerate([s for s in ORDER if s in wanted], 1):
+    with output_directory(out):
+        log(f"jaxlin run: preset {config.preset}, output {out}")
         t = time.perf_counter()
-        result, arrays, reused = _run_stage(ctx, stage, resume)
-        ctx.results[stage], timings[stage] = result, time.perf_counter() - t
-        ctx.arrays.update(arrays)
-        log(f"[{i}/{len(wanted)}] {stage}: {'reused' if reused else 'done'} in {timings[stage]:.1f} s")
-    results = assemble(ctx, timings)
-    write_results(out, results, ctx.arrays)
-    if "report" in config.stages:
-        from .report import render_report
+        ctx = setup(config, out)
+        timings = {"setup": time.perf_counter() - t}
+        wanted = [s for s in ORDER if s in config.stages and s != "report"]
+        for dep in [d for s in wanted for d in NEEDS.get(s, ())]:
+            if dep not in wanted:
+                wanted.insert(0, dep)
+        for i, stage in enumerate([s for s in ORDER if s in wanted], 1):
+            result, arrays, record = _run_stage(ctx, stage, resume)
+            ctx.results[stage], ctx.stages[stage], timings[stage] = result, record, record["seconds"]
+            ctx.arrays.update(arrays)
+            seconds = record["seconds"]
+            log(f"[{i}/{len(wanted)}] {stage}: "
+                + (f"reused (computed in {seconds:.1f} s)" if record["reused"] else f"done in {seconds:.1f} s"))
+        results = assemble(ctx, timings)
+        write_results(out, results, ctx.arrays)
+        if "report" in config.stages:
+            from .report import render_report
 
-        t = time.perf_counter()
-        render_report(out)
-        results["timings"]["report"] = time.perf_counter() - t
-        (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
+            t = time.perf_counter()
+            render_report(out)
+            results["timings"]["report"] = time.perf_counter() - t
+            write_results(out, results)
     return out
 
 
-def _run_stage(ctx: Context, stage: str, resume: bool):
+# A stored stage: stages/<stage>.json {"stage", "key", "inputs", "seconds", "finished", "arrays", "result"} and,
+# when it has arrays, stages/<stage>.npz. The npz is written first and the json last, so a json that parses
+# marks a finished stage; `key` hashes the stage name and `inputs` (config, dataset, checkpoint, jaxlin version).
+
+STORED_KEYS = {"stage", "key", "inputs", "seconds", "finished", "arrays", "result"}
+
+
+def stage_key(stage: str, inputs: dict) -> str:
+    return hashlib.sha256(json.dumps([stage, inputs], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _run_stage(ctx: Context, stage: str, resume: bool) -> tuple[dict, dict, dict]:
+    """The stage's result, arrays and record ({key, reused, seconds, finished}): read back when ``resume``
+    finds it stored with the same key, else computed, checked for non-finite numbers and stored."""
     path = ctx.out / "stages" / f"{stage}.json"
-    digest = ctx.config.stage_hash(stage)
+    key = stage_key(stage, ctx.inputs)
     if resume and path.exists():
-        stored = json.loads(path.read_text())
-        if stored.get("hash") == digest:
-            npz = path.with_suffix(".npz")
-            arrays = dict(np.load(npz)) if npz.exists() else {}
-            return stored["result"], arrays, True
+        stored, arrays, why = _read_stage(path, key, ctx.inputs)
+        if stored is not None:
+            return stored["result"], arrays, _record(stored, reused=True)
+        log(f"{stage}: recomputing: {why}")
+    t = time.perf_counter()
     result, arrays = STAGE_FUNCTIONS[stage](ctx)
+    seconds = time.perf_counter() - t
     from .spectrum import to_jsonable
 
     result = to_jsonable(result)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"hash": digest, "result": result}, allow_nan=False))
+    check_finite(stage, result, arrays, ctx.config)
+    stored = {"stage": stage, "key": key, "inputs": ctx.inputs, "seconds": seconds,
+              "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "arrays": sorted(arrays), "result": result}
+    _write_stage(path, stored, arrays)
+    return result, arrays, _record(stored, reused=False)
+
+
+def _record(stored: dict, reused: bool) -> dict:
+    return {"key": stored["key"], "reused": reused, "seconds": stored["seconds"], "finished": stored["finished"]}
+
+
+def _read_stage(path: Path, key: str, inputs: dict) -> tuple[dict | None, dict, str]:
+    """(stored stage, its arrays, "") when `path` holds this key's finished stage, else (None, {}, why not)."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, {}, f"{path} is unreadable ({type(e).__name__}), e.g. cut short by a kill"
+    if not isinstance(stored, dict) or not STORED_KEYS <= set(stored):
+        return None, {}, f"{path} lacks the input keys of this jaxlin (written by an older one, or damaged)"
+    if stored.get("key") != key:
+        old = stored["inputs"] if isinstance(stored["inputs"], dict) else {}
+        changed = [name for name in ("dataset", "checkpoint", "config", "jaxlin") if old.get(name) != inputs[name]]
+        what = {"dataset": "the dataset changed", "checkpoint": "the checkpoint changed",
+                "config": "the config changed",
+                "jaxlin": f"jaxlin changed ({old.get('jaxlin')} → {inputs['jaxlin']})"}
+        return None, {}, (", ".join(what[c] for c in changed) or "its key differs") + " since the stored stage"
+    if not stored["arrays"]:
+        return stored, {}, ""
+    npz = path.with_suffix(".npz")
+    try:
+        with np.load(npz, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        return None, {}, f"{npz} is missing or unreadable ({type(e).__name__}), e.g. cut short by a kill"
+    if sorted(arrays) != stored["arrays"]:
+        return None, {}, f"{npz} does not hold the arrays {path.name} lists"
+    return stored, arrays, ""
+
+
+def _write_stage(path: Path, stored: dict, arrays: dict) -> None:
+    try:
+        path.parent.mkdir(exist_ok=True)
+        path.unlink(missing_ok=True)  # the stage is unfinished until its json is back
+    except OSError as e:
+        raise RunError(_os_message(path.parent, e)) from None
     if arrays:
-        np.savez(path.with_suffix(".npz"), **arrays)
-    tmp.replace(path)
-    return result, arrays, False
+        atomic_write(path.with_suffix(".npz"), lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: f.write(json.dumps(stored, allow_nan=False).encode()))
+
+
+# Where a stage may hold a non-finite number, and which one; every other number of a stage must be finite.
+# Patterns match the dotted path of a value (dict keys and list indices joined by ".").
+NONFINITE_ALLOWED = {
+    "spectrum": (("*condition_number*", "inf"), ("selection_scores.*score*", "inf")),  # a singular kernel
+    "sweep": (("sweep.*.theorem2_radius", "nan"),  # no radius at λ = 0
+              ("sweep_summary.*", "nan"),  # a slope needs two usable λ
+              ("sweep.*.relative_module_distances.*", "inf")),  # a module whose initial weights are zero
+    "study": (("runs.*.statistics.*kappa*", "inf"), ("selection.methods.*.statistics.*kappa*", "inf"),
+              ("selection.methods.*.scores.*", "inf"),
+              ("results.*", "nan"), ("results_by_configuration.*", "nan")),  # correlation of degenerate data
+}
+NONFINITE_CAUSES = {
+    "ntk": "check that the checkpoint's weights are finite (a damaged or badly dequantised file) and that the "
+           "inputs fit the model (--max-length)",
+    "spectrum": "the kernels of the ntk stage hold these values; check the checkpoint's weights",
+    "krr": "the kernel or its ridge system is degenerate; raise --krr-ridges or check the checkpoint's weights",
+    "dynamics": "gradient descent on the calibration set diverged; raise --dynamics-ridge or lower "
+                "--dynamics-steps",
+    "sweep": "fine-tuning diverged; lower --learning-rate (now {learning_rate}) or raise --lambdas",
+    "probe": "the model's outputs blow up at these radii; lower --probe-radii",
+    "study": "a κ-study fine-tuning run diverged; choose another --study preset or check the checkpoint's weights",
+}
+
+
+def check_finite(stage: str, result: dict, arrays: dict, config: RunConfig) -> None:
+    """Raise RunError naming the first quantity of a stage that holds inf/nan where NONFINITE_ALLOWED allows
+    none, with the likely cause."""
+    bad = _first_nonfinite(stage, result, arrays)
+    if bad is not None:
+        cause = NONFINITE_CAUSES[stage].format(learning_rate=config.learning_rate)
+        raise RunError(f"stage {stage} produced {bad}, so it was not stored; {cause}")
+
+
+def _first_nonfinite(stage: str, result: dict, arrays: dict) -> str | None:
+    from .schema import NONFINITE_STRINGS
+
+    allowed = NONFINITE_ALLOWED.get(stage, ())
+    for path, value in _leaves(result):  # JSON-able: non-finite floats are the strings "nan", "inf", "-inf"
+        if value in NONFINITE_STRINGS and not any(fnmatch.fnmatchcase(path, p) and value == v for p, v in allowed):
+            return f"{value} at {path}"
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+            return f"{int(np.sum(~np.isfinite(a)))} non-finite of {a.size} values in the array {name}"
+    return None
+
+
+def _leaves(obj, path: str = ""):
+    """(dotted path, value) of every scalar in a JSON-able tree."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, f"{path}.{i}" if path else str(i))
+    else:
+        yield path, obj
 
 
 def assemble(ctx: Context, timings: dict) -> dict:
@@ -430,6 +638,8 @@ def assemble(ctx: Context, timings: dict) -> dict:
         "correlation": {"runs": study["runs"], "results": study["results"]} if study else skipped,
         "selection": selection,
         "arrays": "arrays.npz",
+        "inputs": ctx.inputs,
+        "stages": ctx.stages,
     }
 
 
@@ -439,9 +649,159 @@ def _selection_entry(v) -> dict:
     return {"modules": list(v)}  # a baseline: the modules
 
 
-def write_results(out: Path, results: dict, arrays: dict) -> None:
+def write_results(out: Path, results: dict, arrays: dict | None = None) -> None:
+    """Validate `results` and write ``results.json`` (and ``arrays.npz`` when `arrays` is given) atomically."""
     from .schema import validate_results
 
     validate_results(results)
-    np.savez(out / "arrays.npz", **arrays)
-    (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
+    if arrays is not None:
+        atomic_write(out / "arrays.npz", lambda f: np.savez(f, **arrays))
+    atomic_write(out / "results.json", lambda f: f.write(json.dumps(results, indent=1, allow_nan=False).encode()))
+
+
+# ------------------------------------------------------------------------------------------ output directory
+
+LOCK_NAME = ".jaxlin.lock"  # {"pid", "host", "started"} of the run writing the directory
+LOCK_WRITE_SECONDS = 10.0  # a lock still empty after this long was left by a run that died creating it
+
+
+class RunError(RuntimeError):
+    """The run cannot go on: its output directory is locked or unwritable, or a stage produced non-finite
+    numbers. The one-line message names the problem and the fix."""
+
+
+@contextlib.contextmanager
+def output_directory(out: Path):
+    """Create `out` if needed and hold its lock while the block runs. Temp files left by an interrupted run
+    are removed first; when the block fails, the lock, this run's temp files and the directories it created
+    and left empty go too."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a directory; pass a new or existing directory")
+    created = [d for d in (out, out / "stages") if not d.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(_os_message(out, e)) from None
+    try:
+        lock = _acquire_lock(out)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
+        _remove_temp_files(out)
+        yield
+    except BaseException:
+        _remove_temp_files(out, pid=os.getpid())
+        raise
+    finally:
+        lock.unlink(missing_ok=True)
+        _remove_empty(created)
+
+
+def _acquire_lock(out: Path) -> Path:
+    path = out / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        holder = _read_lock(path)
+        if not _is_stale(path, holder):
+            who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}" if holder
+                   else "its lock is being written")
+            raise RunError(f"{out} is in use by another jaxlin run ({who}); wait for it to finish or pass "
+                           f"another --out (if that run is gone, delete {path})") from None
+        _take_stale_lock(path, holder)
+        log(f"note: taking over the lock of pid {holder.get('pid')} (started {holder.get('started')}), which is no "
+            "longer running" if holder else f"note: taking over the empty lock {path} of a run that died taking it")
+        return _acquire_lock(out)
+    except OSError as e:
+        raise RunError(_os_message(out, e)) from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise RunError(_os_message(path, e)) from None
+    return path
+
+
+def _read_lock(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):  # being written this instant, or damaged
+        return {}
+
+
+def _is_stale(path: Path, holder: dict) -> bool:
+    """True when the lock's process is known dead (same host, pid not running), or when the lock has stayed
+    unreadable for LOCK_WRITE_SECONDS (its writer died between creating and filling it)."""
+    if not holder:
+        with contextlib.suppress(OSError):
+            return time.time() - path.stat().st_mtime > LOCK_WRITE_SECONDS
+        return False
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _take_stale_lock(path: Path, holder: dict) -> None:
+    """Move the stale lock aside atomically; if another run replaced it meanwhile, put that one back."""
+    aside = path.with_name(f"{LOCK_NAME}.{os.getpid()}.stale")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:  # another run took it over first
+        return
+    if _read_lock(aside) != holder:
+        with contextlib.suppress(OSError):
+            os.link(aside, path)
+    aside.unlink(missing_ok=True)
+
+
+def _remove_temp_files(out: Path, pid: int | None = None) -> None:
+    """Remove the temp files of `pid` (default: all, left by interrupted runs) from `out` and `out/stages`."""
+    pattern = f".*.{pid}.tmp" if pid is not None else "*.tmp"
+    stale = [p for d in (out, out / "stages") if d.is_dir() for p in d.glob(pattern)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale and pid is None:
+        log(f"note: removed {len(stale)} temp file(s) left by an interrupted run in {out}")
+
+
+def _remove_empty(directories) -> None:
+    for d in sorted(directories, key=lambda d: len(d.parts), reverse=True):  # deepest first
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def atomic_write(path: Path, write: Callable) -> None:
+    """Write `path` through `write(binary file)` into a temp file of this process beside it and an atomic
+    rename: readers see the old file or the whole new one. On failure the temp file is removed and an OSError
+    becomes a one-line RunError."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise RunError(_os_message(path, e)) from None
+        raise
+
+
+def _os_message(path: Path, e: OSError) -> str:
+    reason = {errno.ENOSPC: "no space is left on its device; free some space or pass another --out",
+              errno.EROFS: "it is on a read-only file system; pass a writable --out",
+              errno.EACCES: "permission denied; pass a writable --out",
+              errno.EPERM: "permission denied; pass a writable --out",
+              errno.EDQUOT: "the disk quota is exceeded; free some space or pass another --out"}
+    return f"cannot write {path}: {reason.get(e.errno, f'{e.strerror or e}; pass another --out')}"

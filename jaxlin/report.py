@@ -10,12 +10,13 @@ from __future__ import annotations
 import html
 import json
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from . import _plots
-from .schema import is_skipped, validate_results
+from .schema import SchemaError, is_skipped, validate_results
 
 RESULTS_NAME = "results.json"
 FIGURE_IDS = ("fig-spectra", "fig-kappa-scatter", "fig-distances", "fig-loss-curves", "fig-lipschitz",
@@ -212,62 +213,98 @@ def render_html(results: dict, arrays: dict | None = None) -> str:
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
 
 
+class ResultsError(ValueError):
+    """A results directory cannot be read: missing, empty or damaged files; the message says what to do."""
+
+
+class ResultsNotFoundError(ResultsError, FileNotFoundError):
+    """The directory or its results.json does not exist."""
+
+
 def load_results(results_dir) -> tuple[dict, dict | None]:
     """Read and validate `<results_dir>/results.json`; also list the arrays file it names (name → (shape,
-    dtype)), or None when that file is absent."""
-    path = Path(results_dir) / RESULTS_NAME
+    dtype)), or None when that file is absent. Raises ResultsError (ResultsNotFoundError when missing) or
+    SchemaError, each naming the file."""
+    directory = Path(results_dir)
+    path = directory / RESULTS_NAME
+    if not directory.is_dir():
+        raise ResultsNotFoundError(f"{directory} is not a directory; pass the output directory of `jaxlin run`")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; pass the output directory of `jaxlin run`")
+        raise ResultsNotFoundError(f"{path} not found; pass the output directory of a finished `jaxlin run` "
+                                   "(rerun it with --resume if it was interrupted)")
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); rerun `jaxlin run` to rewrite it") from err
-    validate_results(results)
-    npz = Path(results_dir) / results["arrays"]
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ResultsError(f"{path} is not valid JSON ({err}); rerun `jaxlin run` to rewrite it") from None
+    try:
+        validate_results(results)
+    except SchemaError as err:
+        raise SchemaError(f"{path}: {err}") from None
+    npz = directory / results["arrays"]
     if not npz.is_file():
         return results, None
-    with np.load(npz, allow_pickle=False) as f:
-        return results, {k: (f[k].shape, str(f[k].dtype)) for k in f.files}
+    try:
+        with np.load(npz, allow_pickle=False) as f:
+            return results, {k: (f[k].shape, str(f[k].dtype)) for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ResultsError(f"{npz} is damaged ({type(err).__name__}); rerun `jaxlin run` to rewrite it, or "
+                           "delete it to render the report without arrays") from None
 
 
 def render_report(results_dir, *, out_name: str = "report.html") -> Path:
     """Write the self-contained HTML report of `results_dir` (holding results.json) to `results_dir/out_name`
-    and return its path."""
+    (atomically) and return its path."""
+    from .pipeline import atomic_write
+
     results, arrays = load_results(results_dir)
     out = Path(results_dir) / out_name
-    out.write_text(render_html(results, arrays), encoding="utf-8")
+    page = render_html(results, arrays).encode("utf-8")
+    atomic_write(out, lambda f: f.write(page))
     return out
 
 
 def _summary_lines(results: dict):
+    """(stage, line) pairs: the stage whose result each line reports."""
     spectrum = results["spectrum"]
     if is_skipped(spectrum) or "all" not in spectrum:
-        yield f"κ(all): {_missing_note(results, 'spectrum') or 'no configuration named all'}"
+        yield "spectrum", f"κ(all): {_missing_note(results, 'spectrum') or 'no configuration named all'}"
     else:
         stats = spectrum["all"]["stats"]
-        yield (f"κ(all) = {_plots.fmt(stats['condition_number'])} (σ = {_plots.fmt(stats['sigma'])}, "
-               f"μ_max = {_plots.fmt(stats['max_eigenvalue'])}, eff. rank = {_plots.fmt(stats['effective_rank'])})")
+        yield "spectrum", (f"κ(all) = {_plots.fmt(stats['condition_number'])} (σ = {_plots.fmt(stats['sigma'])}, "
+                           f"μ_max = {_plots.fmt(stats['max_eigenvalue'])}, "
+                           f"eff. rank = {_plots.fmt(stats['effective_rank'])})")
     best = None if is_skipped(results["krr"]) else _plots.best_krr(results["krr"])
     if best is None:
-        yield f"KRR: {_missing_note(results, 'krr') or 'no finite eval accuracy'}"
+        yield "krr", f"KRR: {_missing_note(results, 'krr') or 'no finite eval accuracy'}"
     else:
-        yield (f"KRR best eval accuracy {_plots.fmt(best[1])} at λ = {_plots.fmt(best[0])} "
-               f"({results['krr']['ridge_scale']})")
+        yield "krr", (f"KRR best eval accuracy {_plots.fmt(best[1])} at λ = {_plots.fmt(best[0])} "
+                      f"({results['krr']['ridge_scale']})")
     summary = results.get("sweep_summary")
-    yield ("sweep slopes vs λ: " + ", ".join(f"{k} {_plots.fmt(v, 2)}" for k, v in summary.items())
-           if not is_skipped(summary) else f"sweep slopes: none ({len(results['sweep'])} λ values)")
+    yield "sweep", ("sweep slopes vs λ: " + ", ".join(f"{k} {_plots.fmt(v, 2)}" for k, v in summary.items())
+                    if not is_skipped(summary) else f"sweep slopes: none ({len(results['sweep'])} λ values)")
     corr = results["correlation"]
     kappa_corr = {} if is_skipped(corr) else corr["results"].get(_plots.KAPPA_STATISTIC, {})
     for outcome, r in kappa_corr.items():
-        yield (f"corr(κ, {outcome}): Pearson r = {_plots.fmt(r['pearson'], 2)} {_ci(r['pearson_ci'])}, "
-               f"Spearman ρ = {_plots.fmt(r['spearman'], 2)} {_ci(r['spearman_ci'])}, n = {r['n']}")
+        yield "study", (f"corr(κ, {outcome}): Pearson r = {_plots.fmt(r['pearson'], 2)} {_ci(r['pearson_ci'])}, "
+                        f"Spearman ρ = {_plots.fmt(r['spearman'], 2)} {_ci(r['spearman_ci'])}, n = {r['n']}")
     if not is_skipped(results["selection"]):
+        chosen_by = "spectrum" if is_skipped(corr) else "study"  # the study trains the selections when it runs
         for method, m in results["selection"]["methods"].items():
-            yield f"selection {method}: {', '.join(m['modules'])}"
+            yield chosen_by, f"selection {method}: {', '.join(m['modules'])}"
 
 
-def summary_text(results: dict) -> str:
+def _stages_line(records: dict) -> str:
+    return "stages: " + ", ".join(f"{name} ({'reused, computed' if r['reused'] else 'done'} in {r['seconds']:.1f} s)"
+                                  for name, r in records.items())
+
+
+def summary_text(results: dict, stages=None) -> str:
     """A few lines for the end of `jaxlin run`: κ of "all", best KRR accuracy, sweep slopes, the correlation
-    of κ with the outcomes and the modules each selection method chose. Validates `results` first."""
+    of κ with the outcomes and the modules each selection method chose. With `stages` (the names of the stages
+    that ran) only their lines, after one line on how each was obtained. Validates `results` first."""
     validate_results(results)
-    return "\n".join(_summary_lines(results))
+    lines = [line for stage, line in _summary_lines(results) if stages is None or stage in stages]
+    ran = {k: v for k, v in results.get("stages", {}).items() if stages is not None and k in stages}
+    if ran:
+        lines.insert(0, _stages_line(ran))
+    return "\n".join(lines)

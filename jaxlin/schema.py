@@ -191,13 +191,17 @@ DATA = record({"dataset": string, "num_train": integer, "num_eval": integer, "nu
 MODEL = record({"source": string, "family": string, "num_layers": integer, "modules": STRINGS,
                 "num_trainable_params": integer})
 
+INPUTS = record({k: string for k in ("config", "dataset", "checkpoint", "jaxlin")})
+STAGE_RECORD = record({"key": string, "reused": boolean, "seconds": number, "finished": string})
+
 RESULTS = record(
     {"schema": schema_version, "jaxlin_version": string, "config": record({"preset": string}),
      "environment": ENVIRONMENT, "timings": dict_of(number), "variants": dict_of(string), "data": DATA,
      "model": MODEL, "spectrum": skippable(dict_of(CONFIGURATION)), "krr": skippable(KRR),
      "sweep": list_of(SWEEP_POINT), "probe": skippable(PROBE), "correlation": skippable(CORRELATION),
      "selection": skippable(SELECTION), "arrays": string},
-    {"dynamics": skippable(DYNAMICS), "sweep_summary": skippable(dict_of(number))})
+    {"dynamics": skippable(DYNAMICS), "sweep_summary": skippable(dict_of(number)), "inputs": INPUTS,
+     "stages": dict_of(STAGE_RECORD)})
 
 
 def validate_results(obj) -> None:
@@ -322,5 +326,10 @@ def example_results() -> dict:
             "top_layers": {"modules": ["layer1.query", "layer1.value"], "eval_accuracy": 0.8},
             "random": {"modules": ["layer0.value", "layer1.query"]}}},
         "arrays": "arrays.npz",
+        "inputs": {"config": "3f2a9c0d1e4b5a6f", "dataset": "ab" * 32, "checkpoint": "cd" * 32, "jaxlin": "0.1.0"},
+        "stages": {"ntk": {"key": "0123456789abcdef", "reused": True, "seconds": 12.25,
+                           "finished": "2026-01-01T00:00:00+00:00"},
+                   "sweep": {"key": "fedcba9876543210", "reused": False, "seconds": 40.0,
+                             "finished": "2026-01-01T00:01:00+00:00"}},
     }
     return to_jsonable(results)

@@ -110,6 +110,9 @@ def test_quick_preset_end_to_end(quick_run):
     for key in ("config", "environment", "timings", "spectrum", "krr", "sweep", "probe", "correlation",
                 "selection"):
         assert key in results and "skipped" not in results[key]
+    assert set(results["inputs"]) == {"config", "dataset", "checkpoint", "jaxlin"}
+    assert list(results["stages"]) == ["ntk", "spectrum", "krr", "dynamics", "sweep", "probe", "study"]
+    assert not any(r["reused"] for r in results["stages"].values())
     assert {"lambda", "theta_distance_to_init", "theta_distance_lin_nonlin", "output_distance_lin_nonlin",
             "eval_accuracy_nonlinear", "eval_accuracy_linearized"} <= set(results["sweep"][0])
     assert results["spectrum"]["all"]["stats"]["eigenvalues"][0] > 0
@@ -131,6 +134,9 @@ def test_resume_reuses_stages_and_report_rerenders(quick_run, capsys):
                      "ntk,spectrum,report"]) == 0
     assert (quick_run / "stages" / "ntk.json").stat().st_mtime_ns == stamp
     assert "ntk: reused" in capsys.readouterr().err
+    results = json.loads((quick_run / "results.json").read_text())
+    stored = json.loads((quick_run / "stages" / "ntk.json").read_text())
+    assert results["stages"]["ntk"]["reused"] and results["timings"]["ntk"] == stored["seconds"]
     (quick_run / "report.html").unlink()
     assert cli.main(["report", str(quick_run)]) == 0
     assert (quick_run / "report.html").exists()
