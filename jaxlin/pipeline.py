@@ -41,6 +41,7 @@ from typing import Callable
 import numpy as np
 
 from .config import STAGES, ConfigError, RunConfig
+from .models.base import max_input_length
 
 ORDER = STAGES
 
@@ -131,7 +132,7 @@ def setup(config: RunConfig, out: Path) -> Context:
     if ctx.model.tokenizer is None:
         raise CheckpointError(f"{config.model} has no tokenizer; jaxlin run needs one to encode {config.dataset}: "
                               "put tokenizer.json (or vocab files) next to the weights")
-    limit = position_limit(ctx.model)
+    limit = max_input_length(ctx.model.config)
     if limit is not None and config.max_length > limit:
         raise ConfigError(f"max_length={config.max_length} is longer than the {limit} positions {config.model} "
                           f"embeds; tokens past {limit} would read undefined position embeddings: pass "
@@ -143,17 +144,6 @@ def setup(config: RunConfig, out: Path) -> Context:
     ctx.inputs = {"config": config.fingerprint(), "dataset": dataset_digest(ds),
                   "checkpoint": checkpoint_digest(config.model), "jaxlin": __version__}
     return ctx
-
-
-def position_limit(model) -> int | None:
-    """How many token positions `model` embeds (None when its config states no limit)."""
-    from .models.bert import ROBERTA_TYPES
-
-    c = model.config
-    limit = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
-    if limit and getattr(c, "model_type", None) in ROBERTA_TYPES:  # RoBERTa counts positions from pad_token_id + 1
-        limit -= c.pad_token_id + 1
-    return limit
 
 
 def _adapt(model, config: RunConfig):
@@ -188,9 +178,8 @@ def load_data(config: RunConfig):
             raise ConfigError(f"missing_labels={config.missing_labels!r} applies to user files, not to "
                               f"{config.dataset}; drop --missing-labels")
         return load_glue(config.dataset.split("/", 1)[1])
-    missing = {"missing_labels": config.missing_labels} if config.missing_labels != "error" else {}
     return data.load_dataset(config.dataset, text_column=config.text_column, label_column=config.label_column,
-                             label_names=config.label_names, **missing)
+                             label_names=config.label_names, missing_labels=config.missing_labels)
 
 
 # ------------------------------------------------------------------------------------------- input identity

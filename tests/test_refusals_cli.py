@@ -403,10 +403,12 @@ def test_check_finite_allowlist(stage, result, arrays, message):
 def test_position_limit_counts_roberta_offset():
     from types import SimpleNamespace as NS
 
-    assert pipeline.position_limit(NS(config=NS(max_position_embeddings=512, model_type="bert"))) == 512
-    assert pipeline.position_limit(NS(config=NS(max_position_embeddings=514, model_type="roberta",
-                                                pad_token_id=1))) == 512
-    assert pipeline.position_limit(NS(config=NS(n_positions=1024, model_type="gpt2"))) == 1024
+    from jaxlin.models.base import max_input_length
+
+    assert max_input_length(NS(max_position_embeddings=512, model_type="bert")) == 512
+    assert max_input_length(NS(max_position_embeddings=514, model_type="roberta", pad_token_id=1)) == 512
+    assert max_input_length(NS(n_positions=1024, model_type="gpt2")) == 1024
+    assert max_input_length(NS(max_position_embeddings=8192, model_type="llama")) is None  # rotary: no table
 
 
 # ----------------------------------------------------------------------------------- real processes: lock, kill, resume
