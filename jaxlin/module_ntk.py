@@ -3,8 +3,8 @@
     K_m(x, x')[a, b] = Σ_{θ ∈ module m} ∂f_a(x)/∂θ · ∂f_b(x')/∂θ,        K_S = Σ_{m ∈ S} K_m  (exactly)
 
 so the kernel, spectrum and score of any configuration S of adapted modules come from these blocks with
-no further Jacobian (PAPER.md §5.4, §6.1). ``kernel="sign"`` gives K_m(x, x') = J_m(x) · s(J_m(x'))ᵀ with
-s(z) = z/(|z|+1e-8), the asymmetric kernel the paper's published code computes (PAPER.md §5.2).
+no further Jacobian (docs/paper.md §5.4, §6.1). ``kernel="sign"`` gives K_m(x, x') = J_m(x) · s(J_m(x'))ᵀ with
+s(z) = z/(|z|+1e-8), the asymmetric kernel the paper's published code computes (docs/paper.md §5.2).
 
 Implementations (all exact, same numbers up to float rounding):
 
@@ -16,8 +16,8 @@ Implementations (all exact, same numbers up to float rounding):
   trained in full, K_W(x, x') = Σ_{t,t'} (h_t·h'_{t'}) (g_t·g'_{t'}) — the (L × L) form, never the
   d_in × d_out Jacobian. Groups that are not dense modules (LayerNorms, embeddings) fall back to
   per-example Jacobians of their few parameters.
-- ``"jacobian_contraction"``: per-example reverse-mode Jacobians (``jaxlin.ntk.jacrev_per_output``: one VJP per
-  output, never vmapped over outputs) w.r.t. the trainable tree, contracted per leaf.
+- ``"jacobian_contraction"``: per-example reverse-mode Jacobians (``jaxlin.ntk.jacrev_per_output``) w.r.t. the
+  trainable tree, contracted per leaf.
 - ``"ntk_vector_products"``: K_m columns as jvp(vjp(e_b)) with the tangent restricted to module m.
 - ``"auto"``: "structured" unless the request is a sign kernel of a full dense weight in L×L form.
 
@@ -103,10 +103,7 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
             zero_inputs = jax.tree.map(jnp.zeros_like, inputs)
             return vjp((jnp.broadcast_to(e, out.shape), zero_inputs))[0]
 
-        # One VJP per output, not jax.vmap over the basis: on XLA:CPU (jaxlib 0.10.2) the vmapped float32 VJP
-        # of MiniLM at 32+ examples came out ~3% off the per-example and float64 values (eager was right).
-        gs = [one(e) for e in basis]
-        g = {n: jnp.stack([x[n] for x in gs]) for n in gs[0]}
+        g = _ntk.map_over_outputs(one, basis)  # {module: (O, B, L, d_out)}
         # heads see (B, d_in) (the first/last token); give every module a token axis: (B, L, d), (O, B, L, d)
         h = {n: x.reshape(x.shape[0], -1, x.shape[-1]) for n, x in inputs.items()}
         g = {n: x.reshape(x.shape[:2] + (-1, x.shape[-1])) for n, x in g.items()}
@@ -220,7 +217,7 @@ def _ntvp_tile(adapted: Adapted, modules, output_fn, trace: bool):
         out2, vjp2 = jax.vjp(lambda t: f(t, x2), trainable)
         n2, o = out2.shape
         basis = jnp.eye(n2 * o, dtype=out2.dtype).reshape(n2 * o, n2, o)
-        cotangents = jax.lax.map(lambda e: vjp2(e)[0], basis)  # each leaf (n2·O, *shape); not vmapped (ntk.py)
+        cotangents = _ntk.map_over_outputs(lambda e: vjp2(e)[0], basis)  # each leaf (n2·O, *shape)
         result = {}
         for n in modules:
             keep = set(adapted.groups[n])

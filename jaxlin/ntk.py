@@ -11,18 +11,17 @@ Output shape: (N1, N2) followed by each kept (not traced) output axis twice, int
 NT's convention.
 
 Implementations (all exact):
-- "jacobian_contraction": per-example Jacobians (vmapped `jacrev_per_output`, or `jacfwd` when the per-example
+- "jacobian_contraction": per-example Jacobians (`jacrev_per_output` vmapped over examples, or `jacfwd` when the per-example
   output is larger than P), contracted leaf by leaf and summed over leaves.
 - "ntk_vector_products": never materialises J: columns of K are jvps of f(·, x1) along the vjps of
-  f(·, x2_b) for each basis cotangent (the vjps one at a time by `jax.lax.map`, see `jacrev_per_output`;
-  the jvps vmapped), and over x2.
+  f(·, x2_b) for each basis cotangent (the vjps by `map_over_outputs`, the jvps vmapped), and over x2.
 - "structured": a hook for jaxlin models (per-module / LoRA kernels); the lead's module registers a
   builder in `_IMPLEMENTATIONS["structured"]`. For arbitrary f it raises: use `jaxlin.module_ntks`.
 - "neural_tangents": NT's own jacobian contraction via `jaxlin._nt_compat` (optional; imported lazily).
 - "auto": chosen from shapes only (`choose_implementation`), never by compiling candidates.
 
 `kernel="sign"` (jacobian_contraction only) gives the asymmetric SignGD kernel J1 · s(J2)ᵀ with
-s(z) = z/(|z|+1e-8), the kernel the paper's published code computes (PAPER.md §5.2); it is not
+s(z) = z/(|z|+1e-8), the kernel the paper's published code computes (docs/paper.md §5.2); it is not
 symmetric, so use singular values (or symmetrize) downstream.
 
 `empirical_ntk_fn` returns a pure, un-jitted `ntk(x1, x2, params)`; jit it once where you call it, or
@@ -104,16 +103,19 @@ def _per_example(f):
     return f_ex
 
 
+def map_over_outputs(fn, cotangents):
+    """``fn`` applied to each cotangent along the leading axis of `cotangents` (one per output entry), stacked:
+    how every reverse-mode Jacobian in jaxlin takes its pullbacks, so the choice lives in one place."""
+    return jax.lax.map(fn, cotangents)
+
+
 def jacrev_per_output(f):
-    """``jax.jacrev(f)`` (reverse mode, leaves (*out_shape, *leaf_shape)) taking the VJPs of the output entries
-    one after another (``jax.lax.map``) instead of ``jax.vmap`` over them: on XLA:CPU (jaxlib 0.10.2) a vmapped
-    float32 VJP over the output cotangents of the packaged MiniLM at 32 examples came out up to 8× off while
-    each VJP alone was exact (``benchmarks/xla_cpu_vmapped_vjp.py``). Same FLOPs; vmapping over examples
-    outside it is fine."""
+    """``jax.jacrev(f)`` (reverse mode, leaves (*out_shape, *leaf_shape)), its pullbacks taken by
+    `map_over_outputs`."""
     def jac(params, *args):
         out, pull = jax.vjp(lambda p: f(p, *args), params)
         basis = jnp.eye(out.size, dtype=out.dtype).reshape((out.size,) + out.shape)
-        rows = jax.lax.map(lambda e: pull(e)[0], basis)
+        rows = map_over_outputs(lambda e: pull(e)[0], basis)
         return jax.tree.map(lambda r: r.reshape(out.shape + r.shape[1:]), rows)
 
     return jac
@@ -172,7 +174,7 @@ def _ntk_vector_products(f, spec: KernelSpec):
         def columns(g_side, x_side, shape):  # K columns for every basis cotangent of g_side(·, x_side)
             basis = jnp.eye(math.prod(shape), dtype=out2.dtype).reshape((-1,) + shape)
             _, pull = jax.vjp(lambda p: g_side(p, x_side), params)
-            tangents = jax.lax.map(lambda ct: pull(ct)[0], basis)  # not vmapped: see jacrev_per_output
+            tangents = map_over_outputs(lambda ct: pull(ct)[0], basis)
             cols = jax.vmap(lambda t: jax.jvp(f1, (params,), (t,))[1])(tangents)
             return cols.reshape(shape + out1.shape)
 

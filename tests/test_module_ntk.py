@@ -1,4 +1,6 @@
 """Per-module kernels of adapted models against a dense float64 reference (jacrev on raveled params)."""
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,8 +186,9 @@ def test_packaged_minilm_module_kernels_sum_to_the_kernel_of_all_modules():
 
 @pytest.mark.slow
 def test_packaged_minilm_kernels_of_every_implementation_match_per_example_float64_gradients():
-    """The case where vmapping a float32 VJP over the output cotangents goes wrong on XLA:CPU (32 examples,
-    LoRA deep in the network: 8× off before jacobian_contraction and ntk_vector_products stopped doing it)."""
+    """32 examples × 64 tokens in float32: the layer-norm pullbacks vmapped over the two outputs cross the size at
+    which jaxlib 0.10.2's XLA:CPU reduce fusion went wrong (docs/backend.md; jacobian_contraction was 72 % off
+    there). neural-tangents, which vmaps those pullbacks too, is checked on the same case where installed."""
     import jaxlin.models as M
     from jaxlin import data
 
@@ -207,3 +210,7 @@ def test_packaged_minilm_kernels_of_every_implementation_match_per_example_float
     for impl in IMPLS:
         k = module_ntks(ad, x, trace_axes=(), implementation=impl)["layer0.attention.value"]
         np.testing.assert_allclose(k, ref, atol=1e-5 * np.abs(ref).max(), err_msg=impl)
+    if importlib.util.find_spec("neural_tangents") is not None:
+        nt = empirical_ntk_fn(output_function(ad), trace_axes=(), implementation="neural_tangents")
+        k = np.asarray(jax.jit(nt)(x, None, ad.trainable))
+        np.testing.assert_allclose(k, ref, atol=1e-5 * np.abs(ref).max(), err_msg="neural_tangents")
