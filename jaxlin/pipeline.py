@@ -174,12 +174,15 @@ def load_data(config: RunConfig):
     if config.dataset.startswith("glue/"):
         from .hub_data import load_glue
 
-        if config.missing_labels != "error":
-            raise ConfigError(f"missing_labels={config.missing_labels!r} applies to user files, not to "
-                              f"{config.dataset}; drop --missing-labels")
+        custom = [f for f in ("label_names", "missing_labels", "encoding", "skip_empty")
+                  if getattr(config, f) != getattr(RunConfig, f)]
+        if custom:
+            raise ConfigError(f"{', '.join(custom)} apply to user files, not to {config.dataset}; drop "
+                              + ", ".join("--" + f.replace("_", "-") for f in custom))
         return load_glue(config.dataset.split("/", 1)[1])
     return data.load_dataset(config.dataset, text_column=config.text_column, label_column=config.label_column,
-                             label_names=config.label_names, missing_labels=config.missing_labels)
+                             label_names=config.label_names, missing_labels=config.missing_labels,
+                             encoding=config.encoding, skip_empty=config.skip_empty)
 
 
 # ------------------------------------------------------------------------------------------- input identity

