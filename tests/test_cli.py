@@ -107,6 +107,8 @@ def quick_run(tmp_path_factory):
 def test_quick_preset_end_to_end(quick_run):
     results = json.loads((quick_run / "results.json").read_text())
     validate_results(results)
+    check = results["environment"]["backend_check"]  # the run checked its backend first, and recorded it
+    assert check["passed"] is True and check["jaxlib"] == results["environment"]["jaxlib"] and check["canaries"]
     for key in ("config", "environment", "timings", "spectrum", "krr", "sweep", "probe", "correlation",
                 "selection"):
         assert key in results and "skipped" not in results[key]
