@@ -195,7 +195,7 @@ def write_tokenizer_gguf(path, *, model="gpt2", pre="smollm"):
 
 
 @pytest.mark.parametrize("model, pre, message", [
-    ("bert", "default", r"tokenizer.ggml.model='bert' is not supported"),
+    ("t5", "default", r"tokenizer.ggml.model='t5' is not supported"),
     ("gpt2", "mystery", r"tokenizer.ggml.pre='mystery' .* not one jaxlin knows"),
 ])
 def test_unsupported_gguf_tokenizer_is_named(tmp_path, model, pre, message):
@@ -351,3 +351,58 @@ def test_smollm_loads_tokenizes_and_runs_without_torch():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ids [[504, 3575, 282, 4649, 314, 2], [26843, 665, 2, 2, 2, 2]]" in done.stdout
+
+
+SPM_PIECES = ["▁", "e", "t", "a", "o", "i", "n", "s", "h", "r", "l", "d", "c", "w", "u", "y", "▁t", "he", "▁the", "in",
+              "▁a", "er", "an", "on", "▁in", "re", "at", "▁c", "▁cat", "▁h", "▁hat", "en", "▁w", "or", "ing", "▁wor",
+              "ld", "▁world", "ll", "▁he", "llo", "▁hello", "▁s", "▁sat", "es", "ed", "▁on", "▁an", "▁and", "nd", "ou",
+              "▁you", "▁y", "ea", "▁ea", "st", "▁st", "▁▁", "▁▁▁▁", "東", "京", "▁東京", "ç", "ü", "ber", "▁ü"]
+
+
+def write_spm_gguf(path):
+    """A llama GGUF whose tokenizer is SentencePiece BPE (``tokenizer.ggml.model = "llama"``): <unk>, <s>, </s>,
+    256 byte-fallback tokens and a few scored pieces, without merges (llama.cpp's converter writes none)."""
+    import gguf
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(LAYERS)
+    w.add_context_length(64)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(F)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(EPS)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES))  # unknown, control, byte, normal
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), D), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.torch
+def test_sentencepiece_gguf_tokenizer_matches_transformers_gguf(tmp_path):
+    pytest.importorskip("torch")
+    import gguf
+    from transformers import AutoTokenizer
+
+    from jaxlin.models.gguf_loader import gguf_tokenizer
+
+    path = tmp_path / "spm.gguf"
+    write_spm_gguf(path)
+    ours = gguf_tokenizer(gguf.GGUFReader(path))
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    texts = varied_strings() + ["the cat sat on the hat", "hello  world", "<s>the</s>", "über 東京"]
+    got, want = ours(texts)["input_ids"], ref(texts)["input_ids"]
+    mismatched = [t for t, a, b in zip(texts, got, want) if a != b]
+    print(f"SentencePiece ids equal on {len(texts) - len(mismatched)}/{len(texts)} strings")
+    assert not mismatched
+    assert all(ours.decode(ids) == ref.decode(ids) for ids in got)
+    assert got[-4][:3] == [1, ours.convert_tokens_to_ids("▁the"), ours.convert_tokens_to_ids("▁cat")]  # bos added

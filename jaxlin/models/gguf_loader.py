@@ -177,18 +177,25 @@ def gguf_tokenizer(reader):
     """A ``transformers.PreTrainedTokenizerFast`` built from a GGUF file's ``tokenizer.ggml.*`` metadata.
 
     ``tokenizer.ggml.model`` "gpt2" (byte-level BPE: SmolLM2, Llama 3, Qwen2, …) is built with the pre-tokenizer
-    ``tokenizer.ggml.pre`` names (:data:`BYTE_LEVEL_PRE`). Control tokens (``<|im_start|>``) are matched whole as
-    special tokens, user-defined ones as added tokens. CheckpointError names what is missing or unsupported."""
-    from tokenizers import Tokenizer as RawTokenizer, decoders, models
-
+    ``tokenizer.ggml.pre`` names (:data:`BYTE_LEVEL_PRE`); "llama" (SentencePiece BPE with byte fallback: Llama 2,
+    TinyLlama, Mistral) from its pieces and scores. Control tokens (``<|im_start|>``) are matched whole as special
+    tokens, user-defined ones as added tokens. CheckpointError names what is missing or unsupported."""
     model = _field(reader, "tokenizer.ggml.model")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if model is None or tokens is None:
         raise CheckpointError("the file has no tokenizer.ggml.model/tokens metadata")
-    if model != "gpt2":
-        raise CheckpointError(f"tokenizer.ggml.model={model!r} is not supported; jaxlin builds 'gpt2' (byte-level "
-                              "BPE) tokenizers from GGUF files. Load the model's Hugging Face directory (with its "
-                              "tokenizer.json) instead")
+    if model == "gpt2":
+        return _wrap(_byte_level_bpe(reader, tokens), reader, tokens, add_bos_default=False)
+    if model == "llama":
+        return _wrap(_sentencepiece_bpe(reader, tokens), reader, tokens, add_bos_default=True)
+    raise CheckpointError(f"tokenizer.ggml.model={model!r} is not supported; jaxlin builds 'gpt2' (byte-level BPE) "
+                          "and 'llama' (SentencePiece BPE) tokenizers from GGUF files. Load the model's Hugging Face "
+                          "directory (with its tokenizer.json) instead")
+
+
+def _byte_level_bpe(reader, tokens):
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models
+
     merges = _field(reader, "tokenizer.ggml.merges")
     if merges is None:
         raise CheckpointError("the byte-level BPE tokenizer has no tokenizer.ggml.merges")
@@ -196,7 +203,45 @@ def gguf_tokenizer(reader):
                                   merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
     raw.pre_tokenizer = _byte_level_pre_tokenizer(_field(reader, "tokenizer.ggml.pre", "default"))
     raw.decoder = decoders.ByteLevel()
-    return _wrap(raw, reader, tokens, add_bos_default=False)
+    return raw
+
+
+def _sentencepiece_bpe(reader, tokens):
+    """SentencePiece BPE as llama.cpp runs it: spaces become "▁" (one prepended unless add_space_prefix is false),
+    the pair whose merged piece scores highest merges first, and bytes without a piece fall back to <0xXX>."""
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if merges is not None:
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        scores = _field(reader, "tokenizer.ggml.scores")
+        if scores is None:
+            raise CheckpointError("the SentencePiece tokenizer has neither tokenizer.ggml.merges nor .scores")
+        pairs = merges_from_scores(tokens, scores)
+    unk = _field(reader, "tokenizer.ggml.unknown_token_id")
+    raw = RawTokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=None if unk is None else tokens[int(unk)],
+                                  fuse_unk=True, byte_fallback=True))
+    prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
+                                                 split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    raw.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return raw
+
+
+def merges_from_scores(tokens, scores) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's scores: every split (left, right) of a piece into two pieces,
+    ranked by the merged piece's score, best first (ties: the vocabulary order of left, then right)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for piece, score in zip(tokens, scores):
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-float(score), vocab[left], vocab[right], left, right))
+    return [(left, right) for *_, left, right in sorted(ranked)]
 
 
 def _byte_level_pre_tokenizer(pre: str):
