@@ -19,6 +19,7 @@ from .linearize import linearize, linearize_at
 from .ntk import empirical_ntk, empirical_ntk_fn, estimate_memory
 from .gram import ShardingSpec, blocked_gram
 from .module_ntk import module_ntks, output_function
+from .readout import label_word_readout
 
 # spectra, layer choice, solvers
 from .spectrum import condition_numbers, sign_kernel_stats, spectrum_stats
@@ -37,7 +38,7 @@ __all__ = [
     "AssetNotFoundError", "DataError", "TextDataset", "batches", "calibration_subset", "encode", "load_dataset",
     "train_eval_split",
     "linearize", "linearize_at", "empirical_ntk", "empirical_ntk_fn", "estimate_memory", "ShardingSpec",
-    "blocked_gram", "module_ntks", "output_function",
+    "blocked_gram", "module_ntks", "output_function", "label_word_readout",
     "condition_numbers", "sign_kernel_stats", "spectrum_stats",
     "baseline_selections", "configuration_kernel", "configuration_stats", "enumerate_configurations",
     "greedy_select", "perturbation_report",

@@ -103,9 +103,9 @@ class Adapted:
         """The model's apply (which checks concrete inputs, `jaxlin.models.check_inputs`) at merged params."""
         return self.model.apply(self.merge(trainable, frozen), input_ids, attention_mask, **kwargs)
 
-    def tapped_apply(self, trainable, frozen, probes, input_ids, attention_mask, *, capture=()):
+    def tapped_apply(self, trainable, frozen, probes, input_ids, attention_mask, *, capture=(), **kwargs):
         return self.model.tapped_apply(self.merge(trainable, frozen), probes, input_ids, attention_mask,
-                                       capture=capture)
+                                       capture=capture, **kwargs)
 
     def num_params(self, name: str | None = None) -> int:
         flat = traverse_util.flatten_dict(self.trainable)

@@ -50,20 +50,28 @@ def _sign(x):
 def output_function(adapted: Adapted, output_fn: Optional[Callable] = None) -> Callable:
     """``f(trainable, batch) -> (B, O)`` of an adapted model; ``output_fn(outputs, batch)`` maps other outputs
     (e.g. causal-LM logits (B, L, V)) to (B, O). Carries the adapted model so implementation="structured" of
-    ``empirical_ntk_fn`` can use its module structure."""
+    ``empirical_ntk_fn`` can use its module structure. An ``output_fn`` with a ``model_kwargs`` dict has them
+    passed to the model call (``jaxlin.label_word_readout``'s asks for its label token ids only)."""
+    kwargs = model_kwargs(output_fn)
+
     def f(trainable, batch):
-        out = adapted.apply(trainable, adapted.frozen, batch["input_ids"], batch["attention_mask"])
+        out = adapted.apply(trainable, adapted.frozen, batch["input_ids"], batch["attention_mask"], **kwargs)
         return out if output_fn is None else output_fn(out, batch)
 
     f.jaxlin_adapted, f.jaxlin_output_fn = adapted, output_fn
     return f
 
 
+def model_kwargs(output_fn: Optional[Callable]) -> dict:
+    """Keyword arguments ``output_fn`` asks the model call for (its ``model_kwargs``; none for plain functions)."""
+    return dict(getattr(output_fn, "model_kwargs", None) or {})
+
+
 def _check_output(out_shape, output_fn):
     if len(out_shape) != 2:
         raise ValueError(f"per-module kernels need outputs (B, O); the model returns {tuple(out_shape)}. Pass "
-                         "output_fn=lambda out, batch: ... mapping them to (B, O) (e.g. label-word logits at the "
-                         "last real token), or load the model with task='classification'")
+                         "output_fn mapping them to (B, O) (for label-word logits at the last real token: "
+                         "jaxlin.label_word_readout(...).output_fn), or load the model with task='classification'")
 
 
 def _group_leaves(adapted: Adapted, modules: Sequence[str]):
@@ -85,10 +93,11 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
     model, scale = adapted.model, adapted.lora_scale
     tapped = [n for n in modules if plan[n]["dense"] is not None and (plan[n]["lora"] or plan[n]["own"])]
     other_paths = [p for n in modules for p in plan[n]["other"]]
+    kwargs = model_kwargs(output_fn)
 
     def outputs(trainable, frozen, probes, batch):
         out, inputs = adapted.tapped_apply(trainable, frozen, probes, batch["input_ids"], batch["attention_mask"],
-                                           capture=tapped)
+                                           capture=tapped, **kwargs)
         return (out if output_fn is None else output_fn(out, batch)), inputs
 
     def factors(batch, trainable, frozen):

@@ -62,11 +62,12 @@ class Model:
                 return m
         raise KeyError(f"no module named {name!r}; modules look like {self.module_names[:4]}")
 
-    def tapped_apply(self, params, probes: dict, input_ids, attention_mask, *, capture=()):
+    def tapped_apply(self, params, probes: dict, input_ids, attention_mask, *, capture=(), **kwargs):
         """``apply`` with ``probes[name]`` added to the output of each named dense module and the inputs of
-        the ``capture`` modules returned: ``(outputs, {name: input (B, L, d_in)})``. Pure and jit-able."""
+        the ``capture`` modules returned: ``(outputs, {name: input (B, L, d_in)})``. Pure and jit-able.
+        ``kwargs`` go to the model call (e.g. ``label_token_ids``)."""
         with tapping(probes, capture) as state:
-            out = self.apply(params, input_ids, attention_mask)
+            out = self.apply(params, input_ids, attention_mask, **kwargs)
         return out, dict(state.inputs)
 
 

@@ -123,26 +123,164 @@ def llama_config(reader, tensor_names):
 def read_gguf(path) -> tuple[object, GGUFTensors, object | None]:
     """``(transformers config, {hf_name: float32 array} (lazy), HF tokenizer or None)`` for a llama GGUF file.
 
-    The tokenizer is built by transformers from the GGUF metadata (no torch needed); when that fails the
-    tokenizer is None and a warning says why."""
-    import gguf
-
+    The tokenizer is built from the file's ``tokenizer.ggml.*`` metadata with the ``tokenizers`` library
+    (:func:`gguf_tokenizer`; no torch); when the file describes one jaxlin cannot build, it is None and a warning
+    says why."""
     path = Path(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"cannot read {path} as a GGUF file ({e})") from None
+    reader = _open(path)
     config = llama_config(reader, {hf_tensor_name(t.name) for t in reader.tensors})
     tensors = GGUFTensors(reader, config.num_attention_heads, config.num_key_value_heads)
-    return config, tensors, _tokenizer(path)
+    return config, tensors, _tokenizer_or_none(reader, path)
 
 
-def _tokenizer(path: Path):
-    from transformers import AutoTokenizer
+def _open(path: Path):
+    import gguf
 
     try:
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except Exception as e:  # transformers raises many types for missing or unusual tokenizer metadata
-        warnings.warn(f"no tokenizer could be built from {path.name} ({type(e).__name__}: {e}); the model loads "
-                      "without one: pass token ids yourself", stacklevel=3)
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError) as e:  # gguf reports a cut-off file as any of these
+        size = path.stat().st_size if path.exists() else 0
+        raise CheckpointError(f"cannot read {path} as a GGUF file ({size:,} bytes; {type(e).__name__}: {e}). It is "
+                              "probably truncated (an interrupted download or copy): download or export it "
+                              "again") from None
+
+
+def _tokenizer_or_none(reader, path: Path):
+    try:
+        return gguf_tokenizer(reader)
+    except CheckpointError as e:
+        warnings.warn(f"no tokenizer could be built from {path.name} ({e}); the model loads without one: pass "
+                      "token ids yourself", stacklevel=3)
         return None
+
+
+# ------------------------------------------------------------------------------------------ the tokenizer
+
+# llama.cpp's token types (``tokenizer.ggml.token_type``)
+CONTROL, USER_DEFINED = 3, 4
+
+# How each ``tokenizer.ggml.pre`` splits text before byte-level BPE, as llama.cpp's ``llama-vocab.cpp`` does
+# (and the models' own tokenizer.json files): "gpt2" is GPT-2's regex; "digits+gpt2" splits every digit off first;
+# a regex string is applied before byte mapping (without GPT-2's regex).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+BYTE_LEVEL_PRE = {
+    **dict.fromkeys(("default", "gpt-2", "gpt2", "mpt", "olmo", "jais"), "gpt2"),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), "digits+gpt2"),
+    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "falcon3", "smaug-bpe", "dbrx"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2"), _QWEN2_SPLIT),
+}
+
+
+def gguf_tokenizer(reader):
+    """A ``transformers.PreTrainedTokenizerFast`` built from a GGUF file's ``tokenizer.ggml.*`` metadata.
+
+    ``tokenizer.ggml.model`` "gpt2" (byte-level BPE: SmolLM2, Llama 3, Qwen2, …) is built with the pre-tokenizer
+    ``tokenizer.ggml.pre`` names (:data:`BYTE_LEVEL_PRE`); "llama" (SentencePiece BPE with byte fallback: Llama 2,
+    TinyLlama, Mistral) from its pieces and scores. Control tokens (``<|im_start|>``) are matched whole as special
+    tokens, user-defined ones as added tokens. CheckpointError names what is missing or unsupported."""
+    model = _field(reader, "tokenizer.ggml.model")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if model is None or tokens is None:
+        raise CheckpointError("the file has no tokenizer.ggml.model/tokens metadata")
+    if model == "gpt2":
+        return _wrap(_byte_level_bpe(reader, tokens), reader, tokens, add_bos_default=False)
+    if model == "llama":
+        return _wrap(_sentencepiece_bpe(reader, tokens), reader, tokens, add_bos_default=True)
+    raise CheckpointError(f"tokenizer.ggml.model={model!r} is not supported; jaxlin builds 'gpt2' (byte-level BPE) "
+                          "and 'llama' (SentencePiece BPE) tokenizers from GGUF files. Load the model's Hugging Face "
+                          "directory (with its tokenizer.json) instead")
+
+
+def _byte_level_bpe(reader, tokens):
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models
+
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if merges is None:
+        raise CheckpointError("the byte-level BPE tokenizer has no tokenizer.ggml.merges")
+    raw = RawTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                  merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
+    raw.pre_tokenizer = _byte_level_pre_tokenizer(_field(reader, "tokenizer.ggml.pre", "default"))
+    raw.decoder = decoders.ByteLevel()
+    return raw
+
+
+def _sentencepiece_bpe(reader, tokens):
+    """SentencePiece BPE as llama.cpp runs it: spaces become "▁" (one prepended unless add_space_prefix is false),
+    the pair whose merged piece scores highest merges first, and bytes without a piece fall back to <0xXX>."""
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if merges is not None:
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        scores = _field(reader, "tokenizer.ggml.scores")
+        if scores is None:
+            raise CheckpointError("the SentencePiece tokenizer has neither tokenizer.ggml.merges nor .scores")
+        pairs = merges_from_scores(tokens, scores)
+    unk = _field(reader, "tokenizer.ggml.unknown_token_id")
+    raw = RawTokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=None if unk is None else tokens[int(unk)],
+                                  fuse_unk=True, byte_fallback=True))
+    prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
+                                                 split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    raw.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return raw
+
+
+def merges_from_scores(tokens, scores) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's scores: every split (left, right) of a piece into two pieces,
+    ranked by the merged piece's score, best first (ties: the vocabulary order of left, then right)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for piece, score in zip(tokens, scores):
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-float(score), vocab[left], vocab[right], left, right))
+    return [(left, right) for *_, left, right in sorted(ranked)]
+
+
+def _byte_level_pre_tokenizer(pre: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre not in BYTE_LEVEL_PRE:
+        raise CheckpointError(f"tokenizer.ggml.pre={pre!r} (how text is split before BPE) is not one jaxlin "
+                              f"knows ({sorted(BYTE_LEVEL_PRE)}); add its split to jaxlin/models/gguf_loader.py:"
+                              "BYTE_LEVEL_PRE, or load the model's Hugging Face directory instead")
+    split = BYTE_LEVEL_PRE[pre]
+    if split == "gpt2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if split == "digits+gpt2":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _wrap(raw, reader, tokens, *, add_bos_default: bool):
+    """Special tokens, bos/eos flags and the transformers call interface around a ``tokenizers.Tokenizer``."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    raw.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, kind in zip(tokens, types) if kind == CONTROL])
+    raw.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, kind in zip(tokens, types) if kind == USER_DEFINED])
+    if raw.get_vocab_size(with_added_tokens=True) != len(tokens):
+        raise CheckpointError(f"the tokenizer built has {raw.get_vocab_size(with_added_tokens=True)} tokens, the "
+                              f"file lists {len(tokens)}")
+
+    def special(key):
+        token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        return None if token_id is None else tokens[int(token_id)]
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token=special("bos"), eos_token=special("eos"), unk_token=special("unknown"),
+        pad_token=special("padding"), clean_up_tokenization_spaces=False,
+        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", add_bos_default)),
+        add_eos_token=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .base import reject_encoder_head
-from .layers import (Embed, LayerNorm, Linear, activation, causal_allowed, last_real_token,
+from .layers import (Embed, LayerNorm, Linear, activation, causal_allowed, check_label_readout, last_real_token,
                      masked_softmax_attention, merge_heads, split_heads)
 
 
@@ -49,7 +49,8 @@ class GPT2Block(nnx.Module):
 
 class GPT2Decoder(nnx.Module):
     """``task``: "encoder" → hidden states after ``ln_f`` (B, L, D); "causal_lm" → logits (B, L, V) through the
-    tied embedding; "classification" → ``score`` (no bias) on the last real token, logits (B, C)."""
+    tied embedding, or with ``label_token_ids`` (C,) only those C logits at the last real token (B, C);
+    "classification" → ``score`` (no bias) on the last real token, logits (B, C)."""
 
     def __init__(self, c, *, task: str, num_labels: int | None, rngs: nnx.Rngs, dtype=jnp.float32):
         if getattr(c, "add_cross_attention", False):
@@ -67,12 +68,16 @@ class GPT2Decoder(nnx.Module):
                            dtype=dtype)
         self.score = nnx.data(score)
 
-    def __call__(self, input_ids_BL, attention_mask_BL):
+    def __call__(self, input_ids_BL, attention_mask_BL, *, label_token_ids=None):
+        if label_token_ids is not None:
+            check_label_readout(self.task, "gpt2")
         x_BLD = self.wte(input_ids_BL) + self.wpe(jnp.arange(input_ids_BL.shape[1]))[None]
         allowed_B1LL = causal_allowed(attention_mask_BL)
         for layer in self.layers:
             x_BLD = layer(x_BLD, allowed_B1LL)
         x_BLD = self.ln_f(x_BLD)
+        if label_token_ids is not None:
+            return self.wte.attend(last_real_token(x_BLD, attention_mask_BL), rows=label_token_ids)
         if self.task == "encoder":
             return x_BLD
         if self.task == "causal_lm":

@@ -46,7 +46,9 @@ def tapping(probes: dict, capture) -> Iterator[_TapState]:
         _TAPS.reset(token)
 
 
-def _tap(name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+def _tap(name: str, x: jax.Array, y: jax.Array, columns=None) -> jax.Array:
+    """``columns``: ``y`` holds only these output columns of the module (a label-word readout of an LM head); the
+    probe, shaped like the full output, is read at them."""
     state = _TAPS.get()
     if state is None:
         return y
@@ -54,7 +56,9 @@ def _tap(name: str, x: jax.Array, y: jax.Array) -> jax.Array:
         state.inputs[name] = x
         state.outputs[name] = y
     probe = state.probes.get(name)
-    return y if probe is None else y + probe.astype(y.dtype)
+    if probe is None:
+        return y
+    return y + (probe if columns is None else probe[..., columns]).astype(y.dtype)
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
@@ -73,11 +77,18 @@ class Linear(nnx.Module):
         self.d_in, self.d_out = d_in, d_out
         self.order = next(_CREATION)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...]
+    def __call__(self, x: jax.Array, columns=None) -> jax.Array:
+        """``columns`` (C,): only those outputs, from C columns of the kernel (an LM head read at C label words)."""
+        if columns is None:
+            y = x @ self.kernel[...]
+            if self.bias is not None:
+                y = y + self.bias[...]
+            return _tap(self.name, x, y)
+        columns = jnp.asarray(columns)
+        y = x @ jnp.take(self.kernel[...], columns, axis=1)
         if self.bias is not None:
-            y = y + self.bias[...]
-        return _tap(self.name, x, y)
+            y = y + jnp.take(self.bias[...], columns)
+        return _tap(self.name, x, y, columns)
 
     def hf_params(self) -> list[tuple[str, str, Callable]]:
         t = (lambda w: w.T) if self.hf_transpose else (lambda w: w)
@@ -96,9 +107,11 @@ class Embed(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        """Tied output projection: logits = x @ Eᵀ."""
-        return x @ self.embedding[...].T
+    def attend(self, x: jax.Array, rows=None) -> jax.Array:
+        """Tied output projection: logits = x @ Eᵀ; with ``rows`` (C,), only those vocabulary rows of E."""
+        if rows is None:
+            return x @ self.embedding[...].T
+        return x @ jnp.take(self.embedding[...], jnp.asarray(rows), axis=0).T
 
     def hf_params(self):
         return [("embedding", "weight", lambda w: w)]
@@ -167,6 +180,17 @@ def last_real_token(x_BLD: jax.Array, attention_mask_BL: jax.Array) -> jax.Array
     ``*ForSequenceClassification`` takes the rightmost token that is not ``pad_token_id``)."""
     pos_BL = jnp.arange(x_BLD.shape[1]) * attention_mask_BL.astype(jnp.int32)
     return jnp.take_along_axis(x_BLD, jnp.max(pos_BL, axis=1)[:, None, None], axis=1)[:, 0]
+
+
+def check_label_readout(task: str, family: str) -> None:
+    """A label-word readout (``label_token_ids``) reads the LM head: decoders loaded with task="causal_lm" only."""
+    if family == "bert":
+        raise ValueError("a label-word readout needs a language-model head, and jaxlin's BERT-style encoders have no "
+                         "masked-LM head; load a decoder (GPT-2, Llama, Qwen2, Mistral or a GGUF) with "
+                         "task='causal_lm', or classify with task='classification'")
+    if task != "causal_lm":
+        raise ValueError(f"a label-word readout needs the LM head: load the model with task='causal_lm' (it was "
+                         f"loaded with task={task!r})")
 
 
 ACTIVATIONS: dict[str, Callable] = {

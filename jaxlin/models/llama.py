@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from .base import reject_encoder_head
-from .layers import (Embed, Linear, RMSNorm, activation, causal_allowed, last_real_token, masked_softmax_attention,
-                     merge_heads, split_heads)
+from .layers import (Embed, Linear, RMSNorm, activation, causal_allowed, check_label_readout, last_real_token,
+                     masked_softmax_attention, merge_heads, split_heads)
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -98,8 +98,8 @@ class LlamaLayer(nnx.Module):
 
 class LlamaDecoder(nnx.Module):
     """``task``: "encoder" → hidden states after the final norm (B, L, D); "causal_lm" → logits (B, L, V), through
-    the tied embedding or an untied ``lm_head``; "classification" → ``score`` (no bias) on the last real token,
-    logits (B, C)."""
+    the tied embedding or an untied ``lm_head``, or with ``label_token_ids`` (C,) only those C logits at the last
+    real token (B, C); "classification" → ``score`` (no bias) on the last real token, logits (B, C)."""
 
     def __init__(self, c, *, task: str, num_labels: int | None, rngs: nnx.Rngs, dtype=jnp.float32):
         d, std = c.hidden_size, c.initializer_range
@@ -124,7 +124,9 @@ class LlamaDecoder(nnx.Module):
                            dtype=dtype)
         self.lm_head, self.score = nnx.data(lm_head), nnx.data(score)
 
-    def __call__(self, input_ids_BL, attention_mask_BL):
+    def __call__(self, input_ids_BL, attention_mask_BL, *, label_token_ids=None):
+        if label_token_ids is not None:
+            check_label_readout(self.task, "llama")
         angles_Lh = jnp.arange(input_ids_BL.shape[1], dtype=jnp.float32)[:, None] * jnp.asarray(
             self.inv_freq, jnp.float32)[None, :]
         angles_Ld = jnp.concatenate([angles_Lh, angles_Lh], axis=-1)
@@ -134,6 +136,11 @@ class LlamaDecoder(nnx.Module):
         for layer in self.layers:
             x_BLD = layer(x_BLD, allowed, cos_Ld, sin_Ld)
         x_BLD = self.norm(x_BLD)
+        if label_token_ids is not None:
+            last_BD = last_real_token(x_BLD, attention_mask_BL)
+            if self.lm_head is None:
+                return self.embed_tokens.attend(last_BD, rows=label_token_ids)
+            return self.lm_head(last_BD, columns=label_token_ids)
         if self.task == "encoder":
             return x_BLD
         if self.task == "causal_lm":

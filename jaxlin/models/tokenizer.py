@@ -5,6 +5,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..data import DataError, pad_batch
+
 
 class Tokenizer:
     """Implements ``jaxlin.data.TokenizerLike``; calling it returns padded numpy arrays.
@@ -24,13 +26,21 @@ class Tokenizer:
     def encode_unpadded(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
         if isinstance(texts, str):
             raise TypeError("pass a list of texts, not a single string")
-        return self.hf(list(texts), truncation=True, max_length=int(max_length))["input_ids"]
+        texts = list(texts)
+        if not texts:
+            raise DataError("no texts to tokenize (got an empty list); pass at least one text")
+        if int(max_length) < 1:
+            raise DataError(f"max_length={max_length} leaves no room for a token; pass max_length ≥ 1 (e.g. 128)")
+        return self.hf(texts, truncation=True, max_length=int(max_length))["input_ids"]
 
     def __call__(self, texts: Sequence[str], *, max_length: int = 128, pad_to_multiple_of: int = 8,
                  padding_side: str | None = None) -> dict[str, np.ndarray]:
-        from ..data import pad_batch
-
-        return pad_batch(self.encode_unpadded(texts, max_length), pad_token_id=self.pad_token_id,
+        ids = self.encode_unpadded(texts, max_length)
+        empty = [i for i, seq in enumerate(ids) if not seq]
+        if empty:
+            raise DataError(f"text {empty[0]} ({list(texts)[empty[0]][:40]!r}) has no tokens, so its row would be all "
+                            f"padding ({len(empty)} such text(s)); drop or fill empty texts")
+        return pad_batch(ids, pad_token_id=self.pad_token_id,
                          pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side or self.padding_side)
 
     def decode(self, ids) -> str:

@@ -1,0 +1,164 @@
+"""Label-word readouts: a causal LM read as a C-class classifier through the next-token logits of C label words.
+
+    readout = jaxlin.label_word_readout(model.tokenizer, ["negative", "positive"],
+                                        template="Review: {text}\\nSentiment:")
+    batch = readout.encode(texts, max_length=128)          # prompts, right-padded, real lengths
+    kernels = jaxlin.module_ntks(adapted, batch, output_fn=readout.output_fn)  # kernels of (B, C) logits
+
+Class c's logit for a text is the LM's next-token logit, at the prompt's last real token, of the FIRST token of
+label word c as it follows the prompt: the token that starts ``prompt + " " + word`` after the prompt's own tokens
+(so, with GPT-2-style vocabularies, "Ġpositive", leading space included).
+
+The model computes only what the readout needs: ``readout.output_fn`` asks the model call for
+``label_token_ids`` (its ``model_kwargs``, which ``jaxlin.module_ntk.output_function`` passes on), so the
+decoder takes the last real token's final hidden state (B, D) and the C label rows of its LM head (the tied
+embedding or an untied ``lm_head``): logits (B, C), never (B, L, V). Given full (B, L, V) logits instead, the
+same ``output_fn`` slices them, which is how the tests check the two agree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from .data import DataError, pad_batch
+from .models.layers import last_real_token
+from .models.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelWordLogits:
+    """``output_fn(outputs, batch) -> (B, C)``: the next-token logits of ``token_ids`` at each row's last real token.
+
+    ``model_kwargs`` asks the model for those C logits directly (``outputs`` (B, C)); full causal-LM logits
+    (B, L, V) are sliced instead. Hashable, so per-module kernels are compiled once per set of label tokens."""
+
+    token_ids: tuple[int, ...]
+
+    @property
+    def model_kwargs(self) -> dict:
+        return {"label_token_ids": self.token_ids}
+
+    def __call__(self, outputs, batch):
+        c = len(self.token_ids)
+        if outputs.ndim == 2 and outputs.shape[-1] == c:
+            return outputs
+        if outputs.ndim != 3:
+            raise ValueError(f"a label-word readout maps causal-LM logits (B, L, V) or its own (B, {c}) logits; got "
+                             f"outputs of shape {tuple(outputs.shape)}: load the model with task='causal_lm'")
+        return last_real_token(outputs, batch["attention_mask"])[:, jnp.asarray(self.token_ids)]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LabelWordReadout:
+    """Prompts → (B, C) label-word logits; see :func:`label_word_readout`."""
+
+    tokenizer: Tokenizer
+    label_words: tuple[str, ...]
+    template: str
+    token_ids: tuple[int, ...]
+    output_fn: LabelWordLogits
+
+    def prompt(self, text: str) -> str:
+        return self.template.format(text=text)
+
+    def encode(self, texts: Sequence[str], max_length: int | None = None,
+               pad_to_multiple_of: int = 8) -> dict[str, np.ndarray]:
+        """``{"input_ids", "attention_mask"}`` (B, L) int32 of the prompts, right-padded with real lengths, L the
+        longest rounded up to ``pad_to_multiple_of``. A prompt longer than ``max_length`` tokens loses the end of
+        its text, never the template (whose last token is where the label word is read)."""
+        if isinstance(texts, str):
+            raise TypeError("pass a list of texts, not a single string")
+        texts = list(texts)
+        if not texts:
+            raise DataError("no texts to encode (got an empty list); pass at least one text")
+        if max_length is not None and int(max_length) < 1:
+            raise DataError(f"max_length={max_length} leaves no room for a token; pass max_length ≥ 1 or None")
+        ids = self._ids([self.prompt(t) for t in texts])
+        if max_length is not None:
+            ids = [seq if len(seq) <= max_length else self._fit(text, int(max_length)) for seq, text in zip(ids, texts)]
+        if not all(ids):
+            raise DataError(f"prompt {[len(s) for s in ids].index(0)} has no tokens (an empty text with the template "
+                            f"{self.template!r}); drop empty texts or use a template with words around {{text}}")
+        return pad_batch(ids, pad_token_id=self.tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+                         padding_side="right")
+
+    def _ids(self, prompts: list[str]) -> list[list[int]]:
+        return self.tokenizer.hf(prompts)["input_ids"]
+
+    def _fit(self, text: str, max_length: int) -> list[int]:
+        """The prompt's ids with ``text`` cut (by tokens) until they fit in ``max_length``."""
+        text_ids = self.tokenizer.hf(text, add_special_tokens=False)["input_ids"]
+        keep = len(text_ids)
+        while keep > 0:
+            ids = self._ids([self.prompt(self.tokenizer.hf.decode(text_ids[:keep]))])[0]
+            if len(ids) <= max_length:
+                return ids
+            keep -= len(ids) - max_length
+        ids = self._ids([self.prompt("")])[0]
+        if len(ids) > max_length:
+            raise DataError(f"the template alone takes {len(ids)} tokens, more than max_length={max_length}; raise "
+                            "max_length or shorten the template")
+        return ids
+
+
+def label_word_readout(tokenizer, label_words: Sequence[str], template: str | None = None) -> LabelWordReadout:
+    """A readout of ``label_words`` (one per class) after ``template`` ("Review: {text}\\nSentiment:"; default
+    "{text}"). ``tokenizer``: ``model.tokenizer`` (or a Hugging Face tokenizer). Raises ValueError for a
+    template without a single ``{text}`` field, and for label words whose first tokens after the prompt
+    collide (naming them)."""
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer (model.tokenizer is None); load a checkpoint that has one, or "
+                         "pass a Hugging Face tokenizer")
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    template = "{text}" if template is None else template
+    _check_template(template)
+    words = tuple(label_words) if not isinstance(label_words, str) else None
+    if not words or not all(isinstance(w, str) and w.strip() for w in words):
+        raise ValueError(f"label_words={label_words!r}: pass a list of non-empty words, one per class, e.g. "
+                         "['negative', 'positive']")
+    token_ids = first_tokens(tok, template.format(text=""), words)
+    return LabelWordReadout(tok, words, template, token_ids, LabelWordLogits(token_ids))
+
+
+def _check_template(template: str) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"template={template!r} is not a format string ({e}); write it like "
+                         "'Review: {text}\\nSentiment:' (double literal braces: '{{' '}}')") from None
+    if fields != ["text"]:
+        raise ValueError(f"template={template!r} has fields {fields}; it needs exactly one '{{text}}' and no other "
+                         "field, e.g. 'Review: {text}\\nSentiment:'")
+
+
+def first_tokens(tokenizer: Tokenizer, prompt: str, words: Sequence[str]) -> tuple[int, ...]:
+    """The first token id of each ``" " + word`` as it follows ``prompt``. Raises ValueError when the prompt's
+    own tokens change under the word, when a first token is whitespace alone, or when two words share one."""
+    hf = tokenizer.hf
+    prompt_ids, *word_ids = hf([prompt] + [f"{prompt} {w}" for w in words], add_special_tokens=False)["input_ids"]
+    n = len(prompt_ids)
+    ids = []
+    for word, seq in zip(words, word_ids):
+        if seq[:n] != prompt_ids or len(seq) == n:
+            raise ValueError(f"the tokens of the prompt {prompt[-30:]!r} change when {' ' + word!r} follows it; "
+                             "end the template with punctuation or a newline so the label word starts a new token")
+        if not hf.decode([seq[n]]).strip():
+            raise ValueError(f"label word {word!r} starts with the whitespace-only token {hf.decode([seq[n]])!r} "
+                             "after the prompt; choose a word the vocabulary spells with a leading-space token")
+        ids.append(int(seq[n]))
+    by_id: dict[int, list[str]] = {}
+    for word, i in zip(words, ids):
+        by_id.setdefault(i, []).append(word)
+    clashes = [ws for ws in by_id.values() if len(ws) > 1]
+    if clashes:
+        shown = "; ".join(f"{ws} all start with token {hf.decode([ids[words.index(ws[0])]])!r}" for ws in clashes)
+        raise ValueError(f"label words must start with different tokens after the prompt, but {shown}; choose "
+                         "words whose first tokens differ, ideally words the vocabulary holds whole")
+    return tuple(ids)
+
+
+__all__ = ["LabelWordLogits", "LabelWordReadout", "label_word_readout", "first_tokens"]

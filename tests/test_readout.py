@@ -1,0 +1,167 @@
+"""Label-word readouts: the (B, C) logits the model computes from C rows of its LM head equal the full (B, L, V)
+logits sliced at the last real token; their per-module kernels equal a dense float64 jacrev J Jᵀ of the same
+function; the token-id rule (the first token of " word" after the prompt) and prompt encoding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import jaxlin
+from jaxlin import testing
+from jaxlin.adapters import LoRA, adapt
+from jaxlin.data import DataError
+from jaxlin.module_ntk import module_ntks
+from jaxlin.readout import LabelWordLogits
+
+LABEL_IDS = (5, 17, 3, 60)  # C = 4 vocabulary rows of the tiny models (vocab 97)
+TEMPLATE = "Review: {text}\nSentiment:"
+
+
+def batch_for(model, padding_side="right"):
+    b = testing.random_batch(model, batch=5, length=9, seed=3, padding_side=padding_side)
+    b["input_ids"] = np.where(b["attention_mask"] == 1, b["input_ids"], 0).astype(np.int32)
+    return b
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_tied", "qwen2", "mistral"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_efficient_readout_equals_sliced_full_logits(kind, side):
+    model = testing.tiny_model(kind, task="causal_lm", dtype=jnp.float64)
+    b = batch_for(model, side)
+    full_BLV = model.apply(model.params, b["input_ids"], b["attention_mask"])
+    sliced_BC = LabelWordLogits(LABEL_IDS)(full_BLV, b)
+    logits_BC = model.apply(model.params, b["input_ids"], b["attention_mask"], label_token_ids=LABEL_IDS)
+    assert logits_BC.shape == (5, len(LABEL_IDS))
+    np.testing.assert_allclose(logits_BC, sliced_BC, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(LabelWordLogits(LABEL_IDS)(logits_BC, b), logits_BC)  # already (B, C): as is
+
+
+def reference_kernel(adapted, trainable, batch, output_fn):
+    """Dense float64 J Jᵀ (B, B, C, C) per module of the readout computed from full (B, L, V) logits."""
+    flat, unravel = ravel_pytree(trainable)
+
+    def f(p):
+        out = adapted.apply(unravel(p), adapted.frozen, batch["input_ids"], batch["attention_mask"])
+        assert out.ndim == 3  # the full logits: no label_token_ids here
+        return output_fn(out, batch)
+
+    j = jax.jacrev(f)(flat)  # (B, C, P)
+    kernels = {}
+    for name in adapted.modules:
+        mask = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+        mask = jax.tree_util.tree_map_with_path(
+            lambda path, v: jnp.ones_like(v) if tuple(k.key for k in path) in adapted.groups[name] else v, mask)
+        keep = ravel_pytree(mask)[0].astype(bool)
+        kernels[name] = np.einsum("iap,jbp->ijab", j[..., keep], j[..., keep])
+    return kernels
+
+
+def perturbed(adapted, seed=1):
+    keys = iter(jax.random.split(jax.random.key(seed), 64))
+    return jax.tree_util.tree_map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape, x.dtype),
+                                  adapted.trainable)
+
+
+CASES = {  # LoRA targets, dense modules trained in full
+    "gpt2": (("c_attn", "mlp.c_proj"), ("layer1.mlp.c_fc",)),
+    "llama": (("q_proj", "v_proj", "lm_head"), ("layer2.self_attn.o_proj",)),  # untied lm_head, LoRA on it
+    "llama_tied": (("k_proj", "down_proj"), ("layer1.mlp.up_proj",)),
+    "llama_lm_head": (("q_proj",), ("lm_head",)),  # untied lm_head trained in full
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("impl", ["structured", "jacobian_contraction"])
+def test_readout_kernels_match_dense_jacobian(case, impl):
+    kind = "llama" if case == "llama_lm_head" else case
+    model = testing.tiny_model(kind, task="causal_lm", dtype=jnp.float64)
+    lora, full = CASES[case]
+    adapted = adapt(model, lora=LoRA(lora, rank=3, alpha=6), modules=full)
+    trainable, b = perturbed(adapted), batch_for(model)
+    output_fn = LabelWordLogits(LABEL_IDS)
+    got = module_ntks(adapted, b, trainable=trainable, trace_axes=(), output_fn=output_fn, implementation=impl)
+    ref = reference_kernel(adapted, trainable, b, output_fn)
+    assert list(got) == list(ref)
+    errs = {n: float(np.abs(got[n] - ref[n]).max() / np.abs(ref[n]).max()) for n in ref}
+    print(f"{case} {impl} max relative error over {len(errs)} modules: {max(errs.values()):.1e}")
+    assert got[adapted.modules[0]].shape == (5, 5, len(LABEL_IDS), len(LABEL_IDS))
+    assert max(errs.values()) <= 1e-8, errs
+
+
+def test_readout_on_models_without_an_lm_head_is_refused():
+    bert = testing.tiny_model("bert", task="encoder", dtype=jnp.float64)
+    b = batch_for(bert)
+    with pytest.raises(ValueError, match="no masked-LM head"):
+        module_ntks(adapt(bert, lora=LoRA(("query",), rank=2)), b, output_fn=LabelWordLogits(LABEL_IDS))
+    cls = testing.tiny_model("llama", task="classification", num_labels=3)
+    with pytest.raises(ValueError, match="load the model with task='causal_lm'"):
+        cls.apply(cls.params, b["input_ids"], b["attention_mask"], label_token_ids=LABEL_IDS)
+
+
+# ----------------------------------------------------------------------------- with the SmolLM2 tokenizer
+
+@pytest.fixture(scope="module")
+def smollm_tokenizer():
+    import gguf
+
+    from jaxlin.models import Tokenizer, checkpoint
+    from jaxlin.models.gguf_loader import gguf_tokenizer
+
+    return Tokenizer(gguf_tokenizer(gguf.GGUFReader(checkpoint.resolve("SmolLM2-135M-Instruct").path)))
+
+
+def test_token_ids_are_first_tokens_of_the_word_after_the_prompt(smollm_tokenizer):
+    readout = jaxlin.label_word_readout(smollm_tokenizer, ["negative", "positive", "sportsmanship"],
+                                        template=TEMPLATE)
+    hf = smollm_tokenizer.hf
+    assert hf.convert_ids_to_tokens(list(readout.token_ids)) == ["Ġnegative", "Ġpositive", "Ġsports"]
+    assert readout.token_ids[1] != hf("positive", add_special_tokens=False)["input_ids"][0]  # no leading space
+    assert readout.label_words == ("negative", "positive", "sportsmanship") and readout.template == TEMPLATE
+    assert readout.output_fn == LabelWordLogits(readout.token_ids)
+
+
+def test_colliding_and_malformed_label_words_are_refused(smollm_tokenizer):
+    with pytest.raises(ValueError, match=r"\['sports', 'sportsmanship'\] all start with token ' sports'"):
+        jaxlin.label_word_readout(smollm_tokenizer, ["sports", "sportsmanship"], template=TEMPLATE)
+    with pytest.raises(ValueError, match="exactly one '{text}'"):
+        jaxlin.label_word_readout(smollm_tokenizer, ["a", "b"], template="Review: {txt}")
+    with pytest.raises(ValueError, match="non-empty words"):
+        jaxlin.label_word_readout(smollm_tokenizer, ["good", " "])
+    with pytest.raises(ValueError, match="no tokenizer"):
+        jaxlin.label_word_readout(None, ["good", "bad"])
+
+
+def test_encode_right_pads_prompts_with_real_lengths(smollm_tokenizer):
+    readout = jaxlin.label_word_readout(smollm_tokenizer, ["bad", "good"], template=TEMPLATE)
+    texts = ["great", "a long and winding review of a film that I did not enjoy at all", "ok 🙂"]
+    batch = readout.encode(texts)
+    expected = [smollm_tokenizer.hf(TEMPLATE.format(text=t))["input_ids"] for t in texts]
+    lengths = batch["attention_mask"].sum(1)
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == np.int32
+    assert batch["input_ids"].shape[1] % 8 == 0 and batch["input_ids"].shape[1] - max(lengths) < 8
+    assert lengths.tolist() == [len(e) for e in expected]
+    for row, mask, e in zip(batch["input_ids"], batch["attention_mask"], expected):
+        assert row[: len(e)].tolist() == e and mask[: len(e)].all() and not mask[len(e):].any()
+        assert (row[len(e):] == smollm_tokenizer.pad_token_id).all()
+    cut = readout.encode(texts, max_length=12)  # the text is cut, the template's end is kept
+    assert cut["attention_mask"].sum(1).max() <= 12
+    for row, n in zip(cut["input_ids"], cut["attention_mask"].sum(1)):
+        assert smollm_tokenizer.decode(row[:n]).endswith("\nSentiment:")
+    with pytest.raises(DataError, match="no texts"):
+        readout.encode([])
+
+
+@pytest.mark.slow
+def test_smollm2_readout_kernel_matches_dense_jacobian():
+    model = jaxlin.load_pretrained("SmolLM2-135M-Instruct", task="causal_lm", dtype=jnp.float64)
+    readout = jaxlin.label_word_readout(model.tokenizer, ["negative", "positive"], template=TEMPLATE)
+    b = readout.encode(["a wonderful, moving film", "dull and far too long", "fine"])
+    adapted = adapt(model, lora=LoRA(("layer29.self_attn.v_proj",), rank=2, alpha=4))
+    trainable = perturbed(adapted)
+    got = module_ntks(adapted, b, trainable=trainable, trace_axes=(), output_fn=readout.output_fn)
+    ref = reference_kernel(adapted, trainable, b, readout.output_fn)
+    (name,) = adapted.modules
+    err = float(np.abs(got[name] - ref[name]).max() / np.abs(ref[name]).max())
+    print(f"SmolLM2 LoRA {name} readout kernel relative error {err:.1e}")
+    assert got[name].shape == (3, 3, 2, 2) and err <= 1e-8
