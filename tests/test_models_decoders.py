@@ -167,10 +167,11 @@ def test_jitted_apply_and_taps(checkpoints):
     ids, mask = padded_batch()
     apply = jax.jit(model.apply)
     first = apply(model.params, ids, mask)
-    np.testing.assert_allclose(apply(model.params, ids, mask), model.apply(model.params, ids, mask), rtol=1e-5)
+    eager = model.apply(model.params, ids, mask)  # float32: jit may reorder sums, so compare at the output's scale
+    np.testing.assert_allclose(apply(model.params, ids, mask), eager, rtol=1e-5, atol=1e-5 * np.abs(eager).max())
     assert apply._cache_size() == 1 and first.shape == (3, 2)
     name = "layer1.mlp.down_proj"  # a zero probe changes nothing, and the module's input is captured
     probe = {name: jnp.zeros((3, 9, model.module(name).d_out), jnp.float32)}
     out, inputs = model.tapped_apply(model.params, probe, ids, mask, capture=(name,))
-    np.testing.assert_allclose(out, first, rtol=1e-5)
+    np.testing.assert_allclose(out, first, rtol=1e-5, atol=1e-5 * np.abs(first).max())
     assert inputs[name].shape == (3, 9, model.module(name).d_in)
