@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ._util import loglog_slope
 from .schema import is_number
 
 FIGSIZE = (6.0, 3.5)
@@ -148,11 +149,6 @@ def distances(sweep: list, summary: dict) -> Figure | None:
     ax.set(xscale="log", yscale="log", xlabel="λ", ylabel="distance", title="Distances against regularisation λ")
     ax.legend(fontsize=6)
     return fig
-
-
-def loglog_slope(x: np.ndarray, y: np.ndarray) -> float:
-    """Least-squares slope of log y against log x (positive finite pairs); nan with fewer than 2 distinct x."""
-    return float(np.polyfit(np.log(x), np.log(y), 1)[0]) if np.unique(x).size >= 2 else math.nan
 
 
 def loss_curves(sweep: list) -> Figure | None:

@@ -473,7 +473,7 @@ def _run_stage(ctx: Context, stage: str, resume: bool) -> tuple[dict, dict, dict
     t = time.perf_counter()
     result, arrays = STAGE_FUNCTIONS[stage](ctx)
     seconds = time.perf_counter() - t
-    from .spectrum import to_jsonable
+    from ._util import to_jsonable
 
     result = to_jsonable(result)
     check_finite(stage, result, arrays, ctx.config)

@@ -5,7 +5,7 @@ keys and on types, permissive on extra keys. The first problem raises `SchemaErr
 the JSON path of the bad value, e.g. ``sweep[2].lambda: expected a number, got 'x'``.
 
 Numbers are ints or floats (never bools) or one of the strings "inf", "-inf", "nan", which is how
-`jaxlin.spectrum.to_jsonable` writes non-finite floats. A skipped stage is ``{"skipped": "<reason>"}`` for a dict
+`jaxlin._util.to_jsonable` writes non-finite floats. A skipped stage is ``{"skipped": "<reason>"}`` for a dict
 section and ``[]`` for `sweep`. `example_results()` returns a small, complete synthetic results dict.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .spectrum import to_jsonable
+from ._util import to_jsonable
 from .stats import correlation
 
 SCHEMA_VERSION = "jaxlin.results/1"

@@ -218,29 +218,3 @@ def hutchinson_trace(matvec, n, *, num_samples, key, dtype=None):
     probes = jax.random.rademacher(key, (num_samples, n), dtype)
     quad = jnp.sum(probes * jax.vmap(matvec)(probes), axis=1)
     return jnp.mean(quad), jnp.std(quad, ddof=1) / jnp.sqrt(num_samples)
-
-
-def to_jsonable(obj):
-    """Turn results into JSON-ready Python: arrays → lists, numpy/JAX scalars → float/int/bool.
-
-    Non-finite floats become the strings "inf", "-inf" and "nan" (not None, so the value survives a round
-    trip); dicts, lists and tuples are converted recursively (tuples become lists), strings and None pass.
-    """
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (str, type(None))):
-        return obj
-    if isinstance(obj, (jax.Array, np.ndarray, np.generic)):
-        arr = np.asarray(obj)
-        return to_jsonable(arr.tolist()) if arr.ndim else to_jsonable(arr.item())
-    if isinstance(obj, (bool, int)):
-        return obj
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return "nan"
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
-    raise ValueError(f"to_jsonable cannot convert {type(obj).__name__}; pass dicts, sequences, arrays or numbers")

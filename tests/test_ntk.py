@@ -12,6 +12,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxlin import ntk as ntk_mod
 from jaxlin import testing
+from jaxlin._util import per_example
 from jaxlin.ntk import (MemoryEstimate, available_memory, choose_implementation, empirical_ntk,
                         empirical_ntk_fn, estimate_memory)
 
@@ -114,9 +115,13 @@ def test_bad_inputs_raise_value_errors():
 
 def test_structured_hook_is_a_registry(monkeypatch):
     f, params, x1, x2 = _setup("mlp")
-    monkeypatch.setitem(ntk_mod._IMPLEMENTATIONS, "structured",
-                        lambda f, spec: lambda a, b, p: jnp.full((7, 5), 2.0))
+    monkeypatch.setattr(ntk_mod, "_IMPLEMENTATIONS", dict(ntk_mod._IMPLEMENTATIONS))  # restored after the test
+    ntk_mod.register_implementation("structured", lambda f, spec: lambda a, b, p: jnp.full((7, 5), 2.0))
     np.testing.assert_array_equal(empirical_ntk_fn(f, implementation="structured")(x1, x2, params), 2.0)
+    with pytest.raises(ValueError, match="other than 'auto'"):
+        ntk_mod.register_implementation("auto", lambda f, spec: None)
+    with pytest.raises(TypeError, match="callable"):
+        ntk_mod.register_implementation("mine", None)
 
 
 def test_jitted_ntk_does_not_retrace():
@@ -155,7 +160,7 @@ def test_choose_implementation_rule():
 @pytest.mark.parametrize("impl", ["jacobian_contraction", "ntk_vector_products"])
 def test_estimate_memory_matches_actual_bytes(impl):
     f, params, x1, x2 = _setup("token")
-    jac = lambda x: jax.vmap(lambda xi: jax.jacrev(ntk_mod._per_example(f))(params, xi))(x)  # noqa: E731
+    jac = lambda x: jax.vmap(lambda xi: jax.jacrev(per_example(f))(params, xi))(x)  # noqa: E731
     nbytes = lambda tree: sum(a.nbytes for a in jax.tree.leaves(tree))  # noqa: E731
     for trace_axes in ((-1,), ()):
         sub1, sub2 = jax.tree.map(lambda a: a[:3], x1), jax.tree.map(lambda a: a[:3], x2)
