@@ -108,7 +108,7 @@ def setup(config: RunConfig, out: Path) -> Context:
     targets and fingerprint every input (``ctx.inputs``)."""
     from . import __version__, data
     from .data import DataError
-    from .models import load_pretrained
+    from .models import family_kind, load_pretrained
     from .models.checkpoint import CheckpointError
 
     ctx = Context(config, out)
@@ -126,7 +126,7 @@ def setup(config: RunConfig, out: Path) -> Context:
     ctx.train = train.subset(np.arange(min(config.num_train, len(train))))
     ctx.calibration = data.calibration_subset(ctx.train, config.num_calibration, mode=config.calibration_mode,
                                               seed=config.seed)
-    head = config.head if _is_encoder(config.model) else None
+    head = config.head if family_kind(config.model) == "encoder" else None  # decoders have one head, `score`
     ctx.model = load_pretrained(config.model, task="classification", num_labels=ds.num_classes, seed=config.seed,
                                 head=head)
     if ctx.model.tokenizer is None:
@@ -162,10 +162,6 @@ def _adapt(model, config: RunConfig):
 def _block_size(ctx: Context) -> int:
     """One tile shape for every kernel of the run (calibration, KRR, cross): the calibration set's size."""
     return ctx.config.block_size or ctx.config.num_calibration
-
-
-def _is_encoder(source: str) -> bool:
-    return not any(k in str(source).lower() for k in ("smollm", "llama", "gpt", "qwen", "mistral", ".gguf"))
 
 
 def load_data(config: RunConfig):
