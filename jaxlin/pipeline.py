@@ -246,38 +246,34 @@ def module_grams(ctx: Context, sign: bool = False) -> dict:
 
 
 def stage_spectrum(ctx: Context):
+    """`spectrum.kernel_statistics` of every configuration family (single, layer, projection, top-k, all), the
+    κ_σ grid over config.sigmas (× trace/n) and `select.spectral_selection` (the selection of results.json)."""
     from . import select, spectrum
 
     cfg = ctx.config
     grams = module_grams(ctx)
     signs = module_grams(ctx, sign=True)
-    names = list(grams)
+    resid0 = _calibration_residual(ctx)
     configs = {}
-    for family in ("single", "layer", "projection", "top_k", "all"):
-        for name, mods in select.enumerate_configurations(names, family).items():
+    for family in select.FAMILIES:
+        for name, mods in select.enumerate_configurations(list(grams), family).items():
             configs.setdefault(name, (family, mods))
+    statistics = dict(sigma_absolute=cfg.sigma_absolute, sigma_trace=spectrum.DEFAULT_SIGMA_TRACE)
     out, arrays = {}, {}
     for name, (family, mods) in configs.items():
         k = select.configuration_kernel(grams, mods)
-        stats = spectrum.spectrum_stats(k, sigma=cfg.sigma_absolute)
-        entry = {"modules": list(mods), "family": family, "stats": stats,
-                 "kappa_sigma": spectrum.condition_numbers(k, cfg.sigmas, sigma_scale="trace"),
-                 "traced": {"condition_number": spectrum.spectrum_stats(np.einsum("ijaa->ij", k))["condition_number"]}}
+        eigenvalues = spectrum.spectrum_stats(k)["eigenvalues"]
+        entry = {"modules": list(mods), "family": family,
+                 "stats": {"eigenvalues": eigenvalues, **spectrum.kernel_statistics(k, resid0, **statistics)},
+                 "kappa_sigma": spectrum.condition_numbers(k, cfg.sigmas, sigma_scale="trace")}
         if signs:
-            entry["sign_stats"] = spectrum.sign_kernel_stats(select.configuration_kernel(signs, mods))
+            k_sign = select.configuration_kernel(signs, mods)
+            entry["sign_stats"] = {"singular_values": spectrum.sign_kernel_stats(k_sign)["singular_values"],
+                                   **spectrum.kernel_statistics(k_sign, kernel="sign", **statistics)}
         out[name] = entry
-        arrays[f"eig/{name}"] = stats["eigenvalues"]
-    resid0 = _calibration_residual(ctx)
-    flat = {m: spectrum.as_matrix(k) for m, k in grams.items()}
-    ridge = 1e-4 * np.trace(sum(flat.values())) / resid0.size
-    greedy = {}
-    for score in ("kappa", "mu_min", "ridge_objective"):
-        greedy[f"greedy_{score}"] = select.greedy_select(flat, cfg.selection_budget, score=score,
-                                                         sigma=cfg.sigma_absolute, ridge=ridge, resid0=resid0)
-    baselines = select.baseline_selections(names, cfg.selection_budget, seed=cfg.seed, module_grams=flat,
-                                           sigma=cfg.sigma_absolute)
-    return spectrum.to_jsonable({"configurations": out, "selection_scores": {**greedy, **baselines},
-                                 "ridge_objective_ridge": ridge}), arrays
+        arrays[f"eig/{name}"] = eigenvalues
+    selection = select.spectral_selection(grams, cfg.selection_budget, resid0, seed=cfg.seed)
+    return {"configurations": out, "selection": selection}, arrays
 
 
 def _onehot(ctx: Context, labels) -> np.ndarray:
@@ -526,7 +522,7 @@ def _write_stage(path: Path, stored: dict, arrays: dict) -> None:
 # Where a stage may hold a non-finite number, and which one; every other number of a stage must be finite.
 # Patterns match the dotted path of a value (dict keys and list indices joined by ".").
 NONFINITE_ALLOWED = {
-    "spectrum": (("*condition_number*", "inf"), ("selection_scores.*score*", "inf")),  # a singular kernel
+    "spectrum": (("configurations.*kappa*", "inf"), ("selection.methods.*.scores.*", "inf")),  # a singular kernel
     "sweep": (("sweep.*.theorem2_radius", "nan"),  # no radius at λ = 0
               ("sweep_summary.*", "nan"),  # a slope needs two usable λ
               ("sweep.*.relative_module_distances.*", "inf")),  # a module whose initial weights are zero
@@ -586,17 +582,12 @@ def assemble(ctx: Context, timings: dict) -> dict:
     """The results.json document (``docs/results-schema.md``)."""
     from . import __version__
     from .schema import SCHEMA_VERSION
+    from .spectrum import DEFAULT_SIGMA_TRACE
 
     cfg, r = ctx.config, ctx.results
     skipped = {"skipped": "stage not run (see config.stages)"}
     spectrum = r.get("spectrum", {}).get("configurations", skipped)
     study = r.get("study")
-    selection = skipped
-    if study and "selection" in study:
-        selection = study["selection"]
-    elif "spectrum" in r:
-        selection = {"budget": cfg.selection_budget,
-                     "methods": {k: _selection_entry(v) for k, v in r["spectrum"]["selection_scores"].items()}}
     return {
         "schema": SCHEMA_VERSION, "jaxlin_version": __version__, "config": cfg.to_dict(),
         "environment": environment(), "timings": timings,
@@ -604,7 +595,12 @@ def assemble(ctx: Context, timings: dict) -> dict:
             "kernel": "empirical NTK J Jᵀ of the LoRA parameters (head excluded, as in the paper's code), "
                       "full (N·C)×(N·C) blocks, example-major",
             "sign_kernel": "J·s(J)ᵀ, s(z)=z/(|z|+1e-8) (the published code's kernel), singular values",
-            "spectrum_sigma": f"condition_number at σ={cfg.sigma_absolute} absolute; kappa_sigma at σ·trace/n",
+            "spectrum_sigma": f"stats: kernel_statistics, kappa at σ = 0, kappa_sigma_abs at σ = {cfg.sigma_absolute} "
+                              f"absolute, kappa_sigma_trace at σ = {DEFAULT_SIGMA_TRACE}·trace/n; kappa_sigma: the grid "
+                              "config.sigmas × trace/n",
+            "selection_sigma": f"trace-relative (scale-fair, the default): greedy κ_σ and μ_min + σ at σ = "
+                               f"{DEFAULT_SIGMA_TRACE}·trace(K)/n of each candidate K; the paper's absolute σ is "
+                               "select.spectral_selection(..., sigma_scale='absolute')",
             "calibration": f"{cfg.calibration_mode} {cfg.num_calibration} of the seeded, shuffled training split",
             "inputs": "token ids through the full model, real lengths, padding to a multiple of 8, proper mask",
             "regularizer": cfg.regularizer, "anchor": cfg.anchor, "loss": cfg.loss,
@@ -620,18 +616,13 @@ def assemble(ctx: Context, timings: dict) -> dict:
         "sweep": r.get("sweep", {}).get("sweep", []),
         "sweep_summary": r.get("sweep", {}).get("sweep_summary", {}),
         "probe": r.get("probe", skipped),
-        "correlation": {"runs": study["runs"], "results": study["results"]} if study else skipped,
-        "selection": selection,
+        "correlation": ({"runs": study["runs"], "results": study["results"], "selection": study["selection"]}
+                        if study else skipped),
+        "selection": r["spectrum"]["selection"] if "spectrum" in r else skipped,
         "arrays": "arrays.npz",
         "inputs": ctx.inputs,
         "stages": ctx.stages,
     }
-
-
-def _selection_entry(v) -> dict:
-    if isinstance(v, dict):  # greedy_select: {"selected", "scores", ...}
-        return {"modules": list(v["selected"]), "scores": list(v["scores"])}
-    return {"modules": list(v)}  # a baseline: the modules
 
 
 def write_results(out: Path, results: dict, arrays: dict | None = None) -> None:

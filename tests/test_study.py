@@ -14,9 +14,8 @@ from jaxlin import data
 from jaxlin.adapters import add_lora
 from jaxlin.module_ntk import module_ntks
 from jaxlin.select import SCORES, configuration_kernel
-from jaxlin.spectrum import spectrum_stats
-from jaxlin.study import (OUTCOMES, STATISTICS, StudyConfig, gate_vector, gated_apply, kernel_statistics, run_study,
-                          study_preset, train_gated)
+from jaxlin.spectrum import STATISTICS, kernel_statistics, spectrum_stats
+from jaxlin.study import OUTCOMES, StudyConfig, gate_vector, gated_apply, run_study, study_preset, train_gated
 from jaxlin.testing import tiny_model
 from jaxlin.train import TrainConfig, evaluate, fit, make_optimizer, model_functions
 
@@ -133,6 +132,8 @@ def test_config_validation_and_presets():
         StudyConfig(num_calibration_large=16)
     with pytest.raises(ValueError, match="StudyConfig.kernels"):
         StudyConfig(kernels=("sign",))
+    with pytest.raises(ValueError, match="StudyConfig.sigma_scale='relative' must be one of"):
+        StudyConfig(sigma_scale="relative")
     with pytest.raises(ValueError, match="unknown preset"):
         study_preset("fast")
     quick, default = study_preset("quick"), study_preset("default")
@@ -164,7 +165,7 @@ def _check_statistics(model, train_data, result, config):
                 if variant["kernel"] == "ntk":
                     ref = spectrum_stats(gram)
                     np.testing.assert_allclose([got["kappa"], got["mu_min"], got["trace"], got["effective_rank"]],
-                                               [ref["condition_number"], ref["min_eigenvalue"], ref["trace"],
+                                               [ref["kappa_sigma"], ref["min_eigenvalue"], ref["trace"],
                                                 ref["effective_rank"]], rtol=1e-6)
 
 
@@ -185,6 +186,7 @@ def test_run_study_result(model, splits):
             for table, n in ((result["results"], len(runs)), (result["results_by_configuration"], 12)):
                 corr = table[stat][outcome]
                 assert corr["n"] + corr["n_dropped"] == n and {"pearson", "spearman", "spearman_ci"} <= set(corr)
+    assert result["selection"]["sigma_scale"] == "trace" and result["selection"]["sigma"] == config.sigma_trace
     methods = result["selection"]["methods"]
     assert set(methods) >= {f"greedy_{s}" for s in SCORES} | {"all", "top_layers", "random", "best_single"}
     assert all(len(m["modules"]) == 2 for k, m in methods.items() if k.startswith("greedy") or k == "random")

@@ -7,7 +7,8 @@ import pytest
 
 from jaxlin.adapters import add_lora
 from jaxlin.data import TextDataset
-from jaxlin.sweep import DISTANCE_KEYS, lambda_sweep, loglog_slope, sweep_summary
+from jaxlin._util import loglog_slope
+from jaxlin.sweep import DISTANCE_KEYS, lambda_sweep, sweep_summary
 from jaxlin.testing import tiny_model
 from jaxlin.train import TrainConfig
 
