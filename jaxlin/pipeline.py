@@ -3,7 +3,8 @@
 Stages (each a function ``ctx -> (json-able dict, {name: array})``; data between them are plain arrays):
 
     ntk       per-module LoRA kernels K_m (N, N, O, O) on the calibration set, J Jᵀ and J·sign(J)ᵀ
-    spectrum  statistics of every configuration family (single, layer, projection, top-k, all) + greedy scores
+    spectrum  kernel_statistics of every configuration family (single, layer, projection, top-k, all) and the
+              spectral selection (results.json `selection`, trace-relative σ)
     krr       kernel ridge regression with the eNTK of all modules: eval accuracy for every ridge (one eigh)
     dynamics  closed-form linearized GD (squared loss, ridge) vs measured linearized and nonlinear GD
     sweep     nonlinear vs linearized fine-tuning for every λ, their distances and log-log slopes

@@ -36,7 +36,8 @@ def dense_kernel(ad, tr, b1, b2, sign=False):
     return np.einsum("iap,jbp->ijab", j1, j2)
 
 
-@pytest.fixture(scope="module", params=families())
+@pytest.fixture(scope="module", params=[f if f == "bert" else pytest.param(f, marks=pytest.mark.slow)
+                                        for f in families()])  # the fast tier checks BERT, the full suite every family
 def setup(request):
     fam = request.param
     m = testing.tiny_model(fam, task="classification", num_labels=3, dtype=jnp.float64)
@@ -102,6 +103,7 @@ def test_sign_kernel_matches_dense_reference(setup):
         module_ntks(ad, b1, kernel="sign", implementation="ntk_vector_products")
 
 
+@pytest.mark.slow  # dense Jacobians of every LoRA factor of a tiny BERT
 def test_lora_at_init_has_zero_a_jacobian_and_b_kernel_is_a_sketch():
     m = testing.tiny_model("bert", task="classification", num_labels=2, dtype=jnp.float64)
     ad = add_lora(m, targets=("value",), rank=4, alpha=8)

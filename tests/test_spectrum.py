@@ -2,6 +2,7 @@
 import json
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,8 +169,7 @@ def test_kernel_statistics_names_and_sigma_conventions():
                 "mu_min": 0.5, "mu_max": 4.0, "trace": 7.5, "stable_rank": 7.5 / 4.0,
                 "ridge_objective": 0.5 * ridge * (1 / (4 + ridge) + 1 / (0.5 + ridge)),
                 "kappa_traced": 6.0 / 1.5}  # traced (N × N) = diag(4 + 2, 1 + 0.5)
-    for name, value in expected.items():
-        assert stats[name] == pytest.approx(value, rel=1e-12), name
+    chex.assert_trees_all_close({name: stats[name] for name in expected}, expected, rtol=1e-12)
     assert "ridge_objective" not in kernel_statistics(gram_NNOO, resid0, kernel="sign")
     with pytest.raises(ValueError, match="kernel='jtj'"):
         kernel_statistics(gram_NNOO, kernel="jtj")

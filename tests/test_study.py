@@ -83,6 +83,7 @@ def test_gated_training_freezes_inactive_modules_bit_exactly(model, splits):
         gate_vector(adapted, ("classifier",))
 
 
+@pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny BERT
 def test_gate_equals_an_adapter_restricted_to_those_modules(model, splits):
     """Two SGD steps with gate g match `add_lora(targets=active)` trained by `fit`: same A0 (per module and seed)."""
     active = ("layer0.attention.key", "layer2.attention.query")
@@ -101,6 +102,7 @@ def test_gate_equals_an_adapter_restricted_to_those_modules(model, splits):
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny BERT
 def test_one_trace_across_configurations_and_seeds(model, splits):
     traces = []
 
@@ -169,6 +171,7 @@ def _check_statistics(model, train_data, result, config):
                                                 ref["effective_rank"]], rtol=1e-6)
 
 
+@pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny BERT
 def test_run_study_result(model, splits):
     config = _config()
     logged = []
@@ -195,6 +198,7 @@ def test_run_study_result(model, splits):
     _check_statistics(model, splits[0], result, config)
 
 
+@pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny BERT
 def test_run_study_is_deterministic(model, splits):
     config = _config(configurations={"a": ("layer0.attention.query",), "b": ("layer1.attention.key",),
                                      "c": ("layer2.attention.value", "layer0.attention.key")},
