@@ -54,7 +54,8 @@ def setup(request):
     return ad, perturbed(ad), b1, b2
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [pytest.param(i, marks=pytest.mark.slow) if i == "ntk_vector_products" else i
+                                  for i in IMPLS])  # test_ntk checks ntk_vector_products fast on small models
 def test_every_implementation_matches_dense_reference(setup, impl):
     ad, tr, b1, b2 = setup
     if impl != "structured" and ad.model.family != "bert":
@@ -140,6 +141,7 @@ def test_blocked_sharded_and_no_recompilation(setup):
         np.testing.assert_allclose(sharded[n], whole[n], rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow  # the structured kernel is checked fast above; this is the empirical_ntk_fn route to it
 def test_empirical_ntk_fn_structured_uses_the_module_structure(setup):
     ad, tr, b1, b2 = setup
     if ad.model.family != "bert":
