@@ -258,6 +258,20 @@ def train_gated(adapted: Adapted, trainable0, gate_M, step_batches: Sequence[dic
 
 
 # ------------------------------------------------------------------------------------------- statistics
+def _configuration_statistics(c: StudyConfig, configurations, grams, resid0) -> dict[str, dict[str, float]]:
+    """configuration → `kernel_statistics` of K_S for every statistic set of `c.variants`, named with the
+    variant's prefix; grams[(kernel, n)] are the module kernels and resid0[n] the residual on n examples."""
+    statistics = {name: {} for name in configurations}
+    for v in c.variants.values():
+        vgrams = grams[v["kernel"], v["num_calibration"]]
+        for name, modules in configurations.items():
+            stats = kernel_statistics(configuration_kernel(vgrams, modules), resid0[v["num_calibration"]],
+                                      kernel=v["kernel"], sigma_absolute=c.sigma_absolute, sigma_trace=c.sigma_trace,
+                                      ridge_trace=c.ridge_trace)
+            statistics[name].update({v["prefix"] + s: val for s, val in stats.items()})
+    return statistics
+
+
 def _correlations(records, names, n_bootstrap):
     return {s: {o: correlation([r["statistics"].get(s, math.nan) for r in records], [r[o] for r in records],
                                n_bootstrap=n_bootstrap) for o in OUTCOMES} for s in names}
@@ -361,14 +375,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
                                                 trainable=adapters[seed].trainable))
         timings["ntk_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        statistics = {name: {} for name in configurations}
-        for v in c.variants.values():
-            vgrams = grams[v["kernel"], v["num_calibration"]]
-            for name, modules in configurations.items():
-                stats = kernel_statistics(configuration_kernel(vgrams, modules), resid0[v["num_calibration"]],
-                                          kernel=v["kernel"], sigma_absolute=c.sigma_absolute,
-                                          sigma_trace=c.sigma_trace, ridge_trace=c.ridge_trace)
-                statistics[name].update({v["prefix"] + s: val for s, val in stats.items()})
+        statistics = _configuration_statistics(c, configurations, grams, resid0)
         if primary_grams is None:
             primary_grams = grams[c.kernels[0], c.num_calibration]
         timings["statistics_s"] += time.perf_counter() - t0
