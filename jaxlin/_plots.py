@@ -14,12 +14,13 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ._util import loglog_slope
 from .schema import is_number
 
 FIGSIZE = (6.0, 3.5)
 DPI = 90
 MAX_SPECTRA = 12
-KAPPA_STATISTIC = "kappa"  # the study's name for κ = μ_max/μ_min, σ = 0 (jaxlin.study.kernel_statistics)
+KAPPA_STATISTIC = "kappa"  # κ = μ_max/μ_min, σ = 0 (jaxlin.spectrum.kernel_statistics)
 DISTANCES = (("theta_distance_to_init", "‖θ − θ0‖"), ("theta_distance_lin_nonlin", "‖θ − θ̄‖"),
              ("output_distance_lin_nonlin", "‖f − f̄‖ (outputs)"))
 
@@ -108,7 +109,7 @@ def _as_float(value) -> float:
 
 def kappa_scatter(correlation: dict) -> Figure | None:
     """κ (log x) against eval accuracy and final train loss, one point per run, with the least-squares line in
-    log κ and the Pearson/Spearman r (bootstrap CI) of `correlation.results[condition_number]`."""
+    log κ and the Pearson/Spearman r (bootstrap CI) of `correlation.results[kappa]`."""
     runs = [r for r in correlation["runs"] if KAPPA_STATISTIC in r["statistics"]]
     kappa = np.array([_as_float(r["statistics"][KAPPA_STATISTIC]) for r in runs], dtype=np.float64)
     results = correlation["results"].get(KAPPA_STATISTIC, {})
@@ -148,11 +149,6 @@ def distances(sweep: list, summary: dict) -> Figure | None:
     ax.set(xscale="log", yscale="log", xlabel="λ", ylabel="distance", title="Distances against regularisation λ")
     ax.legend(fontsize=6)
     return fig
-
-
-def loglog_slope(x: np.ndarray, y: np.ndarray) -> float:
-    """Least-squares slope of log y against log x (positive finite pairs); nan with fewer than 2 distinct x."""
-    return float(np.polyfit(np.log(x), np.log(y), 1)[0]) if np.unique(x).size >= 2 else math.nan
 
 
 def loss_curves(sweep: list) -> Figure | None:

@@ -31,7 +31,7 @@ from .config import ConfigError
 from .models.base import Model
 
 LORA_INITS = ("peft", "gaussian")
-HEAD_PREFIXES = ("classifier", "score", "lm_head")
+HEAD_MODULE_PREFIXES = ("classifier", "score", "lm_head")
 # transformers class the adapter is for -> peft task_type (SEQ_CLS only with a saved head); module names follow
 # the class (see save_peft)
 PEFT_MODEL_CLASSES = {"AutoModel": "FEATURE_EXTRACTION", "AutoModelForSequenceClassification": "SEQ_CLS",
@@ -133,7 +133,7 @@ def adapt(model: Model, *, lora: LoRA | None = None, layers: Iterable[int] | Non
     if biases:
         chosen |= {p for p in flat if p[-1] == "bias"}
     if head:
-        heads = [m for m in model.modules if m.layer is None and m.name.startswith(HEAD_PREFIXES)]
+        heads = [m for m in model.modules if m.layer is None and m.name.startswith(HEAD_MODULE_PREFIXES)]
         if not heads:
             raise ValueError(f"head=True but this {model.task} model has no head module (modules end with "
                              f"{model.module_names[-2:]}); use task='classification' or head=False")
@@ -273,7 +273,7 @@ def save_peft(adapted: Adapted, directory, trainable=None, *, base_model_name_or
         raise ValueError(f"model_class={model_class!r} is not one of {list(PEFT_MODEL_CLASSES)}")
     bare = model_class == "AutoModel"
     peft_name = (lambda hf: _backbone_name(model, hf)) if bare else (lambda hf: hf)
-    heads = [m for m in model.modules if m.layer is None and m.name.startswith(HEAD_PREFIXES)]
+    heads = [m for m in model.modules if m.layer is None and m.name.startswith(HEAD_MODULE_PREFIXES)]
     head_paths = {("params",) + m.path + (leaf,) for m in heads for leaf in ("kernel", "bias")}
     flat = traverse_util.flatten_dict({"params": trainable.get("params", {})})
     other = sorted(set(flat) - head_paths)

@@ -42,14 +42,16 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-PyTree = Any
+from jaxlin._types import PyTree
+from jaxlin._util import leading_size
+
 MANIFEST = "manifest.json"
 
 
@@ -71,14 +73,6 @@ class RowFactored:
     def __call__(self, x1, x2, *args):
         r1 = self.rows(x1, *args)
         return self.pair(r1, r1 if x2 is None else self.rows(x2, *args))
-
-
-def _leading(x, name: str) -> int:
-    sizes = {np.shape(leaf)[:1] for leaf in jax.tree.leaves(x)}
-    if len(sizes) != 1 or sizes == {()}:
-        raise ValueError(f"{name} must be a pytree of arrays sharing one leading example axis; got leaf "
-                         f"shapes {[np.shape(leaf) for leaf in jax.tree.leaves(x)]}.")
-    return sizes.pop()[0]
 
 
 def _rows(x, start: int, size: int, n: int):
@@ -179,9 +173,9 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
         symmetric = x2 is None
     if symmetric and x2 is not None:
         raise ValueError("symmetric=True is only valid with x2=None (the Gram of x1 with itself).")
-    n1 = _leading(x1, "x1")
+    n1 = leading_size(x1, "x1")
     x2_full = x1 if x2 is None else x2
-    n2 = _leading(x2_full, "x2")
+    n2 = leading_size(x2_full, "x2")
     if mesh is not None and sharding.data_axis not in mesh.shape:
         raise ValueError(f"sharding.data_axis={sharding.data_axis!r} is not an axis of the mesh; valid: "
                          f"{tuple(mesh.shape)}.")

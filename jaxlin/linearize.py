@@ -17,11 +17,11 @@ Params are any pytree; inputs any pytrees of arrays. Tangents have the pytree st
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 
-PyTree = Any
+from jaxlin._types import PyTree
 
 
 def _tangent(params, params0):

@@ -36,6 +36,7 @@ from flax import traverse_util
 
 from . import gram as _gram
 from . import ntk as _ntk
+from ._util import per_example
 from .adapters import Adapted
 from .models.base import check_inputs
 
@@ -151,7 +152,7 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
             merged.update(sub_params)
             return outputs(traverse_util.unflatten_dict(merged), frozen, {}, batch)[0]
 
-        return jax.vmap(lambda b: _ntk.jacrev_per_output(_ntk._per_example(f))(sub, b))(x)
+        return jax.vmap(lambda b: _ntk.jacrev_per_output(per_example(f))(sub, b))(x)
 
     def other_kernels(j1, j2):
         out = {}
@@ -196,7 +197,7 @@ def _jacobian_tile(adapted: Adapted, modules, output_fn, kernel: str, trace: boo
     f = output_function(adapted, output_fn)
 
     def jac(batch, trainable):
-        per = jax.vmap(lambda b: _ntk.jacrev_per_output(_ntk._per_example(f))(trainable, b))
+        per = jax.vmap(lambda b: _ntk.jacrev_per_output(per_example(f))(trainable, b))
         return traverse_util.flatten_dict(per(batch))  # leaf: (B, O, *shape)
 
     def tile(x1, x2, trainable, frozen):
@@ -322,7 +323,7 @@ def _structured_builder(f, spec: _ntk.KernelSpec):
     module kernels of one tile (pure and jit-able; no host-side tiling)."""
     adapted = getattr(f, "jaxlin_adapted", None)
     if adapted is None:
-        return _ntk._structured(f, spec)
+        raise ValueError(_ntk.STRUCTURED_NEEDS_MODEL)
     modules = adapted.modules
     tile = _structured_tile(adapted, modules, _group_leaves(adapted, modules), f.jaxlin_output_fn, spec.kernel,
                             trace=bool(spec.trace_axes))
@@ -336,6 +337,6 @@ def _structured_builder(f, spec: _ntk.KernelSpec):
     return ntk
 
 
-_ntk._IMPLEMENTATIONS["structured"] = _structured_builder
+_ntk.register_implementation("structured", _structured_builder)
 
 __all__ = ["module_ntks", "output_function", "IMPLEMENTATIONS"]

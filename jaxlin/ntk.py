@@ -15,8 +15,8 @@ Implementations (all exact):
   output is larger than P), contracted leaf by leaf and summed over leaves.
 - "ntk_vector_products": never materialises J: columns of K are jvps of f(·, x1) along the vjps of
   f(·, x2_b) for each basis cotangent (the vjps by `map_over_outputs`, the jvps vmapped), and over x2.
-- "structured": a hook for jaxlin models (per-module / LoRA kernels); the lead's module registers a
-  builder in `_IMPLEMENTATIONS["structured"]`. For arbitrary f it raises: use `jaxlin.module_ntks`.
+- "structured": a hook for jaxlin models (per-module / LoRA kernels): `jaxlin.module_ntk` registers its
+  builder with `register_implementation`. For arbitrary f it raises: use `jaxlin.module_ntks`.
 - "neural_tangents": NT's own jacobian contraction via `jaxlin._nt_compat` (optional; imported lazily).
 - "auto": chosen from shapes only (`choose_implementation`), never by compiling candidates.
 
@@ -40,8 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlin import gram as _gram
+from jaxlin._types import PyTree
+from jaxlin._util import leading_size, per_example
 
-PyTree = Any
 SIGN_EPS = 1e-8
 KERNELS = ("ntk", "sign")
 REDUCES = ("sum", "mean")
@@ -97,12 +98,6 @@ def _out_shape(f, params, x):
 
 
 # ------------------------------------------------------------------------------------- implementations
-def _per_example(f):
-    def f_ex(params, x_i):
-        return f(params, jax.tree.map(lambda a: a[None], x_i))[0]
-    return f_ex
-
-
 def map_over_outputs(fn, cotangents):
     """``fn`` applied to each cotangent along the leading axis of `cotangents` (one per output entry), stacked:
     how every reverse-mode Jacobian in jaxlin takes its pullbacks, so the choice lives in one place.
@@ -129,7 +124,7 @@ def _jacobian(f, params, x, vmap_axes):
     """Jacobian leaves (N, S..., *leaf_shape): per example when vmap_axes=0, of the whole batch if None."""
     n_params = sum(p.size for p in jax.tree.leaves(params))
     if vmap_axes == 0:
-        f_ex = _per_example(f)
+        f_ex = per_example(f)
         out_size = math.prod(_out_shape(f, params, x).shape[1:])
         jac = jacrev_per_output if out_size <= n_params else jax.jacfwd
         return jax.vmap(lambda xi: jac(f_ex)(params, xi))(x)
@@ -183,7 +178,7 @@ def _ntk_vector_products(f, spec: KernelSpec):
             return cols.reshape(shape + out1.shape)
 
         if spec.vmap_axes == 0:
-            cols = jax.vmap(lambda xj: columns(_per_example(f), xj, out2.shape[1:]))(x2)
+            cols = jax.vmap(lambda xj: columns(per_example(f), xj, out2.shape[1:]))(x2)
         else:
             cols = columns(f, x2, out2.shape)
         s1, s2, kept = _subscripts(d, spec.trace_axes)
@@ -193,10 +188,13 @@ def _ntk_vector_products(f, spec: KernelSpec):
     return ntk
 
 
+STRUCTURED_NEEDS_MODEL = ("implementation='structured' needs a jaxlin model's module structure and is not defined "
+                          "for an arbitrary f; use jaxlin.module_ntks for jaxlin models, or implementation="
+                          "'jacobian_contraction' / 'ntk_vector_products' here.")
+
+
 def _structured(f, spec: KernelSpec):
-    raise ValueError("implementation='structured' needs a jaxlin model's module structure and is not defined "
-                     "for an arbitrary f; use jaxlin.module_ntks for jaxlin models, or implementation="
-                     "'jacobian_contraction' / 'ntk_vector_products' here.")
+    raise ValueError(STRUCTURED_NEEDS_MODEL)
 
 
 def _neural_tangents(f, spec: KernelSpec):
@@ -221,7 +219,7 @@ def _auto(f, spec: KernelSpec):
     return ntk
 
 
-# name -> builder(f, KernelSpec) -> ntk(x1, x2, params). Other modules may register more ("structured").
+# name -> builder(f, KernelSpec) -> ntk(x1, x2, params); `register_implementation` replaces or adds one.
 _IMPLEMENTATIONS: dict[str, Callable] = {
     "auto": _auto,
     "jacobian_contraction": _jacobian_contraction,
@@ -232,6 +230,18 @@ _IMPLEMENTATIONS: dict[str, Callable] = {
 
 
 # ------------------------------------------------------------------------------------------- public API
+def register_implementation(name: str, builder: Callable) -> None:
+    """Make ``empirical_ntk_fn(f, implementation=name)`` use ``builder(f, spec: KernelSpec) -> ntk(x1, x2, params)``.
+
+    For implementations that need more than `f` (e.g. "structured", which `jaxlin.module_ntk` registers for
+    jaxlin models); registering an existing name replaces its builder."""
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"implementation name {name!r} must be a non-empty string other than 'auto'")
+    if not callable(builder):
+        raise TypeError(f"builder for {name!r} must be callable as builder(f, spec) -> ntk(x1, x2, params)")
+    _IMPLEMENTATIONS[name] = builder
+
+
 def empirical_ntk_fn(f: Callable, *, trace_axes: Sequence[int] = (-1,), vmap_axes: Optional[int] = 0,
                      implementation: str = "auto", reduce: str = "sum", accumulate_dtype=None,
                      kernel: str = "ntk") -> Callable:
@@ -263,11 +273,11 @@ def empirical_ntk_fn(f: Callable, *, trace_axes: Sequence[int] = (-1,), vmap_axe
     builders = {}
 
     def ntk(x1, x2, params):
-        _gram._leading(x1, "x1")
+        leading_size(x1, "x1")
         if x2 is not None and jax.tree.structure(x2) != jax.tree.structure(x1):
             raise ValueError("x2 must have the pytree structure of x1 (or be None).")
         if x2 is not None:
-            _gram._leading(x2, "x2")
+            leading_size(x2, "x2")
         ndim = _out_shape(f, params, x1).ndim
         spec = KernelSpec(_normalize_trace_axes(trace_axes, ndim), vmap_axes, reduce, accumulate_dtype, kernel)
         if spec not in builders:
@@ -277,7 +287,7 @@ def empirical_ntk_fn(f: Callable, *, trace_axes: Sequence[int] = (-1,), vmap_axe
     return ntk
 
 
-def _tokens_per_example(x) -> int:
+def _tokensper_example(x) -> int:
     """Rough forward-cost multiplier from shapes: the per-example size of the largest integer input."""
     ints = [math.prod(np.shape(l)[1:]) for l in jax.tree.leaves(x) if jnp.issubdtype(l.dtype, jnp.integer)]
     return max(ints, default=1)
@@ -297,14 +307,14 @@ def choose_implementation(f, params, x1, x2=None, *, trace_axes=(-1,), vmap_axes
     """
     out = _out_shape(f, params, x1)
     n1 = out.shape[0]
-    n2 = n1 if x2 is None else _gram._leading(x2, "x2")
+    n2 = n1 if x2 is None else leading_size(x2, "x2")
     per_ex = out.shape[1:]
     o = math.prod(per_ex)
     traced = _normalize_trace_axes(trace_axes, out.ndim)
     o_kept = math.prod(s for i, s in enumerate(per_ex) if i not in traced)
     p = sum(l.size for l in jax.tree.leaves(params))
     itemsize = max((np.dtype(l.dtype).itemsize for l in jax.tree.leaves(params)), default=4)
-    fwd = 2 * p * _tokens_per_example(x1)
+    fwd = 2 * p * _tokensper_example(x1)
     flops_jc = 3 * fwd * o * (n1 + n2) + 2 * p * n1 * n2 * o * o_kept
     flops_ntvp = n2 * o * (3 * fwd + 2 * fwd * n1)
     fits = (n1 + n2) * o * p * itemsize <= max_jacobian_bytes
@@ -375,7 +385,7 @@ def estimate_memory(f, params, x1, x2=None, *, implementation="auto", block_size
         implementation = choose_implementation(f, params, x1, x2, trace_axes=trace_axes, vmap_axes=vmap_axes)
     out = _out_shape(f, params, x1)
     n1 = out.shape[0]
-    n2 = n1 if x2 is None else _gram._leading(x2, "x2")
+    n2 = n1 if x2 is None else leading_size(x2, "x2")
     b1, b2 = (n1, n2) if block_size is None else (min(block_size, n1), min(block_size, n2))
     o = math.prod(out.shape[1:])
     traced = _normalize_trace_axes(trace_axes, out.ndim)

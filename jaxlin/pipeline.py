@@ -3,7 +3,8 @@
 Stages (each a function ``ctx -> (json-able dict, {name: array})``; data between them are plain arrays):
 
     ntk       per-module LoRA kernels K_m (N, N, O, O) on the calibration set, J Jᵀ and J·sign(J)ᵀ
-    spectrum  statistics of every configuration family (single, layer, projection, top-k, all) + greedy scores
+    spectrum  kernel_statistics of every configuration family (single, layer, projection, top-k, all) and the
+              spectral selection (results.json `selection`, trace-relative σ)
     krr       kernel ridge regression with the eNTK of all modules: eval accuracy for every ridge (one eigh)
     dynamics  closed-form linearized GD (squared loss, ridge) vs measured linearized and nonlinear GD
     sweep     nonlinear vs linearized fine-tuning for every λ, their distances and log-log slopes
@@ -108,7 +109,7 @@ def setup(config: RunConfig, out: Path) -> Context:
     targets and fingerprint every input (``ctx.inputs``)."""
     from . import __version__, data
     from .data import DataError
-    from .models import load_pretrained
+    from .models import family_kind, load_pretrained
     from .models.checkpoint import CheckpointError
 
     ctx = Context(config, out)
@@ -126,7 +127,7 @@ def setup(config: RunConfig, out: Path) -> Context:
     ctx.train = train.subset(np.arange(min(config.num_train, len(train))))
     ctx.calibration = data.calibration_subset(ctx.train, config.num_calibration, mode=config.calibration_mode,
                                               seed=config.seed)
-    head = config.head if _is_encoder(config.model) else None
+    head = config.head if family_kind(config.model) == "encoder" else None  # decoders have one head, `score`
     ctx.model = load_pretrained(config.model, task="classification", num_labels=ds.num_classes, seed=config.seed,
                                 head=head)
     if ctx.model.tokenizer is None:
@@ -162,10 +163,6 @@ def _adapt(model, config: RunConfig):
 def _block_size(ctx: Context) -> int:
     """One tile shape for every kernel of the run (calibration, KRR, cross): the calibration set's size."""
     return ctx.config.block_size or ctx.config.num_calibration
-
-
-def _is_encoder(source: str) -> bool:
-    return not any(k in str(source).lower() for k in ("smollm", "llama", "gpt", "qwen", "mistral", ".gguf"))
 
 
 def load_data(config: RunConfig):
@@ -253,38 +250,34 @@ def module_grams(ctx: Context, sign: bool = False) -> dict:
 
 
 def stage_spectrum(ctx: Context):
+    """`spectrum.kernel_statistics` of every configuration family (single, layer, projection, top-k, all), the
+    κ_σ grid over config.sigmas (× trace/n) and `select.spectral_selection` (the selection of results.json)."""
     from . import select, spectrum
 
     cfg = ctx.config
     grams = module_grams(ctx)
     signs = module_grams(ctx, sign=True)
-    names = list(grams)
+    resid0 = _calibration_residual(ctx)
     configs = {}
-    for family in ("single", "layer", "projection", "top_k", "all"):
-        for name, mods in select.enumerate_configurations(names, family).items():
+    for family in select.FAMILIES:
+        for name, mods in select.enumerate_configurations(list(grams), family).items():
             configs.setdefault(name, (family, mods))
+    statistics = dict(sigma_absolute=cfg.sigma_absolute, sigma_trace=spectrum.DEFAULT_SIGMA_TRACE)
     out, arrays = {}, {}
     for name, (family, mods) in configs.items():
         k = select.configuration_kernel(grams, mods)
-        stats = spectrum.spectrum_stats(k, sigma=cfg.sigma_absolute)
-        entry = {"modules": list(mods), "family": family, "stats": stats,
-                 "kappa_sigma": spectrum.condition_numbers(k, cfg.sigmas, sigma_scale="trace"),
-                 "traced": {"condition_number": spectrum.spectrum_stats(np.einsum("ijaa->ij", k))["condition_number"]}}
+        eigenvalues = spectrum.spectrum_stats(k)["eigenvalues"]
+        entry = {"modules": list(mods), "family": family,
+                 "stats": {"eigenvalues": eigenvalues, **spectrum.kernel_statistics(k, resid0, **statistics)},
+                 "kappa_sigma": spectrum.condition_numbers(k, cfg.sigmas, sigma_scale="trace")}
         if signs:
-            entry["sign_stats"] = spectrum.sign_kernel_stats(select.configuration_kernel(signs, mods))
+            k_sign = select.configuration_kernel(signs, mods)
+            entry["sign_stats"] = {"singular_values": spectrum.sign_kernel_stats(k_sign)["singular_values"],
+                                   **spectrum.kernel_statistics(k_sign, kernel="sign", **statistics)}
         out[name] = entry
-        arrays[f"eig/{name}"] = stats["eigenvalues"]
-    resid0 = _calibration_residual(ctx)
-    flat = {m: spectrum.as_matrix(k) for m, k in grams.items()}
-    ridge = 1e-4 * np.trace(sum(flat.values())) / resid0.size
-    greedy = {}
-    for score in ("kappa", "mu_min", "ridge_objective"):
-        greedy[f"greedy_{score}"] = select.greedy_select(flat, cfg.selection_budget, score=score,
-                                                         sigma=cfg.sigma_absolute, ridge=ridge, resid0=resid0)
-    baselines = select.baseline_selections(names, cfg.selection_budget, seed=cfg.seed, module_grams=flat,
-                                           sigma=cfg.sigma_absolute)
-    return spectrum.to_jsonable({"configurations": out, "selection_scores": {**greedy, **baselines},
-                                 "ridge_objective_ridge": ridge}), arrays
+        arrays[f"eig/{name}"] = eigenvalues
+    selection = select.spectral_selection(grams, cfg.selection_budget, resid0, seed=cfg.seed)
+    return {"configurations": out, "selection": selection}, arrays
 
 
 def _onehot(ctx: Context, labels) -> np.ndarray:
@@ -476,7 +469,7 @@ def _run_stage(ctx: Context, stage: str, resume: bool) -> tuple[dict, dict, dict
     t = time.perf_counter()
     result, arrays = STAGE_FUNCTIONS[stage](ctx)
     seconds = time.perf_counter() - t
-    from .spectrum import to_jsonable
+    from ._util import to_jsonable
 
     result = to_jsonable(result)
     check_finite(stage, result, arrays, ctx.config)
@@ -533,7 +526,7 @@ def _write_stage(path: Path, stored: dict, arrays: dict) -> None:
 # Where a stage may hold a non-finite number, and which one; every other number of a stage must be finite.
 # Patterns match the dotted path of a value (dict keys and list indices joined by ".").
 NONFINITE_ALLOWED = {
-    "spectrum": (("*condition_number*", "inf"), ("selection_scores.*score*", "inf")),  # a singular kernel
+    "spectrum": (("configurations.*kappa*", "inf"), ("selection.methods.*.scores.*", "inf")),  # a singular kernel
     "sweep": (("sweep.*.theorem2_radius", "nan"),  # no radius at λ = 0
               ("sweep_summary.*", "nan"),  # a slope needs two usable λ
               ("sweep.*.relative_module_distances.*", "inf")),  # a module whose initial weights are zero
@@ -593,17 +586,12 @@ def assemble(ctx: Context, timings: dict) -> dict:
     """The results.json document (``docs/results-schema.md``)."""
     from . import __version__
     from .schema import SCHEMA_VERSION
+    from .spectrum import DEFAULT_SIGMA_TRACE
 
     cfg, r = ctx.config, ctx.results
     skipped = {"skipped": "stage not run (see config.stages)"}
     spectrum = r.get("spectrum", {}).get("configurations", skipped)
     study = r.get("study")
-    selection = skipped
-    if study and "selection" in study:
-        selection = study["selection"]
-    elif "spectrum" in r:
-        selection = {"budget": cfg.selection_budget,
-                     "methods": {k: _selection_entry(v) for k, v in r["spectrum"]["selection_scores"].items()}}
     return {
         "schema": SCHEMA_VERSION, "jaxlin_version": __version__, "config": cfg.to_dict(),
         "environment": environment(), "timings": timings,
@@ -611,7 +599,12 @@ def assemble(ctx: Context, timings: dict) -> dict:
             "kernel": "empirical NTK J Jᵀ of the LoRA parameters (head excluded, as in the paper's code), "
                       "full (N·C)×(N·C) blocks, example-major",
             "sign_kernel": "J·s(J)ᵀ, s(z)=z/(|z|+1e-8) (the published code's kernel), singular values",
-            "spectrum_sigma": f"condition_number at σ={cfg.sigma_absolute} absolute; kappa_sigma at σ·trace/n",
+            "spectrum_sigma": f"stats: kernel_statistics, kappa at σ = 0, kappa_sigma_abs at σ = {cfg.sigma_absolute} "
+                              f"absolute, kappa_sigma_trace at σ = {DEFAULT_SIGMA_TRACE}·trace/n; kappa_sigma: the grid "
+                              "config.sigmas × trace/n",
+            "selection_sigma": f"trace-relative (scale-fair, the default): greedy κ_σ and μ_min + σ at σ = "
+                               f"{DEFAULT_SIGMA_TRACE}·trace(K)/n of each candidate K; the paper's absolute σ is "
+                               "select.spectral_selection(..., sigma_scale='absolute')",
             "calibration": f"{cfg.calibration_mode} {cfg.num_calibration} of the seeded, shuffled training split",
             "inputs": "token ids through the full model, real lengths, padding to a multiple of 8, proper mask",
             "regularizer": cfg.regularizer, "anchor": cfg.anchor, "loss": cfg.loss,
@@ -627,18 +620,13 @@ def assemble(ctx: Context, timings: dict) -> dict:
         "sweep": r.get("sweep", {}).get("sweep", []),
         "sweep_summary": r.get("sweep", {}).get("sweep_summary", {}),
         "probe": r.get("probe", skipped),
-        "correlation": {"runs": study["runs"], "results": study["results"]} if study else skipped,
-        "selection": selection,
+        "correlation": ({"runs": study["runs"], "results": study["results"], "selection": study["selection"]}
+                        if study else skipped),
+        "selection": r["spectrum"]["selection"] if "spectrum" in r else skipped,
         "arrays": "arrays.npz",
         "inputs": ctx.inputs,
         "stages": ctx.stages,
     }
-
-
-def _selection_entry(v) -> dict:
-    if isinstance(v, dict):  # greedy_select: {"selected", "scores", ...}
-        return {"modules": list(v["selected"]), "scores": list(v["scores"])}
-    return {"modules": list(v)}  # a baseline: the modules
 
 
 def write_results(out: Path, results: dict, arrays: dict | None = None) -> None:

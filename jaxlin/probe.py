@@ -51,9 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._types import PyTree
 from .ntk import empirical_ntk_fn
 
-PyTree = Any
 ESTIMATORS = ("jacobian", "remainder")
 NTK_MAX_BYTES = 2**30
 ESTIMATOR_NOTES = {

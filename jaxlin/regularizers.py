@@ -16,14 +16,15 @@ passes them on. Ordering: coupled R1 and R2 act on gradients and go BEFORE the o
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Union
+from typing import Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-PyTree = Any
+from jaxlin._types import PyTree
+
 Anchor = Union[str, PyTree]
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 

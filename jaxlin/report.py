@@ -84,10 +84,10 @@ def _spectra_section(results: dict) -> str:
                   'Eigenvalues of the empirical NTK per configuration (positive ones, log scale); "all" in black.',
                   extra)
     rows = [(name, c["family"], len(c["modules"]), *(_plots.fmt(c["stats"][k]) for k in (
-        "condition_number", "max_eigenvalue", "min_eigenvalue", "trace", "effective_rank", "stable_rank", "sigma")))
-        for name, c in spectrum.items()]
-    table = _table(rows, ("configuration", "family", "modules", "κ", "μ_max", "μ_min", "trace", "eff. rank",
-                          "stable rank", "σ"), "table-spectrum", numeric=tuple(range(2, 10)))
+        "kappa", "kappa_sigma_abs", "kappa_sigma_trace", "mu_max", "mu_min", "trace", "effective_rank",
+        "stable_rank"))) for name, c in spectrum.items()]
+    table = _table(rows, ("configuration", "family", "modules", "κ", "κ_σ (absolute σ)", "κ_σ (σ·trace/n)", "μ_max",
+                          "μ_min", "trace", "eff. rank", "stable rank"), "table-spectrum", numeric=tuple(range(2, 11)))
     return fig + table
 
 
@@ -145,16 +145,26 @@ def _selection_section(results: dict) -> str:
     if note:
         return f'<div id="table-selection">{_note(note)}</div>'
     sel = results["selection"]
+    trained = _trained_selections(results)
     rows = []
     for method, m in sel["methods"].items():
         scores = m.get("scores", [])
         shown = ", ".join(_plots.fmt(s) for s in scores[:MAX_SCORES_SHOWN])
         shown += f", … ({len(scores)} in all)" if len(scores) > MAX_SCORES_SHOWN else ""
-        rows.append((method, ", ".join(m["modules"]), shown, _plots.fmt(m.get("final_train_loss", "")),
-                     _plots.fmt(m.get("eval_accuracy", ""))))
-    return (f"<p>Budget: {_esc(sel['budget'])} modules.</p>" +
+        run = trained.get(method, {}) if trained.get(method, {}).get("modules") == m["modules"] else {}
+        rows.append((method, ", ".join(m["modules"]), shown, _plots.fmt(run.get("final_train_loss", "")),
+                     _plots.fmt(run.get("eval_accuracy", ""))))
+    sigma = (f" σ = {_plots.fmt(sel['sigma'])} ({_esc(sel['sigma_scale'])})." if "sigma_scale" in sel else "")
+    return (f"<p>Budget: {_esc(sel['budget'])} modules.{sigma} Outcomes are the study's runs of the same module "
+            "set, when it trained one.</p>" +
             _table(rows, ("method", "modules", "scores", "final train loss", "eval accuracy"), "table-selection",
                    numeric=(3, 4)))
+
+
+def _trained_selections(results: dict) -> dict:
+    """method → the study's trained selection (modules + outcomes); {} without a study."""
+    corr = results["correlation"]
+    return {} if is_skipped(corr) else corr.get("selection", {}).get("methods", {})
 
 
 def _header(results: dict, arrays: dict | None) -> str:
@@ -270,8 +280,8 @@ def _summary_lines(results: dict):
         yield "spectrum", f"κ(all): {_missing_note(results, 'spectrum') or 'no configuration named all'}"
     else:
         stats = spectrum["all"]["stats"]
-        yield "spectrum", (f"κ(all) = {_plots.fmt(stats['condition_number'])} (σ = {_plots.fmt(stats['sigma'])}, "
-                           f"μ_max = {_plots.fmt(stats['max_eigenvalue'])}, "
+        yield "spectrum", (f"κ(all) = {_plots.fmt(stats['kappa'])} (κ_σ = {_plots.fmt(stats['kappa_sigma_trace'])} "
+                           f"at σ·trace/n, μ_max = {_plots.fmt(stats['mu_max'])}, "
                            f"eff. rank = {_plots.fmt(stats['effective_rank'])})")
     best = None if is_skipped(results["krr"]) else _plots.best_krr(results["krr"])
     if best is None:
@@ -288,9 +298,8 @@ def _summary_lines(results: dict):
         yield "study", (f"corr(κ, {outcome}): Pearson r = {_plots.fmt(r['pearson'], 2)} {_ci(r['pearson_ci'])}, "
                         f"Spearman ρ = {_plots.fmt(r['spearman'], 2)} {_ci(r['spearman_ci'])}, n = {r['n']}")
     if not is_skipped(results["selection"]):
-        chosen_by = "spectrum" if is_skipped(corr) else "study"  # the study trains the selections when it runs
         for method, m in results["selection"]["methods"].items():
-            yield chosen_by, f"selection {method}: {', '.join(m['modules'])}"
+            yield "spectrum", f"selection {method}: {', '.join(m['modules'])}"
 
 
 def _stages_line(records: dict) -> str:

@@ -1,11 +1,11 @@
-"""The results.json contract of `jaxlin run` (version "jaxlin.results/1"); docs/results-schema.md describes it.
+"""The results.json contract of `jaxlin run` (version "jaxlin.results/2"); docs/results-schema.md describes it.
 
 `validate_results(obj)` checks a loaded results dict by hand (no jsonschema dependency): strict on required
 keys and on types, permissive on extra keys. The first problem raises `SchemaError` whose message starts with
 the JSON path of the bad value, e.g. ``sweep[2].lambda: expected a number, got 'x'``.
 
 Numbers are ints or floats (never bools) or one of the strings "inf", "-inf", "nan", which is how
-`jaxlin.spectrum.to_jsonable` writes non-finite floats. A skipped stage is ``{"skipped": "<reason>"}`` for a dict
+`jaxlin._util.to_jsonable` writes non-finite floats. A skipped stage is ``{"skipped": "<reason>"}`` for a dict
 section and ``[]`` for `sweep`. `example_results()` returns a small, complete synthetic results dict.
 """
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .spectrum import to_jsonable
+from ._util import to_jsonable
+from .spectrum import condition_numbers, kernel_statistics
 from .stats import correlation
 
-SCHEMA_VERSION = "jaxlin.results/1"
+SCHEMA_VERSION = "jaxlin.results/2"
 NONFINITE_STRINGS = ("inf", "-inf", "nan")
 OUTCOMES = ("final_train_loss", "eval_accuracy")
 
@@ -155,11 +156,11 @@ def schema_version(value, path: str) -> None:
 NUMBERS = list_of(number)
 STRINGS = list_of(string)
 
-STATS = record({"eigenvalues": descending, **{k: number for k in (
-    "max_eigenvalue", "min_eigenvalue", "condition_number", "trace", "effective_rank", "stable_rank", "sigma")}})
-SIGN_STATS = record({"singular_values": descending, "condition_number": number})
-KAPPA_SIGMA = record({"sigmas": NUMBERS, "condition_numbers": NUMBERS},
-                     same_length=("sigmas", "condition_numbers"))
+STATISTICS = {k: number for k in ("kappa", "kappa_sigma_abs", "kappa_sigma_trace", "mu_max", "mu_min", "trace",
+                                   "effective_rank", "stable_rank")}  # of spectrum.kernel_statistics
+STATS = record({"eigenvalues": descending, **STATISTICS})
+SIGN_STATS = record({"singular_values": descending, **STATISTICS})
+KAPPA_SIGMA = record({"sigmas": NUMBERS, "kappa_sigma": NUMBERS}, same_length=("sigmas", "kappa_sigma"))
 CONFIGURATION = record({"modules": STRINGS, "family": string, "stats": STATS},
                        {"sign_stats": SIGN_STATS, "kappa_sigma": KAPPA_SIGMA})
 KRR = record({"configuration": string, "ridges": NUMBERS, "ridge_scale": string, "eval_accuracy": NUMBERS,
@@ -178,9 +179,11 @@ RUN = record({"configuration": string, "seed": integer, "modules": STRINGS, "sta
               "final_train_loss": number, "eval_accuracy": number})
 CORRELATION_RESULT = record({"pearson": number, "spearman": number, "pearson_ci": list_of(number, 2),
                              "spearman_ci": list_of(number, 2), "n": integer}, {"reason": string_or_null})
-CORRELATION = record({"runs": list_of(RUN), "results": dict_of(dict_of(CORRELATION_RESULT))})
 METHOD = record({"modules": STRINGS}, {"scores": NUMBERS, "final_train_loss": number, "eval_accuracy": number})
-SELECTION = record({"budget": integer, "methods": dict_of(METHOD)})
+SELECTION = record({"budget": integer, "methods": dict_of(METHOD)},
+                   {"seed": integer, "sigma": number, "sigma_scale": string, "ridge": number})
+CORRELATION = record({"runs": list_of(RUN), "results": dict_of(dict_of(CORRELATION_RESULT))},
+                     {"selection": SELECTION})
 CANARY = record({"relative_error": number, "tolerance": number, "passed": boolean})
 BACKEND_CHECK = record({"passed": boolean, "status": string, "jax": string, "jaxlib": string, "backend": string,
                         "device_kind": string, "canaries": dict_of(CANARY), "message": string})
@@ -218,33 +221,24 @@ def is_skipped(section) -> bool:
     return section is None or (isinstance(section, dict) and "skipped" in section) or len(section) == 0
 
 
-def _spectrum_entry(eigs, modules, family, sigma):
+def _spectrum_entry(eigs, modules, family):
     eigs = np.sort(np.asarray(eigs, np.float64))[::-1]
-    pos = np.clip(eigs, 0.0, None)
-    p = pos / pos.sum()
-    p = p[p > 0]
-    stats = {"eigenvalues": eigs, "max_eigenvalue": eigs[0], "min_eigenvalue": eigs[-1],
-             "condition_number": (eigs[0] + sigma) / (eigs[-1] + sigma) if eigs[-1] + sigma > 0 else math.inf,
-             "trace": eigs.sum(), "effective_rank": np.exp(-np.sum(p * np.log(p))),
-             "stable_rank": pos.sum() / eigs[0], "sigma": sigma}
-    return {"modules": list(modules), "family": family, "stats": stats}
+    return {"modules": list(modules), "family": family,
+            "stats": {"eigenvalues": eigs, **kernel_statistics(np.diag(eigs))}}
 
 
 def _example_spectrum(rng, modules):
     n, spectrum = 12, {}
     for i, m in enumerate(modules):
-        spectrum[m] = _spectrum_entry(np.geomspace(1.0, 10.0 ** -(2 + i), n) * (1 + i), [m], "single", 0.0)
-    spectrum["layer0"] = _spectrum_entry(np.geomspace(2.0, 1e-3, n), modules[:2], "layer", 0.0)
+        spectrum[m] = _spectrum_entry(np.geomspace(1.0, 10.0 ** -(2 + i), n) * (1 + i), [m], "single")
+    spectrum["layer0"] = _spectrum_entry(np.geomspace(2.0, 1e-3, n), modules[:2], "layer")
     spectrum["rank_deficient"] = _spectrum_entry(np.r_[np.geomspace(1.0, 1e-2, n - 2), 0.0, 0.0], modules[2:],
-                                                 "top_k", 0.0)
+                                                 "top_k")
     all_eigs = sum(np.geomspace(1.0, 10.0 ** -(2 + i), n) * (1 + i) for i in range(len(modules)))
-    spectrum["all"] = _spectrum_entry(all_eigs + 1e-3 * rng.random(n), modules, "all", 0.0)
+    spectrum["all"] = _spectrum_entry(all_eigs + 1e-3 * rng.random(n), modules, "all")
     sv = np.asarray(spectrum["all"]["stats"]["eigenvalues"]) * 1.5
-    spectrum["all"]["sign_stats"] = {"singular_values": sv, "condition_number": sv[0] / sv[-1]}
-    sigmas = [0.0, 1e-6, 1e-4, 1e-2]
-    e = spectrum["all"]["stats"]["eigenvalues"]
-    spectrum["all"]["kappa_sigma"] = {"sigmas": sigmas, "condition_numbers": [(e[0] + s) / (e[-1] + s)
-                                                                               for s in sigmas]}
+    spectrum["all"]["sign_stats"] = {"singular_values": sv, **kernel_statistics(np.diag(sv), kernel="sign")}
+    spectrum["all"]["kappa_sigma"] = condition_numbers(np.diag(spectrum["all"]["stats"]["eigenvalues"]))
     return spectrum
 
 
@@ -266,7 +260,7 @@ def _example_sweep(rng):
 def _example_correlation(rng, spectrum):
     runs = []
     for name in ("layer0", "all", "layer0.query", "layer1.value"):
-        kappa = float(spectrum[name]["stats"]["condition_number"])
+        kappa = float(spectrum[name]["stats"]["kappa"])
         for seed in (0, 1):
             runs.append({"configuration": name, "seed": seed, "modules": spectrum[name]["modules"],
                          "statistics": {"kappa": kappa * (1 + 0.1 * rng.random()),
@@ -291,6 +285,10 @@ def example_results() -> dict:
     ridges = np.geomspace(1e-4, 1e1, 6)
     steps = list(range(0, 50, 5))
     predicted = 0.69 * np.exp(-np.asarray(steps) / 15.0) + 0.1
+    selection = {"budget": 2, "seed": 0, "sigma": 1e-4, "sigma_scale": "trace", "ridge": 1e-3, "methods": {
+        "greedy_kappa": {"modules": ["layer0.query", "layer1.value"], "scores": [120.0, 85.5]},
+        "top_layers": {"modules": ["layer1.query", "layer1.value"], "scores": []},
+        "random": {"modules": ["layer0.value", "layer1.query"], "scores": []}}}
     results = {
         "schema": SCHEMA_VERSION, "jaxlin_version": "0.1.0",
         "config": {"preset": "example", "model": "synthetic", "seeds": [0, 1], "ridge": 1e-2},
@@ -319,12 +317,11 @@ def example_results() -> dict:
                                              "L_std": [0.05, 0.05, 0.06, 0.1]},
                                 "remainder": {"L_avg": [0.3, 0.31, 0.35, 0.5], "L_upper": [0.4, 0.4, 0.5, 0.8],
                                               "L_std": [0.02, 0.02, 0.03, 0.05]}}},
-        "correlation": _example_correlation(rng, spectrum),
-        "selection": {"budget": 2, "methods": {
-            "greedy_kappa": {"modules": ["layer0.query", "layer1.value"], "scores": [120.0, 85.5],
-                             "final_train_loss": 0.21, "eval_accuracy": 0.83},
-            "top_layers": {"modules": ["layer1.query", "layer1.value"], "eval_accuracy": 0.8},
-            "random": {"modules": ["layer0.value", "layer1.query"]}}},
+        "correlation": {**_example_correlation(rng, spectrum), "selection": {**selection, "methods": {
+            "greedy_kappa": {**selection["methods"]["greedy_kappa"], "final_train_loss": 0.21, "eval_accuracy": 0.83},
+            "top_layers": {**selection["methods"]["top_layers"], "eval_accuracy": 0.8},
+            "random": {"modules": ["layer0.query", "layer1.query"], "scores": []}}}},  # the study drew another set
+        "selection": selection,
         "arrays": "arrays.npz",
         "inputs": {"config": "3f2a9c0d1e4b5a6f", "dataset": "ab" * 32, "checkpoint": "cd" * 32, "jaxlin": "0.1.0"},
         "stages": {"ntk": {"key": "0123456789abcdef", "reused": True, "seconds": 12.25,

@@ -4,6 +4,9 @@ A module kernel dict `module_grams` maps module name (e.g. "layer3.attention.que
 (N, N, O, O) (read as in `spectrum.as_matrix`); dict order is the module order and breaks every tie.
 Kernels add over modules, K_S = Σ_{m∈S} K_m (§6.1), so every configuration below costs one small sum and
 one small eigenproblem; nothing is recomputed from the model.
+
+`spectral_selection` is the one selection routine (results.json's `selection`, the study's selections): greedy
+selections for every score and the baselines, with one σ convention (spectrum module docstring).
 """
 import math
 import re
@@ -11,7 +14,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from jaxlin.spectrum import absolute_sigma, as_matrix, kappa, spectrum_stats
+from jaxlin.spectrum import (DEFAULT_RIDGE_TRACE, DEFAULT_SIGMA_SCALE, DEFAULT_SIGMA_TRACE, absolute_sigma,
+                             as_matrix, kappa, spectrum_stats)
 
 FAMILIES = ("single", "layer", "projection", "top_k", "all")
 SCORES = ("kappa", "mu_min", "ridge_objective")
@@ -142,7 +146,7 @@ def perturbation_report(gram_S, gram_l, ridge=None, resid0=None, *, sigma=0.0, r
     mu_s, mu_l, mu_sum = stats_s["eigenvalues"], stats_l["eigenvalues"], stats_sum["eigenvalues"]
     tol = rtol * (abs(mu_s[0]) + abs(mu_l[0]))
     lower, upper = mu_s + mu_l[-1], mu_s + mu_l[0]
-    k_s, k_sum = stats_s["condition_number"], stats_sum["condition_number"]
+    k_s, k_sum = stats_s["kappa_sigma"], stats_sum["kappa_sigma"]
     k_l = kappa(mu_l[0], mu_l[-1], 0.0)
     mediant = kappa(mu_s[0] + mu_l[0], mu_s[-1] + mu_l[-1], sigma)
     max_bound = max(k_s, k_l)
@@ -151,7 +155,7 @@ def perturbation_report(gram_S, gram_l, ridge=None, resid0=None, *, sigma=0.0, r
         "weyl_lower": lower, "weyl_upper": upper,
         "weyl_holds": bool(np.all(mu_sum >= lower - tol) and np.all(mu_sum <= upper + tol)),
         "weyl_max_violation": float(max(np.max(lower - mu_sum), np.max(mu_sum - upper), 0.0)),
-        "sigma": sigma, "kappa_S": k_s, "kappa_l": k_l, "kappa_l_sigma": stats_l["condition_number"],
+        "sigma": sigma, "kappa_S": k_s, "kappa_l": k_l, "kappa_l_sigma": stats_l["kappa_sigma"],
         "kappa_sum": k_sum, "mediant_bound": mediant, "mediant_max_bound": max_bound,
         "mediant_holds": _le(k_sum, mediant, rtol * (1 + mediant)) and _le(mediant, max_bound, rtol * (1 + max_bound)),
         "kappa_rose": bool(k_sum > k_s),
@@ -228,7 +232,7 @@ def greedy_select(module_grams, budget, *, score="kappa", sigma=0.0, sigma_scale
         if score == "ridge_objective":
             return _ridge_terms(mat, ridge, resid0)[0]
         stats = spectrum_stats(mat, sigma, sigma_scale=sigma_scale)
-        return stats["condition_number"] if score == "kappa" else -(stats["min_eigenvalue"] + stats["sigma"])
+        return stats["kappa_sigma"] if score == "kappa" else -(stats["min_eigenvalue"] + stats["sigma"])
 
     sign = -1.0 if score == "mu_min" else 1.0  # report μ_min + σ itself, not its negation
     selected, scores, steps, spent, current = [], [], [], 0, np.zeros((n, n))
@@ -273,7 +277,33 @@ def baseline_selections(module_names, budget, *, seed, module_grams=None, sigma=
         if set(module_grams) != set(names):
             raise ValueError(f"module_grams names {list(module_grams)} differ from module_names {list(names)}")
         singles = configuration_stats(module_grams, {n: (n,) for n in names}, sigma, sigma_scale=sigma_scale)
-        by_kappa = sorted(names, key=lambda n: (singles[n]["condition_number"], rank[n]))
+        by_kappa = sorted(names, key=lambda n: (singles[n]["kappa_sigma"], rank[n]))
         out["best_single"] = (by_kappa[0],)
         out["best_singles"] = tuple(by_kappa[:budget])
     return out
+
+
+def spectral_selection(module_grams, budget, resid0, *, seed, sigma=DEFAULT_SIGMA_TRACE,
+                       sigma_scale=DEFAULT_SIGMA_SCALE, ridge_trace=DEFAULT_RIDGE_TRACE):
+    """Greedy selections (one per score of `SCORES`) and `baseline_selections` of `budget` modules.
+
+    σ of κ_σ and μ_min + σ: `sigma` read in `sigma_scale` ("trace": σ·trace(K)/n of each candidate K, the
+    scale-fair default; "absolute": σ itself, the paper's convention with sigma=1e-4). The ridge objective's
+    λ = ridge_trace·trace(K_all)/n, fixed over candidates (K_all = Σ of every module kernel), and resid0 is
+    r0 = onehot(y) − f0 on the kernels' examples, flattened example-major. Returns {"budget", "seed",
+    "sigma", "sigma_scale", "ridge", "methods": {name: {"modules": [...], "scores": [score after each greedy
+    step; [] for baselines]}}}; greedy methods are "greedy_<score>", baselines keep their names.
+    """
+    mats = _matrices(module_grams)
+    n = next(iter(mats.values())).shape[0]
+    ridge = ridge_trace * float(np.trace(sum(mats.values()))) / n
+    methods = {}
+    for score in SCORES:
+        greedy = greedy_select(mats, budget, score=score, sigma=sigma, sigma_scale=sigma_scale, ridge=ridge,
+                               resid0=resid0)
+        methods[f"greedy_{score}"] = {"modules": list(greedy["selected"]), "scores": list(greedy["scores"])}
+    for name, modules in baseline_selections(tuple(mats), budget, seed=seed, module_grams=mats, sigma=sigma,
+                                             sigma_scale=sigma_scale).items():
+        methods[name] = {"modules": list(modules), "scores": []}
+    return {"budget": budget, "seed": seed, "sigma": float(sigma), "sigma_scale": sigma_scale, "ridge": ridge,
+            "methods": methods}

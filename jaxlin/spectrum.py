@@ -10,6 +10,16 @@ gram[i, j, c, d] → row i·O + c, column j·O + d (see `as_matrix`).
 Eigenvalue clip policy: eigenvalues and min_eigenvalue are reported as computed, so a PSD kernel may show
 tiny negative round-off values; κ uses them unclipped (κ = inf when μ_min + σ ≤ 0); effective rank, stable
 rank and cumulative energy use max(μ, 0).
+
+Naming: κ is `kappa` (σ = 0) and κ_σ = (μ_max + σ)/(μ_min + σ) is `kappa_sigma*` everywhere, in these dicts and
+in results.json. `kernel_statistics` is the one set of named statistics that the spectrum stage, the study
+and the report read.
+
+σ convention: σ is absolute (kernel units) or, with sigma_scale="trace", a multiple of the mean eigenvalue
+trace(K)/n. Kernel scale grows with the number of modules summed (K_S = Σ K_m), so a fixed absolute σ (the
+paper's 1e-4, docs/paper.md §5.1) regularises large configurations relatively less than small ones; the
+trace-relative σ is scale-fair and is jaxlin's default for selection (`DEFAULT_SIGMA_SCALE`), the absolute
+one an explicit option.
 """
 import math
 
@@ -20,6 +30,12 @@ import numpy as np
 SIGMA_SCALES = ("absolute", "trace")
 PAPER_ABSOLUTE_SIGMA = 1e-4  # the paper's reported fixed σ (docs/paper.md §5.1)
 PAPER_TRACE_SIGMAS = (0.0, 1e-6, 1e-4, 1e-2)  # × trace(K)/n, the scale-fair grid of docs/paper.md §5.1
+DEFAULT_SIGMA_SCALE = "trace"  # scale-fair (module docstring); "absolute" is the paper's convention
+DEFAULT_SIGMA_TRACE = 1e-4  # σ = 1e-4·trace(K)/n: the paper's 1e-4, relative to the mean eigenvalue
+DEFAULT_RIDGE_TRACE = 1e-4  # ridge λ of the ridge objective, × trace(K)/n
+KERNELS = ("ntk", "sign")
+STATISTICS = ("kappa", "kappa_sigma_abs", "kappa_sigma_trace", "mu_min", "mu_max", "trace", "effective_rank",
+              "stable_rank", "ridge_objective", "kappa_traced")
 
 
 def as_matrix(gram):
@@ -73,7 +89,7 @@ def _value_stats(values_desc, sigma_abs):
         effective_rank = math.nan
         cumulative = np.full_like(clipped, math.nan)
     return {
-        "condition_number": kappa(top, float(values_desc[-1]), sigma_abs),
+        "kappa_sigma": kappa(top, float(values_desc[-1]), sigma_abs),
         "sigma": sigma_abs,
         "effective_rank": effective_rank,
         "stable_rank": total / top if top > 0 else math.nan,
@@ -92,7 +108,7 @@ def spectrum_stats(gram, sigma=0.0, *, sigma_scale="absolute"):
 
     K is symmetrised, (K + Kᵀ)/2, before a float64 eigh; `asymmetry` = ‖K − Kᵀ‖_F/‖K‖_F says how much that
     changed. With μ_1 ≥ … ≥ μ_n and σ_abs from `absolute_sigma`:
-      condition_number κ_σ = (μ_max + σ)/(μ_min + σ)   (inf when μ_min + σ ≤ 0)
+      kappa_sigma κ_σ = (μ_max + σ)/(μ_min + σ)   (inf when μ_min + σ ≤ 0; κ itself at σ = 0)
       trace = Σ μ_i,  stable_rank = Σ μ_i⁺/μ_max,  effective_rank = exp(H(p)), p = μ⁺/Σ μ⁺,
       cumulative_energy = cumsum(p),  with μ⁺ = max(μ, 0) (nan when Σ μ⁺ = 0 or μ_max ≤ 0).
     Eigenvalues are not clipped (module docstring); `num_negative` counts those below 0.
@@ -118,7 +134,7 @@ def sign_kernel_stats(gram_sign, sigma=0.0, *, sigma_scale="absolute"):
     """Statistics of the asymmetric sign kernel K_s = J·sign(J)ᵀ (docs/paper.md §5.2), from its singular values.
 
     K_s is not symmetric (its eigenvalues can be complex), so with s_1 ≥ … ≥ s_n its singular values:
-      condition_number = (s_max + σ)/(s_min + σ), stable_rank = Σ s/s_max, effective_rank = exp(H(s/Σ s)),
+      kappa_sigma = (s_max + σ)/(s_min + σ), stable_rank = Σ s/s_max, effective_rank = exp(H(s/Σ s)),
       nuclear_norm = Σ s; σ_abs for sigma_scale="trace" is σ·nuclear_norm/n (= σ·trace/n for a PSD kernel).
     Also reported: `trace` (of K_s itself), `asymmetry` ‖K_s − K_sᵀ‖_F/‖K_s‖_F and `symmetric_eigenvalues`,
     the descending eigenvalues of (K_s + K_sᵀ)/2.
@@ -144,7 +160,7 @@ def sign_kernel_stats(gram_sign, sigma=0.0, *, sigma_scale="absolute"):
 def condition_numbers(gram, sigmas=PAPER_TRACE_SIGMAS, *, sigma_scale="trace"):
     """κ_σ = (μ_max + σ)/(μ_min + σ) for every σ in `sigmas`, from one eigendecomposition.
 
-    Returns {"sigmas": given grid, "sigma_absolute": σ_abs per entry, "condition_numbers": κ_σ per entry,
+    Returns {"sigmas": given grid, "sigma_absolute": σ_abs per entry, "kappa_sigma": κ_σ per entry,
     "sigma_scale"}. The paper's grids: `PAPER_TRACE_SIGMAS` with sigma_scale="trace", and
     (`PAPER_ABSOLUTE_SIGMA`,) with sigma_scale="absolute".
     """
@@ -152,8 +168,56 @@ def condition_numbers(gram, sigmas=PAPER_TRACE_SIGMAS, *, sigma_scale="trace"):
     sigmas_k = np.asarray(sigmas, dtype=np.float64).reshape(-1)
     sigma_abs_k = np.array([absolute_sigma(s, sigma_scale, stats["trace"], stats["n"]) for s in sigmas_k])
     kappa_k = np.array([kappa(stats["max_eigenvalue"], stats["min_eigenvalue"], s) for s in sigma_abs_k])
-    return {"sigmas": sigmas_k, "sigma_absolute": sigma_abs_k, "condition_numbers": kappa_k,
+    return {"sigmas": sigmas_k, "sigma_absolute": sigma_abs_k, "kappa_sigma": kappa_k,
             "sigma_scale": sigma_scale}
+
+
+def kernel_statistics(gram_NNOO, resid0_NO=None, *, kernel: str = "ntk", sigma_absolute: float = PAPER_ABSOLUTE_SIGMA,
+                      sigma_trace: float = DEFAULT_SIGMA_TRACE, ridge_trace: float = DEFAULT_RIDGE_TRACE) -> dict:
+    """The named `STATISTICS` of one kernel, the one set the spectrum stage, the study and the report read.
+
+    On the (N·O × N·O) example-major matrix of a full (N, N, O, O) kernel (or an (n, n) one), μ its eigenvalues
+    ("ntk") or singular values ("sign", `sign_kernel_stats`), descending, n = N·O:
+      kappa μ_max/μ_min (σ = 0); kappa_sigma_abs (μ_max+σ)/(μ_min+σ), σ = sigma_absolute; kappa_sigma_trace the
+      same with σ = sigma_trace·Σμ/n (both conventions, module docstring); mu_min; mu_max; trace Σμ;
+      effective_rank exp(H(μ⁺/Σμ⁺)); stable_rank Σμ⁺/μ_max; ridge_objective ½λ r0ᵀ(K+λI)⁻¹r0 with
+      λ = ridge_trace·trace(K)/n and r0 = resid0_NO flattened example-major (only with resid0_NO and
+      kernel="ntk"); kappa_traced κ of the (N × N) kernel summed over outputs.
+    Returns {name: float}; κ's are inf when the denominator is ≤ 0.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
+    mat = as_matrix(gram_NNOO)
+    n = mat.shape[0]
+    traced_NN = np.einsum("ijaa->ij", np.asarray(gram_NNOO, np.float64)) if np.ndim(gram_NNOO) == 4 else mat
+    if kernel == "ntk":
+        st, st_traced = spectrum_stats(mat), spectrum_stats(traced_NN)
+        top, bottom, total = st["max_eigenvalue"], st["min_eigenvalue"], st["trace"]
+        kappa_traced = kappa(st_traced["max_eigenvalue"], st_traced["min_eigenvalue"], 0.0)
+    else:
+        st, st_traced = sign_kernel_stats(mat), sign_kernel_stats(traced_NN)
+        top, bottom, total = st["max_singular_value"], st["min_singular_value"], st["nuclear_norm"]
+        kappa_traced = kappa(st_traced["max_singular_value"], st_traced["min_singular_value"], 0.0)
+    out = {"kappa": kappa(top, bottom, 0.0),
+           "kappa_sigma_abs": kappa(top, bottom, absolute_sigma(sigma_absolute, "absolute", total, n)),
+           "kappa_sigma_trace": kappa(top, bottom, absolute_sigma(sigma_trace, "trace", total, n)),
+           "mu_min": bottom, "mu_max": top, "trace": total, "effective_rank": st["effective_rank"],
+           "stable_rank": st["stable_rank"]}
+    if kernel == "ntk" and resid0_NO is not None:
+        out["ridge_objective"] = ridge_objective(mat, resid0_NO, ridge_trace * total / n)
+    out["kappa_traced"] = kappa_traced
+    return out
+
+
+def ridge_objective(gram, resid0, ridge: float) -> float:
+    """½λ r0ᵀ(K+λI)⁻¹r0 of the symmetrised K, r0 = resid0 flattened example-major (docs/paper.md §6.3)."""
+    mat = as_matrix(gram)
+    r0 = np.asarray(resid0, np.float64).reshape(-1)
+    if r0.shape[0] != mat.shape[0]:
+        raise ValueError(f"resid0 has {r0.shape[0]} entries but the kernel is {mat.shape[0]}×{mat.shape[0]}; "
+                         "flatten (N, O) residuals example-major to N·O entries")
+    sym = 0.5 * (mat + mat.T)
+    return 0.5 * ridge * float(r0 @ np.linalg.solve(sym + ridge * np.eye(mat.shape[0]), r0))
 
 
 def _check_iters(name, value, low, high):
@@ -218,29 +282,3 @@ def hutchinson_trace(matvec, n, *, num_samples, key, dtype=None):
     probes = jax.random.rademacher(key, (num_samples, n), dtype)
     quad = jnp.sum(probes * jax.vmap(matvec)(probes), axis=1)
     return jnp.mean(quad), jnp.std(quad, ddof=1) / jnp.sqrt(num_samples)
-
-
-def to_jsonable(obj):
-    """Turn results into JSON-ready Python: arrays → lists, numpy/JAX scalars → float/int/bool.
-
-    Non-finite floats become the strings "inf", "-inf" and "nan" (not None, so the value survives a round
-    trip); dicts, lists and tuples are converted recursively (tuples become lists), strings and None pass.
-    """
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (str, type(None))):
-        return obj
-    if isinstance(obj, (jax.Array, np.ndarray, np.generic)):
-        arr = np.asarray(obj)
-        return to_jsonable(arr.tolist()) if arr.ndim else to_jsonable(arr.item())
-    if isinstance(obj, (bool, int)):
-        return obj
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return "nan"
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
-    raise ValueError(f"to_jsonable cannot convert {type(obj).__name__}; pass dicts, sequences, arrays or numbers")

@@ -15,13 +15,11 @@ without that.) Per seed one `module_ntks` pass gives the full (N, N, O, O) float
 (float32 tiles unless jax_enable_x64); a smaller calibration set that is a prefix of the larger one (modes
 "first", "random") takes its leading block.
 
-Statistics (`kernel_statistics`; the paper's exact choice is unknown, docs/paper.md §0, so each is reported), on the
-(N·O × N·O) example-major matrix of the full kernel, μ its eigenvalues ("ntk") or singular values ("sign"):
-  kappa μ_max/μ_min; kappa_sigma_abs (μ_max+σ)/(μ_min+σ), σ = sigma_absolute; kappa_sigma_trace the same with
-  σ = sigma_trace·Σμ/(N·O); mu_min; mu_max; trace Σμ; effective_rank exp(H(μ/Σμ)); stable_rank Σμ/μ_max;
-  ridge_objective ½λ r0ᵀ(K+λI)⁻¹r0, λ = ridge_trace·trace(K)/(N·O), r0 = onehot(y) − f0 on the calibration set
-  (squared loss; "ntk" only); kappa_traced κ of the (N × N) kernel summed over outputs.
-Names: plain for the first kernel on `num_calibration` examples, "<kernel>_n<N>.<name>" for the other variants.
+Statistics: `spectrum.kernel_statistics` (the paper's exact choice is unknown, docs/paper.md §0, so each is
+reported), with r0 = onehot(y) − f0 on the calibration set for the ridge objective. Names: plain for the first
+kernel on `num_calibration` examples, "<kernel>_n<N>.<name>" for the other variants.
+Selections: `select.spectral_selection` on the primary variant's kernels, σ in `sigma_scale` (default "trace":
+sigma_trace·trace(K)/(N·O); "absolute": sigma_absolute), each trained with the first seed.
 
 Result of `run_study` (JSON-ready; non-finite floats are the strings "inf", "-inf", "nan"):
   config: the StudyConfig fields.   variants: {"statistic_sets": {variant: {kernel, num_calibration, prefix}},
@@ -31,8 +29,9 @@ Result of `run_study` (JSON-ready; non-finite floats are the strings "inf", "-in
     train_accuracy, eval_accuracy, eval_loss, train_loss_curve: [per step], wall_time_s}].
   results: {statistic: {outcome: stats.correlation dict (pearson, spearman, CIs, n, ...)}} over all runs.
   results_by_configuration: the same with statistics and outcomes averaged over seeds per configuration.
-  selection: {budget, seed, sigma_trace, ridge, methods: {name: {modules, scores (greedy: the score after each
-    step; baselines: []), statistics (of K_S, primary variant), + the outcome keys of a run}}}.
+  selection: `select.spectral_selection`'s {budget, seed, sigma, sigma_scale, ridge, methods: {name: {modules,
+    scores (greedy: the score after each step; baselines: []), statistics (of K_S, primary variant), + the outcome
+    keys of a run}}}.
   timings: seconds (ntk, statistics, train, selection, correlations, total) and the number of trained runs.
 """
 from __future__ import annotations
@@ -51,16 +50,13 @@ from tqdm.auto import tqdm
 from . import data
 from .adapters import Adapted, add_lora
 from .module_ntk import module_ntks
-from .select import FAMILIES, SCORES, baseline_selections, configuration_kernel, enumerate_configurations, \
-    greedy_select
-from .spectrum import as_matrix, kappa, sign_kernel_stats, spectrum_stats, to_jsonable
+from ._util import to_jsonable
+from .select import FAMILIES, configuration_kernel, enumerate_configurations, spectral_selection
+from .spectrum import KERNELS, SIGMA_SCALES, STATISTICS, kernel_statistics
 from .stats import correlation
 from .train import TrainConfig, evaluate, make_loss_fn, make_optimizer, make_train_step
 
-STATISTICS = ("kappa", "kappa_sigma_abs", "kappa_sigma_trace", "mu_min", "mu_max", "trace", "effective_rank",
-              "stable_rank", "ridge_objective", "kappa_traced")
 OUTCOMES = ("final_train_loss", "train_loss_last10pct", "eval_accuracy", "eval_loss")
-KERNELS = ("ntk", "sign")
 CALIBRATION_MODES = ("first", "random", "balanced")
 PRESETS = ("quick", "default", "gpu")
 _STEP_KEYS = ("input_ids", "attention_mask", "labels", "example_mask")
@@ -82,7 +78,8 @@ class StudyConfig:
     max_length, pad_to_multiple_of: tokens per example, padding bucket (fewer buckets = fewer compiles).
     num_train, num_eval: the first examples of the training / eval data used; eval_batch_size for evaluation.
     sigma_absolute, sigma_trace, ridge_trace: σ of κ_σ (absolute; relative to trace/(N·O)) and ridge λ relative
-      to trace/(N·O). kernels: "ntk" and optionally "sign" (a statistic set each). n_bootstrap: CI resamples.
+      to trace/(N·O). sigma_scale: the σ of the selections, "trace" (sigma_trace, scale-fair) or "absolute"
+      (sigma_absolute, the paper's). kernels: "ntk" and optionally "sign" (a statistic set each). n_bootstrap: CI resamples.
     selection_budget: modules per selection. data_seed: seeds the (shared) training batch order.
     """
 
@@ -108,6 +105,7 @@ class StudyConfig:
     sigma_absolute: float = 1e-4
     sigma_trace: float = 1e-4
     ridge_trace: float = 1e-4
+    sigma_scale: str = "trace"
     kernels: tuple[str, ...] = ("ntk",)
     n_bootstrap: int = 1000
     selection_budget: int = 3
@@ -133,6 +131,8 @@ class StudyConfig:
         large = self.num_calibration_large
         if large is not None and (not _is_int(large) or not self.num_calibration < large <= 65536):
             _bad("num_calibration_large", large, f"None or an integer in ({self.num_calibration}, 65536]")
+        if self.sigma_scale not in SIGMA_SCALES:
+            _bad("sigma_scale", self.sigma_scale, f"one of {SIGMA_SCALES}")
         if self.calibration_mode not in CALIBRATION_MODES:
             _bad("calibration_mode", self.calibration_mode, f"one of {CALIBRATION_MODES}")
         if isinstance(self.kernels, str) or not self.kernels or self.kernels[0] != "ntk" \
@@ -258,32 +258,18 @@ def train_gated(adapted: Adapted, trainable0, gate_M, step_batches: Sequence[dic
 
 
 # ------------------------------------------------------------------------------------------- statistics
-def kernel_statistics(gram_NNOO, resid0_NO=None, *, kernel: str = "ntk", sigma_absolute: float = 1e-4,
-                      sigma_trace: float = 1e-4, ridge_trace: float = 1e-4) -> dict[str, float]:
-    """The `STATISTICS` of one full kernel (module docstring); ridge_objective needs resid0_NO and kernel="ntk"."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
-    mat = as_matrix(gram_NNOO)
-    n = mat.shape[0]
-    traced_NN = np.einsum("ijaa->ij", np.asarray(gram_NNOO, np.float64)) if np.ndim(gram_NNOO) == 4 else mat
-    if kernel == "ntk":
-        st, st_traced = spectrum_stats(mat), spectrum_stats(traced_NN)
-        top, bottom, total = st["max_eigenvalue"], st["min_eigenvalue"], st["trace"]
-        kappa_traced = kappa(st_traced["max_eigenvalue"], st_traced["min_eigenvalue"], 0.0)
-    else:
-        st, st_traced = sign_kernel_stats(mat), sign_kernel_stats(traced_NN)
-        top, bottom, total = st["max_singular_value"], st["min_singular_value"], st["nuclear_norm"]
-        kappa_traced = kappa(st_traced["max_singular_value"], st_traced["min_singular_value"], 0.0)
-    out = {"kappa": kappa(top, bottom, 0.0), "kappa_sigma_abs": kappa(top, bottom, sigma_absolute),
-           "kappa_sigma_trace": kappa(top, bottom, sigma_trace * total / n), "mu_min": bottom, "mu_max": top,
-           "trace": total, "effective_rank": st["effective_rank"], "stable_rank": st["stable_rank"]}
-    if kernel == "ntk" and resid0_NO is not None:
-        ridge = ridge_trace * total / n
-        resid0 = np.asarray(resid0_NO, np.float64).reshape(-1)
-        sym = 0.5 * (mat + mat.T)
-        out["ridge_objective"] = 0.5 * ridge * float(resid0 @ np.linalg.solve(sym + ridge * np.eye(n), resid0))
-    out["kappa_traced"] = kappa_traced
-    return out
+def _configuration_statistics(c: StudyConfig, configurations, grams, resid0) -> dict[str, dict[str, float]]:
+    """configuration → `kernel_statistics` of K_S for every statistic set of `c.variants`, named with the
+    variant's prefix; grams[(kernel, n)] are the module kernels and resid0[n] the residual on n examples."""
+    statistics = {name: {} for name in configurations}
+    for v in c.variants.values():
+        vgrams = grams[v["kernel"], v["num_calibration"]]
+        for name, modules in configurations.items():
+            stats = kernel_statistics(configuration_kernel(vgrams, modules), resid0[v["num_calibration"]],
+                                      kernel=v["kernel"], sigma_absolute=c.sigma_absolute, sigma_trace=c.sigma_trace,
+                                      ridge_trace=c.ridge_trace)
+            statistics[name].update({v["prefix"] + s: val for s, val in stats.items()})
+    return statistics
 
 
 def _correlations(records, names, n_bootstrap):
@@ -389,14 +375,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
                                                 trainable=adapters[seed].trainable))
         timings["ntk_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        statistics = {name: {} for name in configurations}
-        for v in c.variants.values():
-            vgrams = grams[v["kernel"], v["num_calibration"]]
-            for name, modules in configurations.items():
-                stats = kernel_statistics(configuration_kernel(vgrams, modules), resid0[v["num_calibration"]],
-                                          kernel=v["kernel"], sigma_absolute=c.sigma_absolute,
-                                          sigma_trace=c.sigma_trace, ridge_trace=c.ridge_trace)
-                statistics[name].update({v["prefix"] + s: val for s, val in stats.items()})
+        statistics = _configuration_statistics(c, configurations, grams, resid0)
         if primary_grams is None:
             primary_grams = grams[c.kernels[0], c.num_calibration]
         timings["statistics_s"] += time.perf_counter() - t0
@@ -407,7 +386,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     bar.close()
 
     t0 = time.perf_counter()
-    selection = _selection(c, candidates, primary_grams, resid0[c.num_calibration], train_run, progress)
+    selection = _selection(c, primary_grams, resid0[c.num_calibration], train_run, progress)
     timings["selection_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     names = list(runs[0]["statistics"])
@@ -424,7 +403,10 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
                          "kernel summed over outputs; sign: singular values of J·s(J)ᵀ",
         "ntk_parameters": "LoRA A and B of the configuration's modules at init; the head is excluded",
         "train_head": c.train_head,
-        "sigma": {"absolute": c.sigma_absolute, "trace_relative": c.sigma_trace},
+        "sigma": {"absolute": c.sigma_absolute, "trace_relative": c.sigma_trace,
+                  "selection": f"sigma_scale={c.sigma_scale!r}: κ_σ and μ_min + σ of the greedy scores at "
+                               + (f"σ = {c.sigma_trace}·trace(K)/(N·O) (scale-fair)" if c.sigma_scale == "trace"
+                                  else f"σ = {c.sigma_absolute} absolute (the paper's)")},
         "ridge": f"λ = {c.ridge_trace}·trace(K_S)/(N·O); r0 = onehot(y) − f0 on the calibration set (squared loss)",
         "final_train_loss": "mean cross-entropy over the num_train training examples after training; "
                             "train_loss_last10pct: mean batch loss of the last 10% of steps",
@@ -435,26 +417,18 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
                         "results_by_configuration": by_configuration, "selection": selection, "timings": timings})
 
 
-def _selection(c: StudyConfig, candidates, grams, resid0_NO, train_run, progress) -> dict:
-    """Greedy spectral selections (each score of `select.SCORES`) and baselines of `selection_budget` modules,
-    each trained with the first seed; statistics of each K_S from the primary variant."""
-    n = as_matrix(next(iter(grams.values()))).shape[0]
-    ridge = c.ridge_trace * float(np.trace(as_matrix(configuration_kernel(grams, candidates)))) / n
-    sets = {}
-    for score in SCORES:
-        greedy = greedy_select(grams, c.selection_budget, score=score, sigma=c.sigma_trace, sigma_scale="trace",
-                               ridge=ridge, resid0=resid0_NO)
-        sets[f"greedy_{score}"] = (tuple(greedy["selected"]), greedy["scores"])
-    for name, modules in baseline_selections(candidates, c.selection_budget, seed=c.seeds[0], module_grams=grams,
-                                             sigma=c.sigma_trace, sigma_scale="trace").items():
-        sets[name] = (modules, [])
-    methods = {}
-    for name, (modules, scores) in tqdm(sets.items(), disable=not progress, desc="selection", unit="run"):
-        stats = kernel_statistics(configuration_kernel(grams, modules), resid0_NO, sigma_absolute=c.sigma_absolute,
-                                  sigma_trace=c.sigma_trace, ridge_trace=c.ridge_trace)
-        methods[name] = train_run(c.seeds[0], modules, name, scores=scores, statistics=stats)
-    return {"budget": c.selection_budget, "seed": c.seeds[0], "sigma_trace": c.sigma_trace, "ridge": ridge,
-            "methods": methods}
+def _selection(c: StudyConfig, grams, resid0_NO, train_run, progress) -> dict:
+    """`select.spectral_selection` of `selection_budget` modules on the primary variant's kernels, each method
+    trained with the first seed and given the statistics of its K_S."""
+    sigma = c.sigma_trace if c.sigma_scale == "trace" else c.sigma_absolute
+    selection = spectral_selection(grams, c.selection_budget, resid0_NO, seed=c.seeds[0], sigma=sigma,
+                                   sigma_scale=c.sigma_scale, ridge_trace=c.ridge_trace)
+    methods = selection["methods"]
+    for name, m in tqdm(methods.items(), disable=not progress, desc="selection", unit="run"):
+        stats = kernel_statistics(configuration_kernel(grams, m["modules"]), resid0_NO,
+                                  sigma_absolute=c.sigma_absolute, sigma_trace=c.sigma_trace, ridge_trace=c.ridge_trace)
+        methods[name] = train_run(c.seeds[0], m["modules"], name, scores=m["scores"], statistics=stats)
+    return selection
 
 
 __all__ = ["StudyConfig", "study_preset", "study_configurations", "gate_vector", "gated_apply", "train_gated",

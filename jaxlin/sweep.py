@@ -24,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from . import data
+from ._util import loglog_slope
 from .train import TrainConfig, evaluate, fit, model_functions
 
 DISTANCE_KEYS = ("theta_distance_to_init", "theta_distance_to_init_linearized", "theta_distance_lin_nonlin",
@@ -173,17 +174,6 @@ def relative_module_distances(adapted, trainable) -> dict[str, float]:
             norm = sum(float(np.sum(np.asarray(start[p], np.float64) ** 2)) for p in paths)
             out[module] = math.sqrt(diff / norm) if norm > 0 else math.inf
     return out
-
-
-def loglog_slope(lambdas: Sequence[float], values: Sequence[float | None]) -> float:
-    """Least-squares slope of log(value) against log(λ), over the pairs with λ > 0 and a finite value > 0;
-    nan when fewer than two such pairs (or a single distinct λ) remain."""
-    pairs = [(float(lam), float(v)) for lam, v in zip(lambdas, values)
-             if v is not None and lam > 0 and math.isfinite(float(v)) and float(v) > 0]
-    if len({lam for lam, _ in pairs}) < 2:
-        return math.nan
-    x, y = np.log([p[0] for p in pairs]), np.log([p[1] for p in pairs])
-    return float(np.polyfit(x, y, 1)[0])
 
 
 def sweep_summary(results: Sequence[dict]) -> dict:

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxlin import testing
 from jaxlin.adapters import add_lora
@@ -10,6 +11,7 @@ from jaxlin.module_ntk import module_ntks, output_function
 from jaxlin.solve import conjugate_gradient, kernel_ridge
 
 
+@pytest.mark.slow  # end to end: CG through NTK-vector products of a tiny BERT against the formed kernel
 def test_cg_with_ntk_vector_products_equals_cholesky_on_the_formed_kernel():
     model = testing.tiny_model("bert", task="classification", num_labels=3, dtype=jnp.float64)
     ad = add_lora(model, rank=3, head=True)

@@ -163,6 +163,7 @@ KILLED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # end to end: kills a tiling subprocess and resumes it from its checkpoints
 def test_kill_and_resume_is_bit_identical(tmp_path):
     ckpt = tmp_path / "ckpt"
     script = tmp_path / "run.py"

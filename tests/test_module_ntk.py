@@ -36,7 +36,8 @@ def dense_kernel(ad, tr, b1, b2, sign=False):
     return np.einsum("iap,jbp->ijab", j1, j2)
 
 
-@pytest.fixture(scope="module", params=families())
+@pytest.fixture(scope="module", params=[f if f == "bert" else pytest.param(f, marks=pytest.mark.slow)
+                                        for f in families()])  # the fast tier checks BERT, the full suite every family
 def setup(request):
     fam = request.param
     m = testing.tiny_model(fam, task="classification", num_labels=3, dtype=jnp.float64)
@@ -53,7 +54,8 @@ def setup(request):
     return ad, perturbed(ad), b1, b2
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [pytest.param(i, marks=pytest.mark.slow) if i == "ntk_vector_products" else i
+                                  for i in IMPLS])  # test_ntk checks ntk_vector_products fast on small models
 def test_every_implementation_matches_dense_reference(setup, impl):
     ad, tr, b1, b2 = setup
     if impl != "structured" and ad.model.family != "bert":
@@ -102,6 +104,7 @@ def test_sign_kernel_matches_dense_reference(setup):
         module_ntks(ad, b1, kernel="sign", implementation="ntk_vector_products")
 
 
+@pytest.mark.slow  # dense Jacobians of every LoRA factor of a tiny BERT
 def test_lora_at_init_has_zero_a_jacobian_and_b_kernel_is_a_sketch():
     m = testing.tiny_model("bert", task="classification", num_labels=2, dtype=jnp.float64)
     ad = add_lora(m, targets=("value",), rank=4, alpha=8)
@@ -138,6 +141,7 @@ def test_blocked_sharded_and_no_recompilation(setup):
         np.testing.assert_allclose(sharded[n], whole[n], rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow  # the structured kernel is checked fast above; this is the empirical_ntk_fn route to it
 def test_empirical_ntk_fn_structured_uses_the_module_structure(setup):
     ad, tr, b1, b2 = setup
     if ad.model.family != "bert":

@@ -44,7 +44,7 @@ def _setup(name):
 
 
 @needs_nt
-@pytest.mark.parametrize("model", ["mlp", "attention"])
+@pytest.mark.parametrize("model", ["mlp", pytest.param("attention", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("impl", ["jacobian_contraction", "ntk_vector_products"])
 def test_jaxlin_matches_neural_tangents(model, impl):
     f, params, x1, x2 = _setup(model)

@@ -4,6 +4,7 @@ Sizes are distinct so transposes cannot hide: N1 = 7, N2 = 5, O = 3, P = 102 (ML
 """
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxlin import ntk as ntk_mod
 from jaxlin import testing
+from jaxlin._util import per_example
 from jaxlin.ntk import (MemoryEstimate, available_memory, choose_implementation, empirical_ntk,
                         empirical_ntk_fn, estimate_memory)
 
@@ -114,27 +116,23 @@ def test_bad_inputs_raise_value_errors():
 
 def test_structured_hook_is_a_registry(monkeypatch):
     f, params, x1, x2 = _setup("mlp")
-    monkeypatch.setitem(ntk_mod._IMPLEMENTATIONS, "structured",
-                        lambda f, spec: lambda a, b, p: jnp.full((7, 5), 2.0))
+    monkeypatch.setattr(ntk_mod, "_IMPLEMENTATIONS", dict(ntk_mod._IMPLEMENTATIONS))  # restored after the test
+    ntk_mod.register_implementation("structured", lambda f, spec: lambda a, b, p: jnp.full((7, 5), 2.0))
     np.testing.assert_array_equal(empirical_ntk_fn(f, implementation="structured")(x1, x2, params), 2.0)
+    with pytest.raises(ValueError, match="other than 'auto'"):
+        ntk_mod.register_implementation("auto", lambda f, spec: None)
+    with pytest.raises(TypeError, match="callable"):
+        ntk_mod.register_implementation("mine", None)
 
 
 def test_jitted_ntk_does_not_retrace():
     f, params, x1, x2 = _setup("token")
-    traces = []
-
-    def counted(p, x):
-        traces.append(1)
-        return f(p, x)
-
     for impl in ("jacobian_contraction", "ntk_vector_products"):
-        traces.clear()
-        ntk = jax.jit(empirical_ntk_fn(counted, trace_axes=(), implementation=impl))
+        chex.clear_trace_counter()  # chex counts traces per code object, shared by every empirical_ntk_fn
+        ntk = jax.jit(chex.assert_max_traces(empirical_ntk_fn(f, trace_axes=(), implementation=impl), n=1))
         ntk(x1, x2, params)
-        n = len(traces)
-        other = jax.tree.map(lambda a: a[::-1], x1)  # same shapes, other values
+        other = jax.tree.map(lambda a: a[::-1], x1)  # same shapes, other values: a retrace would raise
         ntk(other, x2, jax.tree.map(lambda a: a * 1.1, params))
-        assert len(traces) == n and ntk._cache_size() == 1
 
 
 def test_empirical_ntk_blocked_glue():
@@ -155,7 +153,7 @@ def test_choose_implementation_rule():
 @pytest.mark.parametrize("impl", ["jacobian_contraction", "ntk_vector_products"])
 def test_estimate_memory_matches_actual_bytes(impl):
     f, params, x1, x2 = _setup("token")
-    jac = lambda x: jax.vmap(lambda xi: jax.jacrev(ntk_mod._per_example(f))(params, xi))(x)  # noqa: E731
+    jac = lambda x: jax.vmap(lambda xi: jax.jacrev(per_example(f))(params, xi))(x)  # noqa: E731
     nbytes = lambda tree: sum(a.nbytes for a in jax.tree.leaves(tree))  # noqa: E731
     for trace_axes in ((-1,), ()):
         sub1, sub2 = jax.tree.map(lambda a: a[:3], x1), jax.tree.map(lambda a: a[:3], x2)

@@ -138,6 +138,7 @@ def lora_bert():
     return add_lora(model, rank=2), random_batch(model, batch=3, length=7)
 
 
+@pytest.mark.slow  # dense float64 Jacobians of a LoRA BERT at every radius
 def test_lora_bert_matches_dense_jacobians(lora_bert):
     adapted, batch = lora_bert
     radii, seed, t, u = [0.05, 0.8], 2, 3, 2

@@ -394,8 +394,9 @@ FINITE_CHECKS = [  # (stage, result, arrays, error fragment or None when allowed
     ("sweep", {"sweep": [{"loss_curve_nonlinear": [0.7, "inf"]}]}, {},
      "stage sweep produced inf at sweep.0.loss_curve_nonlinear.1, so it was not stored; fine-tuning diverged; "
      "lower --learning-rate (now 0.004)"),
-    ("spectrum", {"configurations": {"all": {"stats": {"condition_number": "inf"}}}}, {}, None),
-    ("spectrum", {"configurations": {"all": {"stats": {"condition_number": "nan"}}}}, {}, "nan at configurations"),
+    ("spectrum", {"configurations": {"all": {"stats": {"kappa_sigma_abs": "inf"}}}}, {}, None),
+    ("spectrum", {"configurations": {"all": {"stats": {"kappa": "nan"}}}}, {}, "nan at configurations"),
+    ("spectrum", {"selection": {"methods": {"greedy_kappa": {"scores": ["inf", 3.0]}}}}, {}, None),
     ("spectrum", {"configurations": {"all": {"stats": {"eigenvalues": [2.0, "nan"]}}}}, {}, "stats.eigenvalues.1"),
     ("study", {"results": {"kappa": {"eval_accuracy": {"pearson": "nan"}}}}, {}, None),
     ("study", {"runs": [{"statistics": {"kappa": "inf"}, "final_train_loss": "nan"}]}, {},

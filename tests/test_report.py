@@ -48,7 +48,7 @@ def _mutated(example, mutate):
     (lambda r: r["spectrum"]["all"]["stats"]["eigenvalues"].reverse(), "spectrum.all.stats.eigenvalues[1]:"),
     (lambda r: r["config"].pop("preset"), "config.preset: required key missing"),
     (lambda r: r["selection"].__setitem__("skipped", 3), "selection.skipped: expected a string"),
-    (lambda r: r.__setitem__("schema", "jaxlin.results/0"), "schema: expected 'jaxlin.results/1'"),
+    (lambda r: r.__setitem__("schema", "jaxlin.results/0"), "schema: expected 'jaxlin.results/2'"),
 ])
 def test_bad_results_name_the_json_path(example, mutate, path):
     with pytest.raises(SchemaError) as info:

@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from jaxlin.select import (baseline_selections, configuration_kernel, configuration_stats,
+from jaxlin.select import (SCORES, baseline_selections, configuration_kernel, configuration_stats,
                            enumerate_configurations, greedy_select, parse_module_name, perturbation_report,
-                           theorem7_counterexample)
-from jaxlin.spectrum import spectrum_stats
+                           spectral_selection, theorem7_counterexample)
+from jaxlin.spectrum import DEFAULT_RIDGE_TRACE, DEFAULT_SIGMA_SCALE, DEFAULT_SIGMA_TRACE, spectrum_stats
 
 NAMES = tuple(f"layer{i}.attention.{p}" for i in range(3) for p in ("query", "key", "value"))
 
@@ -69,7 +69,7 @@ def test_configuration_stats_matches_direct():
     for name, mods in configs.items():
         direct = spectrum_stats(sum(grams[m] for m in mods), 1e-2, sigma_scale="trace")
         np.testing.assert_allclose(stats[name]["eigenvalues"], direct["eigenvalues"], rtol=1e-12, atol=1e-12)
-        assert stats[name]["condition_number"] == pytest.approx(direct["condition_number"], rel=1e-12)
+        assert stats[name]["kappa_sigma"] == pytest.approx(direct["kappa_sigma"], rel=1e-12)
 
 
 @pytest.mark.parametrize("sigma", [0.0, 1e-2])
@@ -150,7 +150,7 @@ def test_greedy_matches_brute_force_steps():
     assert out == greedy_select(grams, 4, sigma=1e-2, sigma_scale="trace")
     chosen = []
     for step_name, step_score in zip(out["selected"], out["scores"]):
-        scores = {m: spectrum_stats(sum(grams[c] for c in chosen + [m]), 1e-2, sigma_scale="trace")["condition_number"]
+        scores = {m: spectrum_stats(sum(grams[c] for c in chosen + [m]), 1e-2, sigma_scale="trace")["kappa_sigma"]
                   for m in NAMES if m not in chosen}
         best = min(scores.values())
         assert step_name == next(m for m in scores if scores[m] == best) and step_score == best
@@ -190,6 +190,25 @@ def test_baseline_selections():
     assert out["random"] == tuple(NAMES[i] for i in expected)
     assert out["random"] == baseline_selections(NAMES, 4, seed=3)["random"]
     assert out["best_single"] == ("layer0.attention.value",)
-    kappas = {m: spectrum_stats(grams[m])["condition_number"] for m in NAMES}
+    kappas = {m: spectrum_stats(grams[m])["kappa_sigma"] for m in NAMES}
     assert out["best_singles"] == tuple(sorted(NAMES, key=kappas.get)[:4])
     assert "best_single" not in baseline_selections(NAMES, 2, seed=0)
+
+
+def test_spectral_selection_is_greedy_plus_baselines_with_one_sigma_convention():
+    grams = module_grams(seed=7)
+    grams["layer2.attention.key"] = 50.0 * grams["layer2.attention.key"]  # scale differs across modules
+    resid0 = np.linspace(-1.0, 1.0, 13)
+    out = spectral_selection(grams, 3, resid0, seed=1)
+    assert (out["sigma"], out["sigma_scale"]) == (DEFAULT_SIGMA_TRACE, DEFAULT_SIGMA_SCALE) == (1e-4, "trace")
+    assert out["ridge"] == pytest.approx(DEFAULT_RIDGE_TRACE * np.trace(sum(grams.values())) / 13, rel=1e-12)
+    assert list(out["methods"])[:len(SCORES)] == [f"greedy_{s}" for s in SCORES]
+    for score in SCORES:
+        want = greedy_select(grams, 3, score=score, sigma=1e-4, sigma_scale="trace", ridge=out["ridge"],
+                             resid0=resid0)
+        assert out["methods"][f"greedy_{score}"] == {"modules": want["selected"], "scores": want["scores"]}
+    baselines = baseline_selections(NAMES, 3, seed=1, module_grams=grams, sigma=1e-4, sigma_scale="trace")
+    assert {k: tuple(v["modules"]) for k, v in out["methods"].items() if not k.startswith("greedy")} == baselines
+    absolute = spectral_selection(grams, 3, resid0, seed=1, sigma=1e-4, sigma_scale="absolute")
+    want = greedy_select(grams, 3, sigma=1e-4, sigma_scale="absolute")
+    assert absolute["sigma_scale"] == "absolute" and absolute["methods"]["greedy_kappa"]["modules"] == want["selected"]

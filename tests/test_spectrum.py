@@ -2,13 +2,15 @@
 import json
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlin.spectrum import (PAPER_TRACE_SIGMAS, as_matrix, condition_numbers, hutchinson_trace,
-                             lanczos_extreme_eigenvalues, sign_kernel_stats, spectrum_stats, to_jsonable)
+from jaxlin.spectrum import (PAPER_TRACE_SIGMAS, STATISTICS, as_matrix, condition_numbers, hutchinson_trace,
+                             kernel_statistics, lanczos_extreme_eigenvalues, sign_kernel_stats, spectrum_stats)
+from jaxlin._util import to_jsonable
 
 
 def known_psd(n, mu, seed):
@@ -26,7 +28,7 @@ def test_spectrum_stats_known_spectrum(n):
     assert stats["eigenvalues"].dtype == np.float64 and stats["n"] == n
     np.testing.assert_allclose(stats["max_eigenvalue"], 5.0, rtol=1e-10)
     np.testing.assert_allclose(stats["min_eigenvalue"], 1e-3, rtol=1e-8)
-    np.testing.assert_allclose(stats["condition_number"], 5e3, rtol=1e-8)
+    np.testing.assert_allclose(stats["kappa_sigma"], 5e3, rtol=1e-8)
     np.testing.assert_allclose(stats["trace"], mu.sum(), rtol=1e-12)
     p = mu / mu.sum()
     np.testing.assert_allclose(stats["effective_rank"], np.exp(-np.sum(p * np.log(p))), rtol=1e-9)
@@ -35,11 +37,11 @@ def test_spectrum_stats_known_spectrum(n):
     assert stats["asymmetry"] < 1e-14 and stats["num_negative"] == 0
 
     absolute = spectrum_stats(gram_nn, 1e-2)
-    np.testing.assert_allclose(absolute["condition_number"], (5.0 + 1e-2) / (1e-3 + 1e-2), rtol=1e-9)
+    np.testing.assert_allclose(absolute["kappa_sigma"], (5.0 + 1e-2) / (1e-3 + 1e-2), rtol=1e-9)
     relative = spectrum_stats(gram_nn, 1e-2, sigma_scale="trace")
     sigma_abs = 1e-2 * mu.sum() / n
     np.testing.assert_allclose(relative["sigma"], sigma_abs, rtol=1e-12)
-    np.testing.assert_allclose(relative["condition_number"], (5.0 + sigma_abs) / (1e-3 + sigma_abs), rtol=1e-9)
+    np.testing.assert_allclose(relative["kappa_sigma"], (5.0 + sigma_abs) / (1e-3 + sigma_abs), rtol=1e-9)
 
 
 def test_four_d_equals_reshaped_two_d():
@@ -52,17 +54,17 @@ def test_four_d_equals_reshaped_two_d():
     np.testing.assert_array_equal(as_matrix(exact_nnoo), gram_2d)
     a, b = spectrum_stats(gram_nnoo, 1e-3), spectrum_stats(gram_2d, 1e-3)
     np.testing.assert_allclose(a["eigenvalues"], b["eigenvalues"], rtol=1e-12, atol=1e-12)
-    assert a["condition_number"] == pytest.approx(b["condition_number"], rel=1e-9) and a["n"] == 21
+    assert a["kappa_sigma"] == pytest.approx(b["kappa_sigma"], rel=1e-9) and a["n"] == 21
 
 
 def test_singular_and_negative_conventions():
     gram_nn = known_psd(13, np.r_[np.ones(12), 0.0], seed=1)
     stats = spectrum_stats(gram_nn)
     assert stats["min_eigenvalue"] < 1e-14
-    assert math.isinf(stats["condition_number"]) or stats["condition_number"] > 1e13
+    assert math.isinf(stats["kappa_sigma"]) or stats["kappa_sigma"] > 1e13
     neg = spectrum_stats(np.diag([2.0, 1.0, -1e-3]))
     assert neg["min_eigenvalue"] == -1e-3 and neg["num_negative"] == 1
-    assert math.isinf(neg["condition_number"])
+    assert math.isinf(neg["kappa_sigma"])
     np.testing.assert_allclose(neg["stable_rank"], 1.5)  # clipped: (2 + 1)/2
     asym = spectrum_stats(np.array([[1.0, 0.5], [0.0, 1.0]]))
     np.testing.assert_allclose(asym["asymmetry"], np.sqrt(0.5) / np.linalg.norm([[1, 0.5], [0, 1]]))
@@ -93,7 +95,7 @@ def test_sign_kernel_stats_vs_svd():
     np.testing.assert_allclose(stats["nuclear_norm"], s.sum(), rtol=1e-12)
     sigma_abs = 1e-2 * s.sum() / 17
     np.testing.assert_allclose(stats["sigma"], sigma_abs)
-    np.testing.assert_allclose(stats["condition_number"], (s[0] + sigma_abs) / (s[-1] + sigma_abs), rtol=1e-9)
+    np.testing.assert_allclose(stats["kappa_sigma"], (s[0] + sigma_abs) / (s[-1] + sigma_abs), rtol=1e-9)
     np.testing.assert_allclose(stats["stable_rank"], s.sum() / s[0], rtol=1e-10)
     p = s / s.sum()
     np.testing.assert_allclose(stats["effective_rank"], np.exp(-np.sum(p * np.log(p))), rtol=1e-10)
@@ -111,9 +113,9 @@ def test_condition_numbers_grid():
     out = condition_numbers(gram_nn, PAPER_TRACE_SIGMAS, sigma_scale="trace")
     sig = np.array(PAPER_TRACE_SIGMAS) * mu.sum() / 13
     np.testing.assert_allclose(out["sigma_absolute"], sig, rtol=1e-12)
-    np.testing.assert_allclose(out["condition_numbers"], (3.0 + sig) / (0.1 + sig), rtol=1e-9)
-    single = condition_numbers(gram_nn, [1e-4], sigma_scale="absolute")["condition_numbers"][0]
-    assert single == pytest.approx(spectrum_stats(gram_nn, 1e-4)["condition_number"], rel=1e-12)
+    np.testing.assert_allclose(out["kappa_sigma"], (3.0 + sig) / (0.1 + sig), rtol=1e-9)
+    single = condition_numbers(gram_nn, [1e-4], sigma_scale="absolute")["kappa_sigma"][0]
+    assert single == pytest.approx(spectrum_stats(gram_nn, 1e-4)["kappa_sigma"], rel=1e-12)
 
 
 def test_lanczos_extreme_eigenvalues():
@@ -150,7 +152,24 @@ def test_to_jsonable():
     out = to_jsonable({"s": stats, "t": (np.float32(1.5), jnp.arange(2)), "x": [-math.inf, math.nan]})
     text = json.dumps(out, allow_nan=False)
     back = json.loads(text)
-    assert back["s"]["condition_number"] == "inf" and back["x"] == ["-inf", "nan"]
+    assert back["s"]["kappa_sigma"] == "inf" and back["x"] == ["-inf", "nan"]
     assert back["t"] == [1.5, [0, 1]] and back["s"]["eigenvalues"] == [1.0, 0.0]
     with pytest.raises(ValueError, match="object"):
         to_jsonable(object())
+
+
+def test_kernel_statistics_names_and_sigma_conventions():
+    mu = np.array([4.0, 2.0, 1.0, 0.5])
+    gram_NNOO = np.diag(mu).reshape(2, 2, 2, 2).transpose(0, 2, 1, 3)  # example-major (N·O × N·O) = diag(μ)
+    resid0 = np.array([[1.0, 0.0], [0.0, 1.0]])
+    stats = kernel_statistics(gram_NNOO, resid0, sigma_absolute=0.1, sigma_trace=0.2, ridge_trace=0.5)
+    assert tuple(stats) == STATISTICS
+    sig_trace, ridge = 0.2 * mu.sum() / 4, 0.5 * mu.sum() / 4
+    expected = {"kappa": 8.0, "kappa_sigma_abs": 4.1 / 0.6, "kappa_sigma_trace": (4 + sig_trace) / (0.5 + sig_trace),
+                "mu_min": 0.5, "mu_max": 4.0, "trace": 7.5, "stable_rank": 7.5 / 4.0,
+                "ridge_objective": 0.5 * ridge * (1 / (4 + ridge) + 1 / (0.5 + ridge)),
+                "kappa_traced": 6.0 / 1.5}  # traced (N × N) = diag(4 + 2, 1 + 0.5)
+    chex.assert_trees_all_close({name: stats[name] for name in expected}, expected, rtol=1e-12)
+    assert "ridge_objective" not in kernel_statistics(gram_NNOO, resid0, kernel="sign")
+    with pytest.raises(ValueError, match="kernel='jtj'"):
+        kernel_statistics(gram_NNOO, kernel="jtj")

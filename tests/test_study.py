@@ -14,9 +14,8 @@ from jaxlin import data
 from jaxlin.adapters import add_lora
 from jaxlin.module_ntk import module_ntks
 from jaxlin.select import SCORES, configuration_kernel
-from jaxlin.spectrum import spectrum_stats
-from jaxlin.study import (OUTCOMES, STATISTICS, StudyConfig, gate_vector, gated_apply, kernel_statistics, run_study,
-                          study_preset, train_gated)
+from jaxlin.spectrum import STATISTICS, kernel_statistics, spectrum_stats
+from jaxlin.study import OUTCOMES, StudyConfig, gate_vector, gated_apply, run_study, study_preset, train_gated
 from jaxlin.testing import tiny_model
 from jaxlin.train import TrainConfig, evaluate, fit, make_optimizer, model_functions
 
@@ -84,6 +83,7 @@ def test_gated_training_freezes_inactive_modules_bit_exactly(model, splits):
         gate_vector(adapted, ("classifier",))
 
 
+@pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny BERT
 def test_gate_equals_an_adapter_restricted_to_those_modules(model, splits):
     """Two SGD steps with gate g match `add_lora(targets=active)` trained by `fit`: same A0 (per module and seed)."""
     active = ("layer0.attention.key", "layer2.attention.query")
@@ -102,6 +102,7 @@ def test_gate_equals_an_adapter_restricted_to_those_modules(model, splits):
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny BERT
 def test_one_trace_across_configurations_and_seeds(model, splits):
     traces = []
 
@@ -133,6 +134,8 @@ def test_config_validation_and_presets():
         StudyConfig(num_calibration_large=16)
     with pytest.raises(ValueError, match="StudyConfig.kernels"):
         StudyConfig(kernels=("sign",))
+    with pytest.raises(ValueError, match="StudyConfig.sigma_scale='relative' must be one of"):
+        StudyConfig(sigma_scale="relative")
     with pytest.raises(ValueError, match="unknown preset"):
         study_preset("fast")
     quick, default = study_preset("quick"), study_preset("default")
@@ -164,10 +167,11 @@ def _check_statistics(model, train_data, result, config):
                 if variant["kernel"] == "ntk":
                     ref = spectrum_stats(gram)
                     np.testing.assert_allclose([got["kappa"], got["mu_min"], got["trace"], got["effective_rank"]],
-                                               [ref["condition_number"], ref["min_eigenvalue"], ref["trace"],
+                                               [ref["kappa_sigma"], ref["min_eigenvalue"], ref["trace"],
                                                 ref["effective_rank"]], rtol=1e-6)
 
 
+@pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny BERT
 def test_run_study_result(model, splits):
     config = _config()
     logged = []
@@ -185,6 +189,7 @@ def test_run_study_result(model, splits):
             for table, n in ((result["results"], len(runs)), (result["results_by_configuration"], 12)):
                 corr = table[stat][outcome]
                 assert corr["n"] + corr["n_dropped"] == n and {"pearson", "spearman", "spearman_ci"} <= set(corr)
+    assert result["selection"]["sigma_scale"] == "trace" and result["selection"]["sigma"] == config.sigma_trace
     methods = result["selection"]["methods"]
     assert set(methods) >= {f"greedy_{s}" for s in SCORES} | {"all", "top_layers", "random", "best_single"}
     assert all(len(m["modules"]) == 2 for k, m in methods.items() if k.startswith("greedy") or k == "random")
@@ -193,6 +198,7 @@ def test_run_study_result(model, splits):
     _check_statistics(model, splits[0], result, config)
 
 
+@pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny BERT
 def test_run_study_is_deterministic(model, splits):
     config = _config(configurations={"a": ("layer0.attention.query",), "b": ("layer1.attention.key",),
                                      "c": ("layer2.attention.value", "layer0.attention.key")},

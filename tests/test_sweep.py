@@ -7,7 +7,8 @@ import pytest
 
 from jaxlin.adapters import add_lora
 from jaxlin.data import TextDataset
-from jaxlin.sweep import DISTANCE_KEYS, lambda_sweep, loglog_slope, sweep_summary
+from jaxlin._util import loglog_slope
+from jaxlin.sweep import DISTANCE_KEYS, lambda_sweep, sweep_summary
 from jaxlin.testing import tiny_model
 from jaxlin.train import TrainConfig
 
@@ -46,6 +47,19 @@ def test_loglog_slope_recovers_power_laws():
     assert math.isnan(loglog_slope([1.0, 1.0], [1.0, 2.0]))
 
 
+def test_sweep_summary_slopes_per_distance():
+    lambdas = [0.0, 0.1, 1.0, 10.0]
+    results = [{"lambda": lam, "variant": "prox", "theorem2_radius": None if lam == 0 else lam ** -0.5,
+                **{key: 2.0 * (lam or 1e-3) ** -1.0 for key in DISTANCE_KEYS}} for lam in lambdas]
+    summary = sweep_summary(results)
+    assert summary["lambdas"] == lambdas and summary["variant"] == "prox"
+    assert summary["slopes"] == {key: pytest.approx(-1.0) for key in DISTANCE_KEYS}
+    assert summary["theorem2_radius_slope"] == pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="lambda_sweep"):
+        sweep_summary([])
+
+
+@pytest.mark.slow  # end to end: fine-tunes a tiny transformer for every λ, nonlinear and linearized
 def test_lambda_sweep_on_tiny_model():
     model = tiny_model("roberta", task="classification", num_labels=3, num_hidden_layers=2)
     adapted = add_lora(model, targets=("query", "value"), rank=2, head=True)

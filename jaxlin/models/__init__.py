@@ -1,7 +1,7 @@
 """Model families as Flax NNX modules, and ``load_pretrained`` which turns a checkpoint into a pure function.
 
-Families register themselves with a ``FAMILY`` dict: the HF ``model_type`` values they build, a ``build``
-function, the tasks they support, backbone prefixes a bare checkpoint may lack, tensors other tasks leave
+Families register themselves with a ``FAMILY`` dict: the HF ``model_type`` values they build, their ``kind``
+(``"encoder"`` or ``"decoder"``, see `family_kind`), a ``build`` function, the tasks they support, backbone prefixes a bare checkpoint may lack, tensors other tasks leave
 behind that are safe to ignore and, for learned positions, ``max_length(config)`` (see ``check_inputs``).
 """
 from __future__ import annotations
@@ -47,6 +47,21 @@ def family_for(config) -> dict:
     return fams[model_type]
 
 
+def family_kind(source) -> str:
+    """``"encoder"`` or ``"decoder"``: the registered kind of checkpoint ``source``'s family, read from its
+    config.json (a ``.gguf`` file is a llama-architecture decoder: the only GGUF architecture jaxlin reads);
+    no weights are loaded. Raises CheckpointError for an unknown architecture."""
+    resolved = checkpoint.resolve(source)
+    if resolved.kind == "gguf":
+        return families()["llama"]["kind"]
+    model_type = checkpoint.read_config_json(resolved.path).get("model_type")
+    fams = families()
+    if model_type not in fams:
+        raise CheckpointError(f"unknown architecture model_type={model_type!r} in {resolved.path / 'config.json'}; "
+                              f"jaxlin supports {sorted(fams)}")
+    return fams[model_type]["kind"]
+
+
 def build_model(config, *, task: str, num_labels: int | None = None, seed: int = 0, dtype=jnp.float32,
                 head: str | None = None) -> nnx.Module:
     """A randomly initialised NNX model for a transformers config (used by tests and the loader)."""
@@ -70,7 +85,7 @@ def from_nnx(module: nnx.Module, *, config, family: str, task: str, tokenizer=No
     graphdef, state = nnx.split(module)
     return Model(apply=make_apply(graphdef, config), params=nnx.to_pure_dict(state), config=config, tokenizer=tokenizer,
                  family=family, task=task, modules=module_infos(module), graphdef=graphdef, source=source,
-                 new_tensors=tuple(new_tensors))
+                 new_tensors=tuple(new_tensors), kind=family_for(config)["kind"])
 
 
 def load_pretrained(source, *, task: str, num_labels: int | None = None, seed: int = 0, dtype=jnp.float32,
@@ -122,7 +137,7 @@ def load_pretrained(source, *, task: str, num_labels: int | None = None, seed: i
     tok = Tokenizer(hf_tokenizer) if hf_tokenizer is not None else None
     return Model(apply=make_apply(graphdef, config), params=traverse_util.unflatten_dict(params), config=config,
                  tokenizer=tok, family=fam["name"], task=task, modules=module_infos(abstract), graphdef=graphdef,
-                 source=str(source), new_tensors=tuple(sorted(missing)))
+                 source=str(source), new_tensors=tuple(sorted(missing)), kind=fam["kind"])
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -197,4 +212,4 @@ def _hf_shape(shape, node, attr):
 
 
 __all__ = ["Model", "ModuleInfo", "CheckpointError", "check_inputs", "Tokenizer", "load_pretrained", "build_model",
-           "from_nnx", "families", "family_for", "TASKS"]
+           "from_nnx", "families", "family_for", "family_kind", "TASKS"]

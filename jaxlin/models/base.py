@@ -47,6 +47,7 @@ class Model:
     graphdef: Any
     source: str = ""
     new_tensors: tuple[str, ...] = ()  # HF names initialised from the seed (e.g. a new classification head)
+    kind: str = ""  # the family's registered kind, "encoder" or "decoder" (jaxlin.models.family_kind)
 
     @property
     def module_names(self) -> tuple[str, ...]:

@@ -109,6 +109,7 @@ def build(config, *, task: str, num_labels: int | None, head: str | None, rngs: 
 
 FAMILY = dict(
     name="bert",
+    kind="encoder",
     model_types=("bert",) + ROBERTA_TYPES,
     build=build,
     tasks=("encoder", "classification"),

@@ -92,6 +92,7 @@ def build(config, *, task: str, num_labels: int | None, head: str | None, rngs: 
 
 FAMILY = dict(
     name="gpt2",
+    kind="decoder",
     model_types=("gpt2",),
     build=build,
     tasks=("encoder", "causal_lm", "classification"),

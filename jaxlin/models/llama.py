@@ -156,6 +156,7 @@ def build(config, *, task: str, num_labels: int | None, head: str | None, rngs: 
 
 FAMILY = dict(
     name="llama",
+    kind="decoder",
     model_types=("llama", "qwen2", "mistral"),
     build=build,
     tasks=("encoder", "causal_lm", "classification"),
