@@ -43,6 +43,7 @@ import numpy as np
 
 from .config import STAGES, ConfigError, RunConfig
 from .models.base import max_input_length
+from .schema import SCHEMA_VERSION
 
 ORDER = STAGES
 
@@ -143,7 +144,7 @@ def setup(config: RunConfig, out: Path) -> Context:
                   for t in ctx.model.tokenizer.encode_unpadded(list(ds.texts), config.max_length))
     ctx.length = min(-(-longest // 8) * 8, limit or math.inf)  # padded positions must exist too
     ctx.inputs = {"config": config.fingerprint(), "dataset": dataset_digest(ds),
-                  "checkpoint": checkpoint_digest(config.model), "jaxlin": __version__}
+                  "checkpoint": checkpoint_digest(config.model), "jaxlin": __version__, "format": SCHEMA_VERSION}
     return ctx
 
 
@@ -494,10 +495,12 @@ def _read_stage(path: Path, key: str, inputs: dict) -> tuple[dict | None, dict, 
         return None, {}, f"{path} lacks the input keys of this jaxlin (written by an older one, or damaged)"
     if stored.get("key") != key:
         old = stored["inputs"] if isinstance(stored["inputs"], dict) else {}
-        changed = [name for name in ("dataset", "checkpoint", "config", "jaxlin") if old.get(name) != inputs[name]]
+        changed = [name for name in ("dataset", "checkpoint", "config", "jaxlin", "format")
+                   if old.get(name) != inputs[name]]
         what = {"dataset": "the dataset changed", "checkpoint": "the checkpoint changed",
                 "config": "the config changed",
-                "jaxlin": f"jaxlin changed ({old.get('jaxlin')} → {inputs['jaxlin']})"}
+                "jaxlin": f"jaxlin changed ({old.get('jaxlin')} → {inputs['jaxlin']})",
+                "format": f"the results format changed ({old.get('format')} → {inputs['format']})"}
         return None, {}, (", ".join(what[c] for c in changed) or "its key differs") + " since the stored stage"
     if not stored["arrays"]:
         return stored, {}, ""
@@ -585,7 +588,6 @@ def _leaves(obj, path: str = ""):
 def assemble(ctx: Context, timings: dict) -> dict:
     """The results.json document (``docs/results-schema.md``)."""
     from . import __version__
-    from .schema import SCHEMA_VERSION
     from .spectrum import DEFAULT_SIGMA_TRACE
 
     cfg, r = ctx.config, ctx.results

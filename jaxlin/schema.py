@@ -194,7 +194,7 @@ DATA = record({"dataset": string, "num_train": integer, "num_eval": integer, "nu
 MODEL = record({"source": string, "family": string, "num_layers": integer, "modules": STRINGS,
                 "num_trainable_params": integer})
 
-INPUTS = record({k: string for k in ("config", "dataset", "checkpoint", "jaxlin")})
+INPUTS = record({k: string for k in ("config", "dataset", "checkpoint", "jaxlin", "format")})
 STAGE_RECORD = record({"key": string, "reused": boolean, "seconds": number, "finished": string})
 
 RESULTS = record(
@@ -323,7 +323,8 @@ def example_results() -> dict:
             "random": {"modules": ["layer0.query", "layer1.query"], "scores": []}}}},  # the study drew another set
         "selection": selection,
         "arrays": "arrays.npz",
-        "inputs": {"config": "3f2a9c0d1e4b5a6f", "dataset": "ab" * 32, "checkpoint": "cd" * 32, "jaxlin": "0.1.0"},
+        "inputs": {"config": "3f2a9c0d1e4b5a6f", "dataset": "ab" * 32, "checkpoint": "cd" * 32, "jaxlin": "0.1.0",
+                   "format": SCHEMA_VERSION},
         "stages": {"ntk": {"key": "0123456789abcdef", "reused": True, "seconds": 12.25,
                            "finished": "2026-01-01T00:00:00+00:00"},
                    "sweep": {"key": "fedcba9876543210", "reused": False, "seconds": 40.0,

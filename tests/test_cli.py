@@ -112,7 +112,7 @@ def test_quick_preset_end_to_end(quick_run):
     for key in ("config", "environment", "timings", "spectrum", "krr", "sweep", "probe", "correlation",
                 "selection"):
         assert key in results and "skipped" not in results[key]
-    assert set(results["inputs"]) == {"config", "dataset", "checkpoint", "jaxlin"}
+    assert set(results["inputs"]) == {"config", "dataset", "checkpoint", "jaxlin", "format"}
     assert list(results["stages"]) == ["ntk", "spectrum", "krr", "dynamics", "sweep", "probe", "study"]
     assert not any(r["reused"] for r in results["stages"].values())
     assert {"lambda", "theta_distance_to_init", "theta_distance_lin_nonlin", "output_distance_lin_nonlin",

@@ -234,7 +234,7 @@ def test_resume_recomputes_after_the_dataset_changes_and_keeps_timings(tmp_path,
     data, out = write_csv(tmp_path / "d.csv", 24), tmp_path / "out"
     assert cli.main(ntk_argv(data, out)) == 0
     first = json.loads((out / "results.json").read_text())
-    assert set(first["inputs"]) == {"config", "dataset", "checkpoint", "jaxlin"}
+    assert set(first["inputs"]) == {"config", "dataset", "checkpoint", "jaxlin", "format"}
     assert first["stages"]["ntk"]["reused"] is False
     assert cli.main(ntk_argv(data, out, "--resume")) == 0  # same inputs: reused, with the original seconds
     again = json.loads((out / "results.json").read_text())
