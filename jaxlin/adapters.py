@@ -132,6 +132,24 @@ class Adapted:
             out = self.apply(trainable, frozen, input_ids, attention_mask)
         return out, dict(state.inputs)
 
+    def as_function(self, output_fn: Callable | None = None, gate=None) -> "AdaptedFunction":
+        """``f(trainable, batch) -> outputs`` of this model (see `AdaptedFunction`), the one form in which
+        kernels, training, the probe, the study and the pipeline take an adapted model.
+
+        ``output_fn(outputs, batch)`` maps the model's outputs to (B, O) (e.g. label-word logits of a causal
+        LM); ``gate``: 0/1 per LoRA module of ``lora_modules``: module i trains iff gate[i] = 1 (its factors
+        enter as g·x + (1 − g)·stop_gradient(x), the same value, with zero gradient where g = 0)."""
+        if gate is not None:
+            gate, n = np.asarray(gate), len(self.lora_modules)
+            if not n:
+                raise ValueError("gate= switches LoRA modules, and this adapted model has none; adapt with "
+                                 "lora=LoRA(...) or leave gate=None")
+            if gate.shape != (n,) or not np.all((gate == 0) | (gate == 1)):
+                raise ValueError(f"gate must be {n} values in {{0, 1}}, one per LoRA module of lora_modules; got "
+                                 f"{gate}")
+            gate = jnp.asarray(gate, self.trainable["lora"][self.lora_modules[0]]["a"].dtype)
+        return AdaptedFunction(self, self.frozen, output_fn, gate)
+
     def num_params(self, name: str | None = None) -> int:
         flat = traverse_util.flatten_dict(self.trainable)
         paths = self.groups[name] if name is not None else flat.keys()
@@ -139,6 +157,38 @@ class Adapted:
 
     def count_by_module(self) -> dict[str, int]:
         return {name: self.num_params(name) for name in self.groups}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdaptedFunction:
+    """``f(trainable, batch) -> outputs (B, O)`` of an adapted model, made by `Adapted.as_function`; ``batch``
+    holds "input_ids" and "attention_mask" (other keys reach ``output_fn`` only).
+
+    A pytree: its leaves are the frozen weights and the gate, so passed to a jit as an argument they are inputs
+    of the program, not constants baked into it; ``adapted`` and ``output_fn`` are static (compared by
+    identity), so functions of one adapted model share compiled programs. Per-module kernels read ``adapted``
+    (``empirical_ntk_fn(f, implementation="structured")``)."""
+
+    adapted: Adapted
+    frozen: Any
+    output_fn: Callable | None = None
+    gate_M: Any = None
+
+    def __call__(self, trainable, batch):
+        if self.gate_M is not None:
+            lora = {m: {k: _gated(v, self.gate_M[i]) for k, v in trainable["lora"][m].items()}
+                    for i, m in enumerate(self.adapted.lora_modules)}
+            trainable = {**trainable, "lora": lora}
+        out = self.adapted.apply(trainable, self.frozen, batch["input_ids"], batch["attention_mask"])
+        return out if self.output_fn is None else self.output_fn(out, batch)
+
+
+jax.tree_util.register_dataclass(AdaptedFunction, data_fields=["frozen", "gate_M"],
+                                 meta_fields=["adapted", "output_fn"])
+
+
+def _gated(x, g):
+    return g * x + (1 - g) * jax.lax.stop_gradient(x)
 
 
 def adapt(model: Model, *, lora: LoRA | None = None, layers: Iterable[int] | None = None,
@@ -394,4 +444,4 @@ def load_peft(model: Model, directory) -> Adapted:
     return dataclasses.replace(adapted, trainable=trainable)
 
 
-__all__ = ["LoRA", "Adapted", "adapt", "add_lora", "save_peft", "load_peft", "PEFT_MODEL_CLASSES"]
+__all__ = ["LoRA", "Adapted", "AdaptedFunction", "adapt", "add_lora", "save_peft", "load_peft", "PEFT_MODEL_CLASSES"]

@@ -71,7 +71,8 @@ def test_merge_equals_apply_after_training_step(clf, batch):
 
 
 @pytest.mark.parametrize("family,targets", [("bert", ("query", "value")), ("roberta", ("query", "key", "value")),
-                                            ("gpt2", ("c_attn", "c_proj")), ("llama", ("q_proj", "v_proj", "down_proj"))])
+                                            ("gpt2", ("c_attn", "c_proj")),
+                                            ("llama", ("q_proj", "v_proj", "down_proj"))])
 def test_unmerged_lora_equals_merged_with_its_gradients(family, targets):
     """apply runs x·W + s·(x·A)·B; it equals the model at merged weights W + s·A·B, and so do the gradients
     w.r.t. A and B (float64, random A and B)."""
@@ -244,3 +245,22 @@ def test_peft_names_modules_for_the_model_class(tmp_path):
                                                          batch["attention_mask"])), got, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="model_class='AutoModelForSeqClassification' is not one of"):
         save_peft(ad, tmp_path / "x", model_class="AutoModelForSeqClassification")
+
+
+def test_as_function_is_a_pytree_of_its_frozen_weights_and_gate(clf, batch):
+    ad = add_lora(clf, targets=("query",), rank=2, head=True)
+    f = ad.as_function()
+    x = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    assert len(jax.tree.leaves(f)) == len(jax.tree.leaves(ad.frozen))
+    np.testing.assert_array_equal(np.asarray(f(ad.trainable, x)),
+                                  np.asarray(ad.apply(ad.trainable, ad.frozen, x["input_ids"], x["attention_mask"])))
+    gated = ad.as_function(gate=[1.0, 0.0, 1.0])
+    assert len(jax.tree.leaves(gated)) == len(jax.tree.leaves(ad.frozen)) + 1
+    np.testing.assert_array_equal(np.asarray(gated(ad.trainable, x)), np.asarray(f(ad.trainable, x)))
+    grads = jax.grad(lambda t: jnp.sum(gated(t, x) ** 2))(ad.trainable)
+    assert np.all(np.asarray(grads["lora"]["layer1.attention.query"]["b"]) == 0)
+    assert np.abs(np.asarray(grads["lora"]["layer0.attention.query"]["b"])).max() > 0
+    with pytest.raises(ValueError, match="one per LoRA module"):
+        ad.as_function(gate=[1.0, 0.5, 1.0])
+    with pytest.raises(ValueError, match="has none"):
+        adapt(clf, head=True).as_function(gate=[])
