@@ -9,7 +9,7 @@ Methods (all give the full (N, N, O, O) kernel, O = 2 logits, summed over the Lo
   recomputes it for x2 = x1, i.e. does 2N of them: our count favours the baseline by 2×). When only some
   examples are run, the total is per-example median × N + contraction and is labelled EXTRAPOLATED.
 - ``nt``: neural-tangents 0.6.5 JACOBIAN_CONTRACTION (through ``jaxlin._nt_compat``) of
-  ``output_function(adapted)`` restricted to the trainable (LoRA) tree, x2=None (NT computes J once).
+  ``adapted.as_function()`` restricted to the trainable (LoRA) tree, x2=None (NT computes J once).
 - ``structured`` / ``jacobian_contraction`` / ``ntk_vector_products``: jaxlin's ``module_ntks`` tile
   function for that implementation (``trace_axes=()``), jitted once, compile timed apart; the tile is
   given x1 and a copy as x2 as ``blocked_gram`` does. With ``block_size`` the whole ``module_ntks`` call
@@ -141,7 +141,7 @@ def run(name: str, p: dict) -> dict:
             return dict(out, status="skipped (neural-tangents not installed)")
         from jaxlin import _nt_compat
 
-        f = jaxlin.output_function(adapted)
+        f = adapted.as_function()
         nt_fn = _nt_compat.nt_empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, implementation="jacobian_contraction")
         g = lambda a, t: nt_fn(a, None, t)  # noqa: E731
         compiled, info = H.compile_apart(g, x, tr)

@@ -10,7 +10,7 @@ from .backend import BackendCheck, BackendError, check_backend, require_healthy_
 
 # models and what is fine-tuned
 from .models import CheckpointError, Model, load_pretrained
-from .adapters import Adapted, LoRA, adapt, add_lora, load_peft, save_peft
+from .adapters import Adapted, AdaptedFunction, LoRA, adapt, add_lora, load_peft, save_peft
 from .assets import AssetNotFoundError
 from .data import DataError, TextDataset, batches, calibration_subset, encode, load_dataset, train_eval_split
 
@@ -18,7 +18,7 @@ from .data import DataError, TextDataset, batches, calibration_subset, encode, l
 from .linearize import linearize, linearize_at
 from .ntk import empirical_ntk, empirical_ntk_fn, estimate_memory
 from .gram import ShardingSpec, blocked_gram
-from .module_ntk import module_ntks, output_function
+from .module_ntk import module_ntks
 from .readout import label_word_readout
 
 # spectra, layer choice, solvers
@@ -34,11 +34,11 @@ __all__ = [
     "__version__",
     "BackendCheck", "BackendError", "check_backend", "require_healthy_backend",
     "CheckpointError", "Model", "load_pretrained",
-    "Adapted", "LoRA", "adapt", "add_lora", "load_peft", "save_peft",
+    "Adapted", "AdaptedFunction", "LoRA", "adapt", "add_lora", "load_peft", "save_peft",
     "AssetNotFoundError", "DataError", "TextDataset", "batches", "calibration_subset", "encode", "load_dataset",
     "train_eval_split",
     "linearize", "linearize_at", "empirical_ntk", "empirical_ntk_fn", "estimate_memory", "ShardingSpec",
-    "blocked_gram", "module_ntks", "output_function", "label_word_readout",
+    "blocked_gram", "module_ntks", "label_word_readout",
     "condition_numbers", "sign_kernel_stats", "spectrum_stats",
     "baseline_selections", "configuration_kernel", "configuration_stats", "enumerate_configurations",
     "greedy_select", "perturbation_report",

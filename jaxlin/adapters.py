@@ -5,10 +5,13 @@
 - ``trainable = {"lora": {module: {"a": (d_in, R), "b": (R, d_out)}}, "params": <selected base leaves>}``
 - ``frozen``: every other base parameter (the selected leaves are absent from it),
 
-and returns ``apply(trainable, frozen, input_ids, attention_mask)``, which folds each adapter into its
-weight, W + (alpha/R)·A·B, and runs the model. With B = 0 the fold adds an exact zero, so the adapted
-model at init equals the base model to the last bit. Kernels of the dense module are stored (d_in, d_out),
-so ``a`` is peft's ``lora_A.weight`` transposed and ``b`` is ``lora_B.weight`` transposed.
+and returns ``apply(trainable, frozen, input_ids, attention_mask)``, which runs the model with each adapter
+unmerged: an adapted dense module computes x·W + (alpha/R)·(x·A)·B (``jaxlin.models.layers.Linear``, whose
+params then hold ``lora_a``/``lora_b`` next to ``kernel``), so neither a step nor its gradient forms a
+d_in × d_out weight. With B = 0 the adapter adds an exact zero, so the adapted model at init equals the base
+model to the last bit. ``Adapted.merge`` folds the adapters, W + (alpha/R)·A·B, for export and for merged
+inference (``adapted.model.apply(adapted.merge(trainable), ids, mask)``). Kernels of the dense module are
+stored (d_in, d_out), so ``a`` is peft's ``lora_A.weight`` transposed and ``b`` is ``lora_B.weight`` transposed.
 
 ``adapted.modules`` names the trainable groups in a stable order (blocks in order, heads last): a LoRA
 module, a dense module trained in full, or another parameterised block (a LayerNorm, an embedding).
@@ -25,10 +28,11 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from .config import ConfigError
-from .models.base import Model
+from .models.base import Model, make_apply
+from .models.layers import Linear, tapping
 
 LORA_INITS = ("peft", "gaussian")
 HEAD_MODULE_PREFIXES = ("classifier", "score", "lm_head")
@@ -79,6 +83,7 @@ class Adapted:
     groups: dict  # module name -> tuple of leaf paths inside `trainable`
     lora: LoRA | None
     lora_modules: tuple[str, ...]
+    run: Callable  # the model's apply for its graph with the LoRA factors in the adapted modules (`params`)
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -88,24 +93,62 @@ class Adapted:
     def lora_scale(self) -> float:
         return self.lora.scale if self.lora is not None else 1.0
 
-    def merge(self, trainable=None, frozen=None):
-        """Full base-model params with the trainable leaves put back and every adapter folded in."""
+    def _base(self, trainable, frozen) -> dict:
+        """Flat base params: ``frozen`` with the trainable base leaves put back."""
         trainable = self.trainable if trainable is None else trainable
-        frozen = self.frozen if frozen is None else frozen
-        flat = traverse_util.flatten_dict(frozen)
+        flat = traverse_util.flatten_dict(self.frozen if frozen is None else frozen)
         flat.update(traverse_util.flatten_dict(trainable.get("params", {})))
+        return flat
+
+    def params(self, trainable=None, frozen=None):
+        """Params of the adapted graph (``run``): the base params with each module's LoRA factors beside its
+        kernel as ``lora_a``/``lora_b``, not folded in."""
+        trainable = self.trainable if trainable is None else trainable
+        flat = self._base(trainable, frozen)
+        for name, ab in trainable.get("lora", {}).items():
+            path = self.model.module(name).path
+            flat[path + ("lora_a",)], flat[path + ("lora_b",)] = ab["a"], ab["b"]
+        return traverse_util.unflatten_dict(flat)
+
+    def merge(self, trainable=None, frozen=None):
+        """Full base-model params with the trainable leaves put back and every adapter folded in, for export
+        and merged inference with ``self.model.apply``."""
+        trainable = self.trainable if trainable is None else trainable
+        flat = self._base(trainable, frozen)
         for name, ab in trainable.get("lora", {}).items():
             path = self.model.module(name).path + ("kernel",)
             flat[path] = flat[path] + self.lora_scale * (ab["a"] @ ab["b"]).astype(flat[path].dtype)
         return traverse_util.unflatten_dict(flat)
 
     def apply(self, trainable, frozen, input_ids, attention_mask, **kwargs):
-        """The model's apply (which checks concrete inputs, `jaxlin.models.check_inputs`) at merged params."""
-        return self.model.apply(self.merge(trainable, frozen), input_ids, attention_mask, **kwargs)
+        """The model's apply (which checks concrete inputs, `jaxlin.models.check_inputs`) with the adapters
+        unmerged."""
+        return self.run(self.params(trainable, frozen), input_ids, attention_mask, **kwargs)
 
     def tapped_apply(self, trainable, frozen, probes, input_ids, attention_mask, *, capture=(), **kwargs):
-        return self.model.tapped_apply(self.merge(trainable, frozen), probes, input_ids, attention_mask,
-                                       capture=capture, **kwargs)
+        """`jaxlin.models.Model.tapped_apply` of the adapted model: probes at module outputs (after the
+        adapter), inputs of the ``capture`` modules returned."""
+        with tapping(probes, capture) as state:
+            out = self.apply(trainable, frozen, input_ids, attention_mask, **kwargs)
+        return out, dict(state.inputs)
+
+    def as_function(self, output_fn: Callable | None = None, gate=None) -> "AdaptedFunction":
+        """``f(trainable, batch) -> outputs`` of this model (see `AdaptedFunction`), the one form in which
+        kernels, training, the probe, the study and the pipeline take an adapted model.
+
+        ``output_fn(outputs, batch)`` maps the model's outputs to (B, O) (e.g. label-word logits of a causal
+        LM); ``gate``: 0/1 per LoRA module of ``lora_modules``: module i trains iff gate[i] = 1 (its factors
+        enter as g·x + (1 − g)·stop_gradient(x), the same value, with zero gradient where g = 0)."""
+        if gate is not None:
+            gate, n = np.asarray(gate), len(self.lora_modules)
+            if not n:
+                raise ValueError("gate= switches LoRA modules, and this adapted model has none; adapt with "
+                                 "lora=LoRA(...) or leave gate=None")
+            if gate.shape != (n,) or not np.all((gate == 0) | (gate == 1)):
+                raise ValueError(f"gate must be {n} values in {{0, 1}}, one per LoRA module of lora_modules; got "
+                                 f"{gate}")
+            gate = jnp.asarray(gate, self.trainable["lora"][self.lora_modules[0]]["a"].dtype)
+        return AdaptedFunction(self, self.frozen, output_fn, gate)
 
     def num_params(self, name: str | None = None) -> int:
         flat = traverse_util.flatten_dict(self.trainable)
@@ -114,6 +157,45 @@ class Adapted:
 
     def count_by_module(self) -> dict[str, int]:
         return {name: self.num_params(name) for name in self.groups}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdaptedFunction:
+    """``f(trainable, batch) -> outputs (B, O)`` of an adapted model, made by `Adapted.as_function`; ``batch``
+    holds "input_ids" and "attention_mask" (other keys reach ``output_fn`` only).
+
+    A pytree: its leaves are the frozen weights and the gate, so passed to a jit as an argument they are inputs
+    of the program, not constants baked into it; ``adapted`` and ``output_fn`` are static (compared by
+    identity), so functions of one adapted model share compiled programs. Per-module kernels read ``adapted``
+    (``empirical_ntk_fn(f, implementation="structured")``)."""
+
+    adapted: Adapted
+    frozen: Any
+    output_fn: Callable | None = None
+    gate_M: Any = None
+
+    def __call__(self, trainable, batch):
+        if self.gate_M is not None:
+            lora = {m: {k: _gated(v, self.gate_M[i]) for k, v in trainable["lora"][m].items()}
+                    for i, m in enumerate(self.adapted.lora_modules)}
+            trainable = {**trainable, "lora": lora}
+        out = self.adapted.apply(trainable, self.frozen, batch["input_ids"], batch["attention_mask"],
+                                 **model_kwargs(self.output_fn))
+        return out if self.output_fn is None else self.output_fn(out, batch)
+
+
+jax.tree_util.register_dataclass(AdaptedFunction, data_fields=["frozen", "gate_M"],
+                                 meta_fields=["adapted", "output_fn"])
+
+
+def model_kwargs(output_fn: Callable | None) -> dict:
+    """Keyword arguments ``output_fn`` asks the model call for (its ``model_kwargs``: `jaxlin.label_word_readout`'s
+    asks for its label token ids only, so the model never builds (B, L, V) logits); none for plain functions."""
+    return dict(getattr(output_fn, "model_kwargs", None) or {})
+
+
+def _gated(x, g):
+    return g * x + (1 - g) * jax.lax.stop_gradient(x)
 
 
 def adapt(model: Model, *, lora: LoRA | None = None, layers: Iterable[int] | None = None,
@@ -155,7 +237,18 @@ def adapt(model: Model, *, lora: LoRA | None = None, layers: Iterable[int] | Non
                          "or head=True")
     trainable = {"lora": lora_tree, "params": traverse_util.unflatten_dict({p: flat[p] for p in chosen})}
     frozen = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in chosen})
-    return Adapted(model, trainable, frozen, _groups(model, chosen, lora_modules), lora, lora_modules)
+    run = _lora_apply(model, lora_tree, lora.scale) if lora_tree else model.apply
+    return Adapted(model, trainable, frozen, _groups(model, chosen, lora_modules), lora, lora_modules, run)
+
+
+def _lora_apply(model: Model, lora_tree: dict, scale: float) -> Callable:
+    """``apply(params, input_ids, attention_mask)`` of the model's graph with LoRA factors (shaped as
+    ``lora_tree``) in the named dense modules; see `Adapted.params` for its params."""
+    module = nnx.merge(model.graphdef, model.params)
+    by_name = {node.name: node for _, node in nnx.iter_modules(module) if isinstance(node, Linear)}
+    for name, ab in lora_tree.items():
+        by_name[name].add_lora(ab["a"], ab["b"], scale)
+    return make_apply(nnx.graphdef(module), model.config)
 
 
 def add_lora(model: Model, *, targets=("query", "key", "value"), layers=None, rank: int = 8, alpha: float = 8,
@@ -358,4 +451,4 @@ def load_peft(model: Model, directory) -> Adapted:
     return dataclasses.replace(adapted, trainable=trainable)
 
 
-__all__ = ["LoRA", "Adapted", "adapt", "add_lora", "save_peft", "load_peft", "PEFT_MODEL_CLASSES"]
+__all__ = ["LoRA", "Adapted", "AdaptedFunction", "adapt", "add_lora", "save_peft", "load_peft", "PEFT_MODEL_CLASSES"]

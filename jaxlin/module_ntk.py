@@ -37,7 +37,7 @@ from flax import traverse_util
 from . import gram as _gram
 from . import ntk as _ntk
 from ._util import per_example
-from .adapters import Adapted
+from .adapters import Adapted, AdaptedFunction, model_kwargs
 from .models.base import check_inputs
 
 SIGN_EPS = _ntk.SIGN_EPS
@@ -46,26 +46,6 @@ IMPLEMENTATIONS = ("auto", "structured", "jacobian_contraction", "ntk_vector_pro
 
 def _sign(x):
     return x / (jnp.abs(x) + SIGN_EPS)
-
-
-def output_function(adapted: Adapted, output_fn: Optional[Callable] = None) -> Callable:
-    """``f(trainable, batch) -> (B, O)`` of an adapted model; ``output_fn(outputs, batch)`` maps other outputs
-    (e.g. causal-LM logits (B, L, V)) to (B, O). Carries the adapted model so implementation="structured" of
-    ``empirical_ntk_fn`` can use its module structure. An ``output_fn`` with a ``model_kwargs`` dict has them
-    passed to the model call (``jaxlin.label_word_readout``'s asks for its label token ids only)."""
-    kwargs = model_kwargs(output_fn)
-
-    def f(trainable, batch):
-        out = adapted.apply(trainable, adapted.frozen, batch["input_ids"], batch["attention_mask"], **kwargs)
-        return out if output_fn is None else output_fn(out, batch)
-
-    f.jaxlin_adapted, f.jaxlin_output_fn = adapted, output_fn
-    return f
-
-
-def model_kwargs(output_fn: Optional[Callable]) -> dict:
-    """Keyword arguments ``output_fn`` asks the model call for (its ``model_kwargs``; none for plain functions)."""
-    return dict(getattr(output_fn, "model_kwargs", None) or {})
 
 
 def _check_output(out_shape, output_fn):
@@ -194,7 +174,7 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
 
 
 def _jacobian_tile(adapted: Adapted, modules, output_fn, kernel: str, trace: bool):
-    f = output_function(adapted, output_fn)
+    f = adapted.as_function(output_fn)
 
     def jac(batch, trainable):
         per = jax.vmap(lambda b: _ntk.jacrev_per_output(per_example(f))(trainable, b))
@@ -219,7 +199,7 @@ def _jacobian_tile(adapted: Adapted, modules, output_fn, kernel: str, trace: boo
 
 
 def _ntvp_tile(adapted: Adapted, modules, output_fn, trace: bool):
-    f = output_function(adapted, output_fn)
+    f = adapted.as_function(output_fn)
 
     def tile(x1, x2, trainable, frozen):
         del frozen
@@ -313,23 +293,23 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
                              diagonal_as_none=True, cache_bytes=cache_bytes)
     out = {n: out[n] for n in modules}  # the pytree round trip sorted the keys
     if trace and reduce == "mean":
-        o = jax.eval_shape(output_function(adapted, output_fn), trainable, x1).shape[-1]
+        o = jax.eval_shape(adapted.as_function(output_fn), trainable, x1).shape[-1]
         out = {n: k / o for n, k in out.items()}
     return out
 
 
 def _structured_builder(f, spec: _ntk.KernelSpec):
-    """``empirical_ntk_fn(f, implementation="structured")`` for ``f = output_function(adapted)``: the sum of the
-    module kernels of one tile (pure and jit-able; no host-side tiling)."""
-    adapted = getattr(f, "jaxlin_adapted", None)
-    if adapted is None:
+    """``empirical_ntk_fn(f, implementation="structured")`` for ``f = adapted.as_function()`` (ungated): the sum
+    of the module kernels of one tile (pure and jit-able; no host-side tiling). Other functions, a gated one
+    included, are refused (use module_ntks on the ungated model)."""
+    if not isinstance(f, AdaptedFunction) or f.gate_M is not None:
         raise ValueError(_ntk.STRUCTURED_NEEDS_MODEL)
-    modules = adapted.modules
-    tile = _structured_tile(adapted, modules, _group_leaves(adapted, modules), f.jaxlin_output_fn, spec.kernel,
+    adapted, modules = f.adapted, f.adapted.modules
+    tile = _structured_tile(adapted, modules, _group_leaves(adapted, modules), f.output_fn, spec.kernel,
                             trace=bool(spec.trace_axes))
 
     def ntk(x1, x2, params):
-        k = sum(tile(x1, x2, params, adapted.frozen).values())
+        k = sum(tile(x1, x2, params, f.frozen).values())
         if spec.trace_axes and spec.reduce == "mean":
             k = k / jax.eval_shape(f, params, x1).shape[-1]
         return k if spec.accumulate_dtype is None else k.astype(spec.accumulate_dtype)
@@ -339,4 +319,4 @@ def _structured_builder(f, spec: _ntk.KernelSpec):
 
 _ntk.register_implementation("structured", _structured_builder)
 
-__all__ = ["module_ntks", "output_function", "IMPLEMENTATIONS"]
+__all__ = ["module_ntks", "IMPLEMENTATIONS"]

@@ -289,9 +289,11 @@ def _outputs(ctx: Context, batch):
     """Logits at θ0 (LoRA B = 0, so those of the base model with its head), float64 on the host."""
     import jax
 
-    ad = ctx.adapted_lora
-    return np.asarray(jax.jit(ad.apply)(ad.trainable, ad.frozen, batch["input_ids"], batch["attention_mask"]),
-                      np.float64)
+    from .adapters import AdaptedFunction
+
+    ad = ctx.adapted_lora  # the function is an argument of the jit, so its frozen weights are inputs
+    x = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    return np.asarray(jax.jit(AdaptedFunction.__call__)(ad.as_function(), ad.trainable, x), np.float64)
 
 
 def _calibration_residual(ctx: Context) -> np.ndarray:

@@ -42,7 +42,6 @@ static, so every radius of a grid, and a second grid, reuse one compile. Directi
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Callable, Sequence
@@ -254,25 +253,19 @@ def linearity_probe(f: Callable, params0: PyTree, batch, *, radii: Sequence[floa
             "estimator_notes": {name: ESTIMATOR_NOTES[name] for name in names}}
 
 
-@dataclasses.dataclass(frozen=True)
-class _AdaptedOutputs:
-    """f(trainable, batch, frozen) of an Adapted model; hashable by the Adapted's identity, so repeated
-    probes of one model share the jit cache, and `frozen` stays a traced argument (not a baked constant)."""
-
-    adapted: Any
-
-    def __call__(self, trainable, batch, frozen):
-        return self.adapted.apply(trainable, frozen, batch["input_ids"], batch["attention_mask"])
+def _call(trainable, batch, f):
+    return f(trainable, batch)
 
 
 def probe_adapted(adapted, batch, **kw) -> dict:
-    """`linearity_probe` of f(trainable) = adapted.apply(trainable, adapted.frozen, ids, mask) at
-    θ0 = adapted.trainable; `batch` holds "input_ids" and "attention_mask"; keywords as linearity_probe."""
+    """`linearity_probe` of f = adapted.as_function() at θ0 = adapted.trainable; `batch` holds "input_ids" and
+    "attention_mask"; keywords as linearity_probe. f travels in `f_args`, so the frozen weights are traced
+    arguments (not baked constants) and repeated probes of one model share the jit cache."""
     missing = {"input_ids", "attention_mask"} - set(batch)
     if missing:
         raise ValueError(f"batch lacks {sorted(missing)}; pass {{'input_ids': (N, L), 'attention_mask': (N, L)}}")
     inputs = {"input_ids": jnp.asarray(batch["input_ids"]), "attention_mask": jnp.asarray(batch["attention_mask"])}
-    return linearity_probe(_AdaptedOutputs(adapted), adapted.trainable, inputs, f_args=(adapted.frozen,), **kw)
+    return linearity_probe(_call, adapted.trainable, inputs, f_args=(adapted.as_function(),), **kw)
 
 
 __all__ = ["ESTIMATORS", "linearity_probe", "lipschitz_at_radius", "probe_adapted", "random_unit_directions"]

@@ -10,7 +10,7 @@ label word c as it follows the prompt: the token that starts ``prompt + " " + wo
 (so, with GPT-2-style vocabularies, "Ġpositive", leading space included).
 
 The model computes only what the readout needs: ``readout.output_fn`` asks the model call for
-``label_token_ids`` (its ``model_kwargs``, which ``jaxlin.module_ntk.output_function`` passes on), so the
+``label_token_ids`` (its ``model_kwargs``, which ``Adapted.as_function(output_fn)`` passes on), so the
 decoder takes the last real token's final hidden state (B, D) and the C label rows of its LM head (the tied
 embedding or an untied ``lm_head``): logits (B, C), never (B, L, V). Given full (B, L, V) logits instead, the
 same ``output_fn`` slices them, which is how the tests check the two agree.

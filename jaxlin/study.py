@@ -6,14 +6,13 @@ it trains greedy spectral selections and baselines of `selection_budget` modules
 
 No recompilation across configurations and seeds. Per seed, LoRA sits on ALL candidate modules (B0 = 0, so an
 inactive module leaves the function unchanged, docs/paper.md §5.4 item 1) and a configuration is a 0/1 gate per module,
-`gate_M`, an array leaf of the model's `jax.tree_util.Partial` (`gated_apply`): module m's (a, b) enter the model
+`gate_M`, an array leaf of the model function `adapted.as_function(gate=gate_M)`: module m's (a, b) enter the model
 as g_m·x + (1 − g_m)·stop_gradient(x), the same value, with zero gradient where g_m = 0, so under Adam (no weight
 decay, no pull) an inactive module stays bit-exactly at init. One Adapted (of the first seed; the others only
-swap A0 values) and one optimiser serve every run, so all runs share one compiled train step and one eval forward
-per padded length. (`train.fit` builds a fresh optimiser per call and so retraces; `train_gated` is its loop
-without that.) Per seed one `module_ntks` pass gives the full (N, N, O, O) float64 kernel of every candidate module
-(float32 tiles unless jax_enable_x64); a smaller calibration set that is a prefix of the larger one (modes
-"first", "random") takes its leading block.
+swap A0 values) and one optimiser, handed to `train.fit`, serve every run, so all runs share one compiled train
+step and one eval forward per padded length. Per seed one `module_ntks` pass gives the full (N, N, O, O) float64
+kernel of every candidate module (float32 tiles unless jax_enable_x64); a smaller calibration set that is a prefix of
+the larger one (modes "first", "random") takes its leading block.
 
 Statistics: `spectrum.kernel_statistics` (the paper's exact choice is unknown, docs/paper.md §0, so each is
 reported), with r0 = onehot(y) − f0 on the calibration set for the ridge objective. Names: plain for the first
@@ -41,10 +40,7 @@ import math
 import time
 from typing import Callable, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
 from . import data
@@ -54,12 +50,11 @@ from ._util import to_jsonable
 from .select import FAMILIES, configuration_kernel, enumerate_configurations, spectral_selection
 from .spectrum import KERNELS, SIGMA_SCALES, STATISTICS, kernel_statistics
 from .stats import correlation
-from .train import TrainConfig, evaluate, make_loss_fn, make_optimizer, make_train_step
+from .train import TrainConfig, evaluate, fit, make_optimizer
 
 OUTCOMES = ("final_train_loss", "train_loss_last10pct", "eval_accuracy", "eval_loss")
 CALIBRATION_MODES = ("first", "random", "balanced")
 PRESETS = ("quick", "default", "gpu")
-_STEP_KEYS = ("input_ids", "attention_mask", "labels", "example_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,58 +198,13 @@ def study_configurations(module_names: Sequence[str], spec) -> dict[str, tuple[s
 
 
 # ------------------------------------------------------------------------------------------- gated model
-@dataclasses.dataclass(frozen=True)
-class _GatedApply:
-    apply: Callable  # Adapted.apply (bound methods of one Adapted compare equal: jit cache hits)
-    modules: tuple[str, ...]  # gate order
-
-    def __call__(self, frozen, gate_M, trainable, input_ids, attention_mask):
-        def gated(x, g):
-            return g * x + (1 - g) * jax.lax.stop_gradient(x)
-
-        lora = {m: {k: gated(v, gate_M[i]) for k, v in trainable["lora"][m].items()}
-                for i, m in enumerate(self.modules)}
-        return self.apply({**trainable, "lora": lora}, frozen, input_ids, attention_mask)
-
-
 def gate_vector(adapted: Adapted, active: Sequence[str]) -> np.ndarray:
-    """gate_M: 1.0 for the modules in `active`, 0.0 for the other LoRA modules of `adapted` (its order)."""
+    """gate_M: 1.0 for the modules in `active`, 0.0 for the other LoRA modules of `adapted` (its order), for
+    `adapted.as_function(gate=gate_M)`."""
     unknown = sorted(set(active) - set(adapted.lora_modules))
     if unknown:
         raise ValueError(f"modules {unknown} carry no LoRA adapter; choose from {adapted.lora_modules}")
     return np.array([float(m in set(active)) for m in adapted.lora_modules])
-
-
-def gated_apply(adapted: Adapted, gate_M) -> Partial:
-    """`apply(trainable, input_ids, attention_mask) -> logits` in which LoRA module i of `adapted.lora_modules`
-    trains iff gate_M[i] = 1 (same value either way); the frozen weights and gate_M are leaves of the Partial."""
-    modules = adapted.lora_modules
-    gate_M = np.asarray(gate_M)
-    if gate_M.shape != (len(modules),) or not np.all((gate_M == 0) | (gate_M == 1)):
-        raise ValueError(f"gate_M must be {len(modules)} values in {{0, 1}}, one per LoRA module; got {gate_M}")
-    dtype = adapted.trainable["lora"][modules[0]]["a"].dtype
-    return Partial(_GatedApply(adapted.apply, modules), adapted.frozen, jnp.asarray(gate_M, dtype))
-
-
-def _call(fn, *args):
-    return fn(*args)
-
-
-_run_step = jax.jit(_call, donate_argnums=(1, 2))  # one jit for every gate, seed and study
-
-
-def train_gated(adapted: Adapted, trainable0, gate_M, step_batches: Sequence[dict], *, optimizer,
-                loss: str = "cross_entropy") -> tuple[object, list[float]]:
-    """(θ_T, per-step losses): one optimiser step per batch from `trainable0` (not modified) with the gates of
-    `gated_apply`. Calls with the same `adapted` and `optimizer` object share one compiled step (per batch shape)."""
-    step = make_train_step(make_loss_fn(gated_apply(adapted, gate_M), loss), optimizer)
-    trainable = jax.tree.map(jnp.copy, trainable0)
-    opt_state = jax.tree.map(jnp.copy, optimizer.init(trainable0))
-    losses = []
-    for batch in step_batches:
-        trainable, opt_state, metrics = _run_step(step, trainable, opt_state, {k: batch[k] for k in _STEP_KEYS})
-        losses.append(metrics["loss"])
-    return trainable, [float(v) for v in jax.device_get(losses)]
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -322,8 +272,9 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     step_batches = step_batches[:c.steps]
     eval_batches, train_eval_batches = ([*data.batches(d, tokenizer, batch_size=c.eval_batch_size, **padding)]
                                         for d in (eval_sub, train_sub))
-    optimizer = make_optimizer(TrainConfig(learning_rate=c.learning_rate, steps=c.steps, batch_size=c.batch_size,
-                                           warmup_ratio=c.warmup_ratio, max_length=c.max_length), c.steps)
+    train_config = TrainConfig(learning_rate=c.learning_rate, steps=c.steps, batch_size=c.batch_size,
+                               warmup_ratio=c.warmup_ratio, max_length=c.max_length)
+    optimizer = make_optimizer(train_config, c.steps)  # one object for every run: one compiled step
 
     # calibration: kernels on the largest set; a smaller set that is its prefix takes the leading block
     calibration = {n: data.calibration_subset(train_data, n, mode=c.calibration_mode, seed=c.data_seed)
@@ -335,7 +286,8 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
 
     def residual(n):  # r0 = onehot(y) − f0 (N, O) on calibration set n; f0 is the same for every seed (B0 = 0)
         batch = {**encoded[n], "example_mask": np.ones(n, np.float32)}
-        f0_NO = evaluate(gated_apply(adapted, gate_vector(adapted, candidates)), adapted.trainable, [batch])["logits"]
+        f0_NO = evaluate(adapted.as_function(gate=gate_vector(adapted, candidates)), adapted.trainable,
+                         [batch])["logits"]
         return np.eye(f0_NO.shape[1])[batch["labels"]] - f0_NO
 
     resid0 = {largest: residual(largest)}
@@ -348,10 +300,11 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         key = (seed, frozenset(modules))
         if key not in trained:
             t0 = time.perf_counter()
-            gate = gate_vector(adapted, modules)
-            theta, losses = train_gated(adapted, adapters[seed].trainable, gate, step_batches, optimizer=optimizer)
-            apply = gated_apply(adapted, gate)
-            ev, tr = evaluate(apply, theta, eval_batches), evaluate(apply, theta, train_eval_batches)
+            f = adapted.as_function(gate=gate_vector(adapted, modules))
+            result = fit(f, adapters[seed].trainable, lambda epoch: step_batches, config=train_config,
+                         optimizer=optimizer, progress=False)
+            theta, losses = result.trainable, result.train_loss
+            ev, tr = evaluate(f, theta, eval_batches), evaluate(f, theta, train_eval_batches)
             last = losses[-max(1, math.ceil(0.1 * len(losses))):]
             trained[key] = {"final_train_loss": tr["loss"], "train_loss_last10pct": float(np.mean(last)),
                             "train_accuracy": tr["accuracy"], "eval_accuracy": ev["accuracy"], "eval_loss": ev["loss"],
@@ -431,5 +384,5 @@ def _selection(c: StudyConfig, grams, resid0_NO, train_run, progress) -> dict:
     return selection
 
 
-__all__ = ["StudyConfig", "study_preset", "study_configurations", "gate_vector", "gated_apply", "train_gated",
+__all__ = ["StudyConfig", "study_preset", "study_configurations", "gate_vector",
            "kernel_statistics", "run_study", "STATISTICS", "OUTCOMES", "KERNELS", "PRESETS"]

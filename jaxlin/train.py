@@ -2,15 +2,17 @@
 
     min_θ  mean_i ℓ(f_θ(x_i), y_i)  +  (λ/2)‖θ − a‖²        (a = θ0 or 0; the pull per `TrainConfig.regularizer`)
 
-`fit` trains any `apply_fn(trainable, input_ids, attention_mask) -> logits (B, C)`; `model_functions(adapted)`
-gives the two that matter here, the real model f and its first-order Taylor model f̄ at θ0 (`jaxlin.linearize`),
-so both run through the same optimiser, schedule, batches and regulariser.
+`fit` trains any `apply_fn(trainable, batch) -> logits (B, C)` (``batch`` holds input_ids and attention_mask);
+`model_functions(adapted)` gives the two that matter here, the real model f (`Adapted.as_function`) and its
+first-order Taylor model f̄ at θ0 (`jaxlin.linearize`), so both run through the same optimiser, schedule, batches
+and regulariser.
 
-Functions as data. `model_functions`, `make_loss_fn` and `make_train_step` return `jax.tree_util.Partial`s:
-plain callables that are also pytrees whose leaves are the arrays they need (the frozen weights, θ0). `fit` passes
-the step into its one `jax.jit` as an argument, so those arrays are inputs of the compiled program, not constants
-baked into it (a closure would copy every frozen weight into the HLO). Plain Python functions work too; they
-become leafless Partials.
+Functions as data. `Adapted.as_function` returns a pytree callable and `model_functions`, `make_loss_fn` and
+`make_train_step` return `jax.tree_util.Partial`s: plain callables that are also pytrees whose leaves are the
+arrays they need (the frozen weights, θ0). `fit` passes the step into the one `jax.jit` of training as an
+argument, so those arrays are inputs of the compiled program, not constants baked into it (a closure would copy
+every frozen weight into the HLO), and runs with the same model and optimiser object share one compiled step.
+Plain Python functions work too; they become leafless Partials.
 
 Compilation. Every batch from `jaxlin.data.batches` has the same leading size (a short last batch is padded
 and marked `example_mask` 0), but bucketed padding gives L = the batch's longest sequence rounded up to a
@@ -19,7 +21,6 @@ multiple of 8, so the step compiles once per distinct L (a handful: ⌈max_lengt
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from typing import Any, Callable, Iterable
@@ -30,6 +31,7 @@ import numpy as np
 import optax
 from jax.tree_util import Partial
 
+from .adapters import AdaptedFunction
 from .linearize import linearize
 from .models.base import check_inputs
 from .regularizers import SelectiveProxState, adamspd, prox_l2, selective_prox
@@ -167,34 +169,22 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
 
 
 # ------------------------------------------------------------------------------------- model functions
-def _as_partial(fn: Callable) -> Partial:
-    return fn if isinstance(fn, Partial) else Partial(fn)
+def _as_pytree(fn: Callable):
+    """``fn`` as a pytree callable (an `AdaptedFunction` or a Partial as it is; other functions leafless)."""
+    return fn if isinstance(fn, (Partial, AdaptedFunction)) else Partial(fn)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Nonlinear:
-    apply: Callable  # Adapted.apply (bound methods compare equal for the same Adapted: jit cache hits)
-
-    def __call__(self, frozen, trainable, input_ids, attention_mask):
-        return self.apply(trainable, frozen, input_ids, attention_mask)
+def _linearized(f, trainable0, trainable, batch):
+    return linearize(f, trainable0)(trainable, batch)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Linearized:
-    apply: Callable
+def model_functions(adapted) -> tuple[Callable, Partial]:
+    """(apply_nonlinear, apply_linearized), each `(trainable, batch) -> logits (B, C)`.
 
-    def __call__(self, frozen, trainable0, trainable, input_ids, attention_mask):
-        f = functools.partial(_Nonlinear(self.apply), frozen)
-        return linearize(f, trainable0)(trainable, input_ids, attention_mask)
-
-
-def model_functions(adapted) -> tuple[Partial, Partial]:
-    """(apply_nonlinear, apply_linearized), each `(trainable, input_ids, attention_mask) -> logits (B, C)`.
-
-    apply_nonlinear(θ) = adapted.apply(θ, adapted.frozen, ·); apply_linearized(θ) = f(θ0) + J(θ − θ0) at
-    θ0 = adapted.trainable. The frozen weights and θ0 are leaves of the returned Partials (see module doc)."""
-    return (Partial(_Nonlinear(adapted.apply), adapted.frozen),
-            Partial(_Linearized(adapted.apply), adapted.frozen, adapted.trainable))
+    apply_nonlinear = adapted.as_function(); apply_linearized(θ) = f(θ0) + J(θ − θ0) at θ0 = adapted.trainable.
+    The frozen weights and θ0 are leaves of the returned pytrees (see module doc)."""
+    f = adapted.as_function()
+    return f, Partial(_linearized, f, adapted.trainable)
 
 
 # ------------------------------------------------------------------------------------------ loss, step
@@ -210,7 +200,7 @@ class _Loss:
     kind: str
 
     def __call__(self, apply_fn, trainable, batch):
-        logits_BC = apply_fn(trainable, batch["input_ids"], batch["attention_mask"])
+        logits_BC = apply_fn(trainable, batch)
         per_B = _per_example_loss(logits_BC, batch["labels"], self.kind)
         mask_B = batch["example_mask"].astype(per_B.dtype)
         value = jnp.sum(jnp.where(mask_B > 0, per_B, 0.0)) / jnp.maximum(jnp.sum(mask_B), 1.0)
@@ -224,7 +214,7 @@ def make_loss_fn(apply_fn: Callable, loss: str = "cross_entropy") -> Partial:
     to the value or its gradient)."""
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
-    return Partial(_Loss(loss), _as_partial(apply_fn))
+    return Partial(_Loss(loss), _as_pytree(apply_fn))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +237,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation) 
     loss. metrics: "loss" (before the step), "grad_norm" and, for selective regularisers, "fired" (fraction of
     the Eq. 8 tests that added the pull). Pure and unjitted: jit it once, donating trainable and opt_state
     (`jax.jit(step, donate_argnums=(0, 1))`; `fit` passes the step itself as an argument, see module doc)."""
-    return Partial(_TrainStep(optimizer), _as_partial(loss_fn))
+    return Partial(_TrainStep(optimizer), _as_pytree(loss_fn))
 
 
 def _selective_states(opt_state) -> list:
@@ -262,6 +252,9 @@ def _call(fn, *args):
 # The one jit of evaluation, shared by every call: the loss function is an argument, and its static parts
 # compare by value, so evaluating the same model again reuses the compiled forward pass.
 _forward = jax.jit(_call)
+# The one jit of training, likewise shared: a step with the same model and optimiser object reuses the compiled
+# program. trainable and opt_state are donated (`fit` passes fresh copies).
+_run_step = jax.jit(_call, donate_argnums=(1, 2))
 
 
 def _step_batch(batch) -> dict:
@@ -314,16 +307,21 @@ class TrainResult:
 
 
 def fit(apply_fn: Callable, trainable0, train_batches_fn: Callable[[int], Iterable[dict]], *,
-        config: TrainConfig, eval_batches_fn: Callable[[], Iterable[dict]] | None = None, progress: bool = True,
+        config: TrainConfig, optimizer: optax.GradientTransformation | None = None,
+        eval_batches_fn: Callable[[], Iterable[dict]] | None = None, progress: bool = True,
         callback: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Train `apply_fn(trainable, input_ids, attention_mask) -> logits` from `trainable0` (not modified).
+    """Train `apply_fn(trainable, batch) -> logits` from `trainable0` (not modified).
+
+    optimizer: a ready optax optimiser used instead of `make_optimizer(config, steps)`; config then gives only the
+    loss and the number of steps. Pass the same object to many runs (one schedule for all, as `run_study` does) and
+    they share one compiled step.
 
     train_batches_fn(epoch) -> the batches of that epoch (reshuffle deterministically from the epoch number);
     epoch 0 is read once up front to count the steps per epoch for the schedule. eval_batches_fn() -> eval
     batches, evaluated after each epoch (`config.eval_every_epoch`) and at the end. callback(step, metrics)
     gets each step's metrics as floats (this syncs with the device every step).
 
-    The token ids of a jaxlin model's batches (`model_functions`, `Adapted.apply`) are checked on the host
+    The token ids of a jaxlin model's batches (`model_functions`, `Adapted.as_function`) are checked on the host
     (`jaxlin.models.check_inputs`, a DataError naming the bad id or length): all of epoch 0 before the first
     step, later epochs' batches when they are numpy arrays.
     """
@@ -335,12 +333,11 @@ def fit(apply_fn: Callable, trainable0, train_batches_fn: Callable[[int], Iterab
     for batch in first_epoch:
         _check_batch(config_of_model, batch, host_only=False)
     total = config.total_steps(len(first_epoch))
-    optimizer = make_optimizer(config, total)
+    optimizer = make_optimizer(config, total) if optimizer is None else optimizer
     step = make_train_step(make_loss_fn(apply_fn, config.loss), optimizer)
-    # The one jit of training. `step` is an argument, so the arrays it carries are inputs, not constants;
-    # trainable and opt_state are donated, so both are fresh copies: trainable0 survives, and no buffer appears
-    # twice (an "init" anchor is trainable0 itself; adamspd's init shares one zeros tree between mu and nu).
-    run_step = jax.jit(_call, donate_argnums=(1, 2))
+    # `step` is an argument of `_run_step`, so the arrays it carries are inputs, not constants; trainable and
+    # opt_state are donated, so both are fresh copies: trainable0 survives, and no buffer appears twice (an "init"
+    # anchor is trainable0 itself; adamspd's init shares one zeros tree between mu and nu).
     trainable = jax.tree.map(jnp.copy, trainable0)
     opt_state = jax.tree.map(jnp.copy, optimizer.init(trainable0))
 
@@ -355,7 +352,7 @@ def fit(apply_fn: Callable, trainable0, train_batches_fn: Callable[[int], Iterab
         for batch in first_epoch if epoch == 0 else train_batches_fn(epoch):
             if epoch > 0:
                 _check_batch(config_of_model, batch, host_only=True)
-            trainable, opt_state, metrics = run_step(step, trainable, opt_state, _step_batch(batch))
+            trainable, opt_state, metrics = _run_step(step, trainable, opt_state, _step_batch(batch))
             losses.append(metrics["loss"])
             fired.append(metrics.get("fired"))
             done += 1
@@ -379,11 +376,11 @@ def fit(apply_fn: Callable, trainable0, train_batches_fn: Callable[[int], Iterab
 
 
 def _model_config(apply_fn: Callable):
-    """The transformers config of the jaxlin model behind `apply_fn` (`model_functions`' Partials or a bound
-    `Adapted.apply`), or None for other callables, whose inputs are then not checked."""
-    fn = apply_fn.func if isinstance(apply_fn, Partial) else apply_fn
-    fn = getattr(fn, "apply", fn)  # _Nonlinear / _Linearized
-    return getattr(getattr(getattr(fn, "__self__", None), "model", None), "config", None)
+    """The transformers config of the jaxlin model behind `apply_fn` (an `AdaptedFunction` or a Partial holding
+    one, as `model_functions` returns), or None for other callables, whose inputs are then not checked."""
+    fns = (apply_fn.func, *apply_fn.args) if isinstance(apply_fn, Partial) else (apply_fn,)
+    f = next((f for f in fns if isinstance(f, AdaptedFunction)), None)
+    return None if f is None else f.adapted.model.config
 
 
 def _check_batch(config, batch, *, host_only: bool) -> None:

@@ -61,13 +61,54 @@ def test_merge_equals_apply_after_training_step(clf, batch):
     via_apply = ad.apply(trained, ad.frozen, batch["input_ids"], batch["attention_mask"])
     merged = ad.merge(trained)
     via_merge = clf.apply(merged, batch["input_ids"], batch["attention_mask"])
-    np.testing.assert_allclose(np.asarray(via_apply), np.asarray(via_merge), rtol=0, atol=0)
+    np.testing.assert_allclose(np.asarray(via_apply), np.asarray(via_merge), rtol=1e-5, atol=1e-6)  # float32
     q = clf.module("layer0.attention.query").path
     ab = trained["lora"]["layer0.attention.query"]
     want = traverse_util.flatten_dict(clf.params)[q + ("kernel",)] + 2.0 * ab["a"] @ ab["b"]
     np.testing.assert_allclose(traverse_util.flatten_dict(merged)[q + ("kernel",)], want, rtol=1e-6)
     assert not np.allclose(np.asarray(via_apply),
                            np.asarray(clf.apply(clf.params, batch["input_ids"], batch["attention_mask"])))
+
+
+@pytest.mark.parametrize("family,targets", [("bert", ("query", "value")), ("roberta", ("query", "key", "value")),
+                                            ("gpt2", ("c_attn", "c_proj")),
+                                            ("llama", ("q_proj", "v_proj", "down_proj"))])
+def test_unmerged_lora_equals_merged_with_its_gradients(family, targets):
+    """apply runs x·W + s·(x·A)·B; it equals the model at merged weights W + s·A·B, and so do the gradients
+    w.r.t. A and B (float64, random A and B)."""
+    model = testing.tiny_model(family, dtype=jnp.float64, seed=2)
+    b = testing.random_batch(model, batch=3, length=7)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    ad = adapt(model, lora=LoRA(targets, rank=3, alpha=5), biases=True)
+    np.testing.assert_array_equal(np.asarray(ad.apply(ad.trainable, ad.frozen, ids, mask)),
+                                  np.asarray(model.apply(model.params, ids, mask)))
+    keys = iter(jax.random.split(jax.random.key(3), 1000))
+    theta = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape, x.dtype), ad.trainable)
+    cot = jax.random.normal(jax.random.key(4), np.shape(model.apply(model.params, ids, mask)), jnp.float64)
+    unmerged = lambda t: jnp.vdot(cot, ad.apply(t, ad.frozen, ids, mask))  # noqa: E731
+    merged = lambda t: jnp.vdot(cot, model.apply(ad.merge(t), ids, mask))  # noqa: E731
+    out_u, out_m = ad.apply(theta, ad.frozen, ids, mask), model.apply(ad.merge(theta), ids, mask)
+    assert np.abs(np.asarray(out_u - out_m)).max() <= 1e-12 * np.abs(np.asarray(out_m)).max()
+    assert not np.allclose(np.asarray(out_u), np.asarray(model.apply(model.params, ids, mask)))
+    g_u, g_m = jax.grad(unmerged)(theta), jax.grad(merged)(theta)
+    scale = max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(g_m))
+    for (path, gu), gm in zip(jax.tree_util.tree_leaves_with_path(g_u), jax.tree.leaves(g_m)):
+        # A and B leaf by leaf; biases against the whole gradient (a key bias's is zero up to rounding)
+        ref = np.abs(np.asarray(gm)).max() if path[0].key == "lora" else scale
+        assert np.abs(np.asarray(gu - gm)).max() <= 1e-12 * ref, path
+
+
+def test_unmerged_step_forms_no_merged_weight(clf, batch):
+    """The gradient of an unmerged LoRA loss contains no d_in × d_out product A·B (nor its cotangent)."""
+    ad = add_lora(clf, targets=("query",), layers=(1,), rank=3)
+    d = clf.module("layer1.attention.query").d_in
+
+    def loss(t):
+        return jnp.sum(ad.apply(t, ad.frozen, batch["input_ids"], batch["attention_mask"]) ** 2)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(ad.trainable)
+    shapes = [tuple(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars if eqn.primitive.name == "dot_general"]
+    assert (d, d) not in shapes and (1, d, d) not in shapes
 
 
 def test_selections_pick_exactly_the_named_parameters(clf):
@@ -204,3 +245,22 @@ def test_peft_names_modules_for_the_model_class(tmp_path):
                                                          batch["attention_mask"])), got, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="model_class='AutoModelForSeqClassification' is not one of"):
         save_peft(ad, tmp_path / "x", model_class="AutoModelForSeqClassification")
+
+
+def test_as_function_is_a_pytree_of_its_frozen_weights_and_gate(clf, batch):
+    ad = add_lora(clf, targets=("query",), rank=2, head=True)
+    f = ad.as_function()
+    x = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    assert len(jax.tree.leaves(f)) == len(jax.tree.leaves(ad.frozen))
+    np.testing.assert_array_equal(np.asarray(f(ad.trainable, x)),
+                                  np.asarray(ad.apply(ad.trainable, ad.frozen, x["input_ids"], x["attention_mask"])))
+    gated = ad.as_function(gate=[1.0, 0.0, 1.0])
+    assert len(jax.tree.leaves(gated)) == len(jax.tree.leaves(ad.frozen)) + 1
+    np.testing.assert_array_equal(np.asarray(gated(ad.trainable, x)), np.asarray(f(ad.trainable, x)))
+    grads = jax.grad(lambda t: jnp.sum(gated(t, x) ** 2))(ad.trainable)
+    assert np.all(np.asarray(grads["lora"]["layer1.attention.query"]["b"]) == 0)
+    assert np.abs(np.asarray(grads["lora"]["layer0.attention.query"]["b"])).max() > 0
+    with pytest.raises(ValueError, match="one per LoRA module"):
+        ad.as_function(gate=[1.0, 0.5, 1.0])
+    with pytest.raises(ValueError, match="has none"):
+        adapt(clf, head=True).as_function(gate=[])

@@ -7,7 +7,7 @@ import pytest
 from jaxlin import testing
 from jaxlin.adapters import add_lora
 from jaxlin.linearize import linearize_at
-from jaxlin.module_ntk import module_ntks, output_function
+from jaxlin.module_ntk import module_ntks
 from jaxlin.solve import conjugate_gradient, kernel_ridge
 
 
@@ -16,7 +16,7 @@ def test_cg_with_ntk_vector_products_equals_cholesky_on_the_formed_kernel():
     model = testing.tiny_model("bert", task="classification", num_labels=3, dtype=jnp.float64)
     ad = add_lora(model, rank=3, head=True)
     batch = {k: jnp.asarray(v) for k, v in testing.random_batch(model, batch=7, length=6).items()}
-    f = output_function(ad)
+    f = ad.as_function()
     lin = linearize_at(f, ad.trainable, batch)
     rhs = jax.random.normal(jax.random.key(0), lin.f0.shape, jnp.float64)  # (N, O)
     ridge = 0.1

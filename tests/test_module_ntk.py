@@ -9,7 +9,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxlin import testing
 from jaxlin.adapters import LoRA, adapt, add_lora
-from jaxlin.module_ntk import module_ntks, output_function
+from jaxlin.module_ntk import module_ntks
 from jaxlin.ntk import empirical_ntk_fn
 
 IMPLS = ("structured", "jacobian_contraction", "ntk_vector_products")
@@ -27,7 +27,7 @@ def perturbed(ad, scale=0.1, seed=1):
 
 
 def dense_kernel(ad, tr, b1, b2, sign=False):
-    f = output_function(ad)
+    f = ad.as_function()
     flat, unravel = ravel_pytree(tr)
     j1 = jax.jacrev(lambda p: f(unravel(p), b1))(flat)
     j2 = jax.jacrev(lambda p: f(unravel(p), b2))(flat)
@@ -78,7 +78,7 @@ def test_each_module_kernel_is_its_own_block(setup):
     ad, tr, b1, _ = setup
     ks = module_ntks(ad, b1, trainable=tr, trace_axes=())
     flat, unravel = ravel_pytree(tr)
-    f = output_function(ad)
+    f = ad.as_function()
     j = jax.jacrev(lambda p: f(unravel(p), b1))(flat)
     for name in ad.modules:
         mask_tree = jax.tree_util.tree_map(jnp.zeros_like, tr)
@@ -113,7 +113,7 @@ def test_lora_at_init_has_zero_a_jacobian_and_b_kernel_is_a_sketch():
     for impl in IMPLS:  # LoRA only: the trainable tree has an empty "params" subtree
         only_b = module_ntks(ad, b, trace_axes=(), implementation=impl)
         np.testing.assert_allclose(sum(only_b.values()), ref, rtol=1e-9, atol=1e-14)
-    j = jax.jacrev(lambda t: output_function(ad)(t, b))(ad.trainable)
+    j = jax.jacrev(lambda t: ad.as_function()(t, b))(ad.trainable)
     for name in ad.modules:
         assert np.all(np.asarray(j["lora"][name]["a"]) == 0)
 
@@ -146,7 +146,7 @@ def test_empirical_ntk_fn_structured_uses_the_module_structure(setup):
     ad, tr, b1, b2 = setup
     if ad.model.family != "bert":
         pytest.skip("the registry hook does not depend on the family")
-    f = output_function(ad)
+    f = ad.as_function()
     x1 = {k: jnp.asarray(v) for k, v in b1.items()}
     x2 = {k: jnp.asarray(v) for k, v in b2.items()}
     want = empirical_ntk_fn(f, trace_axes=(), implementation="jacobian_contraction")(x1, x2, tr)
@@ -181,7 +181,7 @@ def test_packaged_minilm_module_kernels_sum_to_the_kernel_of_all_modules():
     batch = data.encode(data.calibration_subset(train, 32), m.tokenizer, max_length=48)
     per_module = module_ntks(ad, batch)
     assert len(per_module) == 18 and all(k.shape == (32, 32) for k in per_module.values())
-    whole = empirical_ntk_fn(output_function(ad), implementation="jacobian_contraction",
+    whole = empirical_ntk_fn(ad.as_function(), implementation="jacobian_contraction",
                              accumulate_dtype=jnp.float64)
     x = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask")}
     total = np.asarray(jax.jit(whole)(x, None, ad.trainable))
@@ -215,6 +215,6 @@ def test_packaged_minilm_kernels_of_every_implementation_match_per_example_float
         k = module_ntks(ad, x, trace_axes=(), implementation=impl)["layer0.attention.value"]
         np.testing.assert_allclose(k, ref, atol=1e-5 * np.abs(ref).max(), err_msg=impl)
     if importlib.util.find_spec("neural_tangents") is not None:
-        nt = empirical_ntk_fn(output_function(ad), trace_axes=(), implementation="neural_tangents")
+        nt = empirical_ntk_fn(ad.as_function(), trace_axes=(), implementation="neural_tangents")
         k = np.asarray(jax.jit(nt)(x, None, ad.trainable))
         np.testing.assert_allclose(k, ref, atol=1e-5 * np.abs(ref).max(), err_msg="neural_tangents")

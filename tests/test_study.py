@@ -15,7 +15,7 @@ from jaxlin.adapters import add_lora
 from jaxlin.module_ntk import module_ntks
 from jaxlin.select import SCORES, configuration_kernel
 from jaxlin.spectrum import STATISTICS, kernel_statistics, spectrum_stats
-from jaxlin.study import OUTCOMES, StudyConfig, gate_vector, gated_apply, run_study, study_preset, train_gated
+from jaxlin.study import OUTCOMES, StudyConfig, gate_vector, run_study, study_preset
 from jaxlin.testing import tiny_model
 from jaxlin.train import TrainConfig, evaluate, fit, make_optimizer, model_functions
 
@@ -61,6 +61,13 @@ def _step_batches(dataset, n):
     return list(data.batches(dataset, WordTokenizer(), batch_size=4, max_length=16, shuffle=True))[:n]
 
 
+def train_gated(adapted, trainable0, gate, batches, *, optimizer):
+    """The study's training: `fit` of the gated model function with one ready optimiser, one step per batch."""
+    res = fit(adapted.as_function(gate=gate), trainable0, lambda epoch: batches, config=TrainConfig(steps=len(batches)),
+              optimizer=optimizer, progress=False)
+    return res.trainable, res.train_loss
+
+
 def _flat(tree):
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
@@ -97,7 +104,7 @@ def test_gate_equals_an_adapter_restricted_to_those_modules(model, splits):
     for path, value in want.items():
         np.testing.assert_allclose(got[path], value, rtol=1e-5, atol=1e-7, err_msg=str(path))
     probe = _step_batches(splits[1], 1)
-    logits = evaluate(gated_apply(full, gate_vector(full, active)), theta, probe)["logits"]
+    logits = evaluate(full.as_function(gate=gate_vector(full, active)), theta, probe)["logits"]
     ref_logits = evaluate(model_functions(restricted)[0], ref.trainable, probe)["logits"]
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
 
@@ -105,13 +112,14 @@ def test_gate_equals_an_adapter_restricted_to_those_modules(model, splits):
 @pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny BERT
 def test_one_trace_across_configurations_and_seeds(model, splits):
     traces = []
+    adapters = [add_lora(model, rank=2, seed=s, head=True) for s in (0, 1)]
+    run = adapters[0].run
 
-    def counting_apply(params, input_ids, attention_mask, **kwargs):
+    def counting_run(params, input_ids, attention_mask, **kwargs):
         traces.append(1)
-        return model.apply(params, input_ids, attention_mask, **kwargs)
+        return run(params, input_ids, attention_mask, **kwargs)
 
-    counted = dataclasses.replace(model, apply=counting_apply)
-    adapters = [add_lora(counted, rank=2, seed=s, head=True) for s in (0, 1)]
+    adapters[0] = dataclasses.replace(adapters[0], run=counting_run)
     optimizer = make_optimizer(TrainConfig(learning_rate=1e-2, steps=2), 2)
     batches, probe = _step_batches(splits[0], 2), _step_batches(splits[1], 1)
     counts = []
@@ -120,7 +128,7 @@ def test_one_trace_across_configurations_and_seeds(model, splits):
                        adapters[0].lora_modules):
             gate = gate_vector(adapters[0], active)
             theta, _ = train_gated(adapters[0], adapters[seed].trainable, gate, batches, optimizer=optimizer)
-            evaluate(gated_apply(adapters[0], gate), theta, probe)
+            evaluate(adapters[0].as_function(gate=gate), theta, probe)
             counts.append(len(traces))
     assert counts == [2] * 6  # one train step + one eval forward, traced for the first run only
 
@@ -155,7 +163,7 @@ def _check_statistics(model, train_data, result, config):
             batch = data.encode(data.calibration_subset(train_data, n), tok, max_length=config.max_length)
             grams = module_ntks(adapted, batch, trace_axes=(), kernel=variant["kernel"], trainable=trainable,
                                 modules=adapted.lora_modules)
-            f0 = evaluate(gated_apply(adapted, ones), trainable, [{**batch, "example_mask": np.ones(n)}])["logits"]
+            f0 = evaluate(adapted.as_function(gate=ones), trainable, [{**batch, "example_mask": np.ones(n)}])["logits"]
             resid0 = np.eye(2)[batch["labels"]] - f0
             for run in (r for r in result["runs"] if r["seed"] == seed):
                 gram = configuration_kernel(grams, run["modules"])

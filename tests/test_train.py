@@ -50,8 +50,9 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
     assert [float(lr(t)) for t in (0, 5, 10, 55, 100)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
 
 
-def _bag_of_words(trainable, ids, mask):
+def _bag_of_words(trainable, batch):
     """A cheap stand-in model: logits = mean over real tokens of w[token] + b."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     m = mask[..., None].astype(trainable["w"].dtype)
     return (trainable["w"][ids] * m).sum(1) / m.sum(1) + trainable["b"]
 
@@ -77,9 +78,9 @@ def test_every_regularizer_trains_and_keeps_lambda_out_of_the_program(regularize
 def test_jitted_step_does_not_recompile(adapted):
     traces = []
 
-    def apply_fn(trainable, ids, mask):
+    def apply_fn(trainable, batch):
         traces.append(1)
-        return adapted.apply(trainable, adapted.frozen, ids, mask)
+        return adapted.apply(trainable, adapted.frozen, batch["input_ids"], batch["attention_mask"])
 
     cfg = TrainConfig(learning_rate=1e-2, steps=4)
     opt = make_optimizer(cfg, 4)
@@ -149,13 +150,13 @@ def test_linearized_prox_gd_converges_to_ntk_kernel_ridge(adapted):
     batch = _batch(adapted.model)
     n, c = batch["labels"].shape[0], 3
     flat0, unravel = ravel_pytree(adapted.trainable)
-    f_flat = lambda p: apply_nonlinear(unravel(p), batch["input_ids"], batch["attention_mask"])  # noqa: E731
+    f_flat = lambda p: apply_nonlinear(unravel(p), batch)  # noqa: E731
     jac_NOP = jax.jit(jax.jacrev(f_flat))(flat0)
     jac = np.asarray(jac_NOP, np.float64).reshape(n * c, -1)
     gram = jac @ jac.T
     mu_max = float(np.linalg.eigvalsh(gram)[-1])
     lam = 0.3 * mu_max / n
-    f0_NO = np.asarray(apply_nonlinear(adapted.trainable, batch["input_ids"], batch["attention_mask"]))
+    f0_NO = np.asarray(apply_nonlinear(adapted.trainable, batch))
     resid0 = np.eye(c)[batch["labels"]] - f0_NO
     sol = solve.kernel_ridge(gram, resid0.reshape(-1), n * lam)
     assert sol.status == "ok"

@@ -6,6 +6,10 @@ Every parameterised block carries two names:
 - ``hf_name``: the Hugging Face module path in the task model (``bert.encoder.layer.3.attention.self.query``),
   used by the checkpoint loader and the peft exporter.
 
+A ``Linear`` given LoRA factors (:meth:`Linear.add_lora`, by ``jaxlin.adapters.adapt``) computes
+``x @ kernel + bias + scale·(x @ lora_a) @ lora_b`` without forming the merged weight; the factors are
+parameters of the module like its kernel, the scale a static attribute.
+
 ``Linear`` also reports to an active :func:`tapping` context, which is how jaxlin reads module inputs
 ``h_t`` and output cotangents ``g_t`` (through zero probes added to module outputs) for structured kernels,
 without per-parameter Jacobians. Outside that context it is a plain dense layer.
@@ -73,21 +77,30 @@ class Linear(nnx.Module):
                  hf_transpose: bool = True, init_std: float = 0.02, dtype=jnp.float32):
         self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), init_std, dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if use_bias else None
+        self.lora_a, self.lora_b, self.lora_scale = nnx.data(None), nnx.data(None), None  # see add_lora
         self.name, self.hf_name, self.hf_transpose = name, hf_name, hf_transpose
         self.d_in, self.d_out = d_in, d_out
         self.order = next(_CREATION)
 
+    def add_lora(self, a: jax.Array, b: jax.Array, scale: float) -> None:
+        """Give this module LoRA factors a (d_in, R), b (R, d_out) applied unmerged with ``scale``."""
+        self.lora_a, self.lora_b, self.lora_scale = nnx.Param(a), nnx.Param(b), float(scale)
+
     def __call__(self, x: jax.Array, columns=None) -> jax.Array:
         """``columns`` (C,): only those outputs, from C columns of the kernel (an LM head read at C label words)."""
-        if columns is None:
-            y = x @ self.kernel[...]
-            if self.bias is not None:
-                y = y + self.bias[...]
-            return _tap(self.name, x, y)
-        columns = jnp.asarray(columns)
-        y = x @ jnp.take(self.kernel[...], columns, axis=1)
-        if self.bias is not None:
-            y = y + jnp.take(self.bias[...], columns)
+        kernel = self.kernel[...]
+        bias = None if self.bias is None else self.bias[...]
+        lora_b = None if self.lora_a is None else self.lora_b[...]
+        if columns is not None:
+            columns = jnp.asarray(columns)
+            kernel = jnp.take(kernel, columns, axis=1)
+            bias = None if bias is None else jnp.take(bias, columns)
+            lora_b = None if lora_b is None else jnp.take(lora_b, columns, axis=1)
+        y = x @ kernel
+        if bias is not None:
+            y = y + bias
+        if lora_b is not None:  # with b = 0 this adds an exact zero: the base output to the last bit
+            y = y + (self.lora_scale * ((x @ self.lora_a[...]) @ lora_b)).astype(y.dtype)
         return _tap(self.name, x, y, columns)
 
     def hf_params(self) -> list[tuple[str, str, Callable]]:
