@@ -95,6 +95,7 @@ def test_readout_on_models_without_an_lm_head_is_refused():
     with pytest.raises(ValueError, match="no masked-LM head"):
         module_ntks(adapt(bert, lora=LoRA(("query",), rank=2)), b, output_fn=LabelWordLogits(LABEL_IDS))
     cls = testing.tiny_model("llama", task="classification", num_labels=3)
+    b = batch_for(cls)
     with pytest.raises(ValueError, match="load the model with task='causal_lm'"):
         cls.apply(cls.params, b["input_ids"], b["attention_mask"], label_token_ids=LABEL_IDS)
 
