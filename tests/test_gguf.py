@@ -46,8 +46,8 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{i}.{GGUF_NAMES[module]}.{suffix}"
 
 
-def write_tiny_gguf(path, tensors):
-    """What llama.cpp's convert_hf_to_gguf.py does for a Llama: metadata, then q/k rows permuted."""
+def llama_gguf_writer(path):
+    """A GGUF writer with the tiny Llama's architecture metadata."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
@@ -57,8 +57,14 @@ def write_tiny_gguf(path, tensors):
     w.add_feed_forward_length(F)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
-    w.add_rope_freq_base(THETA)
     w.add_layer_norm_rms_eps(EPS)
+    return w
+
+
+def write_tiny_gguf(path, tensors):
+    """What llama.cpp's convert_hf_to_gguf.py does for a Llama: metadata, then q/k rows permuted."""
+    w = llama_gguf_writer(path)
+    w.add_rope_freq_base(THETA)
     w.add_rope_dimension_count(HEAD_DIM)
     w.add_vocab_size(VOCAB)
     for name, value in tensors.items():
@@ -362,17 +368,8 @@ SPM_PIECES = ["▁", "e", "t", "a", "o", "i", "n", "s", "h", "r", "l", "d", "c",
 def write_spm_gguf(path):
     """A llama GGUF whose tokenizer is SentencePiece BPE (``tokenizer.ggml.model = "llama"``): <unk>, <s>, </s>,
     256 byte-fallback tokens and a few scored pieces, without merges (llama.cpp's converter writes none)."""
-    import gguf
-
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(LAYERS)
-    w.add_context_length(64)
-    w.add_embedding_length(D)
-    w.add_feed_forward_length(F)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_layer_norm_rms_eps(EPS)
+    w = llama_gguf_writer(path)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES))  # unknown, control, byte, normal
