@@ -7,6 +7,8 @@
 import os
 import pathlib
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,3 +20,12 @@ jax.config.update("jax_enable_x64", True)
 _cache = pathlib.Path(os.environ.get("JAXLIN_COMPILE_CACHE", pathlib.Path.home() / ".cache" / "jaxlin-jax"))
 jax.config.update("jax_compilation_cache_dir", str(_cache))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Free every compiled program when a test module ends. One pytest process runs the whole suite, and jit
+    caches keep each program (and the models its static arguments hold) alive; thousands of loaded XLA:CPU
+    executables made jaxlib abort or segfault deep into the suite (in cache reads and compiles that pass alone)."""
+    yield
+    jax.clear_caches()
