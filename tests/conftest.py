@@ -25,7 +25,9 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Free every compiled program when a test module ends. One pytest process runs the whole suite, and jit
-    caches keep each program (and the models its static arguments hold) alive; thousands of loaded XLA:CPU
-    executables made jaxlib abort or segfault deep into the suite (in cache reads and compiles that pass alone)."""
+    caches keep each program (and the models its static arguments hold) alive. A loaded XLA:CPU executable holds
+    about 3 memory mappings (measured: 300 executables, +899 maps, all returned by `jax.clear_caches()`), and
+    Linux allows 65,530 per process (vm.max_map_count): without this, jaxlib aborted or segfaulted about 85 %
+    into the suite, in a cache read or a compile that passes when run alone."""
     yield
     jax.clear_caches()
