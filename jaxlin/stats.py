@@ -31,14 +31,20 @@ def _ranks_rows(a_bn):
     return np.stack([average_ranks(row) for row in a_bn])
 
 
-def _nan_result(n, n_dropped, reason, confidence, n_bootstrap):
+def _nan_result(n, n_dropped, reason, confidence, n_bootstrap, group_n):
     nan_ci = (math.nan, math.nan)
     return {"n": n, "n_dropped": n_dropped, "pearson": math.nan, "spearman": math.nan,
             "pearson_ci": nan_ci, "spearman_ci": nan_ci, "confidence": confidence,
-            "n_bootstrap": n_bootstrap, "n_bootstrap_valid": 0, "reason": reason}
+            "n_bootstrap": n_bootstrap, "n_bootstrap_valid": 0, "reason": reason, **_resampling(n, group_n)}
 
 
-def correlation(x, y, *, n_bootstrap=2000, confidence=0.95, seed=0):
+def _resampling(n, group_n) -> dict:
+    if group_n is None:
+        return {"resampling": "pairs", "n_groups": n}
+    return {"resampling": "groups", "n_groups": int(group_n.max() + 1) if group_n.size else 0}
+
+
+def correlation(x, y, *, groups=None, n_bootstrap=2000, confidence=0.95, seed=0):
     """Pearson and Spearman correlation of paired samples with percentile bootstrap CIs.
 
     Pearson r = Σ(x−x̄)(y−ȳ)/√(Σ(x−x̄)² Σ(y−ȳ)²); Spearman ρ = Pearson r of the average ranks
@@ -46,6 +52,10 @@ def correlation(x, y, *, n_bootstrap=2000, confidence=0.95, seed=0):
     with replacement n_bootstrap times (numpy default_rng(seed)), recompute both coefficients, take the
     (1−confidence)/2 and (1+confidence)/2 percentiles over resamples where they are defined
     (`n_bootstrap_valid`; a resample whose x or y is constant has none).
+    groups: one label per pair (e.g. each run's configuration). Then the CI resamples whole groups with
+    replacement (a cluster bootstrap), because pairs of one group share most of x (a configuration's κ barely
+    moves with the seed) and are not independent; `resampling` says "groups" and `n_groups` how many, else
+    "pairs" and n. The coefficients themselves do not depend on `groups`.
     Never raises for degenerate data: with n < 3 or a constant x or y every value is nan and `reason`
     says why; otherwise `reason` is None. Raises ValueError only for mismatched lengths or bad settings.
     """
@@ -53,6 +63,8 @@ def correlation(x, y, *, n_bootstrap=2000, confidence=0.95, seed=0):
     y_n = np.asarray(y, dtype=np.float64).reshape(-1)
     if x_n.shape != y_n.shape:
         raise ValueError(f"x has {x_n.size} values but y has {y_n.size}; pass paired samples of equal length")
+    if groups is not None and len(groups) != x_n.size:
+        raise ValueError(f"groups has {len(groups)} labels for {x_n.size} pairs; pass one label per pair")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence} must lie in (0, 1), e.g. 0.95")
     if not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 1:
@@ -60,18 +72,30 @@ def correlation(x, y, *, n_bootstrap=2000, confidence=0.95, seed=0):
     keep = np.isfinite(x_n) & np.isfinite(y_n)
     x_n, y_n = x_n[keep], y_n[keep]
     n, n_dropped = int(x_n.size), int((~keep).sum())
+    group_n = None if groups is None else np.unique(np.asarray(groups, dtype=object)[keep].astype(str),
+                                                    return_inverse=True)[1]
     if n < 3:
-        return _nan_result(n, n_dropped, f"need at least 3 finite pairs, got {n}", confidence, n_bootstrap)
+        return _nan_result(n, n_dropped, f"need at least 3 finite pairs, got {n}", confidence, n_bootstrap,
+                           group_n)
     constant = [name for name, v in (("x", x_n), ("y", y_n)) if np.ptp(v) == 0]
     if constant:
         return _nan_result(n, n_dropped, f"{' and '.join(constant)} constant: correlation undefined",
-                           confidence, n_bootstrap)
+                           confidence, n_bootstrap, group_n)
     pearson = float(_pearson_rows(x_n[None], y_n[None])[0])
     spearman = float(_pearson_rows(average_ranks(x_n)[None], average_ranks(y_n)[None])[0])
-    idx_bn = np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))
-    xb, yb = x_n[idx_bn], y_n[idx_bn]
-    boot_p = _pearson_rows(xb, yb)
-    boot_s = _pearson_rows(_ranks_rows(xb), _ranks_rows(yb))
+    rng = np.random.default_rng(seed)
+    if group_n is None:
+        idx_bn = rng.integers(0, n, size=(n_bootstrap, n))
+        xb, yb = x_n[idx_bn], y_n[idx_bn]
+        boot_p = _pearson_rows(xb, yb)
+        boot_s = _pearson_rows(_ranks_rows(xb), _ranks_rows(yb))
+    else:  # resamples of whole groups differ in size, so one at a time
+        members = [np.flatnonzero(group_n == g) for g in range(group_n.max() + 1)]
+        boot_p, boot_s = np.empty(n_bootstrap), np.empty(n_bootstrap)
+        for b, chosen in enumerate(rng.integers(0, len(members), size=(n_bootstrap, len(members)))):
+            idx = np.concatenate([members[g] for g in chosen])
+            boot_p[b] = _pearson_rows(x_n[idx][None], y_n[idx][None])[0]
+            boot_s[b] = _pearson_rows(average_ranks(x_n[idx])[None], average_ranks(y_n[idx])[None])[0]
     valid = np.isfinite(boot_p) & np.isfinite(boot_s)
     q = 100 * np.array([(1 - confidence) / 2, (1 + confidence) / 2])
 
@@ -80,4 +104,29 @@ def correlation(x, y, *, n_bootstrap=2000, confidence=0.95, seed=0):
 
     return {"n": n, "n_dropped": n_dropped, "pearson": pearson, "spearman": spearman,
             "pearson_ci": ci(boot_p), "spearman_ci": ci(boot_s), "confidence": confidence,
-            "n_bootstrap": n_bootstrap, "n_bootstrap_valid": int(valid.sum()), "reason": None}
+            "n_bootstrap": n_bootstrap, "n_bootstrap_valid": int(valid.sum()), "reason": None,
+            **_resampling(n, group_n)}
+
+
+def modal_tie_fraction(values) -> float:
+    """The fraction of `values` equal to their most common value (1.0 when all tie; nan when empty). An outcome
+    whose runs mostly tie (e.g. eval accuracies a few examples apart) cannot rank them, so a correlation with it
+    says little however narrow its CI."""
+    v = np.asarray(values).reshape(-1)
+    if v.size == 0:
+        return math.nan
+    return float(np.unique(v, return_counts=True)[1].max() / v.size)
+
+
+def macro_f1(labels, predictions, num_classes: int) -> float:
+    """Mean over the `num_classes` classes of F1 = 2·TP / (2·TP + FP + FN); a class with no true and no predicted
+    example scores 0 (as scikit-learn's zero_division=0)."""
+    y, p = np.asarray(labels).reshape(-1), np.asarray(predictions).reshape(-1)
+    if y.shape != p.shape:
+        raise ValueError(f"labels has {y.size} values but predictions {p.size}; pass one prediction per label")
+    classes = np.arange(num_classes)[:, None]
+    tp = np.sum((y == classes) & (p == classes), axis=1)
+    wrong = np.sum(y == classes, axis=1) + np.sum(p == classes, axis=1) - 2 * tp  # FN + FP
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(2 * tp + wrong > 0, 2 * tp / (2 * tp + wrong), 0.0)
+    return float(f1.mean())

@@ -74,3 +74,40 @@ def test_bad_settings_raise():
         correlation([1, 2, 3], [1, 2, 3], confidence=1.5)
     with pytest.raises(ValueError, match="n_bootstrap=0"):
         correlation([1, 2, 3], [1, 2, 3], n_bootstrap=0)
+
+
+def test_group_bootstrap_resamples_whole_groups():
+    """Runs that share a configuration share its x: resampling pairs treats 3 copies as 3 data points and gives
+    a CI about √3 too narrow; resampling groups gives the CI of the 23 distinct points (prime-ish sizes)."""
+    rng = np.random.default_rng(7)
+    x23 = rng.normal(size=23)
+    y23 = 0.4 * x23 + rng.normal(size=23)
+    x, y, g = np.repeat(x23, 3), np.repeat(y23, 3) + 1e-3 * rng.normal(size=69), np.repeat(np.arange(23), 3)
+    pairs = correlation(x, y, n_bootstrap=2000, seed=0)
+    grouped = correlation(x, y, groups=[f"c{i}" for i in g], n_bootstrap=2000, seed=0)
+    distinct = correlation(x23, y23, n_bootstrap=2000, seed=0)
+    assert grouped["spearman"] == pairs["spearman"] and grouped["pearson"] == pairs["pearson"]
+    assert (pairs["resampling"], pairs["n_groups"]) == ("pairs", 69)
+    assert (grouped["resampling"], grouped["n_groups"]) == ("groups", 23)
+    width = lambda out: np.diff(out["spearman_ci"])[0]  # noqa: E731
+    assert width(grouped) > 1.4 * width(pairs)
+    assert width(grouped) == pytest.approx(width(distinct), rel=0.2)
+    with pytest.raises(ValueError, match="one label per pair"):
+        correlation(x, y, groups=g[:-1])
+
+
+def test_modal_tie_fraction_and_macro_f1_vs_sklearn_definition():
+    from jaxlin.stats import macro_f1, modal_tie_fraction
+
+    assert modal_tie_fraction([0.78, 0.78, 0.8, 0.78, 0.7]) == pytest.approx(0.6)
+    assert modal_tie_fraction([1.0]) == 1.0 and math.isnan(modal_tie_fraction([]))
+    rng = np.random.default_rng(11)
+    y, p = rng.integers(0, 5, size=97), rng.integers(0, 4, size=97)  # class 4 never predicted
+    f1 = []
+    for c in range(5):
+        tp, fp, fn = np.sum((y == c) & (p == c)), np.sum((y != c) & (p == c)), np.sum((y == c) & (p != c))
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn) if tp + fn else 0.0
+        f1.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+    assert macro_f1(y, p, 5) == pytest.approx(np.mean(f1), rel=1e-12)
+    assert macro_f1(y, y, 5) == 1.0
