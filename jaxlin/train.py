@@ -264,6 +264,11 @@ def _step_batch(batch) -> dict:
     return out
 
 
+def _array_batch(batch) -> dict:
+    """Every array of `batch` (what a custom `loss_fn` may read); strings and other host objects stay out."""
+    return {k: v for k, v in batch.items() if isinstance(v, (np.ndarray, jax.Array))}
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 def evaluate(apply_fn: Callable, trainable, batches: Iterable[dict], *, loss: str = "cross_entropy") -> dict:
     """Mean loss and accuracy over the real examples of `batches`, and their logits (N, C) and labels (N,)
@@ -290,6 +295,20 @@ def evaluate(apply_fn: Callable, trainable, batches: Iterable[dict], *, loss: st
             "logits": logits_NC, "labels": labels_N}
 
 
+def _evaluate_loss(loss_fn: Callable, trainable, batches: Iterable[dict]) -> dict:
+    """{"loss": mean of `loss_fn` over `batches` weighted by real examples, "accuracy": None}."""
+    total, weight = 0.0, 0.0
+    for batch in batches:
+        batch = _array_batch(batch)
+        value, _ = _forward(loss_fn, trainable, batch)
+        w = float(np.sum(batch["example_mask"])) if "example_mask" in batch else \
+            float(np.shape(jax.tree.leaves(batch)[0])[0])
+        total, weight = total + w * float(value), weight + w
+    if weight == 0:
+        raise ValueError("eval_batches_fn() yielded no real examples; pass a non-empty iterable of batches")
+    return {"loss": total / weight, "accuracy": None}
+
+
 # ------------------------------------------------------------------------------------------------ fit
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
@@ -309,8 +328,13 @@ class TrainResult:
 def fit(apply_fn: Callable, trainable0, train_batches_fn: Callable[[int], Iterable[dict]], *,
         config: TrainConfig, optimizer: optax.GradientTransformation | None = None,
         eval_batches_fn: Callable[[], Iterable[dict]] | None = None, progress: bool = True,
-        callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+        callback: Callable[[int, dict], None] | None = None, loss_fn: Callable | None = None) -> TrainResult:
     """Train `apply_fn(trainable, batch) -> logits` from `trainable0` (not modified).
+
+    loss_fn: `loss_fn(trainable, batch) -> (mean loss, aux dict)` used instead of `make_loss_fn(apply_fn,
+    config.loss)` (e.g. a next-token objective). Then every array of a batch reaches the step (not only the
+    classification keys), and an evaluation (only with `eval_batches_fn`) records the mean of `loss_fn` over the
+    eval batches, weighted by their real examples (`example_mask`, else rows), with accuracy None.
 
     optimizer: a ready optax optimiser used instead of `make_optimizer(config, steps)`; config then gives only the
     loss and the number of steps. Pass the same object to many runs (one schedule for all, as `run_study` does) and
@@ -334,7 +358,10 @@ def fit(apply_fn: Callable, trainable0, train_batches_fn: Callable[[int], Iterab
         _check_batch(config_of_model, batch, host_only=False)
     total = config.total_steps(len(first_epoch))
     optimizer = make_optimizer(config, total) if optimizer is None else optimizer
-    step = make_train_step(make_loss_fn(apply_fn, config.loss), optimizer)
+    custom_loss = loss_fn is not None
+    loss_fn = make_loss_fn(apply_fn, config.loss) if loss_fn is None else _as_pytree(loss_fn)
+    to_step = _array_batch if custom_loss else _step_batch
+    step = make_train_step(loss_fn, optimizer)
     # `step` is an argument of `_run_step`, so the arrays it carries are inputs, not constants; trainable and
     # opt_state are donated, so both are fresh copies: trainable0 survives, and no buffer appears twice (an "init"
     # anchor is trainable0 itself; adamspd's init shares one zeros tree between mu and nu).
@@ -342,7 +369,8 @@ def fit(apply_fn: Callable, trainable0, train_batches_fn: Callable[[int], Iterab
     opt_state = jax.tree.map(jnp.copy, optimizer.init(trainable0))
 
     def run_eval(epoch, done):
-        ev = evaluate(apply_fn, trainable, eval_batches_fn(), loss=config.loss)
+        ev = (_evaluate_loss(loss_fn, trainable, eval_batches_fn()) if custom_loss else
+              evaluate(apply_fn, trainable, eval_batches_fn(), loss=config.loss))
         history.append({"epoch": epoch, "step": done, "loss": ev["loss"], "accuracy": ev["accuracy"]})
 
     losses, fired, history, done, epoch = [], [], [], 0, 0
@@ -352,7 +380,7 @@ def fit(apply_fn: Callable, trainable0, train_batches_fn: Callable[[int], Iterab
         for batch in first_epoch if epoch == 0 else train_batches_fn(epoch):
             if epoch > 0:
                 _check_batch(config_of_model, batch, host_only=True)
-            trainable, opt_state, metrics = _run_step(step, trainable, opt_state, _step_batch(batch))
+            trainable, opt_state, metrics = _run_step(step, trainable, opt_state, to_step(batch))
             losses.append(metrics["loss"])
             fired.append(metrics.get("fired"))
             done += 1
