@@ -219,3 +219,44 @@ def test_custom_loss_fn_replaces_the_loss_and_sees_every_array_of_the_batch():
     final = weighted(res.trainable, {**batch, "weight_B": w_B})[0]
     assert res.eval_history[-1]["loss"] == pytest.approx(float(final), rel=1e-12)
     assert res.eval_history[-1]["accuracy"] is None
+
+
+def test_progress_counts_finished_steps_and_shows_the_evaluation(monkeypatch):
+    """The bar advances only for finished steps, never more than `_IN_FLIGHT` behind the dispatched ones, reaches
+    the total, and shows the evaluation in its postfix; the numbers are those of a run without a bar."""
+    from jaxlin import train
+
+    events = []
+
+    class Bar:
+        def __init__(self, total, enabled, initial=0):
+            events.append(("open", total, initial))
+
+        def update(self, n):
+            events.append(("update", n))
+
+        def set_postfix_str(self, text, refresh=True):
+            events.append(("postfix", text))
+
+        def close(self):
+            events.append(("close",))
+
+    rng = np.random.default_rng(2)
+    theta0 = {"w": jnp.asarray(rng.normal(size=(211, 3))), "b": jnp.zeros(3)}
+    batches = [_batch(211, n=6, seed=s) for s in range(4)]
+    cfg = TrainConfig(learning_rate=0.05, epochs=2)
+    behind = []
+
+    def callback(done, metrics):
+        behind.append(done - sum(e[1] for e in events if e[0] == "update"))
+
+    ref = fit(_bag_of_words, theta0, lambda e: batches, config=cfg, eval_batches_fn=lambda: batches[:1],
+              progress=False)
+    monkeypatch.setattr(train, "_progress_bar", Bar)
+    res = fit(_bag_of_words, theta0, lambda e: batches, config=cfg, eval_batches_fn=lambda: batches[:1],
+              callback=callback)
+    assert res.train_loss == ref.train_loss and res.eval_history == ref.eval_history
+    assert events[0] == ("open", 8, 0) and events[-1] == ("close",)
+    assert sum(e[1] for e in events if e[0] == "update") == 8
+    assert max(behind) <= train._IN_FLIGHT and behind[-1] > 0  # ahead by a bounded window, and ahead at all
+    assert sum("eval_loss=" in e[1] for e in events if e[0] == "postfix") == 2
