@@ -17,6 +17,10 @@ Plain Python functions work too; they become leafless Partials.
 Compilation. Every batch from `jaxlin.data.batches` has the same leading size (a short last batch is padded
 and marked `example_mask` 0), but bucketed padding gives L = the batch's longest sequence rounded up to a
 multiple of 8, so the step compiles once per distinct L (a handful: ⌈max_length/8⌉ at most), then never again.
+
+Meshes and preemption (docs/scaling-training.md): `fit(mesh=)` splits batches over the mesh's data axis and keeps
+the parameters' own shardings (`jaxlin.train_mesh`); `fit(checkpoint_dir=)` saves and resumes the run with Orbax
+(`jaxlin.train_checkpoint`).
 """
 from __future__ import annotations
 
