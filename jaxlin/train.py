@@ -17,11 +17,17 @@ Plain Python functions work too; they become leafless Partials.
 Compilation. Every batch from `jaxlin.data.batches` has the same leading size (a short last batch is padded
 and marked `example_mask` 0), but bucketed padding gives L = the batch's longest sequence rounded up to a
 multiple of 8, so the step compiles once per distinct L (a handful: ⌈max_length/8⌉ at most), then never again.
+
+Meshes and preemption (docs/scaling-training.md): `fit(mesh=)` splits batches over the mesh's data axis and keeps
+the parameters' own shardings (`jaxlin.train_mesh`); `fit(checkpoint_dir=)` saves and resumes the run with Orbax
+(`jaxlin.train_checkpoint`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+import os
 import time
 from typing import Any, Callable, Iterable
 
@@ -29,12 +35,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from jax.tree_util import Partial
 
 from .adapters import AdaptedFunction
 from .linearize import linearize
 from .models.base import check_inputs
 from .regularizers import SelectiveProxState, adamspd, prox_l2, selective_prox
+from .train_checkpoint import TrainCheckpoint, json_floats, run_key
+from .train_mesh import MeshPlan
 
 SCHEDULES = ("linear", "constant")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -264,23 +273,45 @@ def _step_batch(batch) -> dict:
     return out
 
 
+def _array_batch(batch) -> dict:
+    """Every array of `batch` (what a custom `loss_fn` may read); strings and other host objects stay out."""
+    return {k: v for k, v in batch.items() if isinstance(v, (np.ndarray, jax.Array))}
+
+
 # ------------------------------------------------------------------------------------------ evaluate
-def evaluate(apply_fn: Callable, trainable, batches: Iterable[dict], *, loss: str = "cross_entropy") -> dict:
+def _forward_on(plan: MeshPlan | None, loss_fn: Callable, trainable) -> Callable:
+    """forward(batch) -> loss_fn(trainable, batch) through the one jit of evaluation (`_forward`), or on the plan's
+    mesh through its jit with explicit shardings (outputs replicated)."""
+    if plan is None:
+        return lambda batch: _forward(loss_fn, trainable, batch)
+    loss_fn, trainable = plan.place(loss_fn), plan.place(trainable)
+    jitted = plan.jit(_call, (plan.shardings_like(loss_fn), plan.shardings_like(trainable), plan.rows),
+                      plan.replicated)
+    return lambda batch: jitted(loss_fn, trainable, plan.batch(batch))
+
+
+def evaluate(apply_fn: Callable, trainable, batches: Iterable[dict], *, loss: str = "cross_entropy",
+             mesh: Mesh | None = None, data_axis: str = "data") -> dict:
     """Mean loss and accuracy over the real examples of `batches`, and their logits (N, C) and labels (N,)
-    as numpy, in example order (by the batches' "index", else in order of appearance)."""
-    loss_fn = make_loss_fn(apply_fn, loss)
+    as numpy, in example order (by the batches' "index", else in order of appearance).
+
+    mesh, data_axis: as in `fit` (each batch split over `data_axis`; with several processes each passes its own
+    rows and every process gets the results of all of them)."""
+    plan = None if mesh is None else MeshPlan(mesh, data_axis)
+    host = np.asarray if plan is None else plan.global_rows
+    forward = _forward_on(plan, make_loss_fn(apply_fn, loss), trainable)
     config = _model_config(apply_fn)
     logits, per, labels, index, seen = [], [], [], [], 0
     for batch in batches:
         _check_batch(config, batch, host_only=True)
-        batch = _step_batch(batch)
-        _, aux = _forward(loss_fn, trainable, batch)
-        keep = np.asarray(batch["example_mask"]) > 0
-        idx = np.asarray(batch["index"]) if "index" in batch else seen + np.arange(len(keep))
+        step_batch = _step_batch(batch)
+        _, aux = forward(step_batch)
+        keep = host(step_batch["example_mask"]) > 0
+        idx = host(step_batch["index"]) if "index" in step_batch else seen + np.arange(len(keep))
         seen += len(keep)
         logits.append(np.asarray(aux["logits"])[keep])
         per.append(np.asarray(aux["per_example"])[keep])
-        labels.append(np.asarray(batch["labels"])[keep])
+        labels.append(host(step_batch["labels"])[keep])
         index.append(idx[keep])
     if not logits:
         raise ValueError("evaluate got no batches; pass a non-empty iterable of batches")
@@ -290,12 +321,30 @@ def evaluate(apply_fn: Callable, trainable, batches: Iterable[dict], *, loss: st
             "logits": logits_NC, "labels": labels_N}
 
 
+def _evaluate_loss(loss_fn: Callable, trainable, batches: Iterable[dict], plan: MeshPlan | None = None) -> dict:
+    """{"loss": mean of `loss_fn` over `batches` weighted by real examples, "accuracy": None}."""
+    forward = _forward_on(plan, loss_fn, trainable)
+    host = np.asarray if plan is None else plan.global_rows
+    total, weight = 0.0, 0.0
+    for batch in batches:
+        batch = _array_batch(batch)
+        value, _ = forward(batch)
+        w = float(np.sum(host(batch["example_mask"]))) if "example_mask" in batch else \
+            float(len(host(jax.tree.leaves(batch)[0])))
+        total, weight = total + w * float(value), weight + w
+    if weight == 0:
+        raise ValueError("eval_batches_fn() yielded no real examples; pass a non-empty iterable of batches")
+    return {"loss": total / weight, "accuracy": None}
+
+
 # ------------------------------------------------------------------------------------------------ fit
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     """trainable: final θ_T. train_loss: mean batch loss per step (before that step's update).
     eval_history: per evaluation {"epoch", "step", "loss", "accuracy"}. regularizer_info: for selective
-    regularisers {"fired": fraction fired per step}, else {}. wall_time_s: seconds, compiles included."""
+    regularisers {"fired": fraction fired per step}, else {}. wall_time_s: seconds, compiles included.
+    resumed_from: the step of the checkpoint this run continued from (0: started from trainable0).
+    opt_state: the optimiser state after the last step (on a mesh, sharded like the parameters)."""
 
     trainable: Any
     train_loss: list
@@ -304,28 +353,61 @@ class TrainResult:
     wall_time_s: float
     steps: int
     config: TrainConfig
+    resumed_from: int = 0
+    opt_state: Any = None
 
 
-def fit(apply_fn: Callable, trainable0, train_batches_fn: Callable[[int], Iterable[dict]], *,
+# Steps dispatched but not yet finished: `fit` blocks on the loss of the step this many behind the newest, so the
+# device always has work queued while the host never runs more than this far ahead (and the progress bar counts
+# finished steps).
+_IN_FLIGHT = 3
+
+
+def fit(apply_fn: Callable | None, trainable0, train_batches_fn: Callable[[int], Iterable[dict]], *,
         config: TrainConfig, optimizer: optax.GradientTransformation | None = None,
         eval_batches_fn: Callable[[], Iterable[dict]] | None = None, progress: bool = True,
-        callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+        callback: Callable[[int, dict], None] | None = None, loss_fn: Callable | None = None,
+        mesh: Mesh | None = None, data_axis: str = "data", checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 100, checkpoint_key: str = "") -> TrainResult:
     """Train `apply_fn(trainable, batch) -> logits` from `trainable0` (not modified).
 
     optimizer: a ready optax optimiser used instead of `make_optimizer(config, steps)`; config then gives only the
     loss and the number of steps. Pass the same object to many runs (one schedule for all, as `run_study` does) and
     they share one compiled step.
 
+    loss_fn: `loss_fn(trainable, batch) -> (mean loss, aux dict)` used instead of `make_loss_fn(apply_fn,
+    config.loss)` (e.g. a next-token objective). Then every array of a batch reaches the step (not only the
+    classification keys), and an evaluation (only with `eval_batches_fn`) records the mean of `loss_fn` over the
+    eval batches, weighted by their real examples (`example_mask`, else rows), with accuracy None.
+
     train_batches_fn(epoch) -> the batches of that epoch (reshuffle deterministically from the epoch number);
     epoch 0 is read once up front to count the steps per epoch for the schedule. eval_batches_fn() -> eval
     batches, evaluated after each epoch (`config.eval_every_epoch`) and at the end. callback(step, metrics)
     gets each step's metrics as floats (this syncs with the device every step).
+
+    mesh, data_axis (docs/scaling-training.md): train on a `jax.sharding.Mesh`. Each batch's examples are split
+    over `data_axis` (with several processes, each process passes its own rows: the global batch is their
+    concatenation in process order); the trainable tree keeps the shardings of `trainable0` where they are on the
+    mesh (replicated otherwise) and the optimiser state is sharded like it (`jaxlin.train_mesh.MeshPlan`). Without
+    a mesh nothing is placed and the numbers are those of one device.
+
+    checkpoint_dir, checkpoint_every, checkpoint_key (docs/scaling-training.md, "Resuming training"): save the
+    training state with Orbax every `checkpoint_every` steps and at the end; a directory that already holds a
+    checkpoint of the same run (same config, θ0, model arrays, optimiser layout, first epoch's data and
+    `checkpoint_key`) is resumed from its latest step and continues on the same trajectory as an uninterrupted
+    run; one of another run is refused. Name runs that share all of those (none do in jaxlin) by `checkpoint_key`.
+
+    Progress: the bar counts finished steps (the host stays at most a few steps ahead of the device) and shows
+    the latest loss and evaluation as its postfix.
 
     The token ids of a jaxlin model's batches (`model_functions`, `Adapted.as_function`) are checked on the host
     (`jaxlin.models.check_inputs`, a DataError naming the bad id or length): all of epoch 0 before the first
     step, later epochs' batches when they are numpy arrays.
     """
     start = time.perf_counter()
+    plan = None if mesh is None else MeshPlan(mesh, data_axis)
+    if checkpoint_dir is not None:
+        _check_int("checkpoint_every", checkpoint_every)
     first_epoch = list(train_batches_fn(0))
     if not first_epoch:
         raise ValueError("train_batches_fn(0) yielded no batches; check the training set and batch_size")
@@ -334,45 +416,109 @@ def fit(apply_fn: Callable, trainable0, train_batches_fn: Callable[[int], Iterab
         _check_batch(config_of_model, batch, host_only=False)
     total = config.total_steps(len(first_epoch))
     optimizer = make_optimizer(config, total) if optimizer is None else optimizer
-    step = make_train_step(make_loss_fn(apply_fn, config.loss), optimizer)
-    # `step` is an argument of `_run_step`, so the arrays it carries are inputs, not constants; trainable and
-    # opt_state are donated, so both are fresh copies: trainable0 survives, and no buffer appears twice (an "init"
-    # anchor is trainable0 itself; adamspd's init shares one zeros tree between mu and nu).
-    trainable = jax.tree.map(jnp.copy, trainable0)
-    opt_state = jax.tree.map(jnp.copy, optimizer.init(trainable0))
+    custom_loss = loss_fn is not None
+    to_step = _array_batch if custom_loss else _step_batch
+    loss_fn = _as_pytree(loss_fn) if custom_loss else None
+    if plan is not None:  # every array the step reads goes onto the mesh once, here
+        loss_fn = plan.place(loss_fn) if custom_loss else None
+        apply_fn = None if apply_fn is None else plan.place(_as_pytree(apply_fn))
+    loss_fn = make_loss_fn(apply_fn, config.loss) if loss_fn is None else loss_fn
+    step = make_train_step(loss_fn, optimizer)
+    trainable, opt_state, run_step, place_batch = _initial_state(plan, step, trainable0, optimizer)
+
+    losses, fired, history, done, epoch, skip = [], [], [], 0, 0, 0
+    checkpoint = None
+    if checkpoint_dir is not None:
+        key = run_key(config, total_steps=total, trainable0=trainable0, step_fn=step, opt_state=opt_state,
+                      first_epoch=[to_step(b) for b in first_epoch], checkpoint_key=checkpoint_key)
+        checkpoint = TrainCheckpoint(checkpoint_dir, key)
+        restored = checkpoint.restore(trainable, opt_state)
+        if restored is not None:
+            trainable, opt_state, meta = restored
+            losses, fired, history = meta["train_loss"], meta["fired"], meta["eval_history"]
+            done, epoch, skip = meta["step"], meta["epoch"], meta["position"]
+    resumed_from = done
+
+    def save(position):
+        checkpoint.save(done, trainable, opt_state, {
+            "step": done, "epoch": epoch, "position": position, "train_loss": json_floats(losses),
+            "fired": json_floats(fired), "eval_history": history})
 
     def run_eval(epoch, done):
-        ev = evaluate(apply_fn, trainable, eval_batches_fn(), loss=config.loss)
+        bar.set_postfix_str(f"loss={float(losses[-1]):.4g} epoch={epoch} evaluating", refresh=True)
+        ev = (_evaluate_loss(loss_fn, trainable, eval_batches_fn(), plan) if custom_loss else
+              evaluate(apply_fn, trainable, eval_batches_fn(), loss=config.loss, mesh=mesh, data_axis=data_axis))
         history.append({"epoch": epoch, "step": done, "loss": ev["loss"], "accuracy": ev["accuracy"]})
+        bar.set_postfix_str(f"loss={float(losses[-1]):.4g} epoch={epoch} eval_loss={ev['loss']:.4g}"
+                            + ("" if ev["accuracy"] is None else f" eval_acc={ev['accuracy']:.3g}"))
 
-    losses, fired, history, done, epoch = [], [], [], 0, 0
-    bar = _progress_bar(total, progress)
-    while done < total:
-        before = done
-        for batch in first_epoch if epoch == 0 else train_batches_fn(epoch):
-            if epoch > 0:
-                _check_batch(config_of_model, batch, host_only=True)
-            trainable, opt_state, metrics = _run_step(step, trainable, opt_state, _step_batch(batch))
-            losses.append(metrics["loss"])
-            fired.append(metrics.get("fired"))
-            done += 1
+    bar = _progress_bar(total, progress, initial=done)
+    in_flight = collections.deque()
+
+    def finish(keep: int):
+        while len(in_flight) > keep:
+            in_flight.popleft().block_until_ready()
             bar.update(1)
-            if callback is not None:
-                callback(done, {k: float(v) for k, v in metrics.items()})
-            if done == total:
-                break
-        if done == before:
-            raise ValueError(f"train_batches_fn({epoch}) yielded no batches; every epoch must yield some")
-        epoch += 1
-        bar.set_postfix(loss=f"{float(losses[-1]):.4g}", epoch=epoch)
-        if eval_batches_fn is not None and config.eval_every_epoch and done < total:
+
+    try:
+        while done < total:
+            seen = 0
+            for batch in first_epoch if epoch == 0 else train_batches_fn(epoch):
+                seen += 1
+                if seen <= skip:  # resumed: these batches were trained on before the checkpoint
+                    continue
+                if epoch > 0:
+                    _check_batch(config_of_model, batch, host_only=True)
+                trainable, opt_state, metrics = run_step(step, trainable, opt_state, place_batch(to_step(batch)))
+                losses.append(metrics["loss"])
+                fired.append(metrics.get("fired"))
+                done += 1
+                in_flight.append(metrics["loss"])
+                finish(_IN_FLIGHT)
+                if checkpoint is not None and done % checkpoint_every == 0 and done < total:
+                    finish(0)
+                    save(seen)
+                if callback is not None:
+                    callback(done, {k: float(v) for k, v in metrics.items()})
+                if done == total:
+                    break
+            if seen == 0:
+                raise ValueError(f"train_batches_fn({epoch}) yielded no batches; every epoch must yield some")
+            skip = 0
+            epoch += 1
+            finish(0)
+            bar.set_postfix_str(f"loss={float(losses[-1]):.4g} epoch={epoch}")
+            if eval_batches_fn is not None and config.eval_every_epoch and done < total:
+                run_eval(epoch, done)
+        finish(0)
+        if checkpoint is not None and done > resumed_from:
+            save(0)
+        if eval_batches_fn is not None:
             run_eval(epoch, done)
-    bar.close()
-    if eval_batches_fn is not None:
-        run_eval(epoch, done)
-    info = {"fired": [float(f) for f in jax.device_get(fired)]} if fired and fired[0] is not None else {}
-    return TrainResult(trainable, [float(v) for v in jax.device_get(losses)], history, info,
-                       time.perf_counter() - start, done, config)
+    finally:
+        bar.close()
+        if checkpoint is not None:
+            checkpoint.close()
+    info = {"fired": json_floats(fired)} if fired and fired[0] is not None else {}
+    return TrainResult(trainable, json_floats(losses), history, info, time.perf_counter() - start, done, config,
+                       resumed_from, opt_state)
+
+
+def _initial_state(plan: MeshPlan | None, step, trainable0, optimizer):
+    """(trainable, opt_state, run_step, place_batch) of a fresh run: copies of trainable0 and of the optimiser's
+    initial state (both are donated to the step, and an "init" anchor or adamspd's shared zeros must not alias),
+    on the plan's mesh with their shardings when there is one, and the jitted step that keeps them there."""
+    if plan is None:
+        return (jax.tree.map(jnp.copy, trainable0), jax.tree.map(jnp.copy, optimizer.init(trainable0)),
+                _run_step, lambda batch: batch)
+    t_shardings = plan.shardings_like(trainable0)
+    trainable = jax.device_put(jax.tree.map(jnp.copy, trainable0), t_shardings)
+    o_shardings = plan.opt_state_shardings(jax.eval_shape(optimizer.init, trainable), trainable, t_shardings)
+    opt_state = jax.device_put(jax.tree.map(jnp.copy, optimizer.init(trainable)), o_shardings)
+    step_shardings = plan.shardings_like(step)
+    run_step = plan.jit(_call, (step_shardings, t_shardings, o_shardings, plan.rows),
+                        (t_shardings, o_shardings, plan.replicated), donate_argnums=(1, 2))
+    return trainable, opt_state, run_step, plan.batch
 
 
 def _model_config(apply_fn: Callable):
@@ -392,7 +538,7 @@ def _check_batch(config, batch, *, host_only: bool) -> None:
     check_inputs(config, batch["input_ids"], batch["attention_mask"])
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc="fit", unit="step", leave=False)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="fit", unit="step", leave=False)

@@ -193,3 +193,70 @@ def test_minilm_short_run_lowers_training_loss():
     first, last = np.mean(res.train_loss[:5]), np.mean(res.train_loss[-5:])
     print(f"MiniLM λ=0: mean loss first 5 steps {first:.4f}, last 5 {last:.4f}, {res.wall_time_s:.1f} s")
     assert last < first - 0.05
+
+
+def test_custom_loss_fn_replaces_the_loss_and_sees_every_array_of_the_batch():
+    """fit(loss_fn=): the built-in loss passed explicitly gives the same losses; a loss reading an extra batch key
+    ("weight_B", not one of the classification keys) gets it; evaluation reports its weighted mean."""
+    rng = np.random.default_rng(1)
+    theta0 = {"w": jnp.asarray(rng.normal(size=(211, 3))), "b": jnp.zeros(3)}
+    batch = _batch(211, n=6)
+    cfg = TrainConfig(learning_rate=0.05, steps=4)
+    ref = fit(_bag_of_words, theta0, lambda e: [batch], config=cfg, progress=False)
+    same = fit(None, theta0, lambda e: [batch], config=cfg, progress=False,
+               loss_fn=make_loss_fn(_bag_of_words, cfg.loss))
+    assert same.train_loss == ref.train_loss
+
+    def weighted(trainable, b):
+        per_B = make_loss_fn(_bag_of_words, "squared")(trainable, b)[1]["per_example"]
+        return jnp.sum(b["weight_B"] * per_B) / jnp.sum(b["weight_B"]), {}
+
+    w_B = np.linspace(0.5, 2.0, 6)
+    res = fit(None, theta0, lambda e: [{**batch, "weight_B": w_B, "text": ["x"] * 6}], config=cfg, progress=False,
+              loss_fn=weighted, eval_batches_fn=lambda: [{**batch, "weight_B": w_B}])
+    per0 = 0.5 * np.sum((np.asarray(_bag_of_words(theta0, batch)) - np.eye(3)[batch["labels"]]) ** 2, -1)
+    np.testing.assert_allclose(res.train_loss[0], np.sum(w_B * per0) / np.sum(w_B), rtol=1e-12)
+    final = weighted(res.trainable, {**batch, "weight_B": w_B})[0]
+    assert res.eval_history[-1]["loss"] == pytest.approx(float(final), rel=1e-12)
+    assert res.eval_history[-1]["accuracy"] is None
+
+
+def test_progress_counts_finished_steps_and_shows_the_evaluation(monkeypatch):
+    """The bar advances only for finished steps, never more than `_IN_FLIGHT` behind the dispatched ones, reaches
+    the total, and shows the evaluation in its postfix; the numbers are those of a run without a bar."""
+    from jaxlin import train
+
+    events = []
+
+    class Bar:
+        def __init__(self, total, enabled, initial=0):
+            events.append(("open", total, initial))
+
+        def update(self, n):
+            events.append(("update", n))
+
+        def set_postfix_str(self, text, refresh=True):
+            events.append(("postfix", text))
+
+        def close(self):
+            events.append(("close",))
+
+    rng = np.random.default_rng(2)
+    theta0 = {"w": jnp.asarray(rng.normal(size=(211, 3))), "b": jnp.zeros(3)}
+    batches = [_batch(211, n=6, seed=s) for s in range(4)]
+    cfg = TrainConfig(learning_rate=0.05, epochs=2)
+    behind = []
+
+    def callback(done, metrics):
+        behind.append(done - sum(e[1] for e in events if e[0] == "update"))
+
+    ref = fit(_bag_of_words, theta0, lambda e: batches, config=cfg, eval_batches_fn=lambda: batches[:1],
+              progress=False)
+    monkeypatch.setattr(train, "_progress_bar", Bar)
+    res = fit(_bag_of_words, theta0, lambda e: batches, config=cfg, eval_batches_fn=lambda: batches[:1],
+              callback=callback)
+    assert res.train_loss == ref.train_loss and res.eval_history == ref.eval_history
+    assert events[0] == ("open", 8, 0) and events[-1] == ("close",)
+    assert sum(e[1] for e in events if e[0] == "update") == 8
+    assert max(behind) <= train._IN_FLIGHT and behind[-1] > 0  # ahead by a bounded window, and ahead at all
+    assert sum("eval_loss=" in e[1] for e in events if e[0] == "postfix") == 2
