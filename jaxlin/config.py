@@ -27,6 +27,7 @@ import hashlib
 import importlib
 import json
 import math
+import tomllib
 import typing
 from pathlib import Path
 from typing import Any
@@ -338,7 +339,7 @@ def closest_key(name: str) -> str:
 
 
 def _items(values: dict[str, Any]):
-    """(key as written, section, field, value) of flat keys, dotted keys and section tables."""
+    """(section, field, value) of flat keys, dotted keys and section tables; an unknown key raises."""
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name in SECTIONS and (isinstance(value, dict) or name not in FLAT_KEYS):
@@ -346,16 +347,16 @@ def _items(values: dict[str, Any]):
                 raise ConfigError(f"{key} is a section: give it a table of its keys, e.g. [{name}] then "
                                   f"{dataclasses.fields(SECTIONS[name])[0].name} = ...")
             for inner, v in value.items():
-                yield f"{name}.{inner}", *resolve(f"{name}.{str(inner).replace('-', '_')}"), v
+                yield *resolve(f"{name}.{str(inner).replace('-', '_')}"), v
         else:
-            yield str(key), *resolve(name), value
+            yield *resolve(name), value
 
 
 def override(config: RunConfig, values: dict[str, Any]) -> RunConfig:
     """A copy with `values` set: flat keys (``rank``), dotted keys (``lora.rank``) or section dicts
     (``{"lora": {"rank": 4}}``); strings (from flags or files) are parsed to each field's type."""
     changes: dict[str | None, dict[str, Any]] = {}
-    for key, section, name, value in _items(values):
+    for section, name, value in _items(values):
         hint = typing.get_type_hints(RunConfig if section is None else SECTIONS[section])[name]
         changes.setdefault(section, {})[name] = _parse(_flat_name(section, name), value, hint)
     top = changes.pop(None, {})
@@ -383,11 +384,9 @@ def read_config_file(path) -> dict:
         raise ConfigError(f"cannot read config file {path}: {e}; pass a readable UTF-8 file") from None
     try:
         if path.suffix == ".toml":
-            import tomllib
-
             values = tomllib.loads(text)
         else:
-            import yaml
+            import yaml  # an optional dependency: only YAML files need it
 
             values = yaml.safe_load(text) or {}
     except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from jaxlin import adapters, cli, data, module_ntk, select, study, train
-from jaxlin.config import (ALLOWED, FLAT_KEYS, PRESETS, SECTIONS, ConfigError, RunConfig, allowed_values,
+from jaxlin.config import (ALLOWED, FLAT_KEYS, PRESETS, SECTIONS, ConfigError, allowed_values,
                            load_config, override, preset)
 
 # Every flat key (= flag) of the flat RunConfig this one replaced, and where it lives now: the compatibility
