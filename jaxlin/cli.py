@@ -67,8 +67,8 @@ def _add_config_flags(p: argparse.ArgumentParser):
                    "checkpoint, jaxlin version) are unchanged; recompute the others")
     defaults = RunConfig()
     groups = {None: p.add_argument_group("config keys (override the preset and the file; docs/configuration.md)")}
-    groups.update({name: p.add_argument_group(f"[{name}]", " ".join(cls.__doc__.split(". ")[0].split()).rstrip(".") + ".")
-                   for name, cls in SECTIONS.items()})
+    for name, cls in SECTIONS.items():  # titled by the section, described by its docstring's first sentence
+        groups[name] = p.add_argument_group(f"[{name}]", " ".join(cls.__doc__.split(". ")[0].split()).rstrip(".") + ".")
     for flat, (section, _) in FLAT_KEYS.items():
         if flat == "preset":
             continue
