@@ -470,7 +470,7 @@ def _is_int(x, minimum) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= minimum
 
 
-def invalid(key: str, value, allowed: str) -> ConfigError:
+def _invalid(key: str, value, allowed: str) -> ConfigError:
     """The one-line error for a bad value at flat or dotted `key`: the value, the range and where to fix it."""
     section, name = resolve(key)
     flat = _flat_name(section, name)
@@ -482,7 +482,7 @@ def invalid(key: str, value, allowed: str) -> ConfigError:
 def _validate(c: RunConfig):
     def check(ok, key, allowed):
         if not ok:
-            raise invalid(key, c.get(key), allowed)
+            raise _invalid(key, c.get(key), allowed)
 
     def numbers(key, ok, allowed, minimum_count=1):
         v = c.get(key)
