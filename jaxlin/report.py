@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from . import _plots
+from .rundir import atomic_write
 from .schema import SchemaError, is_skipped, validate_results
 
 RESULTS_NAME = "results.json"
+REPORT_NAME = "report.html"
 FIGURE_IDS = ("fig-spectra", "fig-kappa-scatter", "fig-distances", "fig-loss-curves", "fig-lipschitz",
               "fig-dynamics", "fig-krr")
 TABLE_IDS = ("table-selection", "table-correlation")
@@ -180,7 +182,7 @@ def _header(results: dict, arrays: dict | None) -> str:
              ("schema", results["schema"])]
     timings = [(stage, _plots.fmt(sec)) for stage, sec in results["timings"].items()]
     total = sum(float(s) for s in results["timings"].values() if math.isfinite(float(s)))
-    config = [(k, json.dumps(v, ensure_ascii=False)) for k, v in results["config"].items()]
+    config = [(k, json.dumps(v, ensure_ascii=False)) for k, v in _dotted(results["config"])]
     parts = [f"<h1>jaxlin report: {_esc(results['config']['preset'])}</h1>", _table(facts, ("", "")),
              '<div class="grid"><div><h2>Timings (s)</h2>',
              _table(timings + [("total", _plots.fmt(total))], ("stage", "seconds"), "table-timings", numeric=(1,)),
@@ -189,6 +191,15 @@ def _header(results: dict, arrays: dict | None) -> str:
              "<h2>Configuration</h2>", _table(config, ("key", "value"), "table-config")]
     parts.append(_arrays_block(results["arrays"], arrays))
     return "".join(parts)
+
+
+def _dotted(config: dict, prefix: str = ""):
+    """(dotted key, value) of a config dict: sections (dicts) are opened, ``lora.rank``; a flat one is as is."""
+    for key, value in config.items():
+        if isinstance(value, dict):
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _arrays_block(name: str, arrays: dict | None) -> str:
@@ -261,12 +272,16 @@ def load_results(results_dir) -> tuple[dict, dict | None]:
                            "delete it to render the report without arrays") from None
 
 
-def render_report(results_dir, *, out_name: str = "report.html") -> Path:
+def render_report(results_dir, *, out_name: str = REPORT_NAME) -> Path:
     """Write the self-contained HTML report of `results_dir` (holding results.json) to `results_dir/out_name`
     (atomically) and return its path."""
-    from .pipeline import atomic_write
-
     results, arrays = load_results(results_dir)
+    return write_report(results_dir, results, arrays, out_name=out_name)
+
+
+def write_report(results_dir, results: dict, arrays: dict | None, *, out_name: str = REPORT_NAME) -> Path:
+    """Write the page of a validated `results` dict (`arrays`: name → (shape, dtype), as `load_results` gives)
+    to `results_dir/out_name` atomically and return its path; `jaxlin run` calls it before writing results.json."""
     out = Path(results_dir) / out_name
     page = render_html(results, arrays).encode("utf-8")
     atomic_write(out, lambda f: f.write(page))

@@ -291,7 +291,8 @@ def example_results() -> dict:
         "random": {"modules": ["layer0.value", "layer1.query"], "scores": []}}}
     results = {
         "schema": SCHEMA_VERSION, "jaxlin_version": "0.1.0",
-        "config": {"preset": "example", "model": "synthetic", "seeds": [0, 1], "ridge": 1e-2},
+        "config": {"preset": "example", "model": {"name": "synthetic", "seed": 0}, "study": {"seeds": [0, 1]},
+                   "kernel": {"krr_ridges": [1e-2]}, "stages": ["ntk", "spectrum", "report"]},
         "environment": {"jaxlin": "0.1.0", "jax": "0.0", "jaxlib": "0.0", "flax": "0.0", "optax": "0.0",
                         "python": "3.12", "platform": "cpu", "devices": ["TFRT_CPU_0"], "x64": True,
                         "backend_check": {"passed": True, "status": "ok", "jax": "0.0", "jaxlib": "0.0",

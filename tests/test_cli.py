@@ -51,11 +51,12 @@ def test_config_files(tmp_path):
     good = tmp_path / "c.toml"
     good.write_text('preset = "quick"\nrank = 4\nlambdas = [0.5, 5]\nlayers = [1, 2]\n')
     c = load_config(good, {"num_train": "80"})
-    assert (c.preset, c.rank, c.lambdas, c.layers, c.num_train) == ("quick", 4, (0.5, 5), (1, 2), 80)
+    assert (c.preset, c.lora.rank, c.train.lambdas, c.lora.layers, c.data.num_train) == ("quick", 4, (0.5, 5),
+                                                                                          (1, 2), 80)
     yaml = tmp_path / "c.yaml"
     yaml.write_text("rank: 2\nsweep_steps: 7\n")
-    assert load_config(yaml, base="quick").sweep_steps == 7
-    for text, message in (("rank = [1", "cannot parse"), ('flavour = "x"', "unknown config field 'flavour'"),
+    assert load_config(yaml, base="quick").train.steps == 7
+    for text, message in (("rank = [1", "cannot parse"), ('flavour = "x"', "unknown config key 'flavour'"),
                           ("rank = -3", "rank=-3 is invalid")):
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
@@ -65,7 +66,7 @@ def test_config_files(tmp_path):
         load_config(tmp_path / "c.json") if (tmp_path / "c.json").write_text("{}") else None
     with pytest.raises(ConfigError, match="preset='huge' is unknown"):
         preset("huge")
-    assert override(preset("quick"), {"layers": "none"}).layers is None
+    assert override(preset("quick"), {"layers": "none"}).lora.layers is None
 
 
 @pytest.mark.parametrize("content,message", [

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxlin import cli, pipeline
+from jaxlin import cli, pipeline, rundir
 from jaxlin.config import preset
 from jaxlin.schema import example_results
 
@@ -45,9 +45,15 @@ def error_line(capsys) -> str:
 
 # ---------------------------------------------------------------------------------- refused before any compute
 
-def _nested_toml(tmp_path):
-    path = tmp_path / "nested.toml"
-    path.write_text('[model]\nname = "all-MiniLM-L6-v2"\n')
+def _unknown_section(tmp_path):
+    path = tmp_path / "section.toml"
+    path.write_text('[optimiser]\nname = "adam"\n')
+    return ["--config", str(path)]
+
+
+def _unknown_key_in_section(tmp_path):
+    path = tmp_path / "key.toml"
+    path.write_text('[lora]\nranks = 4\n')
     return ["--config", str(path)]
 
 
@@ -76,7 +82,10 @@ REFUSED_UP_FRONT = [  # (id, extra argv or a function of tmp_path giving it, mes
     ("skip-empty-word", ["--skip-empty", "maybe"], "skip_empty='maybe' must be true or false"),
     ("label-names-one", ["--label-names", "only"], "label_names=('only',) is invalid"),
     ("int-field-text", ["--rank", "eight"], "rank='eight' must be an integer"),
-    ("nested-toml", _nested_toml, "has a section [model] (keys name); jaxlin config files are flat"),
+    ("unknown-section", _unknown_section, "unknown config key 'optimiser'; the closest valid key is"),
+    ("unknown-key-in-section", _unknown_key_in_section,
+     "unknown config key 'lora.ranks'; the closest valid key is 'lora.rank'"),
+    ("dotted-flag-checked", ["--train.learning-rate", "0"], "learning_rate=0.0 is invalid: 0 < η < 10"),
     ("toml-type", _number_as_model, "model=5 must be a string"),
     ("unknown-flag", ["--flavour", "x"], "unrecognized arguments: --flavour x; see `jaxlin --help`"),
     ("flag-without-value", ["--rank"], "argument --rank: expected one argument"),
@@ -282,7 +291,7 @@ def test_damaged_stage_files_are_recomputed_under_resume(name, damage, message, 
 
 def _lock(out: Path, holder: dict | None, age_s: float = 0.0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    path = out / pipeline.LOCK_NAME
+    path = out / rundir.LOCK_NAME
     path.write_text("" if holder is None else json.dumps({"host": socket.gethostname(),
                                                           "started": "2026-01-01T00:00:00+00:00", **holder}))
     os.utime(path, (time.time() - age_s, time.time() - age_s))
@@ -342,7 +351,7 @@ def test_a_stale_lock_and_temp_files_of_a_dead_run_are_taken_over(holder, age_s,
     assert cli.main(ntk_argv(write_csv(tmp_path / "d.csv", 24), out)) == 0
     err = capsys.readouterr().err
     assert message.format(dead=dead_pid) in err and "removed 2 temp file(s)" in err
-    assert not list(out.rglob("*.tmp")) and not (out / pipeline.LOCK_NAME).exists()
+    assert not list(out.rglob("*.tmp")) and not (out / rundir.LOCK_NAME).exists()
 
 
 def _full_disk(f, **arrays):
@@ -367,7 +376,7 @@ def test_full_disk_keeps_the_stages_already_finished(tmp_path, capsys, fake_ntk,
     assert cli.main(ntk_argv(data, out, "--resume")) == 2  # reused ntk, then arrays.npz cannot be written
     assert "arrays.npz: no space is left" in error_line(capsys)
     assert (out / "stages" / "ntk.json").read_bytes() == stage
-    assert not list(out.rglob("*.tmp")) and not (out / pipeline.LOCK_NAME).exists()
+    assert not list(out.rglob("*.tmp")) and not (out / rundir.LOCK_NAME).exists()
 
 
 def test_read_only_output_is_one_line(tmp_path, capsys, fake_ntk, monkeypatch):
@@ -412,7 +421,7 @@ def test_check_finite_allowlist(stage, result, arrays, message):
     if message is None:
         pipeline.check_finite(stage, result, arrays, config)
     else:
-        with pytest.raises(pipeline.RunError, match=re.escape(message)):
+        with pytest.raises(rundir.RunError, match=re.escape(message)):
             pipeline.check_finite(stage, result, arrays, config)
 
 
@@ -441,7 +450,7 @@ def test_concurrent_run_is_refused_and_a_killed_run_resumes(tmp_path):
         a = subprocess.Popen([*argv, "--stages", "ntk,krr,dynamics"], cwd=ROOT, env=env,  # long after ntk
                              stdout=subprocess.DEVNULL, stderr=a_err)
     try:
-        _wait_for(out / pipeline.LOCK_NAME, a, log)
+        _wait_for(out / rundir.LOCK_NAME, a, log)
         b = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert b.returncode == 2 and f"is in use by another jaxlin run (pid {a.pid}" in b.stderr
         assert "Traceback" not in b.stderr
@@ -449,11 +458,11 @@ def test_concurrent_run_is_refused_and_a_killed_run_resumes(tmp_path):
     finally:
         a.kill()
         a.wait()
-    assert (out / pipeline.LOCK_NAME).exists()  # killed: nothing could remove it
+    assert (out / rundir.LOCK_NAME).exists()  # killed: nothing could remove it
     c = subprocess.run([*argv, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert c.returncode == 0, c.stderr
     assert f"note: taking over the lock of pid {a.pid}" in c.stderr and "ntk: reused" in c.stderr
-    assert not (out / pipeline.LOCK_NAME).exists() and not list(out.rglob("*.tmp"))
+    assert not (out / rundir.LOCK_NAME).exists() and not list(out.rglob("*.tmp"))
 
 
 def _wait_for(path: Path, process: subprocess.Popen, log: Path, timeout_s: float = 400.0):

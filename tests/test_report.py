@@ -82,6 +82,7 @@ def test_report_has_every_figure_and_table_and_is_self_contained(tmp_path, examp
         assert external not in page, external
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "gram/layer0.query" in page  # arrays listed
+    assert "<td>model.name</td><td>&quot;synthetic&quot;</td>" in page  # config sections as dotted keys
     assert len(page) < 1_500_000
 
 

@@ -1,0 +1,207 @@
+"""The nested run configuration: sections in files, flat and dotted keys, the flat-key table, presets, the
+fingerprint, and the allowed values that come from the modules that own them."""
+import dataclasses
+import hashlib
+import json
+
+import pytest
+
+from jaxlin import adapters, cli, data, module_ntk, select, study, train
+from jaxlin.config import (ALLOWED, FLAT_KEYS, PRESETS, SECTIONS, ConfigError, allowed_values,
+                           load_config, override, preset)
+
+# Every flat key (= flag) of the flat RunConfig this one replaced, and where it lives now: the compatibility
+# contract of flags and of older flat config files.
+OLD_FLAT = {
+    "preset": "preset", "model": "model.name", "head": "model.head", "train_head": "model.train_head",
+    "seed": "model.seed", "targets": "lora.targets", "layers": "lora.layers", "rank": "lora.rank",
+    "alpha": "lora.alpha", "lora_init": "lora.init", "dataset": "data.dataset", "text_column": "data.text_column",
+    "label_column": "data.label_column", "label_names": "data.label_names", "missing_labels": "data.missing_labels",
+    "encoding": "data.encoding", "skip_empty": "data.skip_empty", "num_train": "data.num_train",
+    "num_eval": "data.num_eval", "num_calibration": "data.num_calibration",
+    "calibration_mode": "data.calibration_mode", "max_length": "data.max_length",
+    "kernel_implementation": "kernel.implementation", "block_size": "kernel.block_size",
+    "sign_kernel": "kernel.sign_kernel", "sigmas": "kernel.sigmas", "sigma_absolute": "kernel.sigma_absolute",
+    "num_krr": "kernel.num_krr", "krr_ridges": "kernel.krr_ridges", "lambdas": "train.lambdas",
+    "regularizer": "train.regularizer", "anchor": "train.anchor", "loss": "train.loss",
+    "learning_rate": "train.learning_rate", "batch_size": "train.batch_size", "sweep_steps": "train.steps",
+    "sweep_num_train_evaluated": "train.num_train_evaluated", "dynamics_steps": "dynamics.steps",
+    "dynamics_ridge": "dynamics.ridge", "probe_radii": "probe.radii", "probe_directions": "probe.directions",
+    "probe_tangents": "probe.tangents", "study": "study.preset", "study_configurations": "study.configurations",
+    "study_seeds": "study.seeds", "selection_budget": "study.selection_budget", "stages": "stages",
+}
+
+NESTED_TOML = """preset = "quick"
+stages = ["ntk", "spectrum"]
+[lora]
+rank = 4
+layers = [1, 2]
+init = "gaussian"
+[train]
+lambdas = [0.5, 5]
+steps = 7
+[study]
+preset = "default"
+"""
+NESTED_YAML = """preset: quick
+stages: [ntk, spectrum]
+lora: {rank: 4, layers: [1, 2], init: gaussian}
+train:
+  lambdas: [0.5, 5]
+  steps: 7
+study: {preset: default}
+"""
+FLAT_TOML = """preset = "quick"
+stages = ["ntk", "spectrum"]
+rank = 4
+layers = [1, 2]
+lora_init = "gaussian"
+lambdas = [0.5, 5]
+sweep_steps = 7
+study = "default"
+"""
+
+
+def test_the_flat_key_table_is_the_old_field_list():
+    from jaxlin.config import DOTTED
+
+    assert DOTTED == OLD_FLAT  # no flag lost, renamed or moved silently
+    assert set(SECTIONS) == {"model", "lora", "data", "kernel", "train", "dynamics", "probe", "study"}
+
+
+@pytest.mark.parametrize("name,text", [("nested.toml", NESTED_TOML), ("nested.yaml", NESTED_YAML),
+                                       ("flat.toml", FLAT_TOML)])
+def test_nested_and_flat_files_load_to_the_same_config(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    c = load_config(path, {"num_train": "80"})
+    expected = preset("quick")
+    expected = dataclasses.replace(
+        expected, stages=("ntk", "spectrum"),
+        lora=dataclasses.replace(expected.lora, rank=4, layers=(1, 2), init="gaussian"),
+        train=dataclasses.replace(expected.train, lambdas=(0.5, 5), steps=7),
+        study=dataclasses.replace(expected.study, preset="default"),
+        data=dataclasses.replace(expected.data, num_train=80))
+    assert c == expected
+    assert (c.lora.rank, c.get("rank"), c.get("lora.rank"), c.get("sweep_steps")) == (4, 4, 4, 7)
+
+
+def test_override_takes_flat_dotted_and_dashed_keys_and_sections():
+    base = preset("quick")
+    one = override(base, {"rank": "4", "train.learning-rate": "1e-3", "num-train": "80"})
+    two = override(base, {"lora": {"rank": 4}, "train.learning_rate": 1e-3, "data.num_train": 80})
+    assert one == two and one.train.learning_rate == 1e-3 and one.data.num_train == 80
+    assert override(base, {"layers": "none"}).lora.layers is None
+
+
+@pytest.mark.parametrize("values,closest", [
+    ({"ranks": 4}, "'rank'"), ({"lora.rnk": 4}, "'lora.rank'"), ({"lora": {"rnak": 4}}, "'lora.rank'"),
+    ({"train.learnig_rate": 1}, "'train.learning_rate'"), ({"sweep-step": 3}, "'sweep_steps'"),
+])
+def test_an_unknown_key_names_the_closest_valid_one(values, closest):
+    with pytest.raises(ConfigError) as e:
+        override(preset("quick"), values)
+    message = str(e.value)
+    assert "unknown config key" in message and f"the closest valid key is {closest}" in message
+    assert "\n" not in message
+
+
+def test_an_unknown_file_key_or_section_is_refused_naming_the_file_and_the_closest_key(tmp_path):
+    for text, closest in (('[lora]\nranks = 4\n', "'lora.rank'"), ('learning_rat = 0.1\n', "'learning_rate'"),
+                          ('[modle]\nname = "x"\n', "'model'")):
+        path = tmp_path / "c.toml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=f"{path}: unknown config key .*the closest valid key is {closest}"):
+            load_config(path)
+
+
+def test_a_section_given_one_value_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"lora is a section: give it a table of its keys, e.g. \[lora\]"):
+        override(preset("quick"), {"lora": 4})
+
+
+@pytest.mark.parametrize("flat", [k for k in OLD_FLAT if k != "preset"])
+def test_every_flag_maps_to_the_same_field(flat):
+    """--flag and its dotted spelling land on the field of the old flat key, with the same value."""
+    flag, dotted = "--" + flat.replace("_", "-"), "--" + OLD_FLAT[flat].replace("_", "-")
+    for spelling in {flag, dotted}:
+        args = cli.parser().parse_args(["run", spelling, "some,value"])
+        assert vars(args)[f"cfg_{flat}"] == "some,value"
+    assert FLAT_KEYS[flat] == ((None, flat) if "." not in OLD_FLAT[flat] else tuple(OLD_FLAT[flat].split(".")))
+
+
+@pytest.mark.parametrize("argv,key,value", [
+    (["--rank", "4"], "lora.rank", 4), (["--lora.rank", "4"], "lora.rank", 4),
+    (["--sweep-steps", "5"], "train.steps", 5), (["--train.steps", "5"], "train.steps", 5),
+    (["--lambdas", "0.5,5"], "train.lambdas", (0.5, 5)), (["--lora-init", "gaussian"], "lora.init", "gaussian"),
+    (["--study", "default"], "study.preset", "default"), (["--study-seeds", "none"], "study.seeds", None),
+    (["--model", "x"], "model.name", "x"), (["--train-head", "false"], "model.train_head", False),
+])
+def test_flags_set_values(argv, key, value):
+    args = cli.parser().parse_args(["run", "--preset", "quick", *argv])
+    assert cli.config_from_args(args, cli.SUBCOMMANDS["run"][1]).get(key) == value
+
+
+def test_fingerprint_ignores_stages_and_preset_and_hashes_the_flat_keys():
+    c = preset("quick")
+    same = dataclasses.replace(c, stages=("ntk",), preset="renamed")
+    assert same.fingerprint() == c.fingerprint()
+    assert override(c, {"rank": 4}).fingerprint() != c.fingerprint()
+    assert override(c, {"seed": 1}).fingerprint() != c.fingerprint()
+    flat = {old: (list(v) if isinstance(v, tuple) else v) for old, key in OLD_FLAT.items()
+            if old not in ("preset", "stages") for v in [c.get(key)]}
+    assert c.fingerprint() == hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_to_dict_is_nested_and_round_trips():
+    c = override(preset("decoder"), {"rank": 2, "label_names": "a,b"})
+    d = c.to_dict()
+    assert list(d) == ["preset", *SECTIONS, "stages"] and d["lora"]["rank"] == 2 and d["lora"]["layers"] == [28, 29]
+    assert override(preset(d.pop("preset")), d) == c
+    assert json.loads(json.dumps(d)) == d
+
+
+def test_presets_are_nested_tables_of_section_fields():
+    for name, sections in PRESETS.items():
+        assert set(sections) <= set(SECTIONS), name
+        c = preset(name)
+        for section, values in sections.items():
+            for field, value in values.items():
+                assert getattr(getattr(c, section), field) == value
+
+
+OWNERS = {"lora.init": adapters.LORA_INITS, "data.missing_labels": data.MISSING_LABELS,
+          "data.calibration_mode": study.CALIBRATION_MODES, "kernel.implementation": module_ntk.IMPLEMENTATIONS,
+          "train.regularizer": train.REGULARIZERS, "train.anchor": train.ANCHORS, "train.loss": train.LOSSES,
+          "study.preset": study.PRESETS, "study.configurations": select.FAMILIES}
+
+
+@pytest.mark.parametrize("key", sorted(OWNERS))
+def test_allowed_values_are_the_owning_modules_own(key):
+    assert set(ALLOWED) == set(OWNERS)
+    assert allowed_values(key) is OWNERS[key]  # imported, not a copy
+    with pytest.raises(ConfigError) as e:
+        override(preset("quick"), {key: "nonsense,values" if key == "study.configurations" else "nonsense"})
+    assert all(repr(v) in str(e.value) or v in str(e.value) for v in OWNERS[key])
+
+
+def test_config_module_defines_no_choice_constants():
+    import jaxlin.config as config
+
+    own = {name for name, v in vars(config).items() if isinstance(v, tuple) and v and all(isinstance(x, str)
+                                                                                          for x in v)}
+    assert own == {"STAGES"}  # the run's own stage names; every other choice lives with its stage
+
+
+def test_stage_configs_carry_the_run_level_values():
+    c = override(preset("quick"), {"seed": 3, "rank": 4, "max_length": 24, "study_seeds": "5,6"})
+    lora = c.lora_spec()
+    assert (lora.seed, lora.rank, lora.init, lora.targets) == (3, 4, "peft", ("query", "key", "value"))
+    tc = c.sweep_train_config(pad_to_multiple_of=24)
+    assert (tc.seed, tc.max_length, tc.pad_to_multiple_of, tc.steps, tc.learning_rate) == (3, 24, 24, 12, 4e-3)
+    sc = c.study_config()
+    base = study.study_preset("quick")
+    assert (sc.data_seed, sc.rank, sc.seeds, sc.configurations, sc.max_length) == (3, 4, (5, 6), ("layer",),
+                                                                                   base.max_length)
+    dyn = c.dynamics_train_config(learning_rate=0.5, batch_size=16, strength=0.0, pad_to_multiple_of=24)
+    assert (dyn.regularizer, dyn.optimizer, dyn.loss, dyn.steps, dyn.seed) == ("none", "sgd", "squared", 12, 3)
