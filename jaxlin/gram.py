@@ -250,7 +250,7 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
 
 
 def _default_cache_bytes() -> int:
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}  # devices()[0] may belong to another process
     return int(stats["bytes_limit"]) // 4 if stats.get("bytes_limit") else 2 << 30
 
 

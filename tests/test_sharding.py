@@ -40,11 +40,12 @@ def tiny(family, task=None, **kw):
                               **SIZES[family], **kw)
 
 
-CASES = [("llama", m) for m in MESHES] + [(f, (2, 4)) for f in SIZES if f != "llama"]
-SLOW_CASES = [(f, m) for f in SIZES for m in MESHES if (f, m) not in CASES]
+def cases(fast):
+    """Every family on every mesh; only ``fast`` in the fast tier (each case compiles for 8 devices)."""
+    return [(f, m) if (f, m) in fast else pytest.param(f, m, marks=pytest.mark.slow) for f in SIZES for m in MESHES]
 
 
-@pytest.mark.parametrize("family,shape", CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW_CASES])
+@pytest.mark.parametrize("family,shape", cases([("llama", (2, 4)), ("bert", (4, 2))]))
 def test_sharded_logits_equal_single_device(family, shape):
     model = tiny(family)
     batch = testing.random_batch(model, batch=5, length=9, seed=1)
@@ -66,7 +67,7 @@ def _tp_only_divisor(size, m):
 def test_shard_bytes_shrink_with_the_model_axis_as_the_rules_say(shape):
     model = tiny("llama")  # hidden 48, q 4·6 = 24, kv 2·6 = 12, mlp 40, vocab 104
     mesh = mesh_of(shape)
-    d, m = shape
+    m = shape[1]
     tp_only = dict(sharding.DEFAULT_RULES, embed=None)
     placed = sharding.shard_model(model, mesh, tp_only).params
     flat = {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(placed).items()}
@@ -85,7 +86,7 @@ def test_shard_bytes_shrink_with_the_model_axis_as_the_rules_say(shape):
     held = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(placed))
     assert sharding.bytes_per_device(model, mesh) == held
     total = sum(leaf.nbytes for leaf in jax.tree.leaves(model.params))
-    assert held < total if d * m > 1 else held == total
+    assert held < total
 
 
 def test_lora_factors_follow_their_base_weight():
@@ -123,7 +124,8 @@ def _adapted(family):
     return dataclasses.replace(adapted, trainable={**adapted.trainable, "lora": lora})
 
 
-@pytest.mark.parametrize("family,shape", [("llama", m) for m in MESHES] + [("bert", (2, 4))])
+@pytest.mark.parametrize("family,shape", [c for c in cases([("llama", (4, 2))]) if getattr(c, "values", c)[0]
+                                          in ("llama", "bert")])
 def test_module_kernels_on_a_mesh_equal_single_device(family, shape):
     adapted = _adapted(family)
     batch = testing.random_batch(adapted.model, batch=7, length=9, seed=2)
@@ -132,8 +134,9 @@ def test_module_kernels_on_a_mesh_equal_single_device(family, shape):
     placed = sharding.shard_adapted(adapted, mesh)
     got = module_ntks(placed, batch, block_size=4, mesh=mesh)
     assert list(got) == list(ref)
+    scale = max(np.max(np.abs(k)) for k in ref.values())  # the key bias's kernel is zero up to rounding
     for name in ref:
-        assert rel_err(got[name], ref[name]) <= 1e-5, name
+        assert np.max(np.abs(got[name] - ref[name])) <= 1e-5 * scale, name
 
 
 def _save_tiny_llama(directory):
