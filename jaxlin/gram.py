@@ -23,16 +23,19 @@ structured per-module kernels are of this kind: `rows` is the forward and backwa
 a contraction of their features.
 
 Sharding: pass `mesh` (a jax.sharding.Mesh) and `sharding=ShardingSpec(data_axis="data")`; the rows of each
-x1 tile are sharded over that mesh axis with NamedSharding, x2 tile and args are replicated, and the tile
-is jitted with those in/out shardings (the block is rounded up to a multiple of the axis size). One code
-path for 1 CPU, N simulated CPU devices (tested with 4 and 8) and one or more GPUs.
+x1 tile are sharded over that mesh axis with NamedSharding, x2 tiles are replicated, and the tile is jitted
+with those in/out shardings (the block is rounded up to a multiple of the axis size). `args` leaves already
+laid out on the mesh (parameters placed by `jaxlin.sharding.shard_adapted`, split over `model` and `data`)
+keep their sharding, and XLA gathers what each step needs; other leaves are replicated. The rows a
+`RowFactored` tile keeps for reuse are the outputs of its jitted `rows`, so they stay sharded over the data
+axis as their inputs are. One code path for 1 CPU, N simulated CPU devices and one or more GPUs.
 
-Multi-host (not tested here: no multi-host machine): call `jax.distributed.initialize()` on every host,
-build `Mesh(np.array(jax.devices()), ("data",))` over all global devices, turn each host's local rows into
-global arrays with `jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local_x)`, and
-run the same `blocked_gram(..., mesh=mesh)` on every host; tiles that are not fully addressable are
-gathered with `multihost_utils.process_allgather`. Give each host its own `checkpoint_dir` (or only let
-process 0 write one).
+Several processes (`jax.distributed`, see docs/scaling.md): every process calls `blocked_gram` with the same
+x1, x2 and args on a mesh over all global devices; each process builds only its own devices' shards of a
+tile (`jax.make_array_from_callback`), and tiles are gathered to every host with
+`multihost_utils.process_allgather`, so every process returns the full host arrays. With a `checkpoint_dir`
+every process must see the same directory (a shared file system): all of them read the tiles already there,
+so they skip the same tiles and run the same computations, and process 0 alone writes.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxlin._types import PyTree
+from jaxlin.sharding import is_on_mesh, place
 from jaxlin._util import leading_size
 
 MANIFEST = "manifest.json"
@@ -108,6 +112,9 @@ def _fingerprint(x1, x2, key: str) -> str:
 
 
 def _atomic_write(path: str, write: Callable) -> None:
+    """Write ``path`` whole or not at all; on several processes only process 0 writes (all of them read)."""
+    if jax.process_index() != 0:
+        return
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -243,23 +250,34 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
 
 
 def _default_cache_bytes() -> int:
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}  # devices()[0] may belong to another process
     return int(stats["bytes_limit"]) // 4 if stats.get("bytes_limit") else 2 << 30
+
+
+def _put(tree, sharding):
+    """Every leaf of ``tree`` on ``sharding`` (on several processes, each builds only its own shards)."""
+    return place(tree, jax.tree.map(lambda _: sharding, tree))
+
+
+def _args_on_mesh(args, mesh):
+    """Leaves already laid out on ``mesh`` (sharded parameters) as they are; every other leaf replicated."""
+    rep = NamedSharding(mesh, P())
+    return jax.tree.map(lambda a: a if is_on_mesh(a, mesh) else _put(a, rep), args)
 
 
 def _whole_tiles(tile_fn, x1, x2, b1, b2, n1, n2, symmetric, args, mesh, sharding, diagonal_as_none):
     """compute_tile(i, j) dispatching tile_fn on the two row blocks (x2 None on a diagonal tile if asked)."""
     if mesh is None:
         jitted = jax.jit(tile_fn)
-        place = lambda t1, t2: (t1, t2, args)  # noqa: E731
+        place_tiles = lambda t1, t2: (t1, t2, args)  # noqa: E731
     else:
         rows, rep = NamedSharding(mesh, P(sharding.data_axis)), NamedSharding(mesh, P())
         jitted = jax.jit(tile_fn, out_shardings=rows)
-        args_rep = jax.device_put(args, rep)
-        place = lambda t1, t2: (jax.device_put(t1, rows), jax.device_put(t2, rep), args_rep)  # noqa: E731
+        args_placed = _args_on_mesh(args, mesh)
+        place_tiles = lambda t1, t2: (_put(t1, rows), _put(t2, rep), args_placed)  # noqa: E731
 
     def compute_tile(i, j):
-        t1, t2, a = place(_rows(x1, i * b1, b1, n1), _rows(x2, j * b2, b2, n2))
+        t1, t2, a = place_tiles(_rows(x1, i * b1, b1, n1), _rows(x2, j * b2, b2, n2))
         if symmetric and diagonal_as_none and i == j:
             t2 = None
         return jitted(t1, t2, *a)
@@ -273,14 +291,13 @@ def _row_reuse(tile_fn: RowFactored, x1, x2, b1, b2, n1, n2, symmetric, args, me
     rows_fn = jax.jit(tile_fn.rows)
     if mesh is None:
         pair_fn = jax.jit(tile_fn.pair)
-        place = {"x1": lambda t: t, "x2": lambda t: t}
+        put_side = {"x1": lambda t: t, "x2": lambda t: t}
         args_placed = args
     else:  # x1 blocks sharded over the data axis, x2 blocks replicated; jit inserts what pair needs to gather
         row_sharding, rep = NamedSharding(mesh, P(sharding.data_axis)), NamedSharding(mesh, P())
         pair_fn = jax.jit(tile_fn.pair, out_shardings=row_sharding)
-        args_placed = jax.device_put(args, rep)
-        place = {"x1": lambda t: jax.device_put(t, row_sharding),
-                 "x2": lambda t: jax.device_put(t, row_sharding if symmetric else rep)}
+        args_placed = _args_on_mesh(args, mesh)
+        put_side = {"x1": lambda t: _put(t, row_sharding), "x2": lambda t: _put(t, row_sharding if symmetric else rep)}
     cache_bytes = _default_cache_bytes() if cache_bytes is None else cache_bytes
     sides = {"x1": (x1, b1, n1), "x2": (x1, b1, n1) if symmetric else (x2, b2, n2)}
     sizes = {side: sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(
@@ -294,7 +311,7 @@ def _row_reuse(tile_fn: RowFactored, x1, x2, b1, b2, n1, n2, symmetric, args, me
         if side == "x1" and current.get("index") == index:
             return current["rows"]
         x, b, n = sides[side]
-        r = rows_fn(place[side](_rows(x, index * b, b, n)), *args_placed)
+        r = rows_fn(put_side[side](_rows(x, index * b, b, n)), *args_placed)
         if used[0] + sizes[side] <= cache_bytes:
             cache[key] = r
             used[0] += sizes[side]

@@ -22,7 +22,9 @@ Implementations (all exact, same numbers up to float rounding):
 - ``"auto"``: "structured" unless the request is a sign kernel of a full dense weight in L×L form.
 
 Rows are tiled by ``jaxlin.gram.blocked_gram`` (``block_size``, symmetric reuse, float64 accumulation,
-resumable tile checkpoints, sharding of rows over a mesh).
+resumable tile checkpoints, sharding of rows over a mesh). An adapted model placed on the same mesh
+(``jaxlin.sharding.shard_adapted``) keeps its parameters split over ``model``/``data``, on one process or
+several; docs/scaling.md.
 """
 from __future__ import annotations
 

@@ -184,3 +184,34 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     blocked_gram(_pair_tile, X1, args=(PARAMS,), block_size=2, checkpoint_dir=str(ckpt), key="mlp",
                  progress=False, _after_tile=lambda i, j: again.append((i, j)))
     assert again == []
+
+
+def test_sharded_args_keep_their_sharding_and_cached_rows_stay_sharded():
+    """Parameters already on the mesh (split over `model`) reach the tile as they are, not replicated; the rows a
+    RowFactored tile keeps come out of its jitted `rows` split over `data` like their inputs."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    k = jax.random.split(jax.random.PRNGKey(3), 4)
+    params = {"w1": jax.random.normal(k[0], (D, 12)) / 2.2, "b1": 0.1 * jax.random.normal(k[1], (12,)),
+              "w2": jax.random.normal(k[2], (12, O)) / 3.3, "b2": 0.1 * jax.random.normal(k[3], (O,))}
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    specs = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", None), "b2": P()}
+    placed = {n: jax.device_put(v, NamedSharding(mesh, specs[n])) for n, v in params.items()}
+    seen = {"w1": [], "rows": []}
+
+    def rows(x, p):
+        jax.debug.inspect_array_sharding(p["w1"], callback=seen["w1"].append)
+        return jax.vmap(lambda xi: jax.jacrev(mlp)(p, xi))(x)
+
+    def pair(j1, j2):
+        jax.debug.inspect_array_sharding(j1["w2"], callback=seen["rows"].append)
+        k = sum(jnp.einsum("aip,bjp->abij", a.reshape(a.shape[:2] + (-1,)), b.reshape(b.shape[:2] + (-1,)))
+                for a, b in zip(jax.tree.leaves(j1), jax.tree.leaves(j2)))
+        return {"full": k, "trace": jnp.einsum("abii->ab", k)}
+
+    ref = blocked_gram(_pair_tile, X1, X2, args=(params,), block_size=None, progress=False)
+    out = blocked_gram(RowFactored(rows, pair), X1, X2, args=(placed,), block_size=4, mesh=mesh, progress=False)
+    for name in ("full", "trace"):
+        np.testing.assert_allclose(out[name], ref[name], rtol=1e-12, atol=1e-13)
+    assert seen["w1"] and all(s.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2) for s in seen["w1"])
+    assert seen["rows"] and all(not s.is_fully_replicated for s in seen["rows"])

@@ -89,7 +89,7 @@ def from_nnx(module: nnx.Module, *, config, family: str, task: str, tokenizer=No
 
 
 def load_pretrained(source, *, task: str, num_labels: int | None = None, seed: int = 0, dtype=jnp.float32,
-                    head: str | None = None) -> Model:
+                    head: str | None = None, mesh: jax.sharding.Mesh | None = None, rules=None) -> Model:
     """Load a checkpoint as a pure JAX function.
 
     ``source``: a packaged name (``"all-MiniLM-L6-v2"``, ``"SmolLM2-135M-Instruct"``), a Hugging Face
@@ -98,6 +98,11 @@ def load_pretrained(source, *, task: str, num_labels: int | None = None, seed: i
     checkpoint is initialised from ``seed`` and listed in ``model.new_tensors``) or "causal_lm" ((B, L, V)).
     ``head``: the classification head for encoders, "roberta" (dense+tanh+out_proj) or "bert" (pooler+linear);
     default by model type. Decoders classify from the last real token with a linear ``score`` head.
+    ``mesh``, ``rules``: place every parameter with its ``NamedSharding`` (`jaxlin.sharding.param_shardings`,
+    default rules `jaxlin.sharding.DEFAULT_RULES`; docs/scaling.md). From safetensors each process reads only
+    the slices its own devices hold (``safe_open(...).get_slice`` inside ``jax.make_array_from_callback``),
+    so a checkpoint larger than one device, or than one host's memory for the whole model, loads. A GGUF
+    file is dequantized one whole tensor at a time on every process and then cut into its shards.
     """
     resolved = checkpoint.resolve(source)
     if resolved.kind == "gguf":
@@ -128,11 +133,17 @@ def load_pretrained(source, *, task: str, num_labels: int | None = None, seed: i
                             dtype=dtype)
 
     abstract = nnx.eval_shape(lambda: make(seed))
-    params, missing = _fill_params(abstract, tensors, fam, dtype)
+    shardings = None
+    if mesh is not None:
+        from .. import sharding
+
+        shapes = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract)))
+        shardings = sharding.flat_shardings(fam["name"], shapes, mesh, rules)
+    params, missing = _fill_params(abstract, tensors, fam, dtype, shardings)
     if missing:  # only heads may be missing; take them from a seeded random init
         concrete = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(make(seed))))
         for path in missing.values():
-            params[path] = concrete[path]
+            params[path] = concrete[path] if shardings is None else sharding.place(concrete[path], shardings[path])
     graphdef = nnx.graphdef(abstract)
     tok = Tokenizer(hf_tokenizer) if hf_tokenizer is not None else None
     return Model(apply=make_apply(graphdef, config), params=traverse_util.unflatten_dict(params), config=config,
@@ -151,10 +162,11 @@ def _has_head_tensor(tensors) -> bool:
 HEAD_PREFIXES = ("classifier", "score", "pooler")
 
 
-def _fill_params(abstract: nnx.Module, tensors, fam: dict, dtype) -> tuple[dict, dict]:
+def _fill_params(abstract: nnx.Module, tensors, fam: dict, dtype, shardings: dict | None = None) -> tuple[dict, dict]:
     """Read every parameter of ``abstract`` from ``tensors`` by its HF name. Returns the flat params and
     ``{hf_name: path}`` of head tensors the checkpoint lacks. Raises CheckpointError naming a missing, misshapen
-    or unexpected tensor."""
+    or unexpected tensor. With ``shardings`` ({path: NamedSharding}), each parameter is built on its sharding
+    from the slices this process's devices hold (read from the file where ``tensors`` can read slices)."""
     available = set(tensors)
     prefixes = fam["backbone_prefixes"]
     has_prefix = any(k.startswith(prefixes) for k in available)
@@ -176,19 +188,42 @@ def _fill_params(abstract: nnx.Module, tensors, fam: dict, dtype) -> tuple[dict,
                     continue
                 raise CheckpointError(f"tensor {hf_key!r} (shape {expected}) is missing from the checkpoint; "
                                       "is the config.json the one these weights were saved with?")
-            value = np.asarray(transform(np.asarray(tensors[key])))
-            if value.shape != tuple(expected):
-                raise CheckpointError(f"tensor {key!r} has shape {tuple(np.shape(tensors[key]))}, expected "
+            sliced = shardings is not None and hasattr(tensors, "read")
+            full = None if sliced else np.asarray(tensors[key])
+            hf_shape = tensors.shape(key) if sliced else full.shape
+            if tuple(hf_shape) != _hf_shape(expected, node, attr):
+                raise CheckpointError(f"tensor {key!r} has shape {tuple(hf_shape)}, expected "
                                       f"{_hf_shape(expected, node, attr)} for this config"
                                       + (" (a head for another number of labels? pass num_labels to match)"
                                          if hf_key.startswith(HEAD_PREFIXES) else ""))
-            params[ppath] = jnp.asarray(value, dtype)
+            if shardings is None:
+                params[ppath] = jnp.asarray(np.asarray(transform(full)), dtype)
+            else:
+                params[ppath] = _sharded_tensor(tensors, key, full, transform, _transposed(node, attr), tuple(expected),
+                                                shardings[ppath], dtype)
             used.add(key)
     extra = sorted(k for k in available - used if not any(re.search(p, k) for p in fam["ignorable"]))
     if extra:
         raise CheckpointError(f"the checkpoint has {len(extra)} tensor(s) this {fam['name']} model does not use, "
                               f"e.g. {extra[:5]}; check num_hidden_layers and the architecture in config.json")
     return params, missing
+
+
+def _sharded_tensor(tensors, key, full, transform, transposed: bool, shape, sharding, dtype) -> jax.Array:
+    """The parameter ``transform(tensors[key])`` of ``shape`` on ``sharding``, built shard by shard: each of
+    this process's devices gets its slice, read from the file (``tensors.read``) or cut from ``full``; a
+    slice several devices share is read once."""
+    pieces = {}
+
+    def piece(index):
+        hf_index = tuple(reversed(index)) if transposed else tuple(index)
+        memo = tuple((s.start, s.stop, s.step) for s in hf_index)
+        if memo not in pieces:
+            raw = tensors.read(key, hf_index) if full is None else full[hf_index]
+            pieces[memo] = np.asarray(transform(np.asarray(raw))).astype(dtype)
+        return pieces[memo]
+
+    return jax.make_array_from_callback(shape, sharding, piece)
 
 
 def _lookup(hf_key, available, prefixes, has_prefix):
@@ -205,10 +240,13 @@ def _lookup(hf_key, available, prefixes, has_prefix):
     return None
 
 
+def _transposed(node, attr) -> bool:
+    """Whether the HF tensor of ``node.attr`` is stored transposed (nn.Linear's (d_out, d_in))."""
+    return attr == "kernel" and getattr(node, "hf_transpose", False)
+
+
 def _hf_shape(shape, node, attr):
-    if attr == "kernel" and getattr(node, "hf_transpose", False):
-        return tuple(reversed(shape))
-    return tuple(shape)
+    return tuple(reversed(shape)) if _transposed(node, attr) else tuple(shape)
 
 
 __all__ = ["Model", "ModuleInfo", "CheckpointError", "check_inputs", "Tokenizer", "load_pretrained", "build_model",

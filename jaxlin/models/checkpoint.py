@@ -120,7 +120,7 @@ def read_config_json(path: Path) -> dict:
 
 
 class SafetensorsReader(Mapping):
-    """Lazy ``name -> np.ndarray`` over one or several (sharded) safetensors files."""
+    """Lazy ``name -> np.ndarray`` over one or several (sharded) safetensors files; `read` takes a slice."""
 
     def __init__(self, directory: Path):
         from safetensors import SafetensorError, safe_open
@@ -149,6 +149,22 @@ class SafetensorsReader(Mapping):
 
         try:
             return np.asarray(self._handles[self._where[key]].get_tensor(key))
+        except SafetensorError as e:
+            raise _broken(self._directory / self._where[key], e) from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, read from the file header (no data)."""
+        return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+
+    def read(self, key: str, index: tuple | None = None) -> np.ndarray:
+        """The tensor, or only ``tensor[index]`` (a tuple of slices) read from the file: the slices a process
+        owns, for loading onto a mesh."""
+        from safetensors import SafetensorError
+
+        if index is None:
+            return self[key]
+        try:
+            return np.asarray(self._handles[self._where[key]].get_slice(key)[index])
         except SafetensorError as e:
             raise _broken(self._directory / self._where[key], e) from None
 

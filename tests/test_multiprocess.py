@@ -1,0 +1,88 @@
+"""Several processes for real: two local processes × two CPU devices each (gloo collectives) compute the
+per-module kernels of a tiny model sharded by the rules on a (data=2, model=2) mesh, and they equal a
+single-process run. Also the one-line errors of jaxlin.distributed."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxlin import distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 420  # under a loaded 2-core machine; both runs together take far less on a quiet one
+
+
+def test_parse_mesh_shapes_and_errors():
+    assert dict(distributed.parse_mesh("data=4,model=2").shape) == {"data": 4, "model": 2}
+    assert dict(distributed.parse_mesh("model=8").shape) == {"data": 1, "model": 8}
+    with pytest.raises(ValueError, match=r"3×2 = 6 devices, but there are 8"):
+        distributed.parse_mesh("data=3,model=2")
+    with pytest.raises(ValueError, match="'pipe' .* unknown"):
+        distributed.parse_mesh("data=4,pipe=2")
+    with pytest.raises(ValueError, match="not AXIS=SIZE"):
+        distributed.parse_mesh("data=two")
+    with pytest.raises(ValueError, match="twice"):
+        distributed.parse_mesh("data=2,data=4")
+
+
+def test_initialize_is_a_no_op_alone_and_names_what_is_missing(monkeypatch):
+    for var in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.initialize() is False
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "2")
+    with pytest.raises(ValueError, match=r"\['coordinator', 'process_id'\] missing"):
+        distributed.initialize()
+    with pytest.raises(ValueError, match="not HOST:PORT"):
+        distributed.initialize("localhost", 2, 0)
+    with pytest.raises(ValueError, match=r"process_id=2 must be in 0\.\.1"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
+
+
+def _run(cmd, env, expect: int = 0):
+    """Run ``cmd`` in its own session, bounded by TIMEOUT_S, and check its exit status; the whole process group is
+    killed in the end, so nothing outlives the test."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} ran past {TIMEOUT_S} s:\n{out[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == expect, f"{' '.join(cmd)} exited with {proc.returncode}:\n{out[-3000:]}"
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_kernels(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXLIN_", "XLA_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHON=sys.executable,
+               XLA_FLAGS="--xla_force_host_platform_device_count=2", HF_HUB_OFFLINE="1")
+    script = [sys.executable, "scripts/mesh_kernels.py"]
+    out = _run(["bash", "scripts/launch_local.sh", "2", "--", *script, "--mesh", "data=2,model=2",
+                "--out", str(tmp_path / "mesh.npz")], env)
+    assert "[p0] wrote" in out and "2 process(es), 4 device(s)" in out, out[-2000:]
+    _run([*script, "--out", str(tmp_path / "single.npz")], dict(env, XLA_FLAGS=""))
+    with np.load(tmp_path / "mesh.npz") as mesh, np.load(tmp_path / "single.npz") as single:
+        assert sorted(mesh.files) == sorted(single.files) and len(single.files) > 3
+        for name in single.files:
+            ref = single[name]
+            assert np.max(np.abs(mesh[name] - ref)) <= 1e-5 * np.max(np.abs(ref)), name
+
+
+def test_launcher_stops_every_process_when_one_fails():
+    env = dict(os.environ, PYTHON=sys.executable)
+    out = _run(["bash", "scripts/launch_local.sh", "3", "--", sys.executable, "-c",
+                "import os, sys, time; i = int(os.environ['JAXLIN_PROCESS_ID']); print('up', flush=True); "
+                "time.sleep(3 if i == 1 else 600); sys.exit(3 if i == 1 else 0)"], env, expect=3)
+    assert {"[p0] up", "[p1] up", "[p2] up"} <= set(out.splitlines()), out
+    assert "process 1 exited with status 3; stopping the other 2" in out
