@@ -254,8 +254,8 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     if model.task != want or tokenizer is None:
         how = ("load_pretrained(..., task='classification')" if output_fn is None else
                "load_pretrained(..., task='causal_lm') for a label-word readout")
-        raise ValueError(f"run_study needs a {want} model with a tokenizer (got task={model.task!r}, "
-                         f"tokenizer={tokenizer!r}); {how} or pass tokenizer=")
+        raise ValueError(f"run_study needs a {want} model with a tokenizer (got task={model.task!r}, tokenizer="
+                         f"{None if tokenizer is None else type(tokenizer).__name__}); {how} or pass tokenizer=")
     check_readout(tokenizer, output_fn, train_data.num_classes)
     train_head = config.train_head and output_fn is None
     largest = max(v["num_calibration"] for v in config.variants.values())

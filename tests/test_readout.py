@@ -178,11 +178,12 @@ def words():
     return tok, jaxlin.label_word_readout(tok, ["bad", "good"], template="Review: {text} Sentiment:"), sentiment_data
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_tied"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", pytest.param("llama_tied", marks=pytest.mark.slow)])
 def test_linearized_prox_gd_on_label_words_equals_krr(kind, words):
     """Squared loss over the C label-word logits, always-on prox, full-batch GD on the linearized model → KRR with
     the model's own label-word eNTK and targets one-hot − f(θ0) (as tests/test_train.py does for a head): fit
-    minimises the mean over n, so the KRR ridge is n·λ; η = 1/(μ_max/n + λ), λ = 0.3·μ_max/n: 150 steps ≈ 1e-17."""
+    minimises the mean over n, so the KRR ridge is n·λ; with η = 1/(μ_max/n + λ) and λ = μ_max/n the error
+    contracts by ≥ 1/2 per step: 60 steps ≈ 1e-18. GPT-2 and llama_tied read a tied head, llama an untied one."""
     from jaxlin import solve
     from jaxlin.spectrum import as_matrix
     from jaxlin.sweep import model_functions
@@ -197,7 +198,7 @@ def test_linearized_prox_gd_on_label_words_equals_krr(kind, words):
     n, c = 7, 2
     gram = np.asarray(as_matrix(sum(module_ntks(adapted, batch, trace_axes=(), output_fn=readout.output_fn).values())))
     mu_max = float(np.linalg.eigvalsh(gram)[-1])
-    lam = 0.3 * mu_max / n
+    lam = mu_max / n
     nonlinear, linearized = model_functions(adapted, readout.output_fn)
     f0 = evaluate(nonlinear, adapted.trainable, [batch])["logits"]
     assert f0.shape == (n, c)
@@ -206,7 +207,7 @@ def test_linearized_prox_gd_on_label_words_equals_krr(kind, words):
     sol = solve.kernel_ridge(gram, (np.eye(c)[ds.labels] - f0).reshape(-1), n * lam)
     assert sol.status == "ok"
     krr_change = (gram @ np.asarray(sol.value)).reshape(n, c)
-    cfg = TrainConfig(learning_rate=1 / (mu_max / n + lam), steps=150, batch_size=n, optimizer="sgd",
+    cfg = TrainConfig(learning_rate=1 / (mu_max / n + lam), steps=60, batch_size=n, optimizer="sgd",
                       schedule="constant", warmup_ratio=0.0, loss="squared", regularizer="prox", strength=lam)
     res = fit(linearized, adapted.trainable, lambda e: [batch], config=cfg, progress=False)
     lin = evaluate(linearized, res.trainable, [batch], loss="squared")["logits"]
