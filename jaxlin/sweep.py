@@ -7,6 +7,10 @@ same θ0 on the same batches with the same optimiser, and records distances in p
 `sweep_summary` fits log-log slopes against λ (the candidates of §4.4 predict λ^{-1/2} for the distance to
 init and ~λ^{-3/2} for nonlinear vs linearized).
 
+What is trained and compared is an objective: classification through the model's head or a label-word readout
+(`ClassificationObjective`, the default; ``output_fn=``), or next-token fine-tuning on (prompt, completion)
+pairs (`jaxlin.next_token.NextTokenObjective`); one loop serves both (docs/decoders.md).
+
 Normalisation. Training minimises mean_i ℓ_i + (λ/2)‖θ − θ0‖² (a mean over the N training examples). The paper
 writes R̃ = Σ_i ℓ_i + (λ̃/2)‖θ − θ0‖², so R̃ = N·mean and λ̃ = N·λ. Its candidate Theorem 2 radius
 √(2R̃(θ0)/λ̃) is then √(2·mean_i ℓ_i(θ0)/λ): that is `theorem2_radius`. It bounds ‖θ_t − θ0‖ for gradient
