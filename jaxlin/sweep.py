@@ -26,13 +26,11 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 from flax import traverse_util
-from jax.tree_util import Partial
 
 from . import data
 from ._util import loglog_slope
 from .readout import check_readout
-from .train import TrainConfig, _linearized, evaluate, fit
-from .train import model_functions as _head_functions
+from .train import TrainConfig, evaluate, fit, model_functions
 
 DISTANCE_KEYS = ("theta_distance_to_init", "theta_distance_to_init_linearized", "theta_distance_lin_nonlin",
                  "output_distance_lin_nonlin_train", "output_distance_lin_nonlin_eval", "kl_nonlin_lin")
@@ -180,14 +178,6 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
             "wall_time_s": time.perf_counter() - start,
         })
     return results
-
-
-def model_functions(adapted, output_fn: Callable | None = None) -> tuple[Callable, Callable]:
-    """(f, f̄) of `jaxlin.train.model_functions` with the readout ``output_fn`` (None: the model's own outputs)."""
-    if output_fn is None:
-        return _head_functions(adapted)
-    f = adapted.as_function(output_fn)
-    return f, Partial(_linearized, f, adapted.trainable)
 
 
 def _variant(cfg: TrainConfig) -> dict:

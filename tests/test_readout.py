@@ -186,7 +186,7 @@ def test_linearized_prox_gd_on_label_words_equals_krr(kind, words):
     contracts by ≥ 1/2 per step: 60 steps ≈ 1e-18. GPT-2 and llama_tied read a tied head, llama an untied one."""
     from jaxlin import solve
     from jaxlin.spectrum import as_matrix
-    from jaxlin.sweep import model_functions
+    from jaxlin.train import model_functions
     from jaxlin.train import TrainConfig, evaluate, fit
 
     _, readout, sentiment_data = words
