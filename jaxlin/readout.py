@@ -35,6 +35,9 @@ from .models.layers import last_real_token
 from .models.tokenizer import Tokenizer
 
 
+READOUTS = ("head", "label_words")  # how a run reads a class score: the model's head, or an LM's label-word logits
+
+
 @dataclasses.dataclass(frozen=True)
 class LabelWordLogits:
     """``output_fn(outputs, batch) -> (B, C)``: the next-token logits of ``token_ids`` at each row's last real token.
