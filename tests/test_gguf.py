@@ -101,7 +101,7 @@ def test_tiny_gguf_reads_back_exactly(tmp_path, tied):
     assert (config.num_attention_heads, config.num_key_value_heads, config.vocab_size) == (HEADS, KV_HEADS, VOCAB)
     assert config.rope_parameters["rope_theta"] == THETA and config.rms_norm_eps == pytest.approx(EPS)
     assert config.tie_word_embeddings == tied
-    chex.assert_trees_all_equal(read, tensors)  # same names, bit for bit
+    chex.assert_trees_all_equal(dict(read), tensors)  # same names, bit for bit
 
 
 @pytest.mark.torch

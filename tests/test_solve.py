@@ -147,8 +147,8 @@ class ConjugateGradientTest(chex.TestCase):
         assert "2 iterations" in short.message and "max_iters" in short.message and "ridge" in short.message
         zero = self.variant(lambda b: solve.conjugate_gradient(mv, b, 0.3, tol=1e-10))(np.zeros(N))
         assert zero.status == "ok" and int(zero.iterations) == 0
-    with pytest.raises(ValueError, match="tol"):
-        solve.conjugate_gradient(mv, y, 0.3, tol=0.0)
+        with pytest.raises(ValueError, match="tol"):
+            self.variant(lambda b: solve.conjugate_gradient(mv, b, 0.3, tol=0.0))(y)
 
 
 def _explicit_gd(jac, r0, lam, eta, steps):
