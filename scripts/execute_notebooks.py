@@ -7,7 +7,8 @@
 
 Each notebook runs top to bottom in a fresh kernel (nbclient) that imports this checkout's jaxlin, on the CPU
 with one device, as a user's would, offline. The notebooks fix their own seeds. What would change on every run
-is not kept: execution times, the kernel's language_info, and stderr (progress bars, environment warnings).
+is not kept: execution times, the kernel's language_info, stderr (progress bars, environment warnings) and
+how stdout was split into messages (consecutive prints become one output).
 Each code cell records the SHA-256 of the source it was run from (metadata "jaxlin"), so `problems` can tell a
 cell edited after its outputs were made. tests/test_notebooks.py uses `execute` and `problems` from here: CI
 re-executes every notebook into a temporary folder and fails when the committed outputs are missing or stale.
@@ -50,7 +51,15 @@ def _strip(nb) -> None:
         if cell.cell_type != "code":
             continue
         cell.metadata.pop("execution", None)
-        cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
+        outputs = []
+        for o in cell.outputs:
+            if o.output_type == "stream" and o.name == "stderr":
+                continue
+            if o.output_type == "stream" and outputs and outputs[-1].get("name") == o.name:
+                outputs[-1].text += o.text  # how prints split into messages depends on timing: one per stream
+            else:
+                outputs.append(o)
+        cell.outputs = outputs
         cell.metadata["jaxlin"] = {"source_sha256": source_digest(cell.source)}
 
 
