@@ -283,7 +283,7 @@ def _example_correlation(rng, spectrum):
     results = {stat: {out: correlation([r["statistics"][stat] for r in runs], [r[out] for r in runs],
                                        n_bootstrap=200) for out in OUTCOMES}
                for stat in ("kappa", "effective_rank")}
-    results["min_eigenvalue"] = {out: correlation([1.0, 1.0], [0.0, 1.0]) for out in OUTCOMES}  # degenerate: nan
+    results["mu_min"] = {out: correlation([1.0, 1.0], [0.0, 1.0]) for out in OUTCOMES}  # degenerate: nan
     return {"runs": runs, "results": results}
 
 
