@@ -128,6 +128,8 @@ def setup(config: RunConfig, out: Path) -> Context:
         log(f"note: {d.dataset} has {len(train)} training examples after the split; using all of them")
     train = train.subset(np.arange(min(d.num_train, len(train))))
     calibration = data.calibration_subset(train, d.num_calibration, mode=d.calibration_mode, seed=m.seed)
+    if "study" in config.stages:
+        _check_study_sizes(config, len(train), len(eval_))
     model = _load_model(config, ds.num_classes)
     limit = max_input_length(model.config)
     if limit is not None and d.max_length > limit:
@@ -143,6 +145,18 @@ def setup(config: RunConfig, out: Path) -> Context:
     inputs = {"config": config.fingerprint(), "dataset": dataset_digest(ds), "checkpoint": checkpoint_digest(m.name),
               "jaxlin": __version__, "format": SCHEMA_VERSION}
     return Context(config, out, model, adapted, adapted_lora, train, eval_, calibration, length, inputs, readout)
+
+
+def _check_study_sizes(config: RunConfig, num_train: int, num_eval: int) -> None:
+    """Refuse, before anything is loaded or computed, a study preset that asks for more examples than the run has."""
+    study = config.study_config()
+    largest = max(v["num_calibration"] for v in study.variants.values())
+    for what, need, have, flag in (("training", max(study.num_train, largest), num_train, "--num-train"),
+                                   ("eval", study.num_eval, num_eval, "--num-eval")):
+        if need > have:
+            raise ConfigError(f"the study preset {config.study.preset!r} uses {need} {what} examples but the run has "
+                              f"{have}; raise {flag} to {need} or more, choose a smaller --study preset, or drop "
+                              "the study stage (--stages)")
 
 
 def _load_model(config: RunConfig, num_labels: int) -> Model:

@@ -173,6 +173,13 @@ def test_label_words_on_an_encoder_are_refused_in_one_line(tmp_path, capsys):
     assert len(err) <= 2 and "is an encoder" in err[-1] and "--readout head" in err[-1]
 
 
+def test_a_study_larger_than_the_run_is_refused_before_loading(tmp_path, capsys):
+    assert cli.main(["run", "--preset", "quick", "--num-train", "40", "--num-krr", "16", "--stages", "study",
+                     "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "uses 64 training examples but the run has 40" in err and "--num-train" in err
+
+
 def test_paper_preset_fails_early_and_clearly_offline(tmp_path, capsys, monkeypatch):
     import time
 
