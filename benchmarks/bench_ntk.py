@@ -96,7 +96,7 @@ def run(name: str, p: dict) -> dict:
     mem.mark_setup()
 
     if method in ("structured", "jacobian_contraction", "ntk_vector_products"):
-        tile = module_ntk._tile_fn(adapted, adapted.modules, None, "ntk", False, method)
+        tile = module_ntk.tile_function(adapted, adapted.modules, None, "ntk", False, method)
         total = lambda a, b, t, f: sum(tile(a, b, t, f).values())  # noqa: E731
         bs = p.get("block_size")
         if bs is None:

@@ -28,7 +28,7 @@ CHOICES = {"lax.map": lambda fn, xs: jax.lax.map(fn, xs), "vmap": lambda fn, xs:
 
 def compiled_tile(adapted, method, choice, x, x2):
     ntk.map_over_outputs = CHOICES[choice]  # read when the tile function is traced, i.e. inside compile_apart
-    tile = module_ntk._tile_fn(adapted, adapted.modules, None, "ntk", False, method)
+    tile = module_ntk.tile_function(adapted, adapted.modules, None, "ntk", False, method)
     total = lambda a, b, t, f: sum(tile(a, b, t, f).values())  # noqa: E731
     return H.compile_apart(total, x, x2, adapted.trainable, adapted.frozen)
 

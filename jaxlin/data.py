@@ -153,7 +153,7 @@ def load_dataset(name_or_path: str | pathlib.Path, *, text_column: str = "text",
         raise DataError(f"data file {path} not found (working directory {pathlib.Path.cwd()}); check the path")
     if missing_labels not in MISSING_LABELS:
         raise DataError(f"missing_labels={missing_labels!r} is not one of {MISSING_LABELS}")
-    rows = _read_rows(path, encoding, text_column, label_column)
+    rows = read_rows(path, encoding, text_column, label_column)
     texts, raw, lines, unlabelled = [], [], [], 0
     for line, text, label in rows:
         if not text.strip():
@@ -193,7 +193,7 @@ def refuse_file_options(source: str, **options) -> None:
                         + ", ".join(f"--{n.replace('_', '-')} ({n}=)" for n in custom))
 
 
-def _read_rows(path: pathlib.Path, encoding: str, text_col: str, label_col: str) -> list[tuple[int, str, object]]:
+def read_rows(path: pathlib.Path, encoding: str, text_col: str, label_col: str) -> list[tuple[int, str, object]]:
     """(line number, text, raw label) for each row of a CSV/TSV/JSONL file."""
     data = path.read_bytes()
     if not data.strip():

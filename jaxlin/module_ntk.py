@@ -226,7 +226,7 @@ def _ntvp_tile(adapted: Adapted, modules, output_fn, trace: bool):
 _TILES: "weakref.WeakKeyDictionary[Adapted, dict]" = weakref.WeakKeyDictionary()
 
 
-def _tile_fn(adapted, modules, output_fn, kernel, trace, implementation):
+def tile_function(adapted, modules, output_fn, kernel, trace, implementation):
     """One tile function per request, kept while ``adapted`` lives, so a second call does not recompile."""
     cache = _TILES.setdefault(adapted, {})
     key = (modules, output_fn, kernel, trace, implementation)
@@ -283,7 +283,7 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
     if kernel == "sign" and implementation == "ntk_vector_products":
         raise ValueError("kernel='sign' is not available with implementation='ntk_vector_products'; "
                          "use 'structured' or 'jacobian_contraction'")
-    tile = _tile_fn(adapted, modules, output_fn, kernel, trace, implementation)
+    tile = tile_function(adapted, modules, output_fn, kernel, trace, implementation)
     x1 = {k: jnp.asarray(batch1[k]) for k in ("input_ids", "attention_mask")}
     x2 = None if batch2 is None else {k: jnp.asarray(batch2[k]) for k in ("input_ids", "attention_mask")}
     symmetric = x2 is None and kernel == "ntk"

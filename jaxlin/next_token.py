@@ -34,9 +34,9 @@ import numpy as np
 import optax
 from jax.tree_util import Partial
 
-from .data import DataError, TextDataset, _read_rows, pad_batch
+from .data import DataError, TextDataset, pad_batch, read_rows
 from .sweep import output_comparison
-from .train import TrainConfig, _linearized
+from .train import TrainConfig, linearized_function
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -78,7 +78,7 @@ def load_completions(path, *, prompt_column: str = "prompt", completion_column: 
         raise DataError(f"{path}: completions are read from .csv, .tsv or .jsonl files, not {path.suffix!r}")
     if not path.is_file():
         raise DataError(f"completion file {path} not found (working directory {pathlib.Path.cwd()}); check the path")
-    rows = _read_rows(path, encoding, prompt_column, completion_column)
+    rows = read_rows(path, encoding, prompt_column, completion_column)
     bad = [(line, c) for line, _, c in rows if not isinstance(c, str)]
     if bad:
         raise DataError(f"{path} line {bad[0][0]}: completion {bad[0][1]!r} is not a string; write the completion "
@@ -188,7 +188,7 @@ def next_token_functions(adapted) -> tuple[TokenLogits, Partial]:
         raise ValueError(f"next-token fine-tuning reads the LM head: load the model with task='causal_lm' (it was "
                          f"loaded with task={adapted.model.task!r})")
     f = TokenLogits(adapted, adapted.frozen)
-    return f, Partial(_linearized, f, adapted.trainable)
+    return f, linearized_function(f, adapted.trainable)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -187,6 +187,13 @@ def _linearized(f, trainable0, trainable, batch):
     return linearize(f, trainable0)(trainable, batch)
 
 
+def linearized_function(f: Callable, trainable0) -> Partial:
+    """f̄(θ, batch) = f(θ0, batch) + J(θ − θ0) of ``f(trainable, batch)`` at θ0 = ``trainable0`` (one jvp per call).
+    f is an argument of the returned Partial, so when f is a pytree (an `AdaptedFunction`) its frozen weights, like
+    θ0, are leaves that a jit takes as inputs."""
+    return Partial(_linearized, f, trainable0)
+
+
 def model_functions(adapted, output_fn: Callable | None = None) -> tuple[Callable, Partial]:
     """(apply_nonlinear, apply_linearized), each `(trainable, batch) -> logits (B, C)`.
 
@@ -195,7 +202,7 @@ def model_functions(adapted, output_fn: Callable | None = None) -> tuple[Callabl
     `jaxlin.label_word_readout`: the LM's label-word logits). The frozen weights and θ0 are leaves of the returned
     pytrees (see module doc)."""
     f = adapted.as_function(output_fn)
-    return f, Partial(_linearized, f, adapted.trainable)
+    return f, linearized_function(f, adapted.trainable)
 
 
 # ------------------------------------------------------------------------------------------ loss, step
