@@ -393,6 +393,7 @@ def run(config: RunConfig, out: Path | None = None, *, resume: bool = False) -> 
     jax.config.update("jax_enable_x64", True)  # float64 Gram accumulation and eigensolves
     require_healthy_backend()  # before anything is computed or written: a miscompiling jaxlib stops the run here
     mesh = _mesh_setup(config, out)
+    _check_mesh_stages(config.stages, mesh)
     out = Path(out) if out is not None else default_out_dir(config.preset, resume)
     with output_directory(out) if _writes() else contextlib.nullcontext():
         log(f"jaxlin run: preset {config.preset}, output {out}")
@@ -403,7 +404,6 @@ def run(config: RunConfig, out: Path | None = None, *, resume: bool = False) -> 
         for dep in [d for s in wanted for d in NEEDS.get(s, ())]:
             if dep not in wanted:
                 wanted.insert(0, dep)
-        _check_mesh_stages(wanted, mesh)
         for i, stage in enumerate([s for s in ORDER if s in wanted], 1):
             result, arrays, record = _run_stage(_replicated(ctx) if stage in MESH_UNAWARE else ctx, stage, resume)
             ctx.results[stage], ctx.stages[stage], timings[stage] = result, record, record["seconds"]
