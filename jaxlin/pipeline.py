@@ -21,8 +21,8 @@ holding NaN/inf outside `NONFINITE_ALLOWED` is never stored. `jaxlin.rundir` hol
 atomic writes and the stage store; docs/refusals.md lists what a run refuses. On a device mesh (``--mesh``) and
 as several processes (docs/scaling.md) every process computes every stage in the same order; process 0 alone
 holds the lock and writes stages, arrays, report and results.json (`_mesh_setup`, `_check_mesh_stages`,
-`_writes`). ``results.json`` is assembled,
-validated and written once, after the report is rendered from the same dict (`write_outputs`).
+`_writes`). ``results.json`` is assembled, validated and written once, after the report is rendered from the
+same dict (`write_outputs`).
 """
 from __future__ import annotations
 
