@@ -58,7 +58,10 @@ class ModelSection:
     # decoders always classify through a linear `score` head on the last real token
     train_head: bool = True  # fine-tune the head with LoRA in the sweep and the study (kernels exclude it)
     seed: int = 0
-    # the label-word readout (jaxlin.readout) will add its keys here: readout, label_words, prompt_template
+    readout: str = "head"  # "head": the classification head; "label_words": a decoder's own next-token logits of
+    # one label word per class after `prompt_template` (jaxlin.label_word_readout; no head is added or trained)
+    label_words: tuple[str, ...] | None = None  # one per class in label-id order; None = the data's label names
+    prompt_template: str | None = None  # with one "{text}" field; None = "{text}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,10 +209,15 @@ class RunConfig:
     def fingerprint(self) -> str:
         """A short hash of every field that shapes a result (all but ``stages``, ``preset`` and the ``mesh``
         section, which says how the run executes), for --resume. It hashes the flat keys, so a config keeps the
-        hash it had when RunConfig was flat."""
+        hash it had when RunConfig was flat; a key added since (`ADDED_KEYS`) enters the hash only when it differs
+        from its default, so stored runs keep their keys."""
         d = self.flat_dict()
         for key in ("stages", "preset", *(FLAT_OF[("mesh", f.name)] for f in dataclasses.fields(MeshSection))):
             d.pop(key)
+        defaults = RunConfig().flat_dict()
+        for key in ADDED_KEYS:
+            if d[key] == defaults[key]:
+                del d[key]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     # ---- the stages' own configs: the one place run-level values (seed, max_length, padding) go into them
@@ -269,11 +277,13 @@ def _flat_keys() -> dict[str, tuple[str | None, str]]:
 
 
 FLAT_KEYS = _flat_keys()
+ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template"})  # flat keys added after results were first stored
 FLAT_OF = {where: flat for flat, where in FLAT_KEYS.items()}
 DOTTED = {flat: (name if section is None else f"{section}.{name}") for flat, (section, name) in FLAT_KEYS.items()}
 
 # A choice's allowed values: (owning module, its name there). Read through `allowed_values`.
 ALLOWED = {
+    "model.readout": ("readout", "READOUTS"),
     "lora.init": ("adapters", "LORA_INITS"),
     "data.missing_labels": ("data", "MISSING_LABELS"),
     "data.calibration_mode": ("study", "CALIBRATION_MODES"),
@@ -295,6 +305,8 @@ def allowed_values(key: str) -> tuple:
 
 # ------------------------------------------------------------------------------------------------- presets
 
+DECODER_TEMPLATE = "Tweet: {text}\nSentiment:"
+
 PRESETS: dict[str, dict] = {
     "default": {},
     "quick": {"data": dict(num_train=96, num_eval=64, num_calibration=16, max_length=32),
@@ -308,14 +320,28 @@ PRESETS: dict[str, dict] = {
               "train": dict(lambdas=(0.5, 5.0, 50.0), regularizer="adamspd", anchor="zero", learning_rate=4e-3,
                             batch_size=64, steps=10520),
               "study": dict(preset="gpu", configurations=None, seeds=None)},
-    "decoder": {"model": dict(name="SmolLM2-135M-Instruct"),
-                "lora": dict(targets=("q_proj", "v_proj"), layers=(28, 29)),
-                "data": dict(num_train=64, num_eval=64, num_calibration=16, max_length=32),
-                "kernel": dict(num_krr=32, krr_ridges=(1e-4, 1e-2, 1.0)),
-                "train": dict(lambdas=(0.5, 50.0), steps=8, batch_size=8, learning_rate=1e-3),
-                "dynamics": dict(steps=8),
-                "probe": dict(radii=(0.1, 1.0), directions=2, tangents=2),
-                "study": dict(preset="quick", configurations=("single",), seeds=None, selection_budget=2)},
+    # SmolLM2 read through its own next-token logits of "negative"/"positive" after a prompt (no head is added):
+    # f(θ0) is the model's zero-shot prediction. `--readout head` gives the score-head variant of the same run.
+    "decoder": {"model": dict(name="SmolLM2-135M-Instruct", readout="label_words", train_head=False,
+                              prompt_template=DECODER_TEMPLATE),
+                "lora": dict(targets=("q_proj", "v_proj"), layers=(26, 27, 28, 29)),
+                "data": dict(num_train=1024, num_eval=256, num_calibration=64, max_length=96),
+                "kernel": dict(num_krr=256, krr_ridges=(1e-4, 1e-2, 1.0)),
+                "train": dict(lambdas=(0.01, 0.1, 1.0, 10.0, 100.0), steps=100, batch_size=16, learning_rate=1e-3),
+                "dynamics": dict(steps=20),
+                "probe": dict(radii=(0.03, 0.1, 0.3, 1.0), directions=4, tangents=2),
+                "study": dict(preset="quick", configurations=("layer",), seeds=(0, 1, 2), selection_budget=2)},
+    # every stage of `decoder` at the smallest sizes that exercise it (the test suite runs it end to end)
+    "decoder-quick": {"model": dict(name="SmolLM2-135M-Instruct", readout="label_words", train_head=False,
+                                    prompt_template=DECODER_TEMPLATE),
+                      "lora": dict(targets=("q_proj", "v_proj"), layers=(28, 29)),
+                      "data": dict(num_train=64, num_eval=64, num_calibration=16, max_length=64),
+                      "kernel": dict(num_krr=16, krr_ridges=(1e-4, 1e-2, 1.0), sign_kernel=False),
+                      "train": dict(lambdas=(1.0, 100.0), steps=4, batch_size=8, learning_rate=1e-3,
+                                    num_train_evaluated=16),
+                      "dynamics": dict(steps=4),
+                      "probe": dict(radii=(0.1, 1.0), directions=2, tangents=2),
+                      "study": dict(preset="quick", configurations=("layer",), seeds=None, selection_budget=1)},
 }
 
 
@@ -533,6 +559,16 @@ def _validate(c: RunConfig):
     for key in ALLOWED:
         if key != "study.configurations":
             choice(key)
+    words = c.model.label_words
+    check(words is None or (len(words) >= 2 and all(w.strip() for w in words)), "model.label_words",
+          "None or two or more non-empty words, one per class in label-id order")
+    check(words is None or c.model.readout == "label_words", "model.label_words",
+          "label words are read only with --readout label_words; add it or drop --label-words")
+    template = c.model.prompt_template
+    check(template is None or (isinstance(template, str) and template.count("{text}") == 1), "model.prompt_template",
+          "None or a string with exactly one {text} field, e.g. 'Tweet: {text}\\nSentiment:'")
+    check(template is None or c.model.readout == "label_words", "model.prompt_template",
+          "a prompt template is read only with --readout label_words; add it or drop --prompt-template")
     check(c.study.seeds is None or (len(c.study.seeds) > 0 and all(isinstance(s, int) for s in c.study.seeds)),
           "study.seeds", "None or one or more integer seeds")
     families = allowed_values("study.configurations")

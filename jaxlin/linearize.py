@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import chex
 import jax
 
 from jaxlin._types import PyTree
@@ -26,6 +27,7 @@ from jaxlin._types import PyTree
 
 def _tangent(params, params0):
     """θ − θ0, cast leaf by leaf to θ0's dtype (jvp requires tangent dtype == primal dtype)."""
+    chex.assert_trees_all_equal_shapes(params, params0)  # θ has θ0's leaves and shapes; no silent broadcast
     return jax.tree.map(lambda p, p0: (p - p0).astype(p0.dtype), params, params0)
 
 

@@ -35,6 +35,7 @@ import os
 import string
 from typing import Any, Callable, Optional, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -273,16 +274,19 @@ def empirical_ntk_fn(f: Callable, *, trace_axes: Sequence[int] = (-1,), vmap_axe
     builders = {}
 
     def ntk(x1, x2, params):
-        leading_size(x1, "x1")
+        n1 = leading_size(x1, "x1")
         if x2 is not None and jax.tree.structure(x2) != jax.tree.structure(x1):
             raise ValueError("x2 must have the pytree structure of x1 (or be None).")
-        if x2 is not None:
-            leading_size(x2, "x2")
-        ndim = _out_shape(f, params, x1).ndim
-        spec = KernelSpec(_normalize_trace_axes(trace_axes, ndim), vmap_axes, reduce, accumulate_dtype, kernel)
+        n2 = n1 if x2 is None else leading_size(x2, "x2")
+        out = _out_shape(f, params, x1)
+        spec = KernelSpec(_normalize_trace_axes(trace_axes, out.ndim), vmap_axes, reduce, accumulate_dtype, kernel)
         if spec not in builders:
             builders[spec] = _IMPLEMENTATIONS[implementation](f, spec)
-        return builders[spec](x1, x2, params)
+        k = builders[spec](x1, x2, params)
+        kept = [s for i, s in enumerate(out.shape[1:]) if i not in spec.trace_axes]
+        # every implementation, a registered one included, returns the documented (N1, N2, kept axes twice)
+        chex.assert_shape(k, (n1, n2) + tuple(s for s in kept for _ in range(2)))
+        return k
 
     return ntk
 

@@ -58,6 +58,7 @@ from .models.base import max_input_length
 from .models.checkpoint import CheckpointError, resolve
 from .module_ntk import module_ntks
 from .probe import probe_adapted
+from .readout import LabelWordReadout, check_readout, label_word_readout
 from .report import RESULTS_NAME, write_report
 from .rundir import (RunError, atomic_write, default_out_dir, log, output_directory, read_stage, stage_key,
                      stage_path, stage_record, write_stage)
@@ -84,14 +85,26 @@ class Context:
     calibration: TextDataset
     length: int  # every kernel batch is padded to this many tokens, so all kernel tiles share one compile
     inputs: dict[str, str]  # fingerprints of what the stages read
+    readout: LabelWordReadout | None = None  # model.readout "label_words": prompts in, label-word logits out
     results: dict[str, dict] = dataclasses.field(default_factory=dict)
     arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     stages: dict[str, dict] = dataclasses.field(default_factory=dict)  # per finished stage: key, reused, seconds,
     # finished
     mesh: Mesh | None = None  # the run's device mesh (--mesh); parameters are sharded on it by jaxlin.sharding
 
+    @property
+    def tokenizer(self):
+        """What turns texts into token ids in every stage: the model's tokenizer, or the label-word readout (which
+        formats each text as a prompt and pads on the right)."""
+        return self.model.tokenizer if self.readout is None else self.readout
+
+    @property
+    def output_fn(self):
+        """The readout every stage applies to the model's outputs: None (the head's logits) or the label words'."""
+        return None if self.readout is None else self.readout.output_fn
+
     def batch(self, dataset: TextDataset) -> dict:
-        tok = self.model.tokenizer
+        tok = self.tokenizer
         ids = tok.encode_unpadded(list(dataset.texts), self.config.data.max_length)
         out = data.pad_batch(ids, pad_token_id=tok.pad_token_id, length=self.length, padding_side=tok.padding_side)
         out["labels"] = np.asarray(dataset.labels, np.int32)
@@ -122,31 +135,55 @@ def setup(config: RunConfig, out: Path, mesh: Mesh | None = None) -> Context:
         log(f"note: {d.dataset} has {len(train)} training examples after the split; using all of them")
     train = train.subset(np.arange(min(d.num_train, len(train))))
     calibration = data.calibration_subset(train, d.num_calibration, mode=d.calibration_mode, seed=m.seed)
+    if "study" in config.stages:
+        _check_study_sizes(config, len(train), len(eval_))
     model = _load_model(config, ds.num_classes, mesh)
     limit = max_input_length(model.config)
     if limit is not None and d.max_length > limit:
         raise ConfigError(f"max_length={d.max_length} is longer than the {limit} positions {m.name} "
                           f"embeds; tokens past {limit} would read undefined position embeddings: pass "
                           f"--max-length {limit} or less")
+    readout = _readout(config, model, ds)
     adapted, adapted_lora = _adapt(model, config)
     if mesh is not None:
         adapted, adapted_lora = sharding.shard_adapted(adapted, mesh), sharding.shard_adapted(adapted_lora, mesh)
+    tokenizer = model.tokenizer if readout is None else readout
     longest = max(len(t) for part in (train, eval_)
-                  for t in model.tokenizer.encode_unpadded(list(part.texts), d.max_length))
+                  for t in tokenizer.encode_unpadded(list(part.texts), d.max_length))
     length = min(-(-longest // 8) * 8, limit or math.inf)  # padded positions must exist too
     inputs = {"config": config.fingerprint(), "dataset": dataset_digest(ds), "checkpoint": checkpoint_digest(m.name),
               "jaxlin": __version__, "format": SCHEMA_VERSION}
-    return Context(config, out, model, adapted, adapted_lora, train, eval_, calibration, length, inputs, mesh=mesh)
+    return Context(config, out, model, adapted, adapted_lora, train, eval_, calibration, length, inputs, readout,
+                   mesh=mesh)
+
+
+def _check_study_sizes(config: RunConfig, num_train: int, num_eval: int) -> None:
+    """Refuse, before anything is loaded or computed, a study preset that asks for more examples than the run has."""
+    study = config.study_config()
+    largest = max(v["num_calibration"] for v in study.variants.values())
+    for what, need, have, flag in (("training", max(study.num_train, largest), num_train, "--num-train"),
+                                   ("eval", study.num_eval, num_eval, "--num-eval")):
+        if need > have:
+            raise ConfigError(f"the study preset {config.study.preset!r} uses {need} {what} examples but the run has "
+                              f"{have}; raise {flag} to {need} or more, choose a smaller --study preset, or drop "
+                              "the study stage (--stages)")
 
 
 def _load_model(config: RunConfig, num_labels: int, mesh: Mesh | None = None) -> Model:
     """The checkpoint with a classification head of `num_labels` outputs (``model.head`` for encoders; decoders
     have one head, `score`)."""
     m = config.model
-    head = m.head if models.family_kind(m.name) == "encoder" else None
+    kind = models.family_kind(m.name)
+    if m.readout == "label_words" and kind != "decoder":
+        raise ConfigError(f"readout='label_words' reads a causal LM's next-token logits, but {m.name} is an {kind}; "
+                          "pass --readout head, or a decoder checkpoint with --model")
+    head = m.head if kind == "encoder" else None
     try:
-        model = models.load_pretrained(m.name, task="classification", num_labels=num_labels, seed=m.seed, head=head,
-                                       mesh=mesh)
+        if m.readout == "label_words":
+            model = models.load_pretrained(m.name, task="causal_lm", seed=m.seed, mesh=mesh)
+        else:
+            model = models.load_pretrained(m.name, task="classification", num_labels=num_labels, seed=m.seed,
+                                           head=head, mesh=mesh)
     except (CheckpointError, DataError):
         raise
     except ValueError as e:  # an encoder family's own check of the head it is asked for
@@ -159,11 +196,29 @@ def _load_model(config: RunConfig, num_labels: int, mesh: Mesh | None = None) ->
     return model
 
 
-def _adapt(model: Model, config: RunConfig) -> tuple[Adapted, Adapted]:
-    """(LoRA + head if model.train_head, LoRA only) per the ``lora`` section."""
-    lora = config.lora_spec()
+def _readout(config: RunConfig, model: Model, ds: TextDataset) -> LabelWordReadout | None:
+    """The label-word readout of ``model.readout = "label_words"`` (None for the head): ``model.label_words`` or
+    the data's label names, one per class in label-id order, after ``model.prompt_template``."""
+    m = config.model
+    if m.readout != "label_words":
+        return None
+    words = m.label_words or tuple(ds.label_names)
     try:
-        return adapt(model, lora=lora, head=config.model.train_head), adapt(model, lora=lora)
+        readout = label_word_readout(model.tokenizer, words, m.prompt_template)
+        check_readout(readout, readout.output_fn, ds.num_classes)
+    except ValueError as e:  # colliding first tokens, a template that merges with the word, a count mismatch
+        raise ConfigError(f"{e}; fix --label-words or --prompt-template") from None
+    if m.train_head:
+        log("note: the label-word readout adds no head, so train_head is ignored (the LoRA factors train alone)")
+    return readout
+
+
+def _adapt(model: Model, config: RunConfig) -> tuple[Adapted, Adapted]:
+    """(LoRA + head if model.train_head and the readout is the head, LoRA only) per the ``lora`` section."""
+    lora = config.lora_spec()
+    head = config.model.train_head and config.model.readout == "head"
+    try:
+        return adapt(model, lora=lora, head=head), adapt(model, lora=lora)
     except ConfigError:  # already names its flag
         raise
     except ValueError as e:  # adapters' checks of the layers and targets against this model's modules
@@ -232,7 +287,7 @@ def stage_ntk(ctx: Context):
     cal = ctx.batch(ctx.calibration)
     modules = ctx.adapted_lora.lora_modules
     kw = dict(trace_axes=(), implementation=k.implementation, block_size=_block_size(ctx), progress=True,
-              mesh=ctx.mesh)
+              output_fn=ctx.output_fn, mesh=ctx.mesh)
     t = time.perf_counter()
     grams = module_ntks(ctx.adapted_lora, cal, **kw)
     seconds = time.perf_counter() - t
@@ -286,13 +341,13 @@ def _onehot(ctx: Context, labels) -> np.ndarray:
 
 
 def _outputs(ctx: Context, batch):
-    """Logits at θ0 (LoRA B = 0, so those of the base model with its head), float64 on the host (on a mesh:
-    inputs replicated, logits gathered from every process)."""
+    """Logits at θ0 (LoRA B = 0, so those of the base model with its head, or its zero-shot label-word logits),
+    float64 on the host (on a mesh: inputs replicated, logits gathered from every process)."""
     ad = ctx.adapted_lora  # the function is an argument of the jit, so its frozen weights are inputs
     x = {k: batch[k] for k in ("input_ids", "attention_mask")}
     if ctx.mesh is not None:
         x = sharding.place(x, {k: NamedSharding(ctx.mesh, P()) for k in x})
-    logits = jax.jit(AdaptedFunction.__call__)(ad.as_function(), ad.trainable, x)
+    logits = jax.jit(AdaptedFunction.__call__)(ad.as_function(ctx.output_fn), ad.trainable, x)
     if not logits.is_fully_addressable:
         logits = multihost_utils.process_allgather(logits, tiled=True)
     return np.asarray(logits, np.float64)
@@ -310,7 +365,7 @@ def stage_krr(ctx: Context):
     krr_eval = ctx.eval.subset(np.arange(min(k_cfg.num_krr, len(ctx.eval))))  # the cross kernel costs M·N
     xb, eb = ctx.batch(krr_set), ctx.batch(krr_eval)
     kw = dict(trace_axes=(), implementation=k_cfg.implementation, block_size=_block_size(ctx), progress=True,
-              mesh=ctx.mesh)
+              output_fn=ctx.output_fn, mesh=ctx.mesh)
     k_train = sum(module_ntks(ctx.adapted_lora, xb, **kw).values())
     k_cross = sum(module_ntks(ctx.adapted_lora, eb, xb, **kw).values())
     f0_train, f0_eval = _outputs(ctx, xb), _outputs(ctx, eb)
@@ -343,8 +398,8 @@ def stage_dynamics(ctx: Context):
     tc = cfg.dynamics_train_config(learning_rate=n * lr_sum, batch_size=n, strength=ridge_sum / n,
                                    pad_to_multiple_of=ctx.length)
     batches = lambda epoch: map(_process_rows, data.batches(  # noqa: E731
-        ctx.calibration, ctx.model.tokenizer, batch_size=n, max_length=tc.max_length, pad_to_multiple_of=ctx.length))
-    nonlinear, linearized = model_functions(ctx.adapted_lora)
+        ctx.calibration, ctx.tokenizer, batch_size=n, max_length=tc.max_length, pad_to_multiple_of=ctx.length))
+    nonlinear, linearized = model_functions(ctx.adapted_lora, ctx.output_fn)
     measured = {name: fit(fn, ctx.adapted_lora.trainable, batches, config=tc, progress=False,
                           mesh=ctx.mesh).train_loss
                 for name, fn in (("linearized", linearized), ("nonlinear", nonlinear))}
@@ -357,9 +412,10 @@ def stage_dynamics(ctx: Context):
 
 def stage_sweep(ctx: Context):
     t = ctx.config.train
-    results = lambda_sweep(ctx.adapted, ctx.train, ctx.eval, ctx.model.tokenizer, lambdas=list(t.lambdas),
+    results = lambda_sweep(ctx.adapted, ctx.train, ctx.eval, ctx.tokenizer, lambdas=list(t.lambdas),
                            config=ctx.config.sweep_train_config(ctx.length), regularizer=t.regularizer,
-                           progress=True, num_train_evaluated=min(t.num_train_evaluated, len(ctx.train)))
+                           progress=True, num_train_evaluated=min(t.num_train_evaluated, len(ctx.train)),
+                           output_fn=ctx.output_fn)
     for r in results:  # the schema's headline output distance is the eval one; no radius at λ = 0
         r["output_distance_lin_nonlin"] = r["output_distance_lin_nonlin_eval"]
         if r["theorem2_radius"] is None:
@@ -372,11 +428,13 @@ def stage_sweep(ctx: Context):
 def stage_probe(ctx: Context):
     p = ctx.config.probe
     return probe_adapted(ctx.adapted_lora, ctx.batch(ctx.calibration), radii=list(p.radii),
-                         num_directions=p.directions, num_tangents=p.tangents, seed=ctx.config.model.seed), {}
+                         num_directions=p.directions, num_tangents=p.tangents, seed=ctx.config.model.seed,
+                         output_fn=ctx.output_fn), {}
 
 
 def stage_study(ctx: Context):
-    return run_study(ctx.model, ctx.train, ctx.eval, ctx.config.study_config(), progress=True), {}
+    return run_study(ctx.model, ctx.train, ctx.eval, ctx.config.study_config(), tokenizer=ctx.tokenizer,
+                     output_fn=ctx.output_fn, progress=True), {}
 
 
 STAGE_FUNCTIONS: dict[str, Callable] = {"ntk": stage_ntk, "spectrum": stage_spectrum, "krr": stage_krr,
@@ -601,6 +659,7 @@ def assemble(ctx: Context, timings: dict) -> dict:
                  "num_calibration": len(ctx.calibration), "label_names": list(ctx.train.label_names)},
         "model": {"source": str(cfg.model.name), "family": ctx.model.family, "num_layers": ctx.model.num_layers,
                   "modules": list(ctx.adapted.modules), "num_trainable_params": ctx.adapted.num_params()},
+        "readout": readout_section(ctx),
         "spectrum": r.get("spectrum", {}).get("configurations", skipped),
         "krr": r.get("krr", skipped),
         "dynamics": r.get("dynamics", skipped),
@@ -614,6 +673,21 @@ def assemble(ctx: Context, timings: dict) -> dict:
         "inputs": ctx.inputs,
         "stages": ctx.stages,
     }
+
+
+def readout_section(ctx: Context) -> dict:
+    """How a class score is read, and the accuracy at θ0 on the KRR stage's eval examples (the model's own
+    zero-shot accuracy for label words; a fresh head's for the head readout), null when krr did not run."""
+    krr = ctx.results.get("krr")
+    at_init = None if krr is None else {"zero_shot_eval_accuracy": krr["eval_accuracy_at_init"],
+                                        "zero_shot_num_eval": krr["num_eval"]}
+    at_init = at_init or {"zero_shot_eval_accuracy": None, "zero_shot_num_eval": 0}
+    if ctx.readout is None:
+        return {"kind": "head", "head": ctx.config.model.head if ctx.model.kind == "encoder" else "score",
+                "trained": ctx.config.model.train_head, **at_init}
+    r = ctx.readout
+    return {"kind": "label_words", "label_words": list(r.label_words), "token_ids": list(r.token_ids),
+            "template": r.template, "trained": False, **at_init}
 
 
 def write_outputs(out: Path, results: dict, arrays: dict, *, report: bool) -> None:

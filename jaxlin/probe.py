@@ -257,15 +257,17 @@ def _call(trainable, batch, f):
     return f(trainable, batch)
 
 
-def probe_adapted(adapted, batch, **kw) -> dict:
-    """`linearity_probe` of f = adapted.as_function() at θ0 = adapted.trainable; `batch` holds "input_ids" and
-    "attention_mask"; keywords as linearity_probe. f travels in `f_args`, so the frozen weights are traced
-    arguments (not baked constants) and repeated probes of one model share the jit cache."""
+def probe_adapted(adapted, batch, *, output_fn: Callable | None = None, **kw) -> dict:
+    """`linearity_probe` of f = adapted.as_function(output_fn) at θ0 = adapted.trainable; `batch` holds
+    "input_ids" and "attention_mask" (for a label-word readout: ``readout.encode(texts)`` and ``output_fn=
+    readout.output_fn``, so f is the (N, C) label-word logits); keywords as linearity_probe. f travels in
+    `f_args`, so the frozen weights are traced arguments (not baked constants) and repeated probes of one model
+    share the jit cache."""
     missing = {"input_ids", "attention_mask"} - set(batch)
     if missing:
         raise ValueError(f"batch lacks {sorted(missing)}; pass {{'input_ids': (N, L), 'attention_mask': (N, L)}}")
     inputs = {"input_ids": jnp.asarray(batch["input_ids"]), "attention_mask": jnp.asarray(batch["attention_mask"])}
-    return linearity_probe(_call, adapted.trainable, inputs, f_args=(adapted.as_function(),), **kw)
+    return linearity_probe(_call, adapted.trainable, inputs, f_args=(adapted.as_function(output_fn),), **kw)
 
 
 __all__ = ["ESTIMATORS", "linearity_probe", "lipschitz_at_radius", "probe_adapted", "random_unit_directions"]

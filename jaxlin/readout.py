@@ -14,6 +14,12 @@ The model computes only what the readout needs: ``readout.output_fn`` asks the m
 decoder takes the last real token's final hidden state (B, D) and the C label rows of its LM head (the tied
 embedding or an untied ``lm_head``): logits (B, C), never (B, L, V). Given full (B, L, V) logits instead, the
 same ``output_fn`` slices them, which is how the tests check the two agree.
+
+Every stage takes the readout the same way (docs/decoders.md): the readout is the stage's tokenizer (it is a
+``jaxlin.data.TokenizerLike`` that formats texts as prompts and right-pads them) and ``output_fn=readout.output_fn``
+(`jaxlin.sweep.lambda_sweep`, `jaxlin.probe.probe_adapted`, `jaxlin.study.run_study`, `jaxlin.module_ntks`,
+``Adapted.as_function``); `check_readout` refuses a pair that does not go together. f(θ0) is the model's own
+zero-shot prediction (`zero_shot_accuracy`), and KRR targets are one-hot minus those logits.
 """
 from __future__ import annotations
 
@@ -27,6 +33,9 @@ import numpy as np
 from .data import DataError, pad_batch
 from .models.layers import last_real_token
 from .models.tokenizer import Tokenizer
+
+
+READOUTS = ("head", "label_words")  # how a run reads a class score: the model's head, or an LM's label-word logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +74,19 @@ class LabelWordReadout:
     def prompt(self, text: str) -> str:
         return self.template.format(text=text)
 
-    def encode(self, texts: Sequence[str], max_length: int | None = None,
-               pad_to_multiple_of: int = 8) -> dict[str, np.ndarray]:
-        """``{"input_ids", "attention_mask"}`` (B, L) int32 of the prompts, right-padded with real lengths, L the
-        longest rounded up to ``pad_to_multiple_of``. A prompt longer than ``max_length`` tokens loses the end of
-        its text, never the template (whose last token is where the label word is read)."""
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def padding_side(self) -> str:
+        """Always "right": the label word is read at each row's last real token, and positions stay 0 … L−1."""
+        return "right"
+
+    def encode_unpadded(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        """The prompts' token ids (``jaxlin.data.TokenizerLike``), so ``jaxlin.data.batches(dataset, readout, …)``
+        and every stage that takes a tokenizer encode prompts. A prompt longer than ``max_length`` tokens loses
+        the end of its text, never the template (whose last token is where the label word is read)."""
         if isinstance(texts, str):
             raise TypeError("pass a list of texts, not a single string")
         texts = list(texts)
@@ -83,8 +100,14 @@ class LabelWordReadout:
         if not all(ids):
             raise DataError(f"prompt {[len(s) for s in ids].index(0)} has no tokens (an empty text with the template "
                             f"{self.template!r}); drop empty texts or use a template with words around {{text}}")
-        return pad_batch(ids, pad_token_id=self.tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
-                         padding_side="right")
+        return ids
+
+    def encode(self, texts: Sequence[str], max_length: int | None = None,
+               pad_to_multiple_of: int = 8) -> dict[str, np.ndarray]:
+        """``{"input_ids", "attention_mask"}`` (B, L) int32 of the prompts, right-padded with real lengths, L the
+        longest rounded up to ``pad_to_multiple_of`` (truncation as `encode_unpadded`)."""
+        return pad_batch(self.encode_unpadded(texts, max_length), pad_token_id=self.pad_token_id,
+                         pad_to_multiple_of=pad_to_multiple_of, padding_side="right")
 
     def _ids(self, prompts: list[str]) -> list[list[int]]:
         return self.tokenizer.hf(prompts)["input_ids"]
@@ -124,6 +147,37 @@ def label_word_readout(tokenizer, label_words: Sequence[str], template: str | No
     return LabelWordReadout(tok, words, template, token_ids, LabelWordLogits(token_ids))
 
 
+def check_readout(tokenizer, output_fn, num_classes: int | None = None) -> None:
+    """Refuse a stage's (tokenizer, output_fn) pair that cannot go together: label-word logits of texts encoded
+    without the readout's template, a readout's prompts read by another output_fn, or C label words for a
+    data set of another number of classes. Stages call it before any work."""
+    label_words = isinstance(output_fn, LabelWordLogits)
+    readout = tokenizer if isinstance(tokenizer, LabelWordReadout) else None
+    if label_words and (readout is None or readout.output_fn != output_fn):
+        raise ValueError(f"output_fn reads label words {output_fn.token_ids} but the texts are encoded by "
+                         f"{type(tokenizer).__name__}; pass tokenizer=readout and output_fn=readout.output_fn, both "
+                         "from one jaxlin.label_word_readout(...)")
+    if readout is not None and not label_words:
+        raise ValueError(f"the texts are encoded as prompts of the label-word readout {readout.label_words} but "
+                         f"output_fn={output_fn!r}; pass output_fn=readout.output_fn")
+    if label_words and num_classes is not None and len(output_fn.token_ids) != num_classes:
+        raise ValueError(f"the readout has {len(output_fn.token_ids)} label words {readout.label_words} but the data "
+                         f"have {num_classes} classes; pass one label word per class, in label-id order")
+
+
+def zero_shot_accuracy(adapted, dataset, readout: LabelWordReadout, *, batch_size: int = 32,
+                       max_length: int = 128) -> float:
+    """The accuracy at θ0 (``adapted.trainable``; LoRA B0 = 0 is the pretrained model) of argmax over the label
+    words' logits on ``dataset`` (a `jaxlin.data.TextDataset` whose label ids follow ``readout.label_words``)."""
+    from .data import batches
+    from .train import evaluate
+
+    check_readout(readout, readout.output_fn, dataset.num_classes)
+    found = evaluate(adapted.as_function(readout.output_fn), adapted.trainable,
+                     batches(dataset, readout, batch_size=batch_size, max_length=max_length, padding_side="right"))
+    return found["accuracy"]
+
+
 def _check_template(template: str) -> None:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
@@ -161,4 +215,5 @@ def first_tokens(tokenizer: Tokenizer, prompt: str, words: Sequence[str]) -> tup
     return tuple(ids)
 
 
-__all__ = ["LabelWordLogits", "LabelWordReadout", "label_word_readout", "first_tokens"]
+__all__ = ["LabelWordLogits", "LabelWordReadout", "label_word_readout", "first_tokens", "check_readout",
+           "zero_shot_accuracy"]

@@ -23,7 +23,7 @@ RESULTS_NAME = "results.json"
 REPORT_NAME = "report.html"
 FIGURE_IDS = ("fig-spectra", "fig-kappa-scatter", "fig-distances", "fig-loss-curves", "fig-lipschitz",
               "fig-dynamics", "fig-krr")
-TABLE_IDS = ("table-selection", "table-correlation")
+TABLE_IDS = ("table-glance", "table-selection", "table-correlation")
 MAX_SCORES_SHOWN = 8
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;max-width:1000px;margin:1.5em auto;padding:0 1em;color:#222}
@@ -184,6 +184,7 @@ def _header(results: dict, arrays: dict | None) -> str:
     total = sum(float(s) for s in results["timings"].values() if math.isfinite(float(s)))
     config = [(k, json.dumps(v, ensure_ascii=False)) for k, v in _dotted(results["config"])]
     parts = [f"<h1>jaxlin report: {_esc(results['config']['preset'])}</h1>", _table(facts, ("", "")),
+             _glance_section(results),
              '<div class="grid"><div><h2>Timings (s)</h2>',
              _table(timings + [("total", _plots.fmt(total))], ("stage", "seconds"), "table-timings", numeric=(1,)),
              "</div><div><h2>Variants</h2>",
@@ -191,6 +192,37 @@ def _header(results: dict, arrays: dict | None) -> str:
              "<h2>Configuration</h2>", _table(config, ("key", "value"), "table-config")]
     parts.append(_arrays_block(results["arrays"], arrays))
     return "".join(parts)
+
+
+def _glance_section(results: dict) -> str:
+    """One table of eval accuracies: at θ0 (the readout's zero-shot), the kernel predictor's best, and fine-tuned
+    nonlinear and linearized at each λ with how far apart the two models end (RMS logit distance, KL)."""
+    readout = results.get("readout")
+    rows = []
+    if readout is not None:
+        how = (f"label words {', '.join(readout['label_words'])} after {readout['template']!r}"
+               if readout["kind"] == "label_words" else f"{readout.get('head', 'head')} head"
+                                                        + ("" if readout["trained"] else " (not trained)"))
+        rows.append(("at θ0 (zero-shot), " + how, _maybe(readout["zero_shot_eval_accuracy"]), "",
+                     f"{readout['zero_shot_num_eval']} eval examples"))
+    best = None if is_skipped(results["krr"]) else _plots.best_krr(results["krr"])
+    if best is not None:
+        rows.append((f"KRR with the model's eNTK, λ = {_plots.fmt(best[0])}", _plots.fmt(best[1]), "",
+                     f"{results['krr'].get('num_eval', '?')} eval examples, no training"))
+    for r in results["sweep"]:
+        rows.append((f"fine-tuned, λ = {_plots.fmt(r['lambda'])}",
+                     _maybe(r.get("eval_accuracy_nonlinear")), _maybe(r.get("eval_accuracy_linearized")),
+                     f"‖f − f̄‖ = {_maybe(r.get('output_distance_lin_nonlin_eval'))}, "
+                     f"KL = {_maybe(r.get('kl_nonlin_lin'))}"))
+    if not rows:
+        return ""
+    return "<h2>Eval accuracy at a glance</h2>" + _table(rows, ("predictor", "accuracy (nonlinear)",
+                                                                 "accuracy (linearized)", "note"),
+                                                         "table-glance", numeric=(1, 2))
+
+
+def _maybe(value) -> str:
+    return "—" if value is None else _plots.fmt(value)
 
 
 def _dotted(config: dict, prefix: str = ""):

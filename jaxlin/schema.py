@@ -194,6 +194,17 @@ DATA = record({"dataset": string, "num_train": integer, "num_eval": integer, "nu
 MODEL = record({"source": string, "family": string, "num_layers": integer, "modules": STRINGS,
                 "num_trainable_params": integer})
 
+
+
+def number_or_null(value, path: str) -> None:
+    if value is not None:
+        number(value, path)
+
+
+READOUT = record({"kind": string, "trained": boolean, "zero_shot_eval_accuracy": number_or_null,
+                  "zero_shot_num_eval": integer},
+                 {"head": string, "label_words": STRINGS, "token_ids": list_of(integer), "template": string})
+
 INPUTS = record({k: string for k in ("config", "dataset", "checkpoint", "jaxlin", "format")})
 STAGE_RECORD = record({"key": string, "reused": boolean, "seconds": number, "finished": string})
 
@@ -203,7 +214,8 @@ RESULTS = record(
      "model": MODEL, "spectrum": skippable(dict_of(CONFIGURATION)), "krr": skippable(KRR),
      "sweep": list_of(SWEEP_POINT), "probe": skippable(PROBE), "correlation": skippable(CORRELATION),
      "selection": skippable(SELECTION), "arrays": string},
-    {"dynamics": skippable(DYNAMICS), "sweep_summary": skippable(dict_of(number)), "inputs": INPUTS,
+    {"dynamics": skippable(DYNAMICS), "sweep_summary": skippable(dict_of(number)), "readout": READOUT,
+     "inputs": INPUTS,
      "stages": dict_of(STAGE_RECORD)})
 
 
@@ -271,7 +283,7 @@ def _example_correlation(rng, spectrum):
     results = {stat: {out: correlation([r["statistics"][stat] for r in runs], [r[out] for r in runs],
                                        n_bootstrap=200) for out in OUTCOMES}
                for stat in ("kappa", "effective_rank")}
-    results["min_eigenvalue"] = {out: correlation([1.0, 1.0], [0.0, 1.0]) for out in OUTCOMES}  # degenerate: nan
+    results["mu_min"] = {out: correlation([1.0, 1.0], [0.0, 1.0]) for out in OUTCOMES}  # degenerate: nan
     return {"runs": runs, "results": results}
 
 
@@ -306,6 +318,8 @@ def example_results() -> dict:
                  "label_names": ["negative", "positive"]},
         "model": {"source": "synthetic://tiny-bert", "family": "bert", "num_layers": 2, "modules": modules,
                   "num_trainable_params": 4096},
+        "readout": {"kind": "head", "head": "roberta", "trained": True, "zero_shot_eval_accuracy": 0.5,
+                    "zero_shot_num_eval": 32},
         "spectrum": spectrum,
         "krr": {"configuration": "all", "ridges": ridges, "ridge_scale": "trace",
                 "eval_accuracy": 0.6 + 0.2 * np.exp(-(np.log10(ridges) + 2) ** 2),

@@ -15,7 +15,7 @@ from fractions import Fraction
 import numpy as np
 
 from jaxlin.spectrum import (DEFAULT_RIDGE_TRACE, DEFAULT_SIGMA_SCALE, DEFAULT_SIGMA_TRACE, absolute_sigma,
-                             as_matrix, kappa, spectrum_stats)
+                             as_matrix, kappa, ridge_terms, spectrum_stats)
 
 FAMILIES = ("single", "layer", "projection", "top_k", "all")
 SCORES = ("kappa", "mu_min", "ridge_objective")
@@ -97,13 +97,7 @@ def configuration_stats(module_grams, configurations, sigma=0.0, *, sigma_scale=
             for name, mods in configurations.items()}
 
 
-def _ridge_terms(mat, ridge, resid0):
-    """(½λ r0ᵀ(K+λI)⁻¹r0, ‖λ(K+λI)⁻¹r0‖) for λ = ridge."""
-    alpha = np.linalg.solve(mat + ridge * np.eye(mat.shape[0]), resid0)
-    return 0.5 * ridge * float(resid0 @ alpha), float(np.linalg.norm(ridge * alpha))
-
-
-def _check_ridge(ridge, resid0, n, required):
+def _check_ridge(ridge, resid0, required):
     if ridge is None and resid0 is None and not required:
         return None, None
     if ridge is None or resid0 is None:
@@ -113,11 +107,7 @@ def _check_ridge(ridge, resid0, n, required):
     ridge = float(ridge)
     if not math.isfinite(ridge) or ridge <= 0:
         raise ValueError(f"ridge={ridge} must be finite and > 0")
-    resid0 = np.asarray(resid0, dtype=np.float64).reshape(-1)
-    if resid0.shape[0] != n:
-        raise ValueError(f"resid0 has {resid0.shape[0]} entries but the kernel is {n}×{n}; flatten (N, O) "
-                         "targets example-major to N·O entries")
-    return ridge, resid0
+    return ridge, resid0  # its length is checked against the kernel by `ridge_terms`
 
 
 def _le(x, y, rtol):
@@ -160,10 +150,10 @@ def perturbation_report(gram_S, gram_l, ridge=None, resid0=None, *, sigma=0.0, r
         "mediant_holds": _le(k_sum, mediant, rtol * (1 + mediant)) and _le(mediant, max_bound, rtol * (1 + max_bound)),
         "kappa_rose": bool(k_sum > k_s),
     }
-    ridge, resid0 = _check_ridge(ridge, resid0, mat_s.shape[0], required=False)
+    ridge, resid0 = _check_ridge(ridge, resid0, required=False)
     if ridge is not None:
-        obj_before, res_before = _ridge_terms(mat_s, ridge, resid0)
-        obj_after, res_after = _ridge_terms(mat_s + mat_l, ridge, resid0)
+        obj_before, res_before = ridge_terms(mat_s, resid0, ridge)
+        obj_after, res_after = ridge_terms(mat_s + mat_l, resid0, ridge)
         report.update({
             "ridge": ridge, "ridge_objective_before": obj_before, "ridge_objective_after": obj_after,
             "ridge_objective_nonincreasing": bool(obj_after <= obj_before * (1 + rtol)),
@@ -226,13 +216,13 @@ def greedy_select(module_grams, budget, *, score="kappa", sigma=0.0, sigma_scale
     names = tuple(mats)
     n = mats[names[0]].shape[0]
     costs = _budget_check(budget, budget_unit, names, param_counts)
-    ridge, resid0 = _check_ridge(ridge, resid0, n, required=score == "ridge_objective")
+    ridge, resid0 = _check_ridge(ridge, resid0, required=score == "ridge_objective")
 
     def evaluate(mat):  # lower is better
         if score == "ridge_objective":
-            return _ridge_terms(mat, ridge, resid0)[0]
+            return ridge_terms(mat, resid0, ridge)[0]
         stats = spectrum_stats(mat, sigma, sigma_scale=sigma_scale)
-        return stats["kappa_sigma"] if score == "kappa" else -(stats["min_eigenvalue"] + stats["sigma"])
+        return stats["kappa_sigma"] if score == "kappa" else -(stats["mu_min"] + stats["sigma"])
 
     sign = -1.0 if score == "mu_min" else 1.0  # report μ_min + σ itself, not its negation
     selected, scores, steps, spent, current = [], [], [], 0, np.zeros((n, n))

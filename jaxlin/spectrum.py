@@ -7,12 +7,12 @@ are pure JAX, so they jit and run on an accelerator.
 Kernels are (n, n) traced or (N, N, O, O) full; a full kernel is read example-major,
 gram[i, j, c, d] → row i·O + c, column j·O + d (see `as_matrix`).
 
-Eigenvalue clip policy: eigenvalues and min_eigenvalue are reported as computed, so a PSD kernel may show
+Eigenvalue clip policy: eigenvalues and mu_min are reported as computed, so a PSD kernel may show
 tiny negative round-off values; κ uses them unclipped (κ = inf when μ_min + σ ≤ 0); effective rank, stable
 rank and cumulative energy use max(μ, 0).
 
-Naming: κ is `kappa` (σ = 0) and κ_σ = (μ_max + σ)/(μ_min + σ) is `kappa_sigma*` everywhere, in these dicts and
-in results.json. `kernel_statistics` is the one set of named statistics that the spectrum stage, the study
+Naming: κ is `kappa` (σ = 0), κ_σ = (μ_max + σ)/(μ_min + σ) is `kappa_sigma*` and the extreme eigenvalues are
+`mu_max`/`mu_min` everywhere, in these dicts and in results.json. `kernel_statistics` is the one set of named statistics that the spectrum stage, the study
 and the report read.
 
 σ convention: σ is absolute (kernel units) or, with sigma_scale="trace", a multiple of the mean eigenvalue
@@ -108,6 +108,7 @@ def spectrum_stats(gram, sigma=0.0, *, sigma_scale="absolute"):
 
     K is symmetrised, (K + Kᵀ)/2, before a float64 eigh; `asymmetry` = ‖K − Kᵀ‖_F/‖K‖_F says how much that
     changed. With μ_1 ≥ … ≥ μ_n and σ_abs from `absolute_sigma`:
+      mu_max = μ_1, mu_min = μ_n (the names of `kernel_statistics` and results.json),
       kappa_sigma κ_σ = (μ_max + σ)/(μ_min + σ)   (inf when μ_min + σ ≤ 0; κ itself at σ = 0)
       trace = Σ μ_i,  stable_rank = Σ μ_i⁺/μ_max,  effective_rank = exp(H(p)), p = μ⁺/Σ μ⁺,
       cumulative_energy = cumsum(p),  with μ⁺ = max(μ, 0) (nan when Σ μ⁺ = 0 or μ_max ≤ 0).
@@ -120,8 +121,8 @@ def spectrum_stats(gram, sigma=0.0, *, sigma_scale="absolute"):
     sigma_abs = absolute_sigma(sigma, sigma_scale, trace, n)
     return {
         "eigenvalues": eigvals_n,
-        "max_eigenvalue": float(eigvals_n[0]),
-        "min_eigenvalue": float(eigvals_n[-1]),
+        "mu_max": float(eigvals_n[0]),
+        "mu_min": float(eigvals_n[-1]),
         "trace": trace,
         "num_negative": int(np.sum(eigvals_n < 0)),
         "asymmetry": _asymmetry(mat),
@@ -167,7 +168,7 @@ def condition_numbers(gram, sigmas=PAPER_TRACE_SIGMAS, *, sigma_scale="trace"):
     stats = spectrum_stats(gram)
     sigmas_k = np.asarray(sigmas, dtype=np.float64).reshape(-1)
     sigma_abs_k = np.array([absolute_sigma(s, sigma_scale, stats["trace"], stats["n"]) for s in sigmas_k])
-    kappa_k = np.array([kappa(stats["max_eigenvalue"], stats["min_eigenvalue"], s) for s in sigma_abs_k])
+    kappa_k = np.array([kappa(stats["mu_max"], stats["mu_min"], s) for s in sigma_abs_k])
     return {"sigmas": sigmas_k, "sigma_absolute": sigma_abs_k, "kappa_sigma": kappa_k,
             "sigma_scale": sigma_scale}
 
@@ -192,8 +193,8 @@ def kernel_statistics(gram_NNOO, resid0_NO=None, *, kernel: str = "ntk", sigma_a
     traced_NN = np.einsum("ijaa->ij", np.asarray(gram_NNOO, np.float64)) if np.ndim(gram_NNOO) == 4 else mat
     if kernel == "ntk":
         st, st_traced = spectrum_stats(mat), spectrum_stats(traced_NN)
-        top, bottom, total = st["max_eigenvalue"], st["min_eigenvalue"], st["trace"]
-        kappa_traced = kappa(st_traced["max_eigenvalue"], st_traced["min_eigenvalue"], 0.0)
+        top, bottom, total = st["mu_max"], st["mu_min"], st["trace"]
+        kappa_traced = kappa(st_traced["mu_max"], st_traced["mu_min"], 0.0)
     else:
         st, st_traced = sign_kernel_stats(mat), sign_kernel_stats(traced_NN)
         top, bottom, total = st["max_singular_value"], st["min_singular_value"], st["nuclear_norm"]
@@ -204,20 +205,22 @@ def kernel_statistics(gram_NNOO, resid0_NO=None, *, kernel: str = "ntk", sigma_a
            "mu_min": bottom, "mu_max": top, "trace": total, "effective_rank": st["effective_rank"],
            "stable_rank": st["stable_rank"]}
     if kernel == "ntk" and resid0_NO is not None:
-        out["ridge_objective"] = ridge_objective(mat, resid0_NO, ridge_trace * total / n)
+        out["ridge_objective"] = ridge_terms(0.5 * (mat + mat.T), resid0_NO, ridge_trace * total / n)[0]
     out["kappa_traced"] = kappa_traced
     return out
 
 
-def ridge_objective(gram, resid0, ridge: float) -> float:
-    """½λ r0ᵀ(K+λI)⁻¹r0 of the symmetrised K, r0 = resid0 flattened example-major (docs/paper.md §6.3)."""
+def ridge_terms(gram, resid0, ridge: float) -> tuple[float, float]:
+    """(½λ r0ᵀ(K+λI)⁻¹r0, ‖λ(K+λI)⁻¹r0‖) for λ = ridge and r0 = resid0 flattened example-major (docs/paper.md
+    §6.3): the ridge objective (the score of greedy selection and the `ridge_objective` statistic) and the norm
+    of the ridge residual. K = `as_matrix(gram)` is used as given; `kernel_statistics` symmetrises it first."""
     mat = as_matrix(gram)
     r0 = np.asarray(resid0, np.float64).reshape(-1)
     if r0.shape[0] != mat.shape[0]:
         raise ValueError(f"resid0 has {r0.shape[0]} entries but the kernel is {mat.shape[0]}×{mat.shape[0]}; "
                          "flatten (N, O) residuals example-major to N·O entries")
-    sym = 0.5 * (mat + mat.T)
-    return 0.5 * ridge * float(r0 @ np.linalg.solve(sym + ridge * np.eye(mat.shape[0]), r0))
+    alpha = np.linalg.solve(mat + ridge * np.eye(mat.shape[0]), r0)
+    return 0.5 * ridge * float(r0 @ alpha), float(np.linalg.norm(ridge * alpha))
 
 
 def _check_iters(name, value, low, high):

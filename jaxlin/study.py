@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from . import data
 from .adapters import Adapted, add_lora
 from .module_ntk import module_ntks
+from .readout import check_readout
 from ._util import to_jsonable
 from .select import FAMILIES, configuration_kernel, enumerate_configurations, spectral_selection
 from .spectrum import KERNELS, SIGMA_SCALES, STATISTICS, kernel_statistics
@@ -238,14 +239,25 @@ def _by_configuration(runs):
 
 # ------------------------------------------------------------------------------------------------ study
 def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, config: StudyConfig, *,
-              tokenizer=None, progress: bool = True, callback: Callable[[dict], None] | None = None) -> dict:
+              tokenizer=None, output_fn: Callable | None = None, progress: bool = True,
+              callback: Callable[[dict], None] | None = None) -> dict:
     """Run the κ–performance study of `config` on a classification `model`; returns the dict of the module
-    docstring. `tokenizer` defaults to `model.tokenizer`; `callback(record)` gets each trained run's record."""
+    docstring. `tokenizer` defaults to `model.tokenizer`; `callback(record)` gets each trained run's record.
+
+    `output_fn`: the readout of every kernel, residual, training run and evaluation (None: the model's head). For
+    label words load the model with task="causal_lm" and pass ``tokenizer=readout, output_fn=readout.output_fn``
+    (`jaxlin.label_word_readout`): f(θ0) is then the LM's own zero-shot logits and no head is added, so
+    `StudyConfig.train_head` is ignored (recorded under variants["train_head"] as False, with the reason)."""
     start = time.perf_counter()
     tokenizer = model.tokenizer if tokenizer is None else tokenizer
-    if model.task != "classification" or tokenizer is None:
-        raise ValueError(f"run_study needs a classification model with a tokenizer (got task={model.task!r}, "
-                         f"tokenizer={tokenizer!r}); load_pretrained(..., task='classification') or pass tokenizer=")
+    want = "classification" if output_fn is None else "causal_lm"
+    if model.task != want or tokenizer is None:
+        how = ("load_pretrained(..., task='classification')" if output_fn is None else
+               "load_pretrained(..., task='causal_lm') for a label-word readout")
+        raise ValueError(f"run_study needs a {want} model with a tokenizer (got task={model.task!r}, tokenizer="
+                         f"{None if tokenizer is None else type(tokenizer).__name__}); {how} or pass tokenizer=")
+    check_readout(tokenizer, output_fn, train_data.num_classes)
+    train_head = config.train_head and output_fn is None
     largest = max(v["num_calibration"] for v in config.variants.values())
     for name, have, need in (("num_train", len(train_data), config.num_train), ("num_eval", len(eval_data),
                              config.num_eval), ("num_calibration(_large)", len(train_data), largest)):
@@ -253,7 +265,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
             raise ValueError(f"StudyConfig.{name}={need} exceeds the {have} examples given; lower it or pass more data")
     c = config
     adapters = {s: add_lora(model, targets=c.targets, layers=c.layers, rank=c.rank, alpha=c.alpha, seed=s,
-                            head=c.train_head)
+                            head=train_head)
                 for s in c.seeds}
     adapted = adapters[c.seeds[0]]  # its apply and frozen serve every seed: seeds differ in A0 values only
     candidates = adapted.lora_modules
@@ -286,7 +298,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
 
     def residual(n):  # r0 = onehot(y) − f0 (N, O) on calibration set n; f0 is the same for every seed (B0 = 0)
         batch = {**encoded[n], "example_mask": np.ones(n, np.float32)}
-        f0_NO = evaluate(adapted.as_function(gate=gate_vector(adapted, candidates)), adapted.trainable,
+        f0_NO = evaluate(adapted.as_function(output_fn, gate=gate_vector(adapted, candidates)), adapted.trainable,
                          [batch])["logits"]
         return np.eye(f0_NO.shape[1])[batch["labels"]] - f0_NO
 
@@ -300,7 +312,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         key = (seed, frozenset(modules))
         if key not in trained:
             t0 = time.perf_counter()
-            f = adapted.as_function(gate=gate_vector(adapted, modules))
+            f = adapted.as_function(output_fn, gate=gate_vector(adapted, modules))
             result = fit(f, adapters[seed].trainable, lambda epoch: step_batches, config=train_config,
                          optimizer=optimizer, progress=False)
             theta, losses = result.trainable, result.train_loss
@@ -321,11 +333,11 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         grams = {}
         for kernel in c.kernels:
             full = module_ntks(adapted, encoded[largest], trace_axes=(), kernel=kernel, modules=candidates,
-                               trainable=adapters[seed].trainable)
+                               trainable=adapters[seed].trainable, output_fn=output_fn)
             for n in calibration:
                 grams[kernel, n] = ({m: k[:n, :n] for m, k in full.items()} if is_prefix[n] else
                                     module_ntks(adapted, encoded[n], trace_axes=(), kernel=kernel, modules=candidates,
-                                                trainable=adapters[seed].trainable))
+                                                trainable=adapters[seed].trainable, output_fn=output_fn))
         timings["ntk_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         statistics = _configuration_statistics(c, configurations, grams, resid0)
@@ -355,7 +367,10 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         "kernel_layout": "full (N, N, O, O) read as the example-major (N·O × N·O) matrix; kappa_traced: the (N × N) "
                          "kernel summed over outputs; sign: singular values of J·s(J)ᵀ",
         "ntk_parameters": "LoRA A and B of the configuration's modules at init; the head is excluded",
-        "train_head": c.train_head,
+        "train_head": train_head,
+        "readout": ("the model's classification head" if output_fn is None else
+                    f"label-word logits {list(tokenizer.label_words)} (token ids {list(tokenizer.token_ids)}) after "
+                    f"the template {tokenizer.template!r}; train_head ignored: no head is added or trained"),
         "sigma": {"absolute": c.sigma_absolute, "trace_relative": c.sigma_trace,
                   "selection": f"sigma_scale={c.sigma_scale!r}: κ_σ and μ_min + σ of the greedy scores at "
                                + (f"σ = {c.sigma_trace}·trace(K)/(N·O) (scale-fair)" if c.sigma_scale == "trace"

@@ -7,6 +7,10 @@ same θ0 on the same batches with the same optimiser, and records distances in p
 `sweep_summary` fits log-log slopes against λ (the candidates of §4.4 predict λ^{-1/2} for the distance to
 init and ~λ^{-3/2} for nonlinear vs linearized).
 
+What is trained and compared is an objective: classification through the model's head or a label-word readout
+(`ClassificationObjective`, the default; ``output_fn=``), or next-token fine-tuning on (prompt, completion)
+pairs (`jaxlin.next_token.NextTokenObjective`); one loop serves both (docs/decoders.md).
+
 Normalisation. Training minimises mean_i ℓ_i + (λ/2)‖θ − θ0‖² (a mean over the N training examples). The paper
 writes R̃ = Σ_i ℓ_i + (λ̃/2)‖θ − θ0‖², so R̃ = N·mean and λ̃ = N·λ. Its candidate Theorem 2 radius
 √(2R̃(θ0)/λ̃) is then √(2·mean_i ℓ_i(θ0)/λ): that is `theorem2_radius`. It bounds ‖θ_t − θ0‖ for gradient
@@ -17,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -25,15 +29,49 @@ from flax import traverse_util
 
 from . import data
 from ._util import loglog_slope
+from .readout import check_readout
 from .train import TrainConfig, evaluate, fit, model_functions
 
 DISTANCE_KEYS = ("theta_distance_to_init", "theta_distance_to_init_linearized", "theta_distance_lin_nonlin",
                  "output_distance_lin_nonlin_train", "output_distance_lin_nonlin_eval", "kl_nonlin_lin")
 
 
-def lambda_sweep(adapted, train_data: data.TextDataset, eval_data: data.TextDataset, tokenizer, *,
-                 lambdas: Sequence[float], config: TrainConfig, regularizer: str = "prox",
-                 num_train_evaluated: int | None = None, progress: bool = True) -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class ClassificationObjective:
+    """What the sweep trains and compares for classification: logits (B, C) of ``output_fn`` (None: the model's own
+    head; ``readout.output_fn`` of `jaxlin.label_word_readout`: the LM's label-word logits, with ``tokenizer`` the
+    readout itself, so texts become prompts). The loss is `TrainConfig.loss` over the C logits.
+
+    An objective has ``name``, ``functions(adapted) -> (f, f̄)``, ``batches(dataset, tokenizer, config, shuffle,
+    seed)``, ``loss_fn(apply_fn)`` (None: `fit`'s own `config.loss`), ``evaluate(apply_fn, trainable, batches,
+    config) -> {"loss", "accuracy", "outputs"}`` and ``compare(outputs, outputs_bar) -> {"rms_distance", "kl",
+    "agreement"}``; `jaxlin.next_token.NextTokenObjective` is the other one."""
+
+    output_fn: Callable | None = None
+    name: str = "classification"
+
+    def functions(self, adapted) -> tuple[Callable, Callable]:
+        return model_functions(adapted, self.output_fn)
+
+    def batches(self, dataset, tokenizer, config: TrainConfig, *, shuffle: bool, seed: int):
+        return data.batches(dataset, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
+                            shuffle=shuffle, seed=seed, padding_side=getattr(tokenizer, "padding_side", "right"),
+                            pad_to_multiple_of=config.pad_to_multiple_of)
+
+    def loss_fn(self, apply_fn):
+        return None
+
+    def evaluate(self, apply_fn, trainable, batches, config: TrainConfig) -> dict:
+        found = evaluate(apply_fn, trainable, batches, loss=config.loss)
+        return {"loss": found["loss"], "accuracy": found["accuracy"], "outputs": found["logits"]}
+
+    def compare(self, f_NC, f_bar_NC) -> dict:
+        return output_comparison(f_NC, f_bar_NC)
+
+
+def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence[float], config: TrainConfig,
+                 regularizer: str = "prox", num_train_evaluated: int | None = None, progress: bool = True,
+                 output_fn: Callable | None = None, objective=None) -> list[dict]:
     """Train f and f̄ at each λ in `lambdas` and compare them; one JSON-serialisable dict per λ.
 
     `config` gives everything but the pull: its `regularizer` and `strength` are replaced by `regularizer`
@@ -44,9 +82,16 @@ def lambda_sweep(adapted, train_data: data.TextDataset, eval_data: data.TextData
     examples (None: all of them); each evaluation is a forward pass per model and λ, so on a large training set
     a fixed subset saves most of the sweep's non-training time.
 
-    Keys per λ (norms are Euclidean over all trainable leaves; f, f̄ are logits (N, C)):
-      lambda, regularizer, anchor, variant {loss, regularizer, anchor, optimizer, schedule, learning_rate,
-        epochs, steps, batch_size, seed}
+    `output_fn`: the readout (None: the model's head). For label words pass ``tokenizer=readout,
+    output_fn=readout.output_fn`` (model loaded with task="causal_lm"). `objective`: what is trained and
+    compared, `ClassificationObjective(output_fn)` by default; `jaxlin.next_token.NextTokenObjective()` trains
+    the causal-LM loss on completion tokens of (prompt, completion) data instead (`output_fn` must then be None).
+
+    Keys per λ (norms are Euclidean over all trainable leaves; f, f̄ are logits (N, C), or for the next-token
+    objective the next-token logits (T, V) at the T completion tokens, where "accuracy" is the fraction of greedy
+    tokens equal to the completion's and the KL and agreement are per token):
+      lambda, regularizer, anchor, objective, variant {loss, regularizer, anchor, optimizer, schedule,
+        learning_rate, epochs, steps, batch_size, seed}
       theta_distance_to_init ‖θ_T − θ0‖, theta_distance_to_init_linearized ‖θ̄_T − θ0‖,
       theta_distance_lin_nonlin ‖θ_T − θ̄_T‖
       output_distance_lin_nonlin_train / _eval: √(mean_i ‖f(x_i) − f̄(x_i)‖²), the RMS over examples of the
@@ -69,12 +114,15 @@ def lambda_sweep(adapted, train_data: data.TextDataset, eval_data: data.TextData
     bad = [lam for lam in lambdas if not (math.isfinite(lam) and lam >= 0)]
     if not lambdas or bad:
         raise ValueError(f"lambdas={lambdas} must be a non-empty list of finite values ≥ 0; bad: {bad}")
-    padding_side = getattr(tokenizer, "padding_side", "right")
+    if objective is None:
+        check_readout(tokenizer, output_fn, getattr(train_data, "num_classes", None))
+        objective = ClassificationObjective(output_fn)
+    elif output_fn is not None:
+        raise ValueError(f"lambda_sweep got output_fn={output_fn!r} and objective={objective!r}; the objective "
+                         "holds its readout: pass one of them")
 
     def batches_of(dataset, shuffle, seed):
-        return data.batches(dataset, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
-                            shuffle=shuffle, seed=seed, padding_side=padding_side,
-                            pad_to_multiple_of=config.pad_to_multiple_of)
+        return objective.batches(dataset, tokenizer, config, shuffle=shuffle, seed=seed)
 
     def train_batches(epoch):
         return batches_of(train_data, True, config.seed * 100_003 + epoch)
@@ -92,24 +140,26 @@ def lambda_sweep(adapted, train_data: data.TextDataset, eval_data: data.TextData
     def train_eval_batches():
         return batches_of(train_evaluated, False, 0)
 
-    apply_nonlinear, apply_linearized = model_functions(adapted)
+    apply_nonlinear, apply_linearized = objective.functions(adapted)
     theta0 = adapted.trainable
-    init = evaluate(apply_nonlinear, theta0, train_eval_batches(), loss=config.loss)
+    init = objective.evaluate(apply_nonlinear, theta0, train_eval_batches(), config)
     results = []
     for lam in lambdas:
         start = time.perf_counter()
         cfg = dataclasses.replace(config, regularizer=regularizer, strength=lam)
         runs = {}
         for name, apply_fn in (("nonlinear", apply_nonlinear), ("linearized", apply_linearized)):
-            res = fit(apply_fn, theta0, train_batches, config=cfg, progress=progress)
+            res = fit(apply_fn, theta0, train_batches, config=cfg, progress=progress,
+                      loss_fn=objective.loss_fn(apply_fn))
             runs[name] = {"result": res,
-                          "train": evaluate(apply_fn, res.trainable, train_eval_batches(), loss=cfg.loss),
-                          "eval": evaluate(apply_fn, res.trainable, eval_batches(), loss=cfg.loss)}
+                          "train": objective.evaluate(apply_fn, res.trainable, train_eval_batches(), cfg),
+                          "eval": objective.evaluate(apply_fn, res.trainable, eval_batches(), cfg)}
         theta, theta_lin = runs["nonlinear"]["result"].trainable, runs["linearized"]["result"].trainable
-        out_train = _output_comparison(runs["nonlinear"]["train"]["logits"], runs["linearized"]["train"]["logits"])
-        out_eval = _output_comparison(runs["nonlinear"]["eval"]["logits"], runs["linearized"]["eval"]["logits"])
+        out_train = objective.compare(runs["nonlinear"]["train"]["outputs"], runs["linearized"]["train"]["outputs"])
+        out_eval = objective.compare(runs["nonlinear"]["eval"]["outputs"], runs["linearized"]["eval"]["outputs"])
         results.append({
-            "lambda": lam, "regularizer": regularizer, "anchor": cfg.anchor, "variant": _variant(cfg),
+            "lambda": lam, "regularizer": regularizer, "anchor": cfg.anchor, "objective": objective.name,
+            "variant": _variant(cfg),
             "theta_distance_to_init": _distance(theta, theta0),
             "theta_distance_to_init_linearized": _distance(theta_lin, theta0),
             "theta_distance_lin_nonlin": _distance(theta, theta_lin),
@@ -141,8 +191,9 @@ def _distance(a, b) -> float:
     return float(np.sqrt(sum(jax.tree.leaves(sq))))
 
 
-def _output_comparison(f_NC: np.ndarray, f_bar_NC: np.ndarray) -> dict:
-    """RMS over examples of ‖f − f̄‖₂, mean KL(softmax f ‖ softmax f̄), fraction of equal argmax."""
+def output_comparison(f_NC: np.ndarray, f_bar_NC: np.ndarray) -> dict:
+    """RMS over rows of ‖f − f̄‖₂, mean KL(softmax f ‖ softmax f̄), fraction of equal argmax; rows are examples
+    (classification) or completion tokens (next-token logits, C = V)."""
     f_NC, f_bar_NC = np.asarray(f_NC, np.float64), np.asarray(f_bar_NC, np.float64)
     logp_NC = f_NC - _logsumexp(f_NC)
     logq_NC = f_bar_NC - _logsumexp(f_bar_NC)

@@ -187,12 +187,14 @@ def _linearized(f, trainable0, trainable, batch):
     return linearize(f, trainable0)(trainable, batch)
 
 
-def model_functions(adapted) -> tuple[Callable, Partial]:
+def model_functions(adapted, output_fn: Callable | None = None) -> tuple[Callable, Partial]:
     """(apply_nonlinear, apply_linearized), each `(trainable, batch) -> logits (B, C)`.
 
-    apply_nonlinear = adapted.as_function(); apply_linearized(θ) = f(θ0) + J(θ − θ0) at θ0 = adapted.trainable.
-    The frozen weights and θ0 are leaves of the returned pytrees (see module doc)."""
-    f = adapted.as_function()
+    apply_nonlinear = adapted.as_function(output_fn); apply_linearized(θ) = f(θ0) + J(θ − θ0) at θ0 =
+    adapted.trainable. ``output_fn``: the readout (None: the model's head; ``readout.output_fn`` of
+    `jaxlin.label_word_readout`: the LM's label-word logits). The frozen weights and θ0 are leaves of the returned
+    pytrees (see module doc)."""
+    f = adapted.as_function(output_fn)
     return f, Partial(_linearized, f, adapted.trainable)
 
 

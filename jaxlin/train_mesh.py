@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .sharding import place
+
 __all__ = ["MeshPlan"]
 
 
@@ -67,8 +69,9 @@ class MeshPlan:
         return jax.tree.map(one, tree)
 
     def place(self, tree):
-        """`tree` on the mesh per `shardings_like` (arrays already there are not copied)."""
-        return jax.device_put(tree, self.shardings_like(tree))
+        """`tree` on the mesh per `shardings_like` (arrays already there are not copied; host values are cut per
+        device by `jaxlin.sharding.place`, so several processes each build only their own shards)."""
+        return place(tree, self.shardings_like(tree))
 
     def opt_state_shardings(self, opt_state, trainable, trainable_shardings):
         """Shardings of `opt_state` (arrays or ShapeDtypeStructs): a leaf whose key path ends with a parameter's

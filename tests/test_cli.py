@@ -153,6 +153,41 @@ def test_resume_reuses_stages_and_report_rerenders(quick_run, capsys):
     assert (quick_run / "report.html").exists()
 
 
+@pytest.mark.slow
+def test_decoder_quick_preset_reads_label_words_through_every_stage(tmp_path):
+    """SmolLM2 through its own next-token logits of "negative"/"positive": no head, f(θ0) is its zero-shot
+    prediction, and every stage runs on those (B, 2) logits."""
+    out = tmp_path / "decoder"
+    assert cli.main(["run", "--preset", "decoder-quick", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    validate_results(results)
+    readout = results["readout"]
+    assert readout["kind"] == "label_words" and readout["label_words"] == ["negative", "positive"]
+    assert len(set(readout["token_ids"])) == 2 and "{text}" in readout["template"] and not readout["trained"]
+    assert 0 <= readout["zero_shot_eval_accuracy"] <= 1 and readout["zero_shot_num_eval"] == results["krr"]["num_eval"]
+    assert not any(m.startswith(("score", "lm_head")) for m in results["model"]["modules"])  # no head trained
+    assert list(results["stages"]) == ["ntk", "spectrum", "krr", "dynamics", "sweep", "probe", "study"]
+    assert results["spectrum"]["all"]["stats"]["eigenvalues"][0] > 0
+    dyn = results["dynamics"]  # the closed form holds for the label-word logits too
+    np.testing.assert_allclose(dyn["measured_loss_linearized"], dyn["predicted_loss"], rtol=1e-3)
+    html = (out / "report.html").read_text()
+    assert 'id="table-glance"' in html and "zero-shot" in html and "label words negative, positive" in html
+
+
+def test_label_words_on_an_encoder_are_refused_in_one_line(tmp_path, capsys):
+    assert cli.main(["run", "--preset", "quick", "--readout", "label_words", "--stages", "ntk",
+                     "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 2 and "is an encoder" in err[-1] and "--readout head" in err[-1]
+
+
+def test_a_study_larger_than_the_run_is_refused_before_loading(tmp_path, capsys):
+    assert cli.main(["run", "--preset", "quick", "--num-train", "40", "--num-krr", "16", "--stages", "study",
+                     "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "uses 64 training examples but the run has 40" in err and "--num-train" in err
+
+
 def test_paper_preset_fails_early_and_clearly_offline(tmp_path, capsys, monkeypatch):
     import time
 

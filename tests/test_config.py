@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from jaxlin import adapters, cli, data, module_ntk, select, study, train
+from jaxlin import adapters, cli, data, module_ntk, readout, select, study, train
 from jaxlin.config import (ALLOWED, FLAT_KEYS, PRESETS, SECTIONS, ConfigError, allowed_values,
                            load_config, override, preset)
 
@@ -33,7 +33,11 @@ OLD_FLAT = {
 # The mesh section's keys (how a run executes, not what it computes: outside the fingerprint).
 MESH_KEYS = {"mesh": "mesh.shape", "coordinator": "mesh.coordinator", "num_processes": "mesh.num_processes",
              "process_id": "mesh.process_id", "distributed": "mesh.distributed"}
-ALL_KEYS = {**OLD_FLAT, **MESH_KEYS}
+
+# Keys added since, and where they live.
+NEW_FLAT = {"readout": "model.readout", "label_words": "model.label_words",
+            "prompt_template": "model.prompt_template"}
+ALL_KEYS = {**OLD_FLAT, **NEW_FLAT, **MESH_KEYS}
 
 NESTED_TOML = """preset = "quick"
 stages = ["ntk", "spectrum"]
@@ -178,7 +182,7 @@ def test_the_mesh_section_is_read_from_files_and_kept_out_of_the_fingerprint(tmp
 
 
 def test_to_dict_is_nested_and_round_trips():
-    c = override(preset("decoder"), {"rank": 2, "label_names": "a,b"})
+    c = override(preset("decoder-quick"), {"rank": 2, "label_names": "a,b"})
     d = c.to_dict()
     assert list(d) == ["preset", *SECTIONS, "stages"] and d["lora"]["rank"] == 2 and d["lora"]["layers"] == [28, 29]
     assert override(preset(d.pop("preset")), d) == c
@@ -197,7 +201,8 @@ def test_presets_are_nested_tables_of_section_fields():
 OWNERS = {"lora.init": adapters.LORA_INITS, "data.missing_labels": data.MISSING_LABELS,
           "data.calibration_mode": study.CALIBRATION_MODES, "kernel.implementation": module_ntk.IMPLEMENTATIONS,
           "train.regularizer": train.REGULARIZERS, "train.anchor": train.ANCHORS, "train.loss": train.LOSSES,
-          "study.preset": study.PRESETS, "study.configurations": select.FAMILIES}
+          "study.preset": study.PRESETS, "study.configurations": select.FAMILIES,
+          "model.readout": readout.READOUTS}
 
 
 @pytest.mark.parametrize("key", sorted(OWNERS))
@@ -229,3 +234,20 @@ def test_stage_configs_carry_the_run_level_values():
                                                                                    base.max_length)
     dyn = c.dynamics_train_config(learning_rate=0.5, batch_size=16, strength=0.0, pad_to_multiple_of=24)
     assert (dyn.regularizer, dyn.optimizer, dyn.loss, dyn.steps, dyn.seed) == ("none", "sgd", "squared", 12, 3)
+
+
+def test_readout_keys_are_checked_and_stay_out_of_old_fingerprints():
+    c = preset("decoder-quick")
+    assert (c.model.readout, c.model.train_head) == ("label_words", False) and "{text}" in c.model.prompt_template
+    assert override(c, {"readout": "head", "prompt_template": None}).model.readout == "head"
+    with pytest.raises(ConfigError, match=r"^readout='logits' is invalid: one of 'head', 'label_words'"):
+        override(c, {"readout": "logits"})
+    with pytest.raises(ConfigError, match="label_words=.*only with --readout label_words"):
+        override(preset("quick"), {"label_words": "bad,good"})
+    with pytest.raises(ConfigError, match="prompt_template=.*exactly one {text}"):
+        override(c, {"prompt_template": "Tweet:"})
+    with pytest.raises(ConfigError, match="label_words=.*two or more"):
+        override(c, {"label_words": "only"})
+    quick = preset("quick")  # a run stored before these keys existed keeps its key; setting one changes it
+    assert quick.fingerprint() == "72d06deb79bd1bd1"
+    assert override(c, {"label_words": "bad,good"}).fingerprint() != c.fingerprint()

@@ -1,4 +1,5 @@
 """linearize / linearize_at against a dense reference: jacrev on raveled params, float64."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,8 +64,7 @@ def test_gradient_through_f_lin_is_jacobian_transpose(setup):
     theta = _add(params0, _direction(params0, 4), 0.3)  # gradient is the same at any θ: f_lin is affine
     grad = jax.jit(jax.grad(lambda p: jnp.vdot(ct, f_lin(p, x))))(theta)
     (vjp_ref,) = jax.vjp(lambda p: f(p, x), params0)[1](ct)
-    for g, r in zip(jax.tree.leaves(grad), jax.tree.leaves(vjp_ref)):
-        np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)
+    chex.assert_trees_all_close(grad, vjp_ref, rtol=1e-12, atol=1e-12)
     dense = _dense_jac(f, params0, x).T @ np.asarray(ct).ravel()
     np.testing.assert_allclose(ravel_pytree(grad)[0], dense, rtol=1e-12, atol=1e-12)
 
@@ -88,13 +88,7 @@ def test_linearize_at_products_equal_dense_products(setup):
 
 def test_f_lin_does_not_retrace_on_same_shapes():
     f, params0, x = _setup("mlp")
-    traces = []
-
-    def counted(params, inputs):
-        traces.append(1)
-        return f(params, inputs)
-
-    f_lin = jax.jit(linearize(counted, params0))
+    chex.clear_trace_counter()  # chex counts traces per function footprint, kept across tests
+    f_lin = jax.jit(linearize(chex.assert_max_traces(f, n=1), params0))  # f traced once, in one jvp
     f_lin(params0, x)
-    f_lin(_add(params0, _direction(params0, 7)), x + 1.0)
-    assert len(traces) == 1
+    f_lin(_add(params0, _direction(params0, 7)), x + 1.0)  # same shapes, other values: a retrace would raise

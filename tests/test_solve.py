@@ -1,4 +1,5 @@
 """jaxlin.solve against dense float64 references (np.linalg.solve, eigh, expm, explicit J)."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,18 +88,12 @@ def test_ridge_path_equals_separate_solves_and_derived_quantities():
 
 
 def test_ridge_path_jit_does_not_recompile():
-    traces = []
-
-    def counted(gram, r0, ridges):
-        traces.append(1)
-        return solve.ridge_path(gram, r0, ridges)
-
-    fn = jax.jit(counted)
+    chex.clear_trace_counter()  # chex counts traces per function footprint, kept across tests
+    fn = jax.jit(chex.assert_max_traces(solve.ridge_path, n=1))
     _, gram, r0 = _problem(4)
     a = fn(gram, r0, jnp.array([0.1, 1.0, 10.0]))
-    b = fn(gram * 2.0, r0 + 1.0, jnp.array([0.2, 2.0, 20.0]))
+    b = fn(gram * 2.0, r0 + 1.0, jnp.array([0.2, 2.0, 20.0]))  # same shapes, other values: a retrace would raise
     jax.block_until_ready((a, b))
-    assert len(traces) == 1
     assert a.status == "ok" and b.status == "ok"
 
 
@@ -136,20 +131,24 @@ def test_bad_input_errors():
         solve.gd_dynamics(gram, y, 0.1, 0.5, np.array([1.5]))
 
 
-def test_conjugate_gradient_matches_cholesky_and_reports_non_convergence():
-    jac, gram, y = _problem(7)
-    mv = lambda v: jac @ (jac.T @ v)                                 # NTK-vector product K v = J(Jᵀv)
-    sol = jax.jit(lambda b: solve.conjugate_gradient(mv, b, 0.3, tol=1e-12, max_iters=60))(y)
-    assert sol.status == "ok", sol.message
-    assert 0 < int(sol.iterations) <= 60 and float(sol.residual) <= 1e-12
-    np.testing.assert_allclose(sol.value, _krr(gram, y, 0.3), rtol=1e-8, atol=1e-10)
-    short = solve.conjugate_gradient(mv, y, 0.3, tol=1e-12, max_iters=2)
-    assert short.status == "not_converged" and int(short.iterations) == 2
-    assert "2 iterations" in short.message and "max_iters" in short.message and "ridge" in short.message
-    zero = solve.conjugate_gradient(mv, np.zeros(N), 0.3, tol=1e-10)
-    assert zero.status == "ok" and int(zero.iterations) == 0
-    with pytest.raises(ValueError, match="tol"):
-        solve.conjugate_gradient(mv, y, 0.3, tol=0.0)
+class ConjugateGradientTest(chex.TestCase):
+    """The same checks with and without jit: the status and message must not depend on tracing."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_cholesky_and_reports_non_convergence(self):
+        jac, gram, y = _problem(7)
+        mv = lambda v: jac @ (jac.T @ v)                                 # NTK-vector product K v = J(Jᵀv)
+        sol = self.variant(lambda b: solve.conjugate_gradient(mv, b, 0.3, tol=1e-12, max_iters=60))(y)
+        assert sol.status == "ok", sol.message
+        assert 0 < int(sol.iterations) <= 60 and float(sol.residual) <= 1e-12
+        np.testing.assert_allclose(sol.value, _krr(gram, y, 0.3), rtol=1e-8, atol=1e-10)
+        short = self.variant(lambda b: solve.conjugate_gradient(mv, b, 0.3, tol=1e-12, max_iters=2))(y)
+        assert short.status == "not_converged" and int(short.iterations) == 2
+        assert "2 iterations" in short.message and "max_iters" in short.message and "ridge" in short.message
+        zero = self.variant(lambda b: solve.conjugate_gradient(mv, b, 0.3, tol=1e-10))(np.zeros(N))
+        assert zero.status == "ok" and int(zero.iterations) == 0
+        with pytest.raises(ValueError, match="tol"):
+            self.variant(lambda b: solve.conjugate_gradient(mv, b, 0.3, tol=0.0))(y)
 
 
 def _explicit_gd(jac, r0, lam, eta, steps):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxlin.spectrum import (PAPER_TRACE_SIGMAS, STATISTICS, as_matrix, condition_numbers, hutchinson_trace,
-                             kernel_statistics, lanczos_extreme_eigenvalues, sign_kernel_stats, spectrum_stats)
+                             kernel_statistics, lanczos_extreme_eigenvalues, ridge_terms, sign_kernel_stats,
+                             spectrum_stats)
 from jaxlin._util import to_jsonable
 
 
@@ -26,8 +27,8 @@ def test_spectrum_stats_known_spectrum(n):
     stats = spectrum_stats(gram_nn)
     np.testing.assert_allclose(stats["eigenvalues"], mu[::-1], rtol=1e-9, atol=1e-12)
     assert stats["eigenvalues"].dtype == np.float64 and stats["n"] == n
-    np.testing.assert_allclose(stats["max_eigenvalue"], 5.0, rtol=1e-10)
-    np.testing.assert_allclose(stats["min_eigenvalue"], 1e-3, rtol=1e-8)
+    np.testing.assert_allclose(stats["mu_max"], 5.0, rtol=1e-10)
+    np.testing.assert_allclose(stats["mu_min"], 1e-3, rtol=1e-8)
     np.testing.assert_allclose(stats["kappa_sigma"], 5e3, rtol=1e-8)
     np.testing.assert_allclose(stats["trace"], mu.sum(), rtol=1e-12)
     p = mu / mu.sum()
@@ -60,10 +61,10 @@ def test_four_d_equals_reshaped_two_d():
 def test_singular_and_negative_conventions():
     gram_nn = known_psd(13, np.r_[np.ones(12), 0.0], seed=1)
     stats = spectrum_stats(gram_nn)
-    assert stats["min_eigenvalue"] < 1e-14
+    assert stats["mu_min"] < 1e-14
     assert math.isinf(stats["kappa_sigma"]) or stats["kappa_sigma"] > 1e13
     neg = spectrum_stats(np.diag([2.0, 1.0, -1e-3]))
-    assert neg["min_eigenvalue"] == -1e-3 and neg["num_negative"] == 1
+    assert neg["mu_min"] == -1e-3 and neg["num_negative"] == 1
     assert math.isinf(neg["kappa_sigma"])
     np.testing.assert_allclose(neg["stable_rank"], 1.5)  # clipped: (2 + 1)/2
     asym = spectrum_stats(np.array([[1.0, 0.5], [0.0, 1.0]]))
@@ -118,21 +119,25 @@ def test_condition_numbers_grid():
     assert single == pytest.approx(spectrum_stats(gram_nn, 1e-4)["kappa_sigma"], rel=1e-12)
 
 
-def test_lanczos_extreme_eigenvalues():
-    mu = np.geomspace(0.05, 20.0, 31)
-    gram_nn = jnp.asarray(known_psd(31, mu, seed=4))
-    fn = jax.jit(lambda key: lanczos_extreme_eigenvalues(lambda v: gram_nn @ v, 31, num_iters=31, key=key))
-    top, bottom = fn(jax.random.PRNGKey(0))
-    np.testing.assert_allclose([top, bottom], [20.0, 0.05], rtol=1e-8)
-    top12, bottom12 = lanczos_extreme_eigenvalues(lambda v: gram_nn @ v, 31, num_iters=12,
-                                                  key=jax.random.PRNGKey(1))
-    assert abs(top12 - 20.0) < 1e-3 * 20.0  # the top converges first
-    assert 0.05 - 1e-12 <= bottom12 <= 3.0  # Ritz values stay inside the spectrum
-    # breakdown: Krylov space of the identity is 1-D, the restart keeps T = V K Vᵀ
-    top_i, bottom_i = lanczos_extreme_eigenvalues(lambda v: 2.0 * v, 9, num_iters=9, key=jax.random.PRNGKey(2))
-    np.testing.assert_allclose([top_i, bottom_i], [2.0, 2.0], rtol=1e-12)
-    with pytest.raises(ValueError, match="num_iters=32"):
-        lanczos_extreme_eigenvalues(lambda v: v, 31, num_iters=32, key=jax.random.PRNGKey(0))
+class LanczosTest(chex.TestCase):
+    """Pure JAX: the same estimates with and without jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_lanczos_extreme_eigenvalues(self):
+        mu = np.geomspace(0.05, 20.0, 31)
+        gram_nn = jnp.asarray(known_psd(31, mu, seed=4))
+        lanczos = lambda matvec, n, num_iters: self.variant(  # noqa: E731
+            lambda key: lanczos_extreme_eigenvalues(matvec, n, num_iters=num_iters, key=key))
+        top, bottom = lanczos(lambda v: gram_nn @ v, 31, 31)(jax.random.PRNGKey(0))
+        np.testing.assert_allclose([top, bottom], [20.0, 0.05], rtol=1e-8)
+        top12, bottom12 = lanczos(lambda v: gram_nn @ v, 31, 12)(jax.random.PRNGKey(1))
+        assert abs(top12 - 20.0) < 1e-3 * 20.0  # the top converges first
+        assert 0.05 - 1e-12 <= bottom12 <= 3.0  # Ritz values stay inside the spectrum
+        # breakdown: Krylov space of the identity is 1-D, the restart keeps T = V K Vᵀ
+        top_i, bottom_i = lanczos(lambda v: 2.0 * v, 9, 9)(jax.random.PRNGKey(2))
+        np.testing.assert_allclose([top_i, bottom_i], [2.0, 2.0], rtol=1e-12)
+        with pytest.raises(ValueError, match="num_iters=32"):
+            lanczos(lambda v: v, 31, 32)(jax.random.PRNGKey(0))
 
 
 def test_hutchinson_trace():
@@ -173,3 +178,17 @@ def test_kernel_statistics_names_and_sigma_conventions():
     assert "ridge_objective" not in kernel_statistics(gram_NNOO, resid0, kernel="sign")
     with pytest.raises(ValueError, match="kernel='jtj'"):
         kernel_statistics(gram_NNOO, kernel="jtj")
+
+
+def test_ridge_terms_against_dense_formulas():
+    n_ex, n_out = 5, 3  # (N, O) residuals flatten example-major, like the (N, N, O, O) kernel
+    jac = np.random.default_rng(6).normal(size=(n_ex, n_out, 11))
+    gram_NNOO = np.einsum("icp,jdp->ijcd", jac, jac)
+    resid0_NO = np.random.default_rng(7).normal(size=(n_ex, n_out))
+    mat, r0, lam = as_matrix(gram_NNOO), resid0_NO.reshape(-1), 0.37
+    inv = np.linalg.inv(mat + lam * np.eye(15))
+    objective, residual_norm = ridge_terms(gram_NNOO, resid0_NO, lam)
+    np.testing.assert_allclose(objective, 0.5 * lam * r0 @ inv @ r0, rtol=1e-10)
+    np.testing.assert_allclose(residual_norm, np.linalg.norm(lam * inv @ r0), rtol=1e-10)
+    with pytest.raises(ValueError, match="resid0 has 14 entries"):
+        ridge_terms(gram_NNOO, np.ones(14), lam)

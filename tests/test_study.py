@@ -175,7 +175,7 @@ def _check_statistics(model, train_data, result, config):
                 if variant["kernel"] == "ntk":
                     ref = spectrum_stats(gram)
                     np.testing.assert_allclose([got["kappa"], got["mu_min"], got["trace"], got["effective_rank"]],
-                                               [ref["kappa_sigma"], ref["min_eigenvalue"], ref["trace"],
+                                               [ref["kappa_sigma"], ref["mu_min"], ref["trace"],
                                                 ref["effective_rank"]], rtol=1e-6)
 
 
@@ -221,3 +221,28 @@ def test_run_study_is_deterministic(model, splits):
     with pytest.raises(ValueError, match="not candidates"):
         run_study(model, *splits, _config(configurations={"x": ("pooler.dense",)}), tokenizer=WordTokenizer(),
                   progress=False)
+
+
+@pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny Llama
+def test_run_study_through_the_label_word_readout():
+    """The study on a causal LM read through label words: kernels, residuals and training all use the (N, 2)
+    label-word logits; no head is added (train_head is ignored and recorded as such)."""
+    import jaxlin
+    from word_tokenizer import sentiment_data, word_tokenizer
+
+    model = tiny_model("llama", task="causal_lm", dtype=jnp.float64)
+    readout = jaxlin.label_word_readout(word_tokenizer(), ["bad", "good"], template="Review: {text} Sentiment:")
+    train, ev = sentiment_data(24, seed=0), sentiment_data(8, seed=1)
+    config = _config(configurations={"a": ("layer0.self_attn.q_proj",), "b": ("layer2.self_attn.v_proj",)},
+                     targets=("q_proj", "v_proj"), seeds=(0,), kernels=("ntk",), num_calibration_large=None,
+                     num_train=16, num_eval=8, selection_budget=1)
+    result = run_study(model, train, ev, config, tokenizer=readout, output_fn=readout.output_fn, progress=False)
+    assert result["variants"]["train_head"] is False and "train_head ignored" in result["variants"]["readout"]
+    assert [r["configuration"] for r in result["runs"]] == ["a", "b"]
+    assert all(np.isfinite(r["final_train_loss"]) and np.isfinite(r["statistics"]["kappa"]) for r in result["runs"])
+    with pytest.raises(ValueError, match=r"task='causal_lm'\) for a label-word readout"):
+        run_study(tiny_model("llama", task="classification", num_labels=2), train, ev, config, tokenizer=readout,
+                  output_fn=readout.output_fn, progress=False)
+    three = jaxlin.label_word_readout(word_tokenizer(), ["bad", "good", "fine"])
+    with pytest.raises(ValueError, match="one label word per class"):
+        run_study(model, train, ev, config, tokenizer=three, output_fn=three.output_fn, progress=False)

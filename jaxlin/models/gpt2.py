@@ -49,7 +49,8 @@ class GPT2Block(nnx.Module):
 
 class GPT2Decoder(nnx.Module):
     """``task``: "encoder" → hidden states after ``ln_f`` (B, L, D); "causal_lm" → logits (B, L, V) through the
-    tied embedding, or with ``label_token_ids`` (C,) only those C logits at the last real token (B, C);
+    tied embedding, or with ``label_token_ids`` (C,) only those C logits at the last real token (B, C), or with
+    ``positions`` (B, K) only the logits at those positions (B, K, V);
     "classification" → ``score`` (no bias) on the last real token, logits (B, C)."""
 
     def __init__(self, c, *, task: str, num_labels: int | None, rngs: nnx.Rngs, dtype=jnp.float32):
@@ -68,8 +69,8 @@ class GPT2Decoder(nnx.Module):
                            dtype=dtype)
         self.score = nnx.data(score)
 
-    def __call__(self, input_ids_BL, attention_mask_BL, *, label_token_ids=None):
-        if label_token_ids is not None:
+    def __call__(self, input_ids_BL, attention_mask_BL, *, label_token_ids=None, positions=None):
+        if label_token_ids is not None or positions is not None:
             check_label_readout(self.task, "gpt2")
         x_BLD = self.wte(input_ids_BL) + self.wpe(jnp.arange(input_ids_BL.shape[1]))[None]
         allowed_B1LL = causal_allowed(attention_mask_BL)
@@ -78,6 +79,8 @@ class GPT2Decoder(nnx.Module):
         x_BLD = self.ln_f(x_BLD)
         if label_token_ids is not None:
             return self.wte.attend(last_real_token(x_BLD, attention_mask_BL), rows=label_token_ids)
+        if positions is not None:
+            return self.wte.attend(jnp.take_along_axis(x_BLD, positions[..., None], axis=1))  # (B, K, V)
         if self.task == "encoder":
             return x_BLD
         if self.task == "causal_lm":

