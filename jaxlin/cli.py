@@ -6,6 +6,10 @@ docs/configuration.md lists them by section. ``--config FILE`` reads a TOML/YAML
 the base (default, quick, paper, decoder).
 A value may start with a minus: ``--lambdas -1,5`` is read as ``--lambdas=-1,5``. Every refusal is one line,
 ``jaxlin: error: …``, with exit code 2; docs/refusals.md lists them.
+
+Every computing subcommand first joins its processes (`jaxlin.distributed.initialize` from ``--coordinator``,
+``--num-processes``, ``--process-id``, ``--distributed auto`` or the JAXLIN_* variables), before any JAX
+computation; with several processes only process 0 prints the summary (docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ import re
 import sys
 from pathlib import Path
 
-from . import __version__
+import jax
+
+from . import __version__, distributed
 from .assets import AssetNotFoundError
 from .backend import BackendError
 from .config import (DOTTED, FLAT_KEYS, PRESETS, SECTIONS, STAGES, ConfigError, RunConfig, load_config, override,
@@ -143,7 +149,11 @@ def main(argv=None) -> int:
             print(render_report(args.directory))
             return 0
         config = config_from_args(args, SUBCOMMANDS[args.command][1])
+        join_processes(config)
         out = run(config, args.out, resume=args.resume)
+        if not distributed.is_main_process():
+            print(f"process {jax.process_index()}: done; process 0 wrote {out / RESULTS_NAME}")
+            return 0
         results = json.loads((out / RESULTS_NAME).read_text())
         print(summary_text(results, stages=list(results["stages"])))
         print(f"results: {out / RESULTS_NAME}" + (f"\nreport:  {out / REPORT_NAME}"
@@ -153,6 +163,19 @@ def main(argv=None) -> int:
             (SchemaError,) if args.command == "report" else ()) as e:  # a run's own SchemaError is a bug: traceback
         print(f"jaxlin: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def join_processes(config: RunConfig) -> bool:
+    """`jaxlin.distributed.initialize` with the ``mesh`` section's values (None: the JAXLIN_* variables); True
+    when this process joined a multi-process run. A bad or unreachable setting is a one-line ConfigError."""
+    m = config.mesh
+    try:
+        return distributed.initialize(m.coordinator, m.num_processes, m.process_id, auto=m.distributed == "auto")
+    except ValueError as e:  # distributed's own one-line checks of the three values
+        raise ConfigError(str(e)) from None
+    except RuntimeError as e:  # jax.distributed could not join (coordinator unreachable, timeout, auto failed)
+        raise ConfigError(f"cannot join the multi-process run: {_one_line(e)[:300]}; check --coordinator, "
+                          "--num-processes and --process-id (or the JAXLIN_* variables)") from None
 
 
 def _one_line(error: Exception) -> str:

@@ -7,7 +7,8 @@ and command-line overrides (docs/configuration.md lists every section and key).
     cfg.lora.rank, cfg.train.lambdas, cfg.to_dict()["kernel"]
 
 Sections: ``model``, ``lora``, ``data``, ``kernel``, ``train`` (the λ sweep's fine-tuning), ``dynamics``,
-``probe``, ``study``; beside them ``preset`` and ``stages``. Each field also has a flat key, unique across
+``probe``, ``study``, and ``mesh`` (how the run is executed: device mesh and processes, never part of a
+result's fingerprint); beside them ``preset`` and ``stages``. Each field also has a flat key, unique across
 sections (``rank`` = ``lora.rank``, ``sweep_steps`` = ``train.steps``): the command-line flag and what an older
 flat config file wrote; `FLAT_KEYS` is that table, derived from the sections' fields. The conversions into the
 stages' configs (`jaxlin.adapters.LoRA`, `jaxlin.train.TrainConfig`, `jaxlin.study.StudyConfig`) are the
@@ -27,6 +28,7 @@ import hashlib
 import importlib
 import json
 import math
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -150,9 +152,21 @@ class StudySection:
     selection_budget: int = 3  # modules per spectral selection (spectrum stage and study)
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """How the run is executed: its device mesh and its processes (docs/scaling.md); not what it computes, so
+    none of these keys enters `RunConfig.fingerprint` (a run resumed on another mesh reuses its stages)."""
+
+    shape: str | None = _key(None, "mesh")  # "data=D,model=M" over every global device; None = no mesh
+    coordinator: str | None = None  # HOST:PORT of process 0 (else $JAXLIN_COORDINATOR)
+    num_processes: int | None = None  # else $JAXLIN_NUM_PROCESSES; unset everywhere = one process
+    process_id: int | None = None  # else $JAXLIN_PROCESS_ID
+    distributed: str = "none"  # "auto": jax.distributed.initialize() detects what is not given (TPU, SLURM)
+
+
 SECTIONS: dict[str, type] = {"model": ModelSection, "lora": LoraSection, "data": DataSection,
                              "kernel": KernelSection, "train": TrainSection, "dynamics": DynamicsSection,
-                             "probe": ProbeSection, "study": StudySection}
+                             "probe": ProbeSection, "study": StudySection, "mesh": MeshSection}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +182,7 @@ class RunConfig:
     dynamics: DynamicsSection = dataclasses.field(default_factory=DynamicsSection)
     probe: ProbeSection = dataclasses.field(default_factory=ProbeSection)
     study: StudySection = dataclasses.field(default_factory=StudySection)
-    # mesh and multi-process options (mesh, coordinator, num_processes, process_id) will be a section here
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)  # execution only: not fingerprinted
     stages: tuple[str, ...] = STAGES
 
     def __post_init__(self):
@@ -193,12 +207,13 @@ class RunConfig:
         return {flat: (list(v) if isinstance(v, tuple) else v) for flat in FLAT_KEYS for v in [self.get(flat)]}
 
     def fingerprint(self) -> str:
-        """A short hash of every field that shapes a result (all but ``stages`` and ``preset``), for --resume.
-        It hashes the flat keys, so a config keeps the hash it had when RunConfig was flat; a key added since
-        (`ADDED_KEYS`) enters the hash only when it differs from its default, so stored runs keep their keys."""
+        """A short hash of every field that shapes a result (all but ``stages``, ``preset`` and the ``mesh``
+        section, which says how the run executes), for --resume. It hashes the flat keys, so a config keeps the
+        hash it had when RunConfig was flat; a key added since (`ADDED_KEYS`) enters the hash only when it differs
+        from its default, so stored runs keep their keys."""
         d = self.flat_dict()
-        d.pop("stages")
-        d.pop("preset")
+        for key in ("stages", "preset", *(FLAT_OF[("mesh", f.name)] for f in dataclasses.fields(MeshSection))):
+            d.pop(key)
         defaults = RunConfig().flat_dict()
         for key in ADDED_KEYS:
             if d[key] == defaults[key]:
@@ -570,3 +585,19 @@ def _validate(c: RunConfig):
     check(set(c.stages) <= set(STAGES) and len(c.stages) > 0, "stages", f"a subset of {STAGES}")
     check(c.data.num_calibration <= c.data.num_train, "data.num_calibration", f"at most num_train={c.data.num_train}")
     check(c.kernel.num_krr <= c.data.num_train, "kernel.num_krr", f"at most num_train={c.data.num_train}")
+    _validate_mesh(c, check)
+
+
+def _validate_mesh(c: RunConfig, check):
+    """The ``mesh`` section's syntax; the mesh's fit to the devices is checked when the run builds it
+    (`jaxlin.distributed.parse_mesh`), after the processes joined."""
+    m = c.mesh
+    entry = r"\s*\w+\s*=\s*\d+\s*"
+    check(m.shape is None or (isinstance(m.shape, str) and re.fullmatch(f"{entry}(,{entry})*", m.shape) is not None),
+          "mesh.shape", "None or AXIS=SIZE[,AXIS=SIZE], e.g. data=2,model=2")
+    check(m.coordinator is None or (isinstance(m.coordinator, str) and re.fullmatch(r".+:\d+", m.coordinator)
+                                    is not None), "mesh.coordinator", "None or HOST:PORT, e.g. 127.0.0.1:12355")
+    check(m.num_processes is None or _is_int(m.num_processes, 1), "mesh.num_processes", "None or an integer ≥ 1")
+    check(m.process_id is None or _is_int(m.process_id, 0), "mesh.process_id", "None or an integer ≥ 0")
+    check(m.distributed in ("none", "auto"), "mesh.distributed", "'none' (the given or $JAXLIN_* values only) or "
+          "'auto' (jax.distributed detects the cluster)")

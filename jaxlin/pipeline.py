@@ -18,11 +18,15 @@ Each stage reads its own section of the `RunConfig` (docs/configuration.md); the
 dataset, the checkpoint's files and the jaxlin version. With ``resume=True`` a stored stage with the same key is
 read back instead of recomputed; a changed input or a damaged file is recomputed, and the log says why. A stage
 holding NaN/inf outside `NONFINITE_ALLOWED` is never stored. `jaxlin.rundir` holds the run directory: its lock,
-atomic writes and the stage store; docs/refusals.md lists what a run refuses. ``results.json`` is assembled,
-validated and written once, after the report is rendered from the same dict (`write_outputs`).
+atomic writes and the stage store; docs/refusals.md lists what a run refuses. On a device mesh (``--mesh``) and
+as several processes (docs/scaling.md) every process computes every stage in the same order; process 0 alone
+holds the lock and writes stages, arrays, report and results.json (`_mesh_setup`, `_check_mesh_stages`,
+`_writes`). ``results.json`` is assembled, validated and written once, after the report is rendered from the
+same dict (`write_outputs`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import fnmatch
@@ -39,8 +43,10 @@ import jax
 import jaxlib
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import __version__, data, models, select, spectrum
+from . import __version__, data, distributed, models, select, sharding, spectrum
 from ._util import to_jsonable
 from .adapters import Adapted, AdaptedFunction, adapt
 from .backend import check_backend, require_healthy_backend
@@ -84,6 +90,7 @@ class Context:
     arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     stages: dict[str, dict] = dataclasses.field(default_factory=dict)  # per finished stage: key, reused, seconds,
     # finished
+    mesh: Mesh | None = None  # the run's device mesh (--mesh); parameters are sharded on it by jaxlin.sharding
 
     @property
     def tokenizer(self):
@@ -111,9 +118,9 @@ def environment() -> dict:
             "backend_check": check_backend().to_dict()}
 
 
-def setup(config: RunConfig, out: Path) -> Context:
+def setup(config: RunConfig, out: Path, mesh: Mesh | None = None) -> Context:
     """Load the model and the data, check them against each other, choose the calibration set, put LoRA on the
-    targets and fingerprint every input (``ctx.inputs``)."""
+    targets and fingerprint every input (``ctx.inputs``); with a `mesh`, the parameters are sharded on it."""
     d, m = config.data, config.model
     ds = load_data(config)
     need = d.num_calibration + 2
@@ -130,7 +137,7 @@ def setup(config: RunConfig, out: Path) -> Context:
     calibration = data.calibration_subset(train, d.num_calibration, mode=d.calibration_mode, seed=m.seed)
     if "study" in config.stages:
         _check_study_sizes(config, len(train), len(eval_))
-    model = _load_model(config, ds.num_classes)
+    model = _load_model(config, ds.num_classes, mesh)
     limit = max_input_length(model.config)
     if limit is not None and d.max_length > limit:
         raise ConfigError(f"max_length={d.max_length} is longer than the {limit} positions {m.name} "
@@ -138,13 +145,16 @@ def setup(config: RunConfig, out: Path) -> Context:
                           f"--max-length {limit} or less")
     readout = _readout(config, model, ds)
     adapted, adapted_lora = _adapt(model, config)
+    if mesh is not None:
+        adapted, adapted_lora = sharding.shard_adapted(adapted, mesh), sharding.shard_adapted(adapted_lora, mesh)
     tokenizer = model.tokenizer if readout is None else readout
     longest = max(len(t) for part in (train, eval_)
                   for t in tokenizer.encode_unpadded(list(part.texts), d.max_length))
     length = min(-(-longest // 8) * 8, limit or math.inf)  # padded positions must exist too
     inputs = {"config": config.fingerprint(), "dataset": dataset_digest(ds), "checkpoint": checkpoint_digest(m.name),
               "jaxlin": __version__, "format": SCHEMA_VERSION}
-    return Context(config, out, model, adapted, adapted_lora, train, eval_, calibration, length, inputs, readout)
+    return Context(config, out, model, adapted, adapted_lora, train, eval_, calibration, length, inputs, readout,
+                   mesh=mesh)
 
 
 def _check_study_sizes(config: RunConfig, num_train: int, num_eval: int) -> None:
@@ -159,7 +169,7 @@ def _check_study_sizes(config: RunConfig, num_train: int, num_eval: int) -> None
                               "the study stage (--stages)")
 
 
-def _load_model(config: RunConfig, num_labels: int) -> Model:
+def _load_model(config: RunConfig, num_labels: int, mesh: Mesh | None = None) -> Model:
     """The checkpoint with a classification head of `num_labels` outputs (``model.head`` for encoders; decoders
     have one head, `score`)."""
     m = config.model
@@ -170,10 +180,10 @@ def _load_model(config: RunConfig, num_labels: int) -> Model:
     head = m.head if kind == "encoder" else None
     try:
         if m.readout == "label_words":
-            model = models.load_pretrained(m.name, task="causal_lm", seed=m.seed)
+            model = models.load_pretrained(m.name, task="causal_lm", seed=m.seed, mesh=mesh)
         else:
             model = models.load_pretrained(m.name, task="classification", num_labels=num_labels, seed=m.seed,
-                                           head=head)
+                                           head=head, mesh=mesh)
     except (CheckpointError, DataError):
         raise
     except ValueError as e:  # an encoder family's own check of the head it is asked for
@@ -277,7 +287,7 @@ def stage_ntk(ctx: Context):
     cal = ctx.batch(ctx.calibration)
     modules = ctx.adapted_lora.lora_modules
     kw = dict(trace_axes=(), implementation=k.implementation, block_size=_block_size(ctx), progress=True,
-              output_fn=ctx.output_fn)
+              output_fn=ctx.output_fn, mesh=ctx.mesh)
     t = time.perf_counter()
     grams = module_ntks(ctx.adapted_lora, cal, **kw)
     seconds = time.perf_counter() - t
@@ -332,10 +342,15 @@ def _onehot(ctx: Context, labels) -> np.ndarray:
 
 def _outputs(ctx: Context, batch):
     """Logits at θ0 (LoRA B = 0, so those of the base model with its head, or its zero-shot label-word logits),
-    float64 on the host."""
+    float64 on the host (on a mesh: inputs replicated, logits gathered from every process)."""
     ad = ctx.adapted_lora  # the function is an argument of the jit, so its frozen weights are inputs
     x = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    return np.asarray(jax.jit(AdaptedFunction.__call__)(ad.as_function(ctx.output_fn), ad.trainable, x), np.float64)
+    if ctx.mesh is not None:
+        x = sharding.place(x, {k: NamedSharding(ctx.mesh, P()) for k in x})
+    logits = jax.jit(AdaptedFunction.__call__)(ad.as_function(ctx.output_fn), ad.trainable, x)
+    if not logits.is_fully_addressable:
+        logits = multihost_utils.process_allgather(logits, tiled=True)
+    return np.asarray(logits, np.float64)
 
 
 def _calibration_residual(ctx: Context) -> np.ndarray:
@@ -350,7 +365,7 @@ def stage_krr(ctx: Context):
     krr_eval = ctx.eval.subset(np.arange(min(k_cfg.num_krr, len(ctx.eval))))  # the cross kernel costs M·N
     xb, eb = ctx.batch(krr_set), ctx.batch(krr_eval)
     kw = dict(trace_axes=(), implementation=k_cfg.implementation, block_size=_block_size(ctx), progress=True,
-              output_fn=ctx.output_fn)
+              output_fn=ctx.output_fn, mesh=ctx.mesh)
     k_train = sum(module_ntks(ctx.adapted_lora, xb, **kw).values())
     k_cross = sum(module_ntks(ctx.adapted_lora, eb, xb, **kw).values())
     f0_train, f0_eval = _outputs(ctx, xb), _outputs(ctx, eb)
@@ -382,10 +397,11 @@ def stage_dynamics(ctx: Context):
     predicted = gd_dynamics(k, resid0, ridge_sum, lr_sum, np.arange(steps))
     tc = cfg.dynamics_train_config(learning_rate=n * lr_sum, batch_size=n, strength=ridge_sum / n,
                                    pad_to_multiple_of=ctx.length)
-    batches = lambda epoch: data.batches(ctx.calibration, ctx.tokenizer, batch_size=n,  # noqa: E731
-                                         max_length=tc.max_length, pad_to_multiple_of=ctx.length)
+    batches = lambda epoch: map(_process_rows, data.batches(  # noqa: E731
+        ctx.calibration, ctx.tokenizer, batch_size=n, max_length=tc.max_length, pad_to_multiple_of=ctx.length))
     nonlinear, linearized = model_functions(ctx.adapted_lora, ctx.output_fn)
-    measured = {name: fit(fn, ctx.adapted_lora.trainable, batches, config=tc, progress=False).train_loss
+    measured = {name: fit(fn, ctx.adapted_lora.trainable, batches, config=tc, progress=False,
+                          mesh=ctx.mesh).train_loss
                 for name, fn in (("linearized", linearized), ("nonlinear", nonlinear))}
     return {"steps": list(range(steps)), "learning_rate": n * lr_sum, "learning_rate_summed": lr_sum,
             "ridge": ridge_sum / n, "ridge_summed": ridge_sum, "ridge_relative": cfg.dynamics.ridge,
@@ -434,24 +450,27 @@ def run(config: RunConfig, out: Path | None = None, *, resume: bool = False) -> 
     the run holds locked (`rundir.output_directory`) until it ends."""
     jax.config.update("jax_enable_x64", True)  # float64 Gram accumulation and eigensolves
     require_healthy_backend()  # before anything is computed or written: a miscompiling jaxlib stops the run here
+    mesh = _mesh_setup(config, out)
+    _check_mesh_stages(config.stages, mesh)
     out = Path(out) if out is not None else default_out_dir(config.preset, resume)
-    with output_directory(out):
+    with output_directory(out) if _writes() else contextlib.nullcontext():
         log(f"jaxlin run: preset {config.preset}, output {out}")
         t = time.perf_counter()
-        ctx = setup(config, out)
+        ctx = setup(config, out, mesh)
         timings = {"setup": time.perf_counter() - t}
         wanted = [s for s in ORDER if s in config.stages and s != "report"]
         for dep in [d for s in wanted for d in NEEDS.get(s, ())]:
             if dep not in wanted:
                 wanted.insert(0, dep)
         for i, stage in enumerate([s for s in ORDER if s in wanted], 1):
-            result, arrays, record = _run_stage(ctx, stage, resume)
+            result, arrays, record = _run_stage(_replicated(ctx) if stage in MESH_UNAWARE else ctx, stage, resume)
             ctx.results[stage], ctx.stages[stage], timings[stage] = result, record, record["seconds"]
             ctx.arrays.update(arrays)
             seconds = record["seconds"]
             log(f"[{i}/{len(wanted)}] {stage}: "
                 + (f"reused (computed in {seconds:.1f} s)" if record["reused"] else f"done in {seconds:.1f} s"))
-        write_outputs(out, assemble(ctx, timings), ctx.arrays, report="report" in config.stages)
+        if _writes():
+            write_outputs(out, assemble(ctx, timings), ctx.arrays, report="report" in config.stages)
     return out
 
 
@@ -460,11 +479,11 @@ def _run_stage(ctx: Context, stage: str, resume: bool) -> tuple[dict, dict, dict
     finds it stored with the same key, else computed, checked for non-finite numbers and stored."""
     path = stage_path(ctx.out, stage)
     key = stage_key(stage, ctx.inputs)
-    if resume and path.exists():
+    if resume and _every_process(path.exists()):
         stored, arrays, why = read_stage(path, key, ctx.inputs)
-        if stored is not None:
+        if _every_process(stored is not None):  # all reuse or all recompute: the stages' collectives must match
             return stored["result"], arrays, stage_record(stored, reused=True)
-        log(f"{stage}: recomputing: {why}")
+        log(f"{stage}: recomputing: {why or 'another process cannot read its stored copy'}")
     t = time.perf_counter()
     result, arrays = STAGE_FUNCTIONS[stage](ctx)
     seconds = time.perf_counter() - t
@@ -473,8 +492,84 @@ def _run_stage(ctx: Context, stage: str, resume: bool) -> tuple[dict, dict, dict
     stored = {"stage": stage, "key": key, "inputs": ctx.inputs, "seconds": seconds,
               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "arrays": sorted(arrays), "result": result}
-    write_stage(path, stored, arrays)
+    if _writes():
+        write_stage(path, stored, arrays)
     return result, arrays, stage_record(stored, reused=False)
+
+
+# ------------------------------------------------------------------------------------ mesh and processes
+
+MESH_UNAWARE = ("sweep", "probe", "study")  # their fits and probes do not take a mesh yet
+
+
+def _mesh_setup(config: RunConfig, out) -> Mesh | None:
+    """The run's (data, model) mesh from ``mesh.shape`` (None without one), after the checks of a multi-process
+    run: a mesh and an --out every process shares. The processes joined before (`jaxlin.cli.join_processes`)."""
+    processes = jax.process_count()
+    if processes > 1 and (config.mesh.shape is None or out is None):
+        raise ConfigError(f"this run has {processes} processes: pass --mesh (e.g. data={len(jax.devices())},"
+                          "model=1) and --out DIR, a directory every process can read")
+    if config.mesh.shape is None:
+        return None
+    try:
+        mesh = distributed.parse_mesh(config.mesh.shape)
+    except ValueError as e:
+        raise ConfigError(f"{e}; fix --mesh") from None
+    log(f"mesh {dict(mesh.shape)} over {len(jax.devices())} device(s) of {processes} process(es); process "
+        f"{jax.process_index()}" + (" writes the run directory" if _writes() else " computes, process 0 writes"))
+    return mesh
+
+
+def _check_mesh_stages(stages, mesh: Mesh | None) -> None:
+    """Refuse the stages that cannot run as several processes yet; in one process they run replicated."""
+    unaware = [s for s in stages if s in MESH_UNAWARE]
+    if mesh is None or not unaware:
+        return
+    if jax.process_count() > 1:
+        allowed = ",".join(s for s in STAGES if s not in MESH_UNAWARE)
+        raise ConfigError(f"the stages {','.join(unaware)} are not yet multi-process; run them in one process "
+                          f"(--stages {','.join(unaware)}, with or without --mesh), and these as several "
+                          f"(--stages of {allowed})")
+    log(f"note: {', '.join(unaware)} do not split over the mesh yet: they run with parameters replicated on "
+        f"every device of it")
+
+
+def _replicated(ctx: Context) -> Context:
+    """`ctx` with the model and adapted parameters replicated on its mesh (unchanged without one)."""
+    if ctx.mesh is None:
+        return ctx
+    everywhere = NamedSharding(ctx.mesh, P())
+    put = lambda tree: jax.device_put(tree, jax.tree.map(lambda _: everywhere, tree))  # noqa: E731
+    return dataclasses.replace(
+        ctx, model=dataclasses.replace(ctx.model, params=put(ctx.model.params)),
+        adapted=dataclasses.replace(ctx.adapted, trainable=put(ctx.adapted.trainable), frozen=put(ctx.adapted.frozen)),
+        adapted_lora=dataclasses.replace(ctx.adapted_lora, trainable=put(ctx.adapted_lora.trainable),
+                                         frozen=put(ctx.adapted_lora.frozen)))
+
+
+def _writes() -> bool:
+    """Whether this process writes the run directory (lock, stages, arrays, report, results.json): process 0."""
+    return distributed.is_main_process()
+
+
+def _every_process(flag: bool) -> bool:
+    """`flag` and-ed over every process (itself with one process)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def _process_rows(batch: dict) -> dict:
+    """This process's equal share of a batch's rows, in process order (what `fit(mesh=)` takes from each)."""
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return batch
+    rows = len(next(iter(batch.values())))
+    if rows % count:
+        raise ConfigError(f"a batch of {rows} examples does not split over {count} processes; choose "
+                          f"--num-calibration as a multiple of {count}")
+    share = rows // count
+    return {k: v[index * share:(index + 1) * share] for k, v in batch.items()}
 
 
 # Where a stage may hold a non-finite number, and which one; every other number of a stage must be finite.

@@ -40,8 +40,16 @@ def test_models_lists_packaged_and_families(capsys):
     (["--num-calibration", "1"], "num_calibration=1 is invalid"),
     (["--train-head", "maybe"], "train_head='maybe' must be true or false"),
     (["--stages", "ntk,everything"], "stages=('ntk', 'everything') is invalid"),
+    (["--mesh", "data2"], "mesh='data2' is invalid"),
+    (["--coordinator", "nohost"], "coordinator='nohost' is invalid: None or HOST:PORT"),
+    (["--distributed", "slurm"], "distributed='slurm' is invalid"),
+    (["--num-processes", "2"], "['coordinator', 'process_id'] missing"),  # before any computation
+    (["--mesh", "data=3,model=2", "--stages", "ntk"], "has 3×2 = 6 devices, but there are 8"),
+    (["--mesh", "pipe=8", "--stages", "ntk"], "mesh axis 'pipe' in 'pipe=8' is unknown"),
 ])
-def test_bad_flags_give_one_line_errors(args, message, capsys):
+def test_bad_flags_give_one_line_errors(args, message, capsys, monkeypatch):
+    for var in ("JAXLIN_COORDINATOR", "JAXLIN_NUM_PROCESSES", "JAXLIN_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
     assert cli.main(["run", "--preset", "quick", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("jaxlin: error: ") and message in err and "\n" not in err

@@ -30,10 +30,14 @@ OLD_FLAT = {
     "probe_tangents": "probe.tangents", "study": "study.preset", "study_configurations": "study.configurations",
     "study_seeds": "study.seeds", "selection_budget": "study.selection_budget", "stages": "stages",
 }
+# The mesh section's keys (how a run executes, not what it computes: outside the fingerprint).
+MESH_KEYS = {"mesh": "mesh.shape", "coordinator": "mesh.coordinator", "num_processes": "mesh.num_processes",
+             "process_id": "mesh.process_id", "distributed": "mesh.distributed"}
 
 # Keys added since, and where they live.
 NEW_FLAT = {"readout": "model.readout", "label_words": "model.label_words",
             "prompt_template": "model.prompt_template"}
+ALL_KEYS = {**OLD_FLAT, **NEW_FLAT, **MESH_KEYS}
 
 NESTED_TOML = """preset = "quick"
 stages = ["ntk", "spectrum"]
@@ -69,8 +73,8 @@ study = "default"
 def test_the_flat_key_table_is_the_old_field_list():
     from jaxlin.config import DOTTED
 
-    assert DOTTED == {**OLD_FLAT, **NEW_FLAT}  # no flag lost, renamed or moved silently
-    assert set(SECTIONS) == {"model", "lora", "data", "kernel", "train", "dynamics", "probe", "study"}
+    assert DOTTED == ALL_KEYS  # no flag lost, renamed or moved silently
+    assert set(SECTIONS) == {"model", "lora", "data", "kernel", "train", "dynamics", "probe", "study", "mesh"}
 
 
 @pytest.mark.parametrize("name,text", [("nested.toml", NESTED_TOML), ("nested.yaml", NESTED_YAML),
@@ -124,14 +128,14 @@ def test_a_section_given_one_value_is_refused(tmp_path):
         override(preset("quick"), {"lora": 4})
 
 
-@pytest.mark.parametrize("flat", [k for k in OLD_FLAT if k != "preset"])
+@pytest.mark.parametrize("flat", [k for k in ALL_KEYS if k != "preset"])
 def test_every_flag_maps_to_the_same_field(flat):
     """--flag and its dotted spelling land on the field of the old flat key, with the same value."""
-    flag, dotted = "--" + flat.replace("_", "-"), "--" + OLD_FLAT[flat].replace("_", "-")
+    flag, dotted = "--" + flat.replace("_", "-"), "--" + ALL_KEYS[flat].replace("_", "-")
     for spelling in {flag, dotted}:
         args = cli.parser().parse_args(["run", spelling, "some,value"])
         assert vars(args)[f"cfg_{flat}"] == "some,value"
-    assert FLAT_KEYS[flat] == ((None, flat) if "." not in OLD_FLAT[flat] else tuple(OLD_FLAT[flat].split(".")))
+    assert FLAT_KEYS[flat] == ((None, flat) if "." not in ALL_KEYS[flat] else tuple(ALL_KEYS[flat].split(".")))
 
 
 @pytest.mark.parametrize("argv,key,value", [
@@ -140,6 +144,10 @@ def test_every_flag_maps_to_the_same_field(flat):
     (["--lambdas", "0.5,5"], "train.lambdas", (0.5, 5)), (["--lora-init", "gaussian"], "lora.init", "gaussian"),
     (["--study", "default"], "study.preset", "default"), (["--study-seeds", "none"], "study.seeds", None),
     (["--model", "x"], "model.name", "x"), (["--train-head", "false"], "model.train_head", False),
+    (["--mesh", "data=2,model=2"], "mesh.shape", "data=2,model=2"), (["--num-processes", "2"], "mesh.num_processes", 2),
+    (["--process-id", "1"], "mesh.process_id", 1), (["--coordinator", "10.0.0.1:1234"], "mesh.coordinator",
+                                                      "10.0.0.1:1234"),
+    (["--distributed", "auto"], "mesh.distributed", "auto"),
 ])
 def test_flags_set_values(argv, key, value):
     args = cli.parser().parse_args(["run", "--preset", "quick", *argv])
@@ -155,6 +163,22 @@ def test_fingerprint_ignores_stages_and_preset_and_hashes_the_flat_keys():
     flat = {old: (list(v) if isinstance(v, tuple) else v) for old, key in OLD_FLAT.items()
             if old not in ("preset", "stages") for v in [c.get(key)]}
     assert c.fingerprint() == hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_the_mesh_section_is_read_from_files_and_kept_out_of_the_fingerprint(tmp_path):
+    nested, flat = tmp_path / "nested.toml", tmp_path / "flat.yaml"
+    nested.write_text('preset = "quick"\n[mesh]\nshape = "data=2,model=2"\nnum_processes = 2\ndistributed = "auto"\n')
+    flat.write_text("preset: quick\nmesh: data=2,model=2\nnum_processes: 2\ndistributed: auto\n")
+    c = load_config(nested)
+    assert c == load_config(flat)
+    assert (c.mesh.shape, c.mesh.num_processes, c.mesh.distributed) == ("data=2,model=2", 2, "auto")
+    assert c.fingerprint() == preset("quick").fingerprint()  # a run resumed on another mesh reuses its stages
+    assert c.to_dict()["mesh"]["shape"] == "data=2,model=2"
+    for values, message in (({"mesh": "data:2"}, "mesh='data:2' is invalid"),
+                            ({"process_id": -1}, "process_id=-1 is invalid"),
+                            ({"distributed": "slurm"}, "fix --distributed")):
+        with pytest.raises(ConfigError, match=message):
+            override(c, values)
 
 
 def test_to_dict_is_nested_and_round_trips():
