@@ -284,6 +284,8 @@ DOTTED = {flat: (name if section is None else f"{section}.{name}") for flat, (se
 # A choice's allowed values: (owning module, its name there). Read through `allowed_values`.
 ALLOWED = {
     "model.readout": ("readout", "READOUTS"),
+    "model.head": ("models.bert", "HEADS"),
+    "mesh.distributed": ("distributed", "MODES"),
     "lora.init": ("adapters", "LORA_INITS"),
     "data.missing_labels": ("data", "MISSING_LABELS"),
     "data.calibration_mode": ("study", "CALIBRATION_MODES"),
@@ -599,5 +601,3 @@ def _validate_mesh(c: RunConfig, check):
                                     is not None), "mesh.coordinator", "None or HOST:PORT, e.g. 127.0.0.1:12355")
     check(m.num_processes is None or _is_int(m.num_processes, 1), "mesh.num_processes", "None or an integer ≥ 1")
     check(m.process_id is None or _is_int(m.process_id, 0), "mesh.process_id", "None or an integer ≥ 0")
-    check(m.distributed in ("none", "auto"), "mesh.distributed", "'none' (the given or $JAXLIN_* values only) or "
-          "'auto' (jax.distributed detects the cluster)")

@@ -24,6 +24,7 @@ ENV_COORDINATOR = "JAXLIN_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXLIN_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXLIN_PROCESS_ID"
 MESH_AXES = ("data", "model")
+MODES = ("none", "auto")  # how processes find each other: given/$JAXLIN_* values only, or detected (TPU, SLURM)
 
 
 def _int_or_none(value, name: str, env: str) -> int | None:

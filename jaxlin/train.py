@@ -18,7 +18,7 @@ Compilation. Every batch from `jaxlin.data.batches` has the same leading size (a
 and marked `example_mask` 0), but bucketed padding gives L = the batch's longest sequence rounded up to a
 multiple of 8, so the step compiles once per distinct L (a handful: ⌈max_length/8⌉ at most), then never again.
 
-Meshes and preemption (docs/scaling-training.md): `fit(mesh=)` splits batches over the mesh's data axis and keeps
+Meshes and preemption (docs/scaling.md): `fit(mesh=)` splits batches over the mesh's data axis and keeps
 the parameters' own shardings (`jaxlin.train_mesh`); `fit(checkpoint_dir=)` saves and resumes the run with Orbax
 (`jaxlin.train_checkpoint`).
 """
@@ -394,13 +394,13 @@ def fit(apply_fn: Callable | None, trainable0, train_batches_fn: Callable[[int],
     batches, evaluated after each epoch (`config.eval_every_epoch`) and at the end. callback(step, metrics)
     gets each step's metrics as floats (this syncs with the device every step).
 
-    mesh, data_axis (docs/scaling-training.md): train on a `jax.sharding.Mesh`. Each batch's examples are split
+    mesh, data_axis (docs/scaling.md): train on a `jax.sharding.Mesh`. Each batch's examples are split
     over `data_axis` (with several processes, each process passes its own rows: the global batch is their
     concatenation in process order); the trainable tree keeps the shardings of `trainable0` where they are on the
     mesh (replicated otherwise) and the optimiser state is sharded like it (`jaxlin.train_mesh.MeshPlan`). Without
     a mesh nothing is placed and the numbers are those of one device.
 
-    checkpoint_dir, checkpoint_every, checkpoint_key (docs/scaling-training.md, "Resuming training"): save the
+    checkpoint_dir, checkpoint_every, checkpoint_key (docs/scaling.md, "Resuming training"): save the
     training state with Orbax every `checkpoint_every` steps and at the end; a directory that already holds a
     checkpoint of the same run (same config, θ0, model arrays, optimiser layout, first epoch's data and
     `checkpoint_key`) is resumed from its latest step and continues on the same trajectory as an uninterrupted

@@ -1,4 +1,4 @@
-"""Preemption-safe training state for `jaxlin.train.fit`, stored with Orbax (docs/scaling-training.md).
+"""Preemption-safe training state for `jaxlin.train.fit`, stored with Orbax (docs/scaling.md).
 
 A checkpoint of step t holds the trainable tree and the optimiser state (Orbax `StandardSave`: sharded arrays
 are written by the processes that own their shards and read back with the shardings of the fresh run's state),

@@ -1,4 +1,4 @@
-"""Where a training run's arrays live on a device mesh (docs/scaling-training.md, "Training on a mesh").
+"""Where a training run's arrays live on a device mesh (docs/scaling.md, "Training on a mesh").
 
 `MeshPlan(mesh, data_axis)` is the one rule set of `jaxlin.train.fit` and `evaluate` under a mesh:
 

@@ -7,6 +7,8 @@ import json
 import pytest
 
 from jaxlin import adapters, cli, data, module_ntk, readout, select, study, train
+from jaxlin import distributed
+from jaxlin.models import bert
 from jaxlin.config import (ALLOWED, FLAT_KEYS, PRESETS, SECTIONS, ConfigError, allowed_values,
                            load_config, override, preset)
 
@@ -202,7 +204,7 @@ OWNERS = {"lora.init": adapters.LORA_INITS, "data.missing_labels": data.MISSING_
           "data.calibration_mode": study.CALIBRATION_MODES, "kernel.implementation": module_ntk.IMPLEMENTATIONS,
           "train.regularizer": train.REGULARIZERS, "train.anchor": train.ANCHORS, "train.loss": train.LOSSES,
           "study.preset": study.PRESETS, "study.configurations": select.FAMILIES,
-          "model.readout": readout.READOUTS}
+          "model.readout": readout.READOUTS, "model.head": bert.HEADS, "mesh.distributed": distributed.MODES}
 
 
 @pytest.mark.parametrize("key", sorted(OWNERS))

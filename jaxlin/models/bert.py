@@ -96,14 +96,17 @@ class BertEncoder(nnx.Module):
         return self.classifier(jnp.tanh(self.head_dense(first_BD)))
 
 
+HEADS = ("roberta", "bert")  # "roberta": dense + tanh + out_proj (the paper's); "bert": pooler + linear
+
+
 def build(config, *, task: str, num_labels: int | None, head: str | None, rngs: nnx.Rngs, dtype) -> BertEncoder:
     if task not in ("encoder", "classification"):
         raise ValueError(f"task={task!r} is not available for the encoder family {config.model_type!r}; "
                          "use task='encoder' or task='classification'")
     if head is None:
         head = "roberta" if config.model_type in ROBERTA_TYPES else "bert"
-    if head not in ("roberta", "bert"):
-        raise ValueError(f"head={head!r} is not a BERT-style head; use 'roberta' or 'bert'")
+    if head not in HEADS:
+        raise ValueError(f"head={head!r} is not a BERT-style head; use one of {HEADS}")
     return BertEncoder(config, task=task, num_labels=num_labels, head=head, rngs=rngs, dtype=dtype)
 
 
