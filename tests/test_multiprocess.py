@@ -2,17 +2,14 @@
 per-module kernels of a tiny model sharded by the rules on a (data=2, model=2) mesh, and they equal a
 single-process run. Also the one-line errors of jaxlin.distributed."""
 import os
-import signal
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import clean_env, run_bounded
 
 from jaxlin import distributed
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 420  # under a loaded 2-core machine; both runs together take far less on a quiet one
 
 
@@ -42,31 +39,13 @@ def test_initialize_is_a_no_op_alone_and_names_what_is_missing(monkeypatch):
         distributed.initialize("127.0.0.1:1234", 2, 2)
 
 
-def _run(cmd, env, expect: int = 0):
-    """Run ``cmd`` in its own session, bounded by TIMEOUT_S, and check its exit status; the whole process group is
-    killed in the end, so nothing outlives the test."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} ran past {TIMEOUT_S} s:\n{out[-3000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == expect, f"{' '.join(cmd)} exited with {proc.returncode}:\n{out[-3000:]}"
-    return out
+def _run(cmd, env, expect: int = 0) -> str:
+    return run_bounded(cmd, env, TIMEOUT_S, expect)
 
 
 @pytest.mark.slow
 def test_two_processes_give_the_single_process_kernels(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXLIN_", "XLA_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHON=sys.executable,
-               XLA_FLAGS="--xla_force_host_platform_device_count=2", HF_HUB_OFFLINE="1")
+    env = clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     script = [sys.executable, "scripts/mesh_kernels.py"]
     out = _run(["bash", "scripts/launch_local.sh", "2", "--", *script, "--mesh", "data=2,model=2",
                 "--out", str(tmp_path / "mesh.npz")], env)

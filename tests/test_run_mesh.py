@@ -2,45 +2,20 @@
 numbers as one process without a mesh, a stored stage reused by --resume, and the stages that are not yet
 multi-process refused in one line (docs/scaling.md, "Running jaxlin run on a mesh and as several processes")."""
 import json
-import os
-import signal
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import clean_env, run_bounded
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600  # per command, under a loaded 2-core machine
 # the quick preset, made smaller so three runs stay short: every stage still computes
 SMALL = ["--preset", "quick", "--num-train", "32", "--num-calibration", "8", "--num-krr", "16", "--sign-kernel",
          "false"]
 
 
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXLIN_", "XLA_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHON=sys.executable, HF_HUB_OFFLINE="1", **extra)
-    return env
-
-
 def _run(cmd, env, expect: int = 0) -> str:
-    """Run `cmd` in its own session, bounded by TIMEOUT_S; its whole process group is killed in the end."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} ran past {TIMEOUT_S} s:\n{out[-3000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == expect, f"{' '.join(cmd)} exited with {proc.returncode}:\n{out[-3000:]}"
-    return out
+    return run_bounded(cmd, env, TIMEOUT_S, expect)
 
 
 def _two_processes(*args) -> list[str]:
@@ -50,7 +25,7 @@ def _two_processes(*args) -> list[str]:
 
 @pytest.mark.slow
 def test_two_processes_give_the_single_process_results_and_resume(tmp_path):
-    mesh_env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    mesh_env = clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     mesh_dir, single_dir = tmp_path / "mesh", tmp_path / "single"
     # stages that cannot run as several processes yet are refused before any model is loaded
     out = _run(_two_processes("--stages", "ntk,sweep", "--out", str(mesh_dir)), mesh_env, expect=2)
@@ -63,7 +38,7 @@ def test_two_processes_give_the_single_process_results_and_resume(tmp_path):
     assert "[p0] [1/3] ntk: reused" in out and "[p1] [1/3] ntk: reused" in out, out[-2000:]
     assert not (mesh_dir / ".jaxlin.lock").exists()
     _run([sys.executable, "-m", "jaxlin.cli", "run", *SMALL, "--stages", "ntk,spectrum,krr", "--out",
-          str(single_dir)], _env())
+          str(single_dir)], clean_env())
 
     mesh, single = (json.loads((d / "results.json").read_text()) for d in (mesh_dir, single_dir))
     assert mesh["stages"]["ntk"]["reused"] and mesh["stages"]["ntk"]["finished"] == kernels["finished"]
