@@ -679,9 +679,8 @@ def readout_section(ctx: Context) -> dict:
     """How a class score is read, and the accuracy at θ0 on the KRR stage's eval examples (the model's own
     zero-shot accuracy for label words; a fresh head's for the head readout), null when krr did not run."""
     krr = ctx.results.get("krr")
-    at_init = None if krr is None else {"zero_shot_eval_accuracy": krr["eval_accuracy_at_init"],
-                                        "zero_shot_num_eval": krr["num_eval"]}
-    at_init = at_init or {"zero_shot_eval_accuracy": None, "zero_shot_num_eval": 0}
+    at_init = ({"zero_shot_eval_accuracy": None, "zero_shot_num_eval": 0} if krr is None else
+               {"zero_shot_eval_accuracy": krr["eval_accuracy_at_init"], "zero_shot_num_eval": krr["num_eval"]})
     if ctx.readout is None:
         return {"kind": "head", "head": ctx.config.model.head if ctx.model.kind == "encoder" else "score",
                 "trained": ctx.config.model.train_head, **at_init}
