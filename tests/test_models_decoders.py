@@ -11,6 +11,7 @@ from transformers import GPTNeoXConfig
 from jaxlin.models import CheckpointError, build_model, load_pretrained
 from jaxlin.testing import PAD_ID, tiny_decoder_config
 from jaxlin.models.llama import rope_inv_freq
+from tiers import tiered
 
 KINDS = ("gpt2", "llama", "llama_tied", "qwen2", "mistral")
 LENGTHS = (9, 6, 5)  # full, right-padded, left-padded
@@ -63,7 +64,7 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(*tiered("kind", KINDS, ["gpt2", "llama"]))
 def test_decoder_matches_transformers(kind, checkpoints):
     torch = pytest.importorskip("torch")
     import transformers

@@ -11,6 +11,7 @@ from jaxlin import testing
 from jaxlin.adapters import LoRA, adapt, add_lora
 from jaxlin.module_ntk import module_ntks
 from jaxlin.ntk import empirical_ntk_fn
+from tiers import tiered
 
 IMPLS = ("structured", "jacobian_contraction", "ntk_vector_products")
 
@@ -36,8 +37,7 @@ def dense_kernel(ad, tr, b1, b2, sign=False):
     return np.einsum("iap,jbp->ijab", j1, j2)
 
 
-@pytest.fixture(scope="module", params=[f if f == "bert" else pytest.param(f, marks=pytest.mark.slow)
-                                        for f in families()])  # the fast tier checks BERT, the full suite every family
+@pytest.fixture(scope="module", params=tiered("family", families(), ["bert"])[1])  # fast tier: BERT
 def setup(request):
     fam = request.param
     m = testing.tiny_model(fam, task="classification", num_labels=3, dtype=jnp.float64)
@@ -54,8 +54,9 @@ def setup(request):
     return ad, perturbed(ad), b1, b2
 
 
-@pytest.mark.parametrize("impl", [pytest.param(i, marks=pytest.mark.slow) if i == "ntk_vector_products" else i
-                                  for i in IMPLS])  # test_ntk checks ntk_vector_products fast on small models
+# fast tier: jacobian_contraction (the auto structured kernel of BERT is checked fast by the tests below; test_ntk
+# checks ntk_vector_products fast on small models)
+@pytest.mark.parametrize(*tiered("impl", IMPLS, ["jacobian_contraction"]))
 def test_every_implementation_matches_dense_reference(setup, impl):
     ad, tr, b1, b2 = setup
     if impl != "structured" and ad.model.family != "bert":

@@ -13,6 +13,7 @@ from jaxlin.adapters import LoRA, adapt
 from jaxlin.data import DataError
 from jaxlin.module_ntk import module_ntks
 from jaxlin.readout import LabelWordLogits
+from tiers import tiered
 
 LABEL_IDS = (5, 17, 3, 60)  # C = 4 vocabulary rows of the tiny models (vocab 97)
 TEMPLATE = "Review: {text}\nSentiment:"
@@ -24,8 +25,8 @@ def batch_for(model, padding_side="right"):
     return b
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_tied", "qwen2", "mistral"])
-@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize(*tiered("kind,side", [(k, s) for k in ("gpt2", "llama", "llama_tied", "qwen2", "mistral")
+                                                for s in ("right", "left")], [("gpt2", "left"), ("llama", "right")]))
 def test_efficient_readout_equals_sliced_full_logits(kind, side):
     model = testing.tiny_model(kind, task="causal_lm", dtype=jnp.float64)
     b = batch_for(model, side)
@@ -71,8 +72,8 @@ CASES = {  # LoRA targets, dense modules trained in full
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("impl", ["structured", "jacobian_contraction"])
+@pytest.mark.parametrize(*tiered("case,impl", [(c, i) for c in sorted(CASES) for i in ("structured", "jacobian_contraction")],
+                                 [("llama_lm_head", "structured"), ("gpt2", "jacobian_contraction")]))
 def test_readout_kernels_match_dense_jacobian(case, impl):
     kind = "llama" if case == "llama_lm_head" else case
     model = testing.tiny_model(kind, task="causal_lm", dtype=jnp.float64)
@@ -112,6 +113,7 @@ def smollm_tokenizer():
     return Tokenizer(gguf_tokenizer(gguf.GGUFReader(checkpoint.resolve("SmolLM2-135M-Instruct").path)))
 
 
+@pytest.mark.slow  # loads the SmolLM2 tokenizer
 def test_token_ids_are_first_tokens_of_the_word_after_the_prompt(smollm_tokenizer):
     readout = jaxlin.label_word_readout(smollm_tokenizer, ["negative", "positive", "sportsmanship"],
                                         template=TEMPLATE)
@@ -122,6 +124,7 @@ def test_token_ids_are_first_tokens_of_the_word_after_the_prompt(smollm_tokenize
     assert readout.output_fn == LabelWordLogits(readout.token_ids)
 
 
+@pytest.mark.slow  # loads the SmolLM2 tokenizer
 def test_colliding_and_malformed_label_words_are_refused(smollm_tokenizer):
     with pytest.raises(ValueError, match=r"\['sports', 'sportsmanship'\] all start with token ' sports'"):
         jaxlin.label_word_readout(smollm_tokenizer, ["sports", "sportsmanship"], template=TEMPLATE)
@@ -133,6 +136,7 @@ def test_colliding_and_malformed_label_words_are_refused(smollm_tokenizer):
         jaxlin.label_word_readout(None, ["good", "bad"])
 
 
+@pytest.mark.slow  # loads the SmolLM2 tokenizer
 def test_encode_right_pads_prompts_with_real_lengths(smollm_tokenizer):
     readout = jaxlin.label_word_readout(smollm_tokenizer, ["bad", "good"], template=TEMPLATE)
     texts = ["great", "a long and winding review of a film that I did not enjoy at all", "ok 🙂"]
@@ -178,7 +182,7 @@ def words():
     return tok, jaxlin.label_word_readout(tok, ["bad", "good"], template="Review: {text} Sentiment:"), sentiment_data
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", pytest.param("llama_tied", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(*tiered("kind", ["gpt2", "llama", "llama_tied"], ["llama"]))
 def test_linearized_prox_gd_on_label_words_equals_krr(kind, words):
     """Squared loss over the C label-word logits, always-on prox, full-batch GD on the linearized model → KRR with
     the model's own label-word eNTK and targets one-hot − f(θ0) (as tests/test_train.py does for a head): fit
@@ -216,6 +220,7 @@ def test_linearized_prox_gd_on_label_words_equals_krr(kind, words):
     assert err <= 1e-6, err
 
 
+@pytest.mark.slow  # every stage; test_sweep and test_probe are fast
 def test_sweep_probe_and_zero_shot_accuracy_through_the_readout(words):
     from jaxlin.probe import probe_adapted
     from jaxlin.readout import zero_shot_accuracy

@@ -13,6 +13,7 @@ from jaxlin import adapters, sharding, testing
 from jaxlin.distributed import parse_mesh
 from jaxlin.models import checkpoint, load_pretrained
 from jaxlin.module_ntk import module_ntks
+from tiers import tiered
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 # sizes that split over 2, 4 or 8 devices in places, and not in others (those stay replicated)
@@ -40,12 +41,12 @@ def tiny(family, task=None, **kw):
                               **SIZES[family], **kw)
 
 
-def cases(fast):
+def cases(fast, families=tuple(SIZES)):
     """Every family on every mesh; only ``fast`` in the fast tier (each case compiles for 8 devices)."""
-    return [(f, m) if (f, m) in fast else pytest.param(f, m, marks=pytest.mark.slow) for f in SIZES for m in MESHES]
+    return tiered("family,shape", [(f, m) for f in families for m in MESHES], fast)
 
 
-@pytest.mark.parametrize("family,shape", cases([("llama", (2, 4)), ("bert", (4, 2))]))
+@pytest.mark.parametrize(*cases([("llama", (2, 4))]))
 def test_sharded_logits_equal_single_device(family, shape):
     model = tiny(family)
     batch = testing.random_batch(model, batch=5, length=9, seed=1)
@@ -63,7 +64,7 @@ def _tp_only_divisor(size, m):
     return m if size % m == 0 else 1
 
 
-@pytest.mark.parametrize("shape", MESHES)
+@pytest.mark.parametrize(*tiered("shape", MESHES, [(2, 4)]))
 def test_shard_bytes_shrink_with_the_model_axis_as_the_rules_say(shape):
     model = tiny("llama")  # hidden 48, q 4·6 = 24, kv 2·6 = 12, mlp 40, vocab 104
     mesh = mesh_of(shape)
@@ -124,8 +125,7 @@ def _adapted(family):
     return dataclasses.replace(adapted, trainable={**adapted.trainable, "lora": lora})
 
 
-@pytest.mark.parametrize("family,shape", [c for c in cases([("llama", (4, 2))]) if getattr(c, "values", c)[0]
-                                          in ("llama", "bert")])
+@pytest.mark.parametrize(*cases([("llama", (4, 2))], families=("llama", "bert")))
 def test_module_kernels_on_a_mesh_equal_single_device(family, shape):
     adapted = _adapted(family)
     batch = testing.random_batch(adapted.model, batch=7, length=9, seed=2)
@@ -150,6 +150,7 @@ def _save_tiny_llama(directory):
 
 
 @pytest.mark.torch
+@pytest.mark.slow  # torch writes the checkpoint
 def test_load_pretrained_on_a_mesh_reads_only_owned_slices(tmp_path, monkeypatch):
     path = _save_tiny_llama(tmp_path / "llama")
     ref = load_pretrained(path, task="causal_lm")
