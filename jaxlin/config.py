@@ -116,7 +116,8 @@ class TrainSection:
     regularizer: str = "prox"
     anchor: str = "init"
     loss: str = "cross_entropy"
-    # the next-token objective will add its key here: objective
+    objective: str = "classification"  # "classification": `loss` over the readout's C logits; "next_token": the
+    # LM's own next-token cross-entropy over its vocabulary on each label word (label words only; docs/decoders.md)
     learning_rate: float = 4e-3
     batch_size: int = 16
     steps: int = _key(80, "sweep_steps")
@@ -277,7 +278,7 @@ def _flat_keys() -> dict[str, tuple[str | None, str]]:
 
 
 FLAT_KEYS = _flat_keys()
-ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template"})  # flat keys added after results were first stored
+ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template", "objective"})  # flat keys added after results were first stored
 FLAT_OF = {where: flat for flat, where in FLAT_KEYS.items()}
 DOTTED = {flat: (name if section is None else f"{section}.{name}") for flat, (section, name) in FLAT_KEYS.items()}
 
@@ -293,6 +294,7 @@ ALLOWED = {
     "train.regularizer": ("train", "REGULARIZERS"),
     "train.anchor": ("train", "ANCHORS"),
     "train.loss": ("train", "LOSSES"),
+    "train.objective": ("next_token", "OBJECTIVES"),
     "study.preset": ("study", "PRESETS"),
     "study.configurations": ("select", "FAMILIES"),  # each item
 }
@@ -571,6 +573,16 @@ def _validate(c: RunConfig):
           "None or a string with exactly one {text} field, e.g. 'Tweet: {text}\\nSentiment:'")
     check(template is None or c.model.readout == "label_words", "model.prompt_template",
           "a prompt template is read only with --readout label_words; add it or drop --prompt-template")
+    next_token = c.train.objective == "next_token"
+    check(not next_token or c.model.readout == "label_words", "train.objective",
+          "the next-token loss is a causal LM's own, on the label words: add --readout label_words (a decoder "
+          "--model) or pass --objective classification")
+    check(not next_token or c.train.loss == "cross_entropy", "train.loss",
+          "the next-token objective's loss is the cross-entropy over the vocabulary; drop --loss or pass "
+          "--objective classification")
+    check(not next_token or "study" not in c.stages, "train.objective",
+          "the study fine-tunes on the classification loss only (the sweep trains next_token): drop study from "
+          "--stages, e.g. --stages ntk,spectrum,krr,dynamics,sweep,probe,report, or pass --objective classification")
     check(c.study.seeds is None or (len(c.study.seeds) > 0 and all(isinstance(s, int) for s in c.study.seeds)),
           "study.seeds", "None or one or more integer seeds")
     families = allowed_values("study.configurations")

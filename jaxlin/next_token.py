@@ -35,7 +35,8 @@ import optax
 from jax.tree_util import Partial
 
 from .data import DataError, TextDataset, pad_batch, read_rows
-from .sweep import output_comparison
+from .readout import LabelWordReadout
+from .sweep import ClassificationObjective, output_comparison
 from .train import TrainConfig, linearized_function
 
 
@@ -217,7 +218,8 @@ _forward = jax.jit(_call)  # the one jit of evaluation: the loss (and its model)
 
 def evaluate_next_token(logits_fn: Callable, trainable, batches) -> dict:
     """Over the completion tokens of `batches`: "loss" (mean −log p), "accuracy" (greedy token = the completion's),
-    "outputs" (T, V) float32 logits and "targets" (T,), tokens in example order."""
+    "outputs" (T, V) float32 logits, "targets" (T,) and "first_token" (T,) bool (a completion's first token),
+    tokens in example order."""
     loss_fn = next_token_loss(logits_fn)
     logits, per, targets, index, column, seen = [], [], [], [], [], 0
     for batch in batches:
@@ -234,9 +236,19 @@ def evaluate_next_token(logits_fn: Callable, trainable, batches) -> dict:
     if not logits:
         raise ValueError("evaluate_next_token got no batches; pass a non-empty iterable of batches")
     order = np.lexsort((np.concatenate(column), np.concatenate(index)))  # example-major, then token order
-    logits_TV, per_T, targets_T = (np.concatenate(x)[order] for x in (logits, per, targets))
+    logits_TV, per_T, targets_T, column_T = (np.concatenate(x)[order] for x in (logits, per, targets, column))
     return {"loss": float(per_T.mean()), "accuracy": float((logits_TV.argmax(-1) == targets_T).mean()),
-            "outputs": logits_TV, "targets": targets_T}
+            "outputs": logits_TV, "targets": targets_T, "first_token": column_T == 0}
+
+
+def label_word_accuracy(found: dict, token_ids) -> float:
+    """The classification accuracy inside `evaluate_next_token`'s result ``found`` on completions rendered by
+    `completions_from_labels`: at each completion's first token, argmax over the C label words' logits
+    (``token_ids``, a readout's) against the completion's own first token, as the label-word readout classifies."""
+    ids_C = np.asarray(token_ids)
+    first_T = found["first_token"]
+    predicted = ids_C[found["outputs"][first_T][:, ids_C].argmax(-1)]
+    return float(np.mean(predicted == found["targets"][first_T]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,14 +256,24 @@ class NextTokenObjective:
     """`jaxlin.sweep.lambda_sweep`'s ``objective=`` for next-token fine-tuning on a `CompletionDataset` (pass
     ``model.tokenizer`` as the sweep's tokenizer). The sweep then reports, per λ, the per-token KL between the
     two models' next-token distributions and the agreement of their greedy tokens on held-out completion tokens;
-    "accuracy" is the fraction of completion tokens predicted greedily."""
+    "accuracy" is the fraction of completion tokens predicted greedily.
+
+    With ``readout`` (a `jaxlin.label_word_readout`), labelled `jaxlin.data.TextDataset`s train as
+    ``completions_from_labels(dataset, readout)`` (the tokenizer may be the readout itself, as in ``jaxlin run``),
+    and "accuracy" is the label-word accuracy (`label_word_accuracy`), comparable with the readout's zero-shot and
+    kernel accuracies; "token_accuracy" keeps the greedy-token one."""
 
     name: str = "next_token"
+    readout: LabelWordReadout | None = None
 
     def functions(self, adapted):
         return next_token_functions(adapted)
 
     def batches(self, dataset, tokenizer, config: TrainConfig, *, shuffle: bool, seed: int):
+        if self.readout is not None and isinstance(dataset, TextDataset):
+            dataset = completions_from_labels(dataset, self.readout)
+        if isinstance(tokenizer, LabelWordReadout):  # it formats prompts; completions are tokenized by its tokenizer
+            tokenizer = tokenizer.tokenizer
         if not isinstance(dataset, CompletionDataset):
             raise TypeError(f"the next-token objective trains on a CompletionDataset, got {type(dataset).__name__}; "
                             "use completions_from_labels(dataset, readout) or load_completions(path)")
@@ -262,12 +284,34 @@ class NextTokenObjective:
         return next_token_loss(apply_fn)
 
     def evaluate(self, apply_fn, trainable, batches, config: TrainConfig) -> dict:
-        return evaluate_next_token(apply_fn, trainable, batches)
+        found = evaluate_next_token(apply_fn, trainable, batches)
+        if self.readout is None:
+            return found
+        return {**found, "token_accuracy": found["accuracy"],
+                "accuracy": label_word_accuracy(found, self.readout.token_ids)}
 
     def compare(self, f_TV, f_bar_TV) -> dict:
         return output_comparison(f_TV, f_bar_TV)
 
 
+OBJECTIVES = ("classification", "next_token")  # `train.objective` of `jaxlin run`: what the λ sweep trains
+
+
+def run_objective(name: str, readout: LabelWordReadout | None = None):
+    """The λ sweep's objective for ``train.objective = name`` (docs/decoders.md): "classification", the C-class
+    `TrainConfig.loss` of the readout's logits (the head's; the label words' with ``readout``), or "next_token",
+    the LM's own next-token cross-entropy over its whole vocabulary on each label word after its prompt
+    (`NextTokenObjective` with ``readout``, which it needs). Raises ValueError naming the fix otherwise."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective={name!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
+    if name == "classification":
+        return ClassificationObjective(None if readout is None else readout.output_fn)
+    if readout is None:
+        raise ValueError("objective='next_token' trains the next-token loss of the label words after their prompt: "
+                         "pass the label-word readout (jaxlin.label_word_readout; --readout label_words)")
+    return NextTokenObjective(readout=readout)
+
+
 __all__ = ["CompletionDataset", "load_completions", "completions_from_labels", "tokenize_completions",
            "pad_completions", "completion_batches", "TokenLogits", "next_token_functions", "next_token_loss",
-           "evaluate_next_token", "NextTokenObjective"]
+           "evaluate_next_token", "label_word_accuracy", "NextTokenObjective", "OBJECTIVES", "run_objective"]

@@ -57,6 +57,7 @@ from .models import Model
 from .models.base import max_input_length
 from .models.checkpoint import CheckpointError, resolve
 from .module_ntk import module_ntks
+from .next_token import run_objective
 from .probe import probe_adapted
 from .readout import LabelWordReadout, check_readout, label_word_readout
 from .report import RESULTS_NAME, write_report
@@ -415,7 +416,7 @@ def stage_sweep(ctx: Context):
     results = lambda_sweep(ctx.adapted, ctx.train, ctx.eval, ctx.tokenizer, lambdas=list(t.lambdas),
                            config=ctx.config.sweep_train_config(ctx.length), regularizer=t.regularizer,
                            progress=True, num_train_evaluated=min(t.num_train_evaluated, len(ctx.train)),
-                           output_fn=ctx.output_fn)
+                           objective=run_objective(t.objective, ctx.readout))
     for r in results:  # the schema's headline output distance is the eval one; no radius at λ = 0
         r["output_distance_lin_nonlin"] = r["output_distance_lin_nonlin_eval"]
         if r["theorem2_radius"] is None:
@@ -675,18 +676,27 @@ def assemble(ctx: Context, timings: dict) -> dict:
     }
 
 
+# What each stage that ran fitted (docs/results-schema.md): the sweep trains `train.objective`; the others their own
+STAGE_OBJECTIVES = {"ntk": "none", "spectrum": "none", "krr": "none", "probe": "none", "dynamics": "squared",
+                    "study": "classification"}
+
+
 def readout_section(ctx: Context) -> dict:
-    """How a class score is read, and the accuracy at θ0 on the KRR stage's eval examples (the model's own
-    zero-shot accuracy for label words; a fresh head's for the head readout), null when krr did not run."""
+    """How a class score is read, what each stage that ran trained on, and the accuracy at θ0 on the KRR stage's
+    eval examples (the model's own zero-shot accuracy for label words; a fresh head's for the head readout),
+    null when krr did not run."""
     krr = ctx.results.get("krr")
-    at_init = ({"zero_shot_eval_accuracy": None, "zero_shot_num_eval": 0} if krr is None else
-               {"zero_shot_eval_accuracy": krr["eval_accuracy_at_init"], "zero_shot_num_eval": krr["num_eval"]})
+    common = ({"zero_shot_eval_accuracy": None, "zero_shot_num_eval": 0} if krr is None else
+              {"zero_shot_eval_accuracy": krr["eval_accuracy_at_init"], "zero_shot_num_eval": krr["num_eval"]})
+    objective = ctx.config.train.objective
+    common |= {"objective": objective, "stage_objectives": {s: STAGE_OBJECTIVES.get(s, objective)
+                                                             for s in ctx.results}}
     if ctx.readout is None:
         return {"kind": "head", "head": ctx.config.model.head if ctx.model.kind == "encoder" else "score",
-                "trained": ctx.config.model.train_head, **at_init}
+                "trained": ctx.config.model.train_head, **common}
     r = ctx.readout
     return {"kind": "label_words", "label_words": list(r.label_words), "token_ids": list(r.token_ids),
-            "template": r.template, "trained": False, **at_init}
+            "template": r.template, "trained": False, **common}
 
 
 def write_outputs(out: Path, results: dict, arrays: dict, *, report: bool) -> None:

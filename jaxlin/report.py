@@ -211,7 +211,8 @@ def _glance_section(results: dict) -> str:
         rows.append((f"KRR with the model's eNTK, λ = {_plots.fmt(best[0])}", _plots.fmt(best[1]), "",
                      f"{results['krr'].get('num_eval', '?')} eval examples, no training"))
     for r in results["sweep"]:
-        rows.append((f"fine-tuned, λ = {_plots.fmt(r['lambda'])}",
+        trained = "fine-tuned on the next-token loss" if r.get("objective") == "next_token" else "fine-tuned"
+        rows.append((f"{trained}, λ = {_plots.fmt(r['lambda'])}",
                      _maybe(r.get("eval_accuracy_nonlinear")), _maybe(r.get("eval_accuracy_linearized")),
                      f"‖f − f̄‖ = {_maybe(r.get('output_distance_lin_nonlin_eval'))}, "
                      f"KL = {_maybe(r.get('kl_nonlin_lin'))}"))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from jaxlin import adapters, cli, data, module_ntk, readout, select, study, train
+from jaxlin import adapters, cli, data, module_ntk, next_token, readout, select, study, train
 from jaxlin import distributed
 from jaxlin.models import bert
 from jaxlin.config import (ALLOWED, FLAT_KEYS, PRESETS, SECTIONS, ConfigError, allowed_values,
@@ -38,7 +38,7 @@ MESH_KEYS = {"mesh": "mesh.shape", "coordinator": "mesh.coordinator", "num_proce
 
 # Keys added since, and where they live.
 NEW_FLAT = {"readout": "model.readout", "label_words": "model.label_words",
-            "prompt_template": "model.prompt_template"}
+            "prompt_template": "model.prompt_template", "objective": "train.objective"}
 ALL_KEYS = {**OLD_FLAT, **NEW_FLAT, **MESH_KEYS}
 
 NESTED_TOML = """preset = "quick"
@@ -204,7 +204,8 @@ OWNERS = {"lora.init": adapters.LORA_INITS, "data.missing_labels": data.MISSING_
           "data.calibration_mode": study.CALIBRATION_MODES, "kernel.implementation": module_ntk.IMPLEMENTATIONS,
           "train.regularizer": train.REGULARIZERS, "train.anchor": train.ANCHORS, "train.loss": train.LOSSES,
           "study.preset": study.PRESETS, "study.configurations": select.FAMILIES,
-          "model.readout": readout.READOUTS, "model.head": bert.HEADS, "mesh.distributed": distributed.MODES}
+          "model.readout": readout.READOUTS, "model.head": bert.HEADS, "mesh.distributed": distributed.MODES,
+          "train.objective": next_token.OBJECTIVES}
 
 
 @pytest.mark.parametrize("key", sorted(OWNERS))

@@ -1,6 +1,9 @@
 """jaxlin.next_token: completion batches mask exactly the completion tokens; the positions-only loss equals the loss
 of the dense (B, L, V) logits; the linearized loss and its gradient equal the nonlinear ones at θ0 (x64); the λ
-sweep trains both through fit(loss_fn=) and their next-token distributions agree as λ grows."""
+sweep trains both through fit(loss_fn=) and their next-token distributions agree as λ grows; `jaxlin run
+--objective next_token` (config key train.objective) is refused where it makes no sense, and trains the sweep."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +14,16 @@ import jaxlin
 from jaxlin import testing
 from jaxlin.adapters import LoRA, adapt
 from jaxlin.data import DataError
+from jaxlin import cli
+from jaxlin.config import ConfigError, override, preset
+from jaxlin.data import batches
 from jaxlin.next_token import (CompletionDataset, NextTokenObjective, completion_batches, completions_from_labels,
-                               load_completions, next_token_functions, next_token_loss, pad_completions)
-from jaxlin.sweep import lambda_sweep
-from jaxlin.train import TrainConfig
+                               load_completions, next_token_functions, next_token_loss, pad_completions,
+                               run_objective)
+from jaxlin.report import _glance_section
+from jaxlin.schema import example_results, validate_results
+from jaxlin.sweep import ClassificationObjective, lambda_sweep
+from jaxlin.train import TrainConfig, evaluate
 
 # (prompt ids, completion ids) with distinct prompt and completion lengths; ids avoid the pad id 0
 PAIRS = [([1, 7, 9, 11], [5]), ([1, 40, 41], [6, 8, 90]), ([1, 3, 4, 5, 6, 7, 8], [12, 13]),
@@ -168,3 +177,110 @@ def test_smollm2_next_token_runs_and_agrees_at_large_lambda():
     assert pulled["theta_distance_to_init"] < 0.6 * free["theta_distance_to_init"]
     assert pulled["kl_nonlin_lin"] < 1e-4 and pulled["kl_nonlin_lin"] < 0.2 * free["kl_nonlin_lin"]
     assert pulled["agreement"] == 1.0
+
+
+# ------------------------------------------------------------------------------ train.objective of jaxlin run
+def test_objective_key_is_refused_where_it_makes_no_sense():
+    c = override(preset("decoder-quick"), {"stages": "sweep"})
+    assert c.train.objective == "classification"
+    assert override(c, {"objective": "classification"}).fingerprint() == c.fingerprint()  # old runs keep their key
+    assert override(c, {"objective": "next_token"}).fingerprint() != c.fingerprint()
+    refusals = [(preset("quick"), {"stages": "sweep"}, r"^objective='next_token' is invalid: .*--readout label_words"),
+                (c, {"loss": "squared"}, r"^loss='squared' is invalid: .*cross-entropy over the vocabulary"),
+                (preset("decoder-quick"), {}, r"^objective='next_token' is invalid: the study .* drop study"),
+                (c, {"objective": "next-token"}, "one of 'classification', 'next_token'")]
+    for base, more, message in refusals:
+        with pytest.raises(ConfigError, match=message):
+            override(base, {"objective": "next_token", **more})
+
+
+def test_cli_refuses_next_token_with_the_study_in_one_line(tmp_path, capsys):
+    assert cli.main(["run", "--preset", "decoder-quick", "--objective", "next_token",
+                     "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 2 and "objective='next_token'" in err[-1] and "--stages" in err[-1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_objective_maps_the_choice_to_what_the_sweep_trains(words):
+    tok, readout, _ = words
+    assert run_objective("classification") == ClassificationObjective(None)
+    assert run_objective("classification", readout).output_fn == readout.output_fn
+    found = run_objective("next_token", readout)
+    assert isinstance(found, NextTokenObjective) and found.readout is readout and found.name == "next_token"
+    with pytest.raises(ValueError, match="label-word readout"):
+        run_objective("next_token")
+    with pytest.raises(ValueError, match="choose one of classification, next_token"):
+        run_objective("squared")
+
+
+def test_next_token_objective_on_labelled_data_reads_the_label_words_logits(words):
+    """The run's path: a labelled data set and the readout as tokenizer. At the first completion token the
+    next-token logits of the label words are the readout's (B, C) logits, so the objective's label-word accuracy is
+    the readout's classification accuracy (at a perturbed θ, x64)."""
+    tok, readout, sentiment_data = words
+    adapted = adapted_for("llama")
+    theta = perturbed(adapted, seed=3)
+    ds = sentiment_data(11, seed=2)
+    cfg = TrainConfig(batch_size=4, max_length=16, pad_to_multiple_of=16)
+    objective = run_objective("next_token", readout)
+    ours = list(objective.batches(ds, readout, cfg, shuffle=False, seed=0))
+    theirs = completion_batches(completions_from_labels(ds, readout), tok, batch_size=4, max_length=16,
+                                pad_to_multiple_of=16)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    f, _ = objective.functions(adapted)
+    found = objective.evaluate(f, theta, iter(ours), cfg)
+    assert len(found["targets"]) == len(ds) and found["first_token"].all()  # one token per label word
+    # unbucketed: train.evaluate returns logits in batch order (its step batch drops "index")
+    classified = evaluate(adapted.as_function(readout.output_fn), theta,
+                          batches(ds, readout, batch_size=4, max_length=16, padding_side="right", bucket=False))
+    ids = np.asarray(readout.token_ids)
+    np.testing.assert_allclose(found["outputs"][:, ids], classified["logits"], rtol=1e-5, atol=1e-5)
+    assert found["accuracy"] == classified["accuracy"]
+    assert found["token_accuracy"] == float(np.mean(found["outputs"].argmax(-1) == found["targets"]))
+
+
+@pytest.mark.slow  # trains both models (compiles of f and f̄)
+def test_sweep_trains_next_token_on_labelled_data_and_lowers_its_loss(words):
+    """lambda_sweep as the run's sweep stage calls it (labelled data, the readout as tokenizer): both models train
+    the next-token loss, which falls on the training examples, and the result says which objective it was."""
+    tok, readout, sentiment_data = words
+    adapted = adapted_for("llama")
+    cfg = TrainConfig(learning_rate=3e-2, steps=3, batch_size=4, max_length=16, pad_to_multiple_of=16,
+                      warmup_ratio=0.0, schedule="constant")
+    [r] = lambda_sweep(adapted, sentiment_data(8, seed=0), sentiment_data(4, seed=1), readout, lambdas=[0.0],
+                       config=cfg, objective=run_objective("next_token", readout), progress=False)
+    assert r["objective"] == "next_token" and r["num_train"] == 8
+    for name in ("nonlinear", "linearized"):
+        assert r[f"train_loss_{name}"] < r["init_train_loss_mean"]
+        assert 0 <= r[f"eval_accuracy_{name}"] <= 1
+
+
+def test_glance_table_names_the_next_token_loss():
+    results = example_results()
+    for r in results["sweep"]:
+        r["objective"] = "next_token"
+    validate_results(results)
+    assert "fine-tuned on the next-token loss, λ = " in _glance_section(results)
+    results["sweep"][0]["objective"] = "classification"
+    assert "fine-tuned, λ = " in _glance_section(results)
+
+
+@pytest.mark.slow  # SmolLM2 end to end: the sweep stage alone, one λ
+def test_run_decoder_quick_with_the_next_token_objective(tmp_path):
+    out = tmp_path / "next_token"
+    assert cli.main(["run", "--preset", "decoder-quick", "--objective", "next_token", "--stages", "sweep,report",
+                     "--lambdas", "1", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    validate_results(results)
+    readout = results["readout"]
+    assert results["config"]["train"]["objective"] == readout["objective"] == "next_token"
+    assert readout["stage_objectives"] == {"sweep": "next_token"}
+    [r] = results["sweep"]
+    assert r["objective"] == "next_token" and r["variant"]["loss"] == "cross_entropy"
+    for name in ("nonlinear", "linearized"):
+        assert np.isfinite(r[f"loss_curve_{name}"]).all()
+        assert r[f"train_loss_{name}"] < r["init_train_loss_mean"]  # the label word's next-token loss fell
+        assert 0 <= r[f"eval_accuracy_{name}"] <= 1
+    assert "fine-tuned on the next-token loss" in (out / "report.html").read_text()
