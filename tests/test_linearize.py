@@ -26,7 +26,7 @@ def _add(params, d, a=1.0):
 
 def _dense_jac(f, params, x):  # (N·O, P)
     flat, unravel = ravel_pytree(params)
-    jac = jax.jacrev(lambda p: f(unravel(p), x))(flat)
+    jac = jax.jit(jax.jacrev(lambda p: f(unravel(p), x)))(flat)
     return np.asarray(jac).reshape(-1, flat.size)
 
 

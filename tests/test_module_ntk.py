@@ -30,8 +30,8 @@ def perturbed(ad, scale=0.1, seed=1):
 def dense_kernel(ad, tr, b1, b2, sign=False):
     f = ad.as_function()
     flat, unravel = ravel_pytree(tr)
-    j1 = jax.jacrev(lambda p: f(unravel(p), b1))(flat)
-    j2 = jax.jacrev(lambda p: f(unravel(p), b2))(flat)
+    jac = jax.jit(jax.jacrev(lambda p, b: f(unravel(p), b)))  # one compile per batch shape
+    j1, j2 = jac(flat, b1), jac(flat, b2)
     if sign:
         j2 = j2 / (np.abs(j2) + 1e-8)
     return np.einsum("iap,jbp->ijab", j1, j2)
@@ -80,7 +80,7 @@ def test_each_module_kernel_is_its_own_block(setup):
     ks = module_ntks(ad, b1, trainable=tr, trace_axes=())
     flat, unravel = ravel_pytree(tr)
     f = ad.as_function()
-    j = jax.jacrev(lambda p: f(unravel(p), b1))(flat)
+    j = jax.jit(jax.jacrev(lambda p: f(unravel(p), b1)))(flat)
     for name in ad.modules:
         mask_tree = jax.tree_util.tree_map(jnp.zeros_like, tr)
         from flax import traverse_util
@@ -114,7 +114,7 @@ def test_lora_at_init_has_zero_a_jacobian_and_b_kernel_is_a_sketch():
     for impl in IMPLS:  # LoRA only: the trainable tree has an empty "params" subtree
         only_b = module_ntks(ad, b, trace_axes=(), implementation=impl)
         np.testing.assert_allclose(sum(only_b.values()), ref, rtol=1e-9, atol=1e-14)
-    j = jax.jacrev(lambda t: ad.as_function()(t, b))(ad.trainable)
+    j = jax.jit(jax.jacrev(lambda t: ad.as_function()(t, b)))(ad.trainable)
     for name in ad.modules:
         assert np.all(np.asarray(j["lora"][name]["a"]) == 0)
 

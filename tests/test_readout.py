@@ -47,7 +47,7 @@ def reference_kernel(adapted, trainable, batch, output_fn):
         assert out.ndim == 3  # the full logits: no label_token_ids here
         return output_fn(out, batch)
 
-    j = jax.jacrev(f)(flat)  # (B, C, P)
+    j = jax.jit(jax.jacrev(f))(flat)  # (B, C, P)
     kernels = {}
     for name in adapted.modules:
         mask = jax.tree_util.tree_map(jnp.zeros_like, trainable)
