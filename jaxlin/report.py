@@ -346,6 +346,12 @@ def _summary_lines(results: dict):
     for outcome, r in kappa_corr.items():
         yield "study", (f"corr(κ, {outcome}): Pearson r = {_plots.fmt(r['pearson'], 2)} {_ci(r['pearson_ci'])}, "
                         f"Spearman ρ = {_plots.fmt(r['spearman'], 2)} {_ci(r['spearman_ci'])}, n = {r['n']}")
+    krr = {} if is_skipped(corr) else corr["results"].get("krr_eval_accuracy", {}).get("eval_accuracy")
+    if krr:  # H3 of docs/study-design.md: the no-training kernel regressor against fine-tuning
+        agree = [a for a in (float(r.get("krr_agreement", math.nan)) for r in corr["runs"]) if math.isfinite(a)]
+        yield "study", (f"corr(KRR eval accuracy, eval_accuracy): Spearman ρ = {_plots.fmt(krr['spearman'], 2)} "
+                        f"{_ci(krr['spearman_ci'])}, n = {krr['n']}; mean KRR–fine-tuned agreement "
+                        f"{_plots.fmt(np.mean(agree) if agree else math.nan)}")
     if not is_skipped(results["selection"]):
         for method, m in results["selection"]["methods"].items():
             yield "spectrum", f"selection {method}: {', '.join(m['modules'])}"

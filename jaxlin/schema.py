@@ -175,11 +175,14 @@ SWEEP_POINT = record({k: number for k in (
     {"loss_curve_nonlinear": NUMBERS, "loss_curve_linearized": NUMBERS})
 ESTIMATE = record({"L_avg": NUMBERS, "L_upper": NUMBERS, "L_std": NUMBERS}, same_length=("L_avg", "L_upper", "L_std"))
 PROBE = record({"radii": NUMBERS, "estimates": dict_of(ESTIMATE)})
+OPTIONAL_OUTCOMES = {k: number for k in ("eval_macro_f1", "krr_eval_accuracy", "krr_eval_macro_f1",
+                                          "krr_agreement")}  # of a study run; older results lack them
 RUN = record({"configuration": string, "seed": integer, "modules": STRINGS, "statistics": dict_of(number_or_string),
-              "final_train_loss": number, "eval_accuracy": number})
+              "final_train_loss": number, "eval_accuracy": number}, OPTIONAL_OUTCOMES)
 CORRELATION_RESULT = record({"pearson": number, "spearman": number, "pearson_ci": list_of(number, 2),
                              "spearman_ci": list_of(number, 2), "n": integer}, {"reason": string_or_null})
-METHOD = record({"modules": STRINGS}, {"scores": NUMBERS, "final_train_loss": number, "eval_accuracy": number})
+METHOD = record({"modules": STRINGS}, {"scores": NUMBERS, "final_train_loss": number, "eval_accuracy": number,
+                                      **OPTIONAL_OUTCOMES})
 SELECTION = record({"budget": integer, "methods": dict_of(METHOD)},
                    {"seed": integer, "sigma": number, "sigma_scale": string, "ridge": number})
 CORRELATION = record({"runs": list_of(RUN), "results": dict_of(dict_of(CORRELATION_RESULT))},
@@ -280,9 +283,13 @@ def _example_correlation(rng, spectrum):
                                         "sigma_scale": "absolute"},
                          "final_train_loss": 0.1 + 0.05 * math.log10(kappa) + 0.02 * rng.random(),
                          "eval_accuracy": 0.9 - 0.03 * math.log10(kappa) + 0.01 * rng.random()})
+    for run in runs:  # the KRR predictor of the run's kernel, no training
+        run.update(krr_eval_accuracy=run["eval_accuracy"] - 0.01 * (1 + run["seed"]), krr_agreement=0.9)
     results = {stat: {out: correlation([r["statistics"][stat] for r in runs], [r[out] for r in runs],
                                        n_bootstrap=200) for out in OUTCOMES}
                for stat in ("kappa", "effective_rank")}
+    results["krr_eval_accuracy"] = {out: correlation([r["krr_eval_accuracy"] for r in runs],
+                                                     [r[out] for r in runs], n_bootstrap=200) for out in OUTCOMES}
     results["mu_min"] = {out: correlation([1.0, 1.0], [0.0, 1.0]) for out in OUTCOMES}  # degenerate: nan
     return {"runs": runs, "results": results}
 

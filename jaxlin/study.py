@@ -17,6 +17,10 @@ the larger one (modes "first", "random") takes its leading block.
 Statistics: `spectrum.kernel_statistics` (the paper's exact choice is unknown, docs/paper.md §0, so each is
 reported), with r0 = onehot(y) − f0 on the calibration set for the ridge objective. Names: plain for the first
 kernel on `num_calibration` examples, "<kernel>_n<N>.<name>" for the other variants.
+KRR test of the linearization claim (docs/study-design.md): per seed one more `module_ntks` pass gives the cross
+kernels K_m(E, X) of the eval examples E with the largest calibration set X, and every configuration's kernel
+regressor f0(E) + K_S(E, X)(K_S(X, X) + λI)⁻¹ r0 (`solve.kernel_ridge`, λ = ridge_trace·trace(K_S)/(N·O), no
+training) predicts eval labels; its accuracy `krr_eval_accuracy` is correlated with the outcomes like a statistic.
 Selections: `select.spectral_selection` on the primary variant's kernels, σ in `sigma_scale` (default "trace":
 sigma_trace·trace(K)/(N·O); "absolute": sigma_absolute), each trained with the first seed.
 
@@ -25,13 +29,16 @@ Result of `run_study` (JSON-ready; non-finite floats are the strings "inf", "-in
     primary, candidates, and the recorded choices (calibration, kernel layout, head, σ, ridge, outcomes)}.
   runs: [{configuration, seed, modules, statistics: {name: float}, final_train_loss (mean cross-entropy over the
     num_train training examples after training), train_loss_last10pct (mean batch loss of the last 10% of steps),
-    train_accuracy, eval_accuracy, eval_loss, train_loss_curve: [per step], wall_time_s}].
-  results: {statistic: {outcome: stats.correlation dict (pearson, spearman, CIs, n, ...)}} over all runs.
+    train_accuracy, eval_accuracy, eval_loss, eval_macro_f1, train_loss_curve: [per step], wall_time_s,
+    krr_eval_accuracy, krr_eval_macro_f1 (of the KRR predictor on the eval examples), krr_agreement (fraction of
+    eval examples where its argmax equals the fine-tuned model's)}].
+  results: {predictor: {outcome: stats.correlation dict (pearson, spearman, CIs, n, ...)}} over all runs, for every
+    statistic and for `PREDICTORS` (krr_eval_accuracy).
   results_by_configuration: the same with statistics and outcomes averaged over seeds per configuration.
   selection: `select.spectral_selection`'s {budget, seed, sigma, sigma_scale, ridge, methods: {name: {modules,
     scores (greedy: the score after each step; baselines: []), statistics (of K_S, primary variant), + the outcome
     keys of a run}}}.
-  timings: seconds (ntk, statistics, train, selection, correlations, total) and the number of trained runs.
+  timings: seconds (ntk, statistics, train, krr, selection, correlations, total) and the number of trained runs.
 """
 from __future__ import annotations
 
@@ -43,17 +50,18 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, solve
 from .adapters import Adapted, add_lora
 from .module_ntk import module_ntks
 from .readout import check_readout
 from ._util import to_jsonable
 from .select import FAMILIES, configuration_kernel, enumerate_configurations, spectral_selection
 from .spectrum import KERNELS, SIGMA_SCALES, STATISTICS, kernel_statistics
-from .stats import correlation
+from .stats import correlation, macro_f1
 from .train import TrainConfig, evaluate, fit, make_optimizer
 
-OUTCOMES = ("final_train_loss", "train_loss_last10pct", "eval_accuracy", "eval_loss")
+OUTCOMES = ("final_train_loss", "train_loss_last10pct", "eval_accuracy", "eval_loss", "eval_macro_f1")
+PREDICTORS = ("krr_eval_accuracy",)  # run-level predictors, correlated with the outcomes like a statistic
 CALIBRATION_MODES = ("first", "random", "balanced")
 PRESETS = ("quick", "default", "gpu")
 
@@ -74,8 +82,9 @@ class StudyConfig:
     max_length, pad_to_multiple_of: tokens per example, padding bucket (fewer buckets = fewer compiles).
     num_train, num_eval: the first examples of the training / eval data used; eval_batch_size for evaluation.
     sigma_absolute, sigma_trace, ridge_trace: σ of κ_σ (absolute; relative to trace/(N·O)) and ridge λ relative
-      to trace/(N·O). sigma_scale: the σ of the selections, "trace" (sigma_trace, scale-fair) or "absolute"
-      (sigma_absolute, the paper's). kernels: "ntk" and optionally "sign" (a statistic set each). n_bootstrap: CI resamples.
+      to trace/(N·O) (of the ridge objective and of the KRR predictor). sigma_scale: the σ of the selections,
+      "trace" (sigma_trace, scale-fair) or "absolute" (sigma_absolute, the paper's). kernels: "ntk" and
+      optionally "sign" (a statistic set each). n_bootstrap: CI resamples.
     selection_budget: modules per selection. data_seed: seeds the (shared) training batch order.
     """
 
@@ -223,8 +232,13 @@ def _configuration_statistics(c: StudyConfig, configurations, grams, resid0) -> 
     return statistics
 
 
+def _predictor(record, name):
+    """A run-level predictor (`PREDICTORS`, a key of the record) or a statistic of K_S (record["statistics"])."""
+    return record[name] if name in PREDICTORS else record["statistics"].get(name, math.nan)
+
+
 def _correlations(records, names, n_bootstrap):
-    return {s: {o: correlation([r["statistics"].get(s, math.nan) for r in records], [r[o] for r in records],
+    return {s: {o: correlation([_predictor(r, s) for r in records], [r[o] for r in records],
                                n_bootstrap=n_bootstrap) for o in OUTCOMES} for s in names}
 
 
@@ -234,7 +248,33 @@ def _by_configuration(runs):
         groups.setdefault(r["configuration"], []).append(r)
     return [{"configuration": name, "statistics": {s: float(np.mean([r["statistics"][s] for r in rs]))
                                                    for s in rs[0]["statistics"]},
-             **{o: float(np.mean([r[o] for r in rs])) for o in OUTCOMES}} for name, rs in groups.items()]
+             **{o: float(np.mean([r[o] for r in rs])) for o in (*PREDICTORS, *OUTCOMES)}}
+            for name, rs in groups.items()]
+
+
+# ------------------------------------------------------------------------------------------------ KRR
+def krr_logits(grams_X, cross_EX, modules, f0_EO, resid0_XO, ridge_trace: float) -> tuple[np.ndarray, str]:
+    """The kernel regressor of configuration `modules` on eval rows E, without training, and the solve's message:
+    f0(E) + K_S(E, X)(K_S(X, X) + λI)⁻¹ r0 with K_S = Σ_{m∈S} K_m, λ = ridge_trace·trace(K_S)/(N·O) (the ridge
+    of `kernel_statistics`), r0 = onehot(y) − f0 on X (docs/paper.md §4.2). grams_X: module → (N, N, O, O);
+    cross_EX: module → (M, N, O, O); f0_EO (M, O), resid0_XO (N, O). Returns (M, O) float64 logits (all NaN where
+    K_S + λI is not positive definite, e.g. a zero kernel)."""
+    sol = solve.kernel_ridge(configuration_kernel(grams_X, modules), resid0_XO, ridge_trace, ridge_scale="trace")
+    if sol.status != "ok":
+        return np.full(np.shape(f0_EO), math.nan), sol.message
+    return np.asarray(solve.kernel_predict(configuration_kernel(cross_EX, modules), sol.value, f0_EO),
+                      np.float64), sol.message
+
+
+def krr_outcomes(krr_logits_EO, tuned_logits_EO, labels_E) -> dict[str, float]:
+    """krr_eval_accuracy and krr_eval_macro_f1 of the KRR predictor's argmax on labels_E, and krr_agreement: the
+    fraction of eval examples where it equals the fine-tuned model's argmax (NaN for non-finite KRR logits)."""
+    if not np.all(np.isfinite(krr_logits_EO)):
+        return dict.fromkeys(("krr_eval_accuracy", "krr_eval_macro_f1", "krr_agreement"), math.nan)
+    krr_E, tuned_E = np.argmax(krr_logits_EO, -1), np.argmax(tuned_logits_EO, -1)
+    return {"krr_eval_accuracy": float(np.mean(krr_E == labels_E)),
+            "krr_eval_macro_f1": macro_f1(labels_E, krr_E, np.shape(krr_logits_EO)[-1]),
+            "krr_agreement": float(np.mean(krr_E == tuned_E))}
 
 
 # ------------------------------------------------------------------------------------------------ study
@@ -296,16 +336,31 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     is_prefix = {n: calibration[n].texts == calibration[largest].texts[:n]
                  and np.array_equal(calibration[n].labels, calibration[largest].labels[:n]) for n in calibration}
 
-    def residual(n):  # r0 = onehot(y) − f0 (N, O) on calibration set n; f0 is the same for every seed (B0 = 0)
+    def f0(batches):  # f(θ0) (N, O) in dataset order; the same for every seed (B0 = 0)
+        return evaluate(adapted.as_function(output_fn, gate=gate_vector(adapted, candidates)), adapted.trainable,
+                        batches)["logits"]
+
+    def residual(n):  # r0 = onehot(y) − f0 (N, O) on calibration set n
         batch = {**encoded[n], "example_mask": np.ones(n, np.float32)}
-        f0_NO = evaluate(adapted.as_function(output_fn, gate=gate_vector(adapted, candidates)), adapted.trainable,
-                         [batch])["logits"]
+        f0_NO = f0([batch])
         return np.eye(f0_NO.shape[1])[batch["labels"]] - f0_NO
 
     resid0 = {largest: residual(largest)}
     resid0.update({n: resid0[largest][:n] if is_prefix[n] else residual(n) for n in calibration if n != largest})
-    timings = dict.fromkeys(("ntk_s", "statistics_s", "train_s", "selection_s", "correlations_s"), 0.0)
+    timings = dict.fromkeys(("ntk_s", "statistics_s", "train_s", "krr_s", "selection_s", "correlations_s"), 0.0)
     trained, runs, primary_grams = {}, [], None
+    # KRR predictor: X = the largest calibration set, E = the eval examples; seed → (K_m(X, X), K_m(E, X))
+    t0 = time.perf_counter()
+    encoded_eval = data.encode(eval_sub, tokenizer, max_length=c.max_length, padding_side=padding["padding_side"])
+    f0_eval, labels_eval, krr_kernels = f0(eval_batches), eval_sub.labels, {}
+    timings["krr_s"] += time.perf_counter() - t0
+
+    def krr_fields(seed, modules, tuned_logits_EO):
+        t0 = time.perf_counter()
+        logits_EO, message = krr_logits(*krr_kernels[seed], modules, f0_eval, resid0[largest], c.ridge_trace)
+        fields = krr_outcomes(logits_EO, tuned_logits_EO, labels_eval)
+        timings["krr_s"] += time.perf_counter() - t0
+        return fields if math.isfinite(fields["krr_eval_accuracy"]) else {**fields, "krr_message": message}
 
     def train_run(seed, modules, label, **extra):
         """The record of `modules` trained with `seed` (trained once per module set), passed to `callback`."""
@@ -320,8 +375,10 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
             last = losses[-max(1, math.ceil(0.1 * len(losses))):]
             trained[key] = {"final_train_loss": tr["loss"], "train_loss_last10pct": float(np.mean(last)),
                             "train_accuracy": tr["accuracy"], "eval_accuracy": ev["accuracy"], "eval_loss": ev["loss"],
+                            "eval_macro_f1": macro_f1(ev["labels"], ev["logits"].argmax(-1), ev["logits"].shape[1]),
                             "train_loss_curve": losses, "wall_time_s": time.perf_counter() - t0}
             timings["train_s"] += trained[key]["wall_time_s"]
+            trained[key].update(krr_fields(seed, modules, ev["logits"]))
         record = {"configuration": label, "seed": seed, "modules": list(modules), **extra, **trained[key]}
         if callback is not None:
             callback(record)
@@ -340,6 +397,11 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
                                                 trainable=adapters[seed].trainable, output_fn=output_fn))
         timings["ntk_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
+        krr_kernels[seed] = (grams["ntk", largest], module_ntks(  # eval rows in blocks of the calibration set's size
+            adapted, encoded_eval, encoded[largest], trace_axes=(), modules=candidates, block_size=largest,
+            trainable=adapters[seed].trainable, output_fn=output_fn))
+        timings["krr_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
         statistics = _configuration_statistics(c, configurations, grams, resid0)
         if primary_grams is None:
             primary_grams = grams[c.kernels[0], c.num_calibration]
@@ -348,13 +410,15 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
             runs.append(train_run(seed, modules, name, statistics=statistics[name]))
             bar.update(1)
             bar.set_postfix(config=name, seed=seed, acc=f"{runs[-1]['eval_accuracy']:.3f}")
+        if seed != c.seeds[0]:  # the first seed's kernels stay for the selections
+            del krr_kernels[seed]
     bar.close()
 
     t0 = time.perf_counter()
     selection = _selection(c, primary_grams, resid0[c.num_calibration], train_run, progress)
     timings["selection_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    names = list(runs[0]["statistics"])
+    names = [*runs[0]["statistics"], *PREDICTORS]
     results = _correlations(runs, names, c.n_bootstrap)
     by_configuration = _correlations(_by_configuration(runs), names, c.n_bootstrap)
     timings["correlations_s"] = time.perf_counter() - t0
@@ -376,6 +440,11 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
                                + (f"σ = {c.sigma_trace}·trace(K)/(N·O) (scale-fair)" if c.sigma_scale == "trace"
                                   else f"σ = {c.sigma_absolute} absolute (the paper's)")},
         "ridge": f"λ = {c.ridge_trace}·trace(K_S)/(N·O); r0 = onehot(y) − f0 on the calibration set (squared loss)",
+        "krr_predictor": f"f0(E) + K_S(E, X)(K_S(X, X) + λI)⁻¹ r0, no training: X = the {largest} examples of the "
+                         f"largest calibration set, E = the {c.num_eval} eval examples, K_S the summed ntk module "
+                         f"kernels of the configuration (full, (N·O × N·O)) at the run's seed, λ = {c.ridge_trace}·"
+                         "trace(K_S)/(N·O), readout f0 = the model at θ0 (the study's readout); krr_eval_accuracy "
+                         "is correlated like a statistic, krr_agreement = argmax agreement with the fine-tuned model",
         "final_train_loss": "mean cross-entropy over the num_train training examples after training; "
                             "train_loss_last10pct: mean batch loss of the last 10% of steps",
         "training": f"adam, linear schedule, warmup {c.warmup_ratio}, no weight decay, no pull to θ0; "
@@ -399,5 +468,5 @@ def _selection(c: StudyConfig, grams, resid0_NO, train_run, progress) -> dict:
     return selection
 
 
-__all__ = ["StudyConfig", "study_preset", "study_configurations", "gate_vector",
-           "kernel_statistics", "run_study", "STATISTICS", "OUTCOMES", "KERNELS", "PRESETS"]
+__all__ = ["StudyConfig", "study_preset", "study_configurations", "gate_vector", "krr_logits", "krr_outcomes",
+           "kernel_statistics", "run_study", "STATISTICS", "OUTCOMES", "PREDICTORS", "KERNELS", "PRESETS"]

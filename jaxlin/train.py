@@ -316,7 +316,7 @@ def evaluate(apply_fn: Callable, trainable, batches: Iterable[dict], *, loss: st
         step_batch = _step_batch(batch)
         _, aux = forward(step_batch)
         keep = host(step_batch["example_mask"]) > 0
-        idx = host(step_batch["index"]) if "index" in step_batch else seen + np.arange(len(keep))
+        idx = host(batch["index"]) if "index" in batch else seen + np.arange(len(keep))  # not a step key
         seen += len(keep)
         logits.append(np.asarray(aux["logits"])[keep])
         per.append(np.asarray(aux["per_example"])[keep])

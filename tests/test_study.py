@@ -5,6 +5,7 @@ The model is float64: its tiny LoRA kernels are near-singular (κ ~ 1e5), so flo
 import dataclasses
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ from jaxlin.adapters import add_lora
 from jaxlin.module_ntk import module_ntks
 from jaxlin.select import SCORES, configuration_kernel
 from jaxlin.spectrum import STATISTICS, kernel_statistics, spectrum_stats
-from jaxlin.study import OUTCOMES, StudyConfig, gate_vector, run_study, study_preset
+from jaxlin.stats import macro_f1
+from jaxlin.study import (OUTCOMES, PREDICTORS, StudyConfig, gate_vector, krr_logits, krr_outcomes, run_study,
+                          study_preset)
 from jaxlin.testing import tiny_model
 from jaxlin.train import TrainConfig, evaluate, fit, make_optimizer, model_functions
 
@@ -151,6 +154,51 @@ def test_config_validation_and_presets():
     assert list(_config().variants) == ["ntk_n6", "ntk_n10", "sign_n6", "sign_n10"]
 
 
+def test_krr_logits_match_a_dense_jacobian_reference(model, splits):
+    """f0(E) + J_E J_Xᵀ(J_X J_Xᵀ + λI)⁻¹ r0 with J built explicitly over the LoRA parameters of S (7 calibration, 5 eval
+    examples, O = 2), λ = ridge_trace·trace(J_X J_Xᵀ)/(N·O), against module kernels and cross kernels in blocks
+    (blocks of 3 rows on both sides: one compiled tile for both)."""
+    tok, ridge_trace = WordTokenizer(), 3e-3
+    adapted = add_lora(model, rank=2, seed=1, head=True)
+    modules = ("layer0.attention.query", "layer2.attention.value")
+    x, e = (data.encode(d.subset(np.arange(n)), tok, max_length=16) for d, n in ((splits[0], 7), (splits[1], 5)))
+    grams, cross = (module_ntks(adapted, b, x, trace_axes=(), modules=modules, block_size=3) for b in (x, e))
+    f, lora = adapted.as_function(), adapted.trainable["lora"]
+    both = {k: np.concatenate([x[k], e[k]]) for k in ("input_ids", "attention_mask")}  # one trace of J
+
+    def f_s(sub):
+        return f({**adapted.trainable, "lora": {**lora, **sub}}, both)
+
+    jac = jax.jit(jax.jacobian(f_s))({m: lora[m] for m in modules})  # leaves (12, O, *parameter shape)
+    j = np.concatenate([np.asarray(leaf).reshape(12 * 2, -1) for leaf in jax.tree.leaves(jac)], axis=1)
+    j_x, j_e = j[:7 * 2], j[7 * 2:]  # rows example-major: example i, output c → i·O + c
+    f0 = np.asarray(f(adapted.trainable, both))
+    f0_x, f0_e = f0[:7], f0[7:]
+    resid0 = np.eye(2)[x["labels"]] - f0_x
+    k_xx = j_x @ j_x.T
+    lam = ridge_trace * np.trace(k_xx) / k_xx.shape[0]
+    want = f0_e + (j_e @ j_x.T @ np.linalg.solve(k_xx + lam * np.eye(len(k_xx)), resid0.reshape(-1))).reshape(5, 2)
+    got, message = krr_logits(grams, cross, modules, f0_e, resid0, ridge_trace)
+    assert message.startswith("ok") and got.shape == (5, 2)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-8 * np.abs(want).max())
+    assert not np.allclose(got, f0_e, atol=1e-6)  # the regressor moved off f0
+    zero = {m: 0 * g for m, g in grams.items()}  # K_S = 0: λ = 0, no solve; NaN logits and outcomes
+    nan_logits, message = krr_logits(zero, cross, modules, f0_e, resid0, ridge_trace)
+    assert np.all(np.isnan(nan_logits)) and message.startswith("not_psd")
+    assert all(np.isnan(v) for v in krr_outcomes(nan_logits, f0_e, e["labels"]).values())
+
+
+def test_krr_outcomes_count_by_hand():
+    labels = np.array([0, 1, 2, 1, 0, 2, 1])
+    krr = np.eye(3)[[0, 1, 1, 1, 2, 2, 0]] + 0.1  # argmax 0 1 1 1 2 2 0: 4 of 7 right
+    tuned = np.eye(3)[[0, 1, 2, 1, 2, 0, 0]] * 5 - 1  # agrees with krr on rows 0, 1, 3, 4, 6
+    out = krr_outcomes(krr, tuned, labels)
+    assert out["krr_eval_accuracy"] == pytest.approx(4 / 7) and out["krr_agreement"] == pytest.approx(5 / 7)
+    # per class F1 = 2TP/(2TP + FP + FN): class 0 TP 1 FP 1 FN 1; class 1 TP 2 FP 1 FN 1; class 2 TP 1 FP 1 FN 1
+    assert out["krr_eval_macro_f1"] == pytest.approx(np.mean([2 / 4, 4 / 6, 2 / 4]))
+    assert out["krr_eval_macro_f1"] == pytest.approx(macro_f1(labels, krr.argmax(-1), 3))
+
+
 def _check_statistics(model, train_data, result, config):
     """Every run's statistics = those of the summed module kernels, recomputed here from scratch."""
     tok = WordTokenizer()
@@ -179,6 +227,25 @@ def _check_statistics(model, train_data, result, config):
                                                 ref["effective_rank"]], rtol=1e-6)
 
 
+def _check_krr(model, splits, result, config):
+    """Every run's KRR fields, recomputed from the seed's kernels on the largest calibration set and the eval rows."""
+    tok, (train_data, eval_data) = WordTokenizer(), splits
+    adapted = add_lora(model, rank=config.rank, alpha=config.alpha, seed=config.seeds[0], head=True)
+    x = data.encode(data.calibration_subset(train_data, config.num_calibration_large), tok, max_length=16)
+    e = data.encode(eval_data.subset(np.arange(config.num_eval)), tok, max_length=16)
+    ones = gate_vector(adapted, adapted.lora_modules)
+    f0_x, f0_e = (evaluate(adapted.as_function(gate=ones), adapted.trainable,
+                           [{**b, "example_mask": np.ones(len(b["labels"]))}])["logits"] for b in (x, e))
+    for seed in config.seeds:
+        trainable = add_lora(model, rank=config.rank, alpha=config.alpha, seed=seed, head=True).trainable
+        grams, cross = (module_ntks(adapted, b, x, trace_axes=(), trainable=trainable, modules=adapted.lora_modules)
+                        for b in (x, e))
+        for run in (r for r in result["runs"] if r["seed"] == seed):
+            logits, _ = krr_logits(grams, cross, run["modules"], f0_e, np.eye(2)[x["labels"]] - f0_x,
+                                   config.ridge_trace)
+            assert run["krr_eval_accuracy"] == np.mean(logits.argmax(-1) == e["labels"]), run["configuration"]
+
+
 @pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny BERT
 def test_run_study_result(model, splits):
     config = _config()
@@ -192,7 +259,12 @@ def test_run_study_result(model, splits):
     assert set(STATISTICS) <= names and {"ntk_n10.kappa", "sign_n6.kappa", "sign_n10.kappa_traced"} <= names
     for run in runs:
         assert len(run["train_loss_curve"]) == config.steps and 0 <= run["eval_accuracy"] <= 1
-    for stat in names:
+        assert all(0 <= run[k] <= 1 for k in ("eval_macro_f1", "krr_eval_accuracy", "krr_eval_macro_f1",
+                                              "krr_agreement"))
+    krr = result["results"]["krr_eval_accuracy"]["eval_accuracy"]
+    assert krr["n"] == len(runs) and len(krr["pearson_ci"]) == len(krr["spearman_ci"]) == 2
+    assert "krr_eval_accuracy" not in runs[0]["statistics"] and "krr_s" in result["timings"]
+    for stat in [*names, *PREDICTORS]:
         for outcome in OUTCOMES:
             for table, n in ((result["results"], len(runs)), (result["results_by_configuration"], 12)):
                 corr = table[stat][outcome]
@@ -202,8 +274,10 @@ def test_run_study_result(model, splits):
     assert set(methods) >= {f"greedy_{s}" for s in SCORES} | {"all", "top_layers", "random", "best_single"}
     assert all(len(m["modules"]) == 2 for k, m in methods.items() if k.startswith("greedy") or k == "random")
     assert len(methods["greedy_kappa"]["scores"]) == 2 and "eval_accuracy" in methods["all"]
+    assert all({"krr_eval_accuracy", "krr_agreement", "eval_macro_f1"} <= set(m) for m in methods.values())
     assert result["timings"]["total_s"] > 0 and result["variants"]["primary"] == "ntk_n6"
     _check_statistics(model, splits[0], result, config)
+    _check_krr(model, splits, result, config)
 
 
 @pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny BERT
@@ -246,3 +320,17 @@ def test_run_study_through_the_label_word_readout():
     three = jaxlin.label_word_readout(word_tokenizer(), ["bad", "good", "fine"])
     with pytest.raises(ValueError, match="one label word per class"):
         run_study(model, train, ev, config, tokenizer=three, output_fn=three.output_fn, progress=False)
+
+
+def test_results_example_and_report_carry_the_krr_correlation():
+    """The results.json example validates with the KRR run keys, and the report's summary names the KRR test."""
+    from jaxlin.report import summary_text
+    from jaxlin.schema import SchemaError, example_results, validate_results
+
+    example = example_results()
+    runs = example["correlation"]["runs"]
+    assert {"krr_eval_accuracy", "krr_agreement"} <= set(runs[0])
+    assert "corr(KRR eval accuracy, eval_accuracy): Spearman ρ = " in summary_text(example)
+    runs[0]["krr_agreement"] = "high"
+    with pytest.raises(SchemaError, match=r"correlation\.runs\[0\]\.krr_agreement"):
+        validate_results(example)

@@ -221,6 +221,24 @@ def test_custom_loss_fn_replaces_the_loss_and_sees_every_array_of_the_batch():
     assert res.eval_history[-1]["accuracy"] is None
 
 
+def test_evaluate_returns_logits_in_dataset_order_of_the_batches_index():
+    """Batches of a shuffled order, the last padded (mask 0, index −1): evaluate's logits and labels come back in
+    dataset order (by "index"), equal to the model on all rows at once."""
+    rng = np.random.default_rng(2)
+    theta = {"w": jnp.asarray(rng.normal(size=(211, 3))), "b": jnp.asarray(rng.normal(size=3))}
+    full = _batch(211, n=13, seed=3)
+    order = rng.permutation(13)
+    pad = np.concatenate([order, np.zeros(3, np.int64)])  # 13 rows in 4 batches of 4: the last holds one real row
+    batches = [{**{k: v[pad[i:i + 4]] for k, v in full.items()},
+                "example_mask": (np.arange(i, i + 4) < 13).astype(np.float32),
+                "index": np.where(np.arange(i, i + 4) < 13, pad[i:i + 4], -1)} for i in range(0, 16, 4)]
+    out = evaluate(_bag_of_words, theta, batches)
+    np.testing.assert_allclose(out["logits"], np.asarray(_bag_of_words(theta, full)), rtol=1e-12)
+    np.testing.assert_array_equal(out["labels"], full["labels"])
+    unindexed = evaluate(_bag_of_words, theta, [{k: v for k, v in b.items() if k != "index"} for b in batches])
+    np.testing.assert_array_equal(unindexed["labels"], full["labels"][order])  # no index: order of appearance
+
+
 def test_progress_counts_finished_steps_and_shows_the_evaluation(monkeypatch):
     """The bar advances only for finished steps, never more than `_IN_FLIGHT` behind the dispatched ones, reaches
     the total, and shows the evaluation in its postfix; the numbers are those of a run without a bar."""
