@@ -582,6 +582,7 @@ NONFINITE_ALLOWED = {
               ("sweep.*.relative_module_distances.*", "inf")),  # a module whose initial weights are zero
     "study": (("runs.*.statistics.*kappa*", "inf"), ("selection.methods.*.statistics.*kappa*", "inf"),
               ("selection.methods.*.scores.*", "inf"),
+              ("runs.*.krr_*", "nan"), ("selection.methods.*.krr_*", "nan"),  # K_S + λI not positive definite
               ("results.*", "nan"), ("results_by_configuration.*", "nan")),  # correlation of degenerate data
 }
 NONFINITE_CAUSES = {
@@ -667,7 +668,8 @@ def assemble(ctx: Context, timings: dict) -> dict:
         "sweep": r.get("sweep", {}).get("sweep", []),
         "sweep_summary": r.get("sweep", {}).get("sweep_summary", {}),
         "probe": r.get("probe", skipped),
-        "correlation": ({"runs": study["runs"], "results": study["results"], "selection": study["selection"]}
+        "correlation": ({"runs": study["runs"], "results": study["results"],
+                         "results_by_configuration": study["results_by_configuration"], "selection": study["selection"]}
                         if study else skipped),
         "selection": r["spectrum"]["selection"] if "spectrum" in r else skipped,
         "arrays": "arrays.npz",

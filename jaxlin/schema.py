@@ -186,7 +186,7 @@ METHOD = record({"modules": STRINGS}, {"scores": NUMBERS, "final_train_loss": nu
 SELECTION = record({"budget": integer, "methods": dict_of(METHOD)},
                    {"seed": integer, "sigma": number, "sigma_scale": string, "ridge": number})
 CORRELATION = record({"runs": list_of(RUN), "results": dict_of(dict_of(CORRELATION_RESULT))},
-                     {"selection": SELECTION})
+                     {"selection": SELECTION, "results_by_configuration": dict_of(dict_of(CORRELATION_RESULT))})
 CANARY = record({"relative_error": number, "tolerance": number, "passed": boolean})
 BACKEND_CHECK = record({"passed": boolean, "status": string, "jax": string, "jaxlib": string, "backend": string,
                         "device_kind": string, "canaries": dict_of(CANARY), "message": string})
