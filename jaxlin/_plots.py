@@ -10,6 +10,7 @@ import base64
 import io
 import math
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -138,14 +139,17 @@ def spectra_order(spectrum: dict) -> tuple[list[str], list[str]]:
 def spectra(spectrum: dict) -> Figure | None:
     """Eigenvalues (log y) against their index per configuration; "all" drawn thick and black."""
     fig, (ax,) = _figure()
-    drawn = False
+    drawn, drawn_count = False, 0
     for name in spectra_order(spectrum)[0]:
         eig = floats(spectrum[name]["stats"]["eigenvalues"])
         idx = np.arange(1, eig.size + 1)
         keep = np.isfinite(eig) & (eig > 0)
         if not keep.any():
             continue
-        style = dict(color="black", lw=2.5, zorder=3) if name == "all" else dict(lw=1, alpha=0.8)
+        shade = (2 * drawn_count) % 20 + drawn_count // 10 % 2  # tab20's ten dark shades, then its light ones
+        style = (dict(color="black", lw=2.5, zorder=3) if name == "all" else
+                 dict(lw=1, alpha=0.85, color=matplotlib.colormaps["tab20"](shade)))
+        drawn_count += 1
         ax.plot(idx[keep], eig[keep], label=name, **style)
         drawn = True
     if not drawn:

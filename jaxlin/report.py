@@ -8,6 +8,7 @@ is missing, empty or skipped shows a short note instead. All text from the resul
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import math
 import zipfile
@@ -27,6 +28,7 @@ FIGURE_IDS = ("fig-spectra", "fig-kappa-scatter", "fig-distances", "fig-loss-cur
 TABLE_IDS = ("table-verdicts", "table-headline", "table-glance", "table-spectrum", "table-correlation",
              "table-study-configurations", "table-sweep", "table-selection", "table-config")
 MAX_SCORES_SHOWN = 8
+HEADLINE_OUTCOMES = ("eval_accuracy", "eval_macro_f1", "final_train_loss")
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;max-width:1000px;margin:1.5em auto;padding:0 1em;color:#222}
 h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.15em;border-bottom:1px solid #ccc;margin-top:1.6em}
@@ -51,10 +53,11 @@ def _note(text: str) -> str:
 def _table(rows, headers, table_id: str | None = None, numeric: tuple[int, ...] = ()) -> str:
     """An HTML table; `numeric` names the columns aligned right. Every cell is escaped."""
     ident = f' id="{_esc(table_id)}"' if table_id else ""
-    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers) if any(headers) else ""
     body = "".join("<tr>" + "".join(f'<td class="num">{_esc(c)}</td>' if i in numeric else f"<td>{_esc(c)}</td>"
                                     for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    head = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f"<table{ident}>{head}<tbody>{body}</tbody></table>"
 
 
 def _missing_note(results: dict, key: str) -> str | None:
@@ -98,8 +101,8 @@ def _spectra_table(results: dict) -> str:
     rows = [(name, c["family"], len(c["modules"]), *(_plots.fmt(c["stats"][k]) for k in (
         "kappa", "kappa_sigma_abs", "kappa_sigma_trace", "mu_max", "mu_min", "trace", "effective_rank",
         "stable_rank"))) for name, c in results["spectrum"].items()]
-    return _table(rows, ("configuration", "family", "modules", "κ", "κ_σ (absolute σ)", "κ_σ (σ·trace/n)", "μ_max",
-                         "μ_min", "trace", "eff. rank", "stable rank"), "table-spectrum", numeric=tuple(range(2, 11)))
+    return _table(rows, ("configuration", "family", "modules", "κ", "κ_σ (absolute σ)", "κ_σ (σ·trace/n)",
+                         "μ_max", "μ_min", "trace", "eff. rank", "stable rank"), "table-spectrum", numeric=tuple(range(2, 11)))
 
 
 def _correlation_figure(results: dict) -> str:
@@ -249,15 +252,18 @@ def _verdicts_section(results: dict) -> str:
     of jaxlin/verdicts.py spelled out under the table."""
     head = "".join(f"<th>{h}</th>" for h in ("claim", "test", "verdict", "statistic [95% CI], n", "why",
                                                "model and data"))
-    body = []
-    for row in verdicts.verdict_rows(results):
+    body, rows = [], verdicts.verdict_rows(results)
+    for i, row in enumerate(rows):
         why = row["reason"] + (f"; {row['run']}" if row["run"] else "")
         css = row["verdict"].replace(" ", "-")
-        body.append(f"<tr><td>{_esc(row['claim'])}</td><td>{_esc(row['test'])}</td>"
+        span = sum(1 for _ in itertools.takewhile(lambda r: r["claim"] == row["claim"], rows[i:]))
+        claim = ("" if i and rows[i - 1]["claim"] == row["claim"] else  # one cell per claim, over its tests
+                 f'<td rowspan="{span}">{_esc(row["claim"])}</td>')
+        body.append(f"<tr>{claim}<td>{_esc(row['test'])}</td>"
                     f'<td class="verdict {css}">{_esc(row["verdict"])}</td><td>{_esc(row["statistic"])}</td>'
                     f"<td>{_esc(why)}</td><td>{_esc(row['source'])}</td></tr>")
-    rule = (f"Rule (jaxlin.verdicts, docs/report.md): a claim is <b>supported</b> when the {verdicts.CONFIDENCE:.0%} "
-            "interval of its statistic excludes 0 with the predicted sign, <b>not supported</b> when it excludes 0 "
+    rule = ("Rule (jaxlin.verdicts, docs/results-schema.md): a claim is <b>supported</b> when the "
+            f"{verdicts.CONFIDENCE:.0%} interval of its statistic excludes 0 with the predicted sign, <b>not supported</b> when it excludes 0 "
             f"with the other sign or lies within ±{verdicts.CORRELATION_NULL_BAND:g} (Spearman ρ; "
             f"±{verdicts.SLOPE_NULL_BAND:g} for a log-log slope), and <b>inconclusive</b> otherwise, and always "
             f"when more than {verdicts.MAX_TIE_FRACTION:.0%} of the runs tie at the modal eval accuracy or fewer "
@@ -282,18 +288,21 @@ def _headline_section(results: dict) -> str:
     best = None if is_skipped(results["krr"]) else _plots.best_krr(results["krr"])
     if best is not None:
         rows.append(("KRR eval accuracy (best ridge)", _plots.fmt(best[1]), f"λ = {_plots.fmt(best[0])}, no training"))
-    tuned = [(p["lambda"], _plots.as_float(p["eval_accuracy_nonlinear"]), _plots.as_float(p["eval_accuracy_linearized"]))
-             for p in results["sweep"]]
-    for lam, nonlin, lin in tuned:
-        rows.append((f"fine-tuned eval accuracy, λ = {_plots.fmt(lam)}", _plots.fmt(nonlin),
-                     f"linearized: {_plots.fmt(lin)}"))
+    tuned = [(_plots.as_float(p.get("eval_accuracy_nonlinear")), p) for p in results["sweep"]]
+    tuned = [t for t in tuned if math.isfinite(t[0])]
+    if tuned:  # every λ is in the table below
+        acc, p = max(tuned, key=lambda t: t[0])
+        rows.append(("fine-tuned eval accuracy (best λ)", _plots.fmt(acc),
+                     f"λ = {_plots.fmt(p['lambda'])}; linearized at that λ: "
+                     f"{_maybe(p.get('eval_accuracy_linearized'))}"))
     summary = results.get("sweep_summary")
     for key, slope in ({} if summary is None or is_skipped(summary) else summary).items():
         rows.append((f"log-log slope of {key} against λ", _plots.fmt(slope, 2), "sweep_summary"))
     corr = results["correlation"]
     runs = [] if is_skipped(corr) else corr["runs"]
-    for predictor in (_plots.KAPPA_STATISTIC, "krr_eval_accuracy"):
-        for outcome, r in ({} if is_skipped(corr) else corr["results"].get(predictor, {})).items():
+    for predictor in (_plots.KAPPA_STATISTIC, "krr_eval_accuracy"):  # every other pair is in the table at the end
+        found = {} if is_skipped(corr) else corr["results"].get(predictor, {})
+        for outcome, r in ((o, found[o]) for o in HEADLINE_OUTCOMES if o in found):
             rows.append((f"Spearman({predictor}, {outcome})", _plots.fmt(r["spearman"], 2),
                          f"95% CI {_ci(r['spearman_ci'])}, n = {r['n']}" + (f"; {r['reason']}" if r.get("reason")
                                                                             else "")))
@@ -302,7 +311,8 @@ def _headline_section(results: dict) -> str:
         rows.append(("modal-tie fraction of the study's eval accuracy", _plots.fmt(modal_tie_fraction(acc), 2),
                      f"{len(runs)} runs; above {verdicts.MAX_TIE_FRACTION:g} the accuracy correlations rank ties"))
     if not rows:
-        return f'<h2>Headline numbers</h2><div id="table-headline">{_note("No stage with a headline number ran.")}</div>'
+        note = _note("No stage with a headline number ran.")
+        return f'<h2>Headline numbers</h2><div id="table-headline">{note}</div>'
     return "<h2>Headline numbers</h2>" + _table(rows, ("quantity", "value", "detail"), "table-headline", numeric=(1,))
 
 

@@ -1,11 +1,12 @@
 """Verdicts on the paper's claims, read from a results dict (docs/results-schema.md); the rule lives here only.
 
-`interval_verdict` is the one rule (docs/study-design.md, "Hypotheses"; docs/report.md, "Verdicts"): an estimate with
-its 95 % interval is "supported" when the interval excludes 0 on the side the claim predicts, "not supported" when
-it excludes 0 on the other side or lies inside the no-effect band ±`null_band`, and "inconclusive" otherwise; it is
-always "inconclusive" with too few independent units (`MIN_UNITS`) or when more than `MAX_TIE_FRACTION` of the runs
-tie at the modal value of an accuracy outcome. `verdict_rows` applies it to every claim the results can speak to;
-nothing is recomputed but a least-squares line through the sweep's points and a modal-tie fraction.
+`interval_verdict` is the one rule (docs/results-schema.md, "The report"; docs/study-design.md, "Hypotheses"): an
+estimate with its 95 % interval is "supported" when the interval excludes 0 on the side the claim predicts, "not
+supported" when it excludes 0 on the other side or lies inside the no-effect band ±`null_band`, and "inconclusive"
+otherwise; it is always "inconclusive" with too few independent units (`MIN_UNITS`) or when more than
+`MAX_TIE_FRACTION` of the runs tie at the modal value of an accuracy outcome. `equivalence_verdict` is its
+counterpart for a claim that two accuracies agree. `verdict_rows` applies them to every claim the results can speak
+to; nothing is recomputed but a least-squares line through the sweep's points and a modal-tie fraction.
 """
 from __future__ import annotations
 
@@ -30,14 +31,15 @@ KAPPA = "kappa"  # κ = μ_max/μ_min at σ = 0 (jaxlin.spectrum.kernel_statisti
 
 
 def interval_verdict(lo: float, hi: float, expected_sign: int, *, null_band: float, units: int | None = None,
-                     min_units: int = MIN_UNITS, tie_fraction: float = 0.0) -> tuple[str, str]:
+                     min_units: int = MIN_UNITS, unit_name: str = "independent units",
+                     tie_fraction: float = 0.0) -> tuple[str, str]:
     """(verdict, reason) for an effect whose `CONFIDENCE` interval is [lo, hi] and whose claim predicts the sign
     `expected_sign` (+1 or −1); `units` independent units behind it (None: not counted), `tie_fraction` the share
     of runs at the modal outcome. The rule of the module docstring."""
     if expected_sign not in (1, -1):
         raise ValueError(f"expected_sign={expected_sign!r} must be +1 or -1")
     if units is not None and units < min_units:
-        return INCONCLUSIVE, f"only {units} independent units (need ≥ {min_units})"
+        return INCONCLUSIVE, f"only {units} {unit_name} (need ≥ {min_units})"
     if tie_fraction > MAX_TIE_FRACTION:
         return INCONCLUSIVE, (f"{tie_fraction:.0%} of runs tie at the modal eval accuracy "
                               f"(more than {MAX_TIE_FRACTION:.0%}): the correlation ranks ties")
@@ -136,7 +138,8 @@ def _sweep_row(results: dict, source: str) -> dict:
     slope, lo, hi, n = slope_interval(lambdas, [p["output_distance_lin_nonlin"] for p in sweep])
     theta = slope_interval(lambdas, [p["theta_distance_lin_nonlin"] for p in sweep])[0]
     statistic = f"slope {_fmt(slope)} {_ci(lo, hi)}, n = {n} λ values; ‖θ − θ̄‖ slope {_fmt(theta)}"
-    verdict, reason = interval_verdict(lo, hi, -1, null_band=SLOPE_NULL_BAND, units=n, min_units=MIN_LAMBDAS)
+    verdict, reason = interval_verdict(lo, hi, -1, null_band=SLOPE_NULL_BAND, units=n, min_units=MIN_LAMBDAS,
+                                       unit_name="λ values")
     hint = None if n >= MIN_LAMBDAS else f"sweep ≥ {MIN_LAMBDAS} λ values: --lambdas 0.5,5,50"
     return _row(CLAIM_LINEAR, test, verdict, reason, statistic, source, hint)
 

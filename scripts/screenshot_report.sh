@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Screenshot a jaxlin report in headless Chromium, to check by eye that it reads well (docs/report.md).
+# Screenshot a jaxlin report in headless Chromium, to check by eye that it reads well (docs/results-schema.md, "The report").
 # Usage: scripts/screenshot_report.sh REPORT.html OUT.png [WIDTHxHEIGHT]   (default 1280x4000 CSS pixels)
 # Not part of CI: it needs a Chromium binary (Debian: apt-get install -y chromium).
 set -euo pipefail
