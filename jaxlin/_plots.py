@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from ._util import loglog_slope
-from .schema import is_number
+from .verdicts import as_float
 
 FIGSIZE = (7.0, 3.8)  # inches; a two-panel figure is WIDE_FIGSIZE
 WIDE_FIGSIZE = (9.0, 3.8)
@@ -172,11 +172,6 @@ def _corr_label(result: dict | None) -> str:
     s_lo, s_hi = result["spearman_ci"]
     return (f"Pearson r={fmt(result['pearson'], 2)} [{fmt(p_lo, 2)}, {fmt(p_hi, 2)}]\n"
             f"Spearman ρ={fmt(result['spearman'], 2)} [{fmt(s_lo, 2)}, {fmt(s_hi, 2)}], n={result['n']}")
-
-
-def as_float(value) -> float:
-    """A run statistic as a float; a non-numeric string (a label) becomes nan."""
-    return float(value) if is_number(value) else math.nan
 
 
 def kappa_scatter(correlation: dict) -> Figure | None:

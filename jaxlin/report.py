@@ -140,7 +140,7 @@ def _study_configurations_table(results: dict) -> str:
         groups.setdefault(run["configuration"], []).append(run)
 
     def mean(rs, get):
-        v = [x for x in (_plots.as_float(get(r)) for r in rs) if math.isfinite(x)]
+        v = [x for x in (verdicts.as_float(get(r)) for r in rs) if math.isfinite(x)]
         return _plots.fmt(float(np.mean(v))) if v else "—"
 
     rows = [(name, len(rs[0]["modules"]), len(rs), mean(rs, lambda r: r["statistics"].get(_plots.KAPPA_STATISTIC)),
@@ -288,7 +288,7 @@ def _headline_section(results: dict) -> str:
     best = None if is_skipped(results["krr"]) else _plots.best_krr(results["krr"])
     if best is not None:
         rows.append(("KRR eval accuracy (best ridge)", _plots.fmt(best[1]), f"λ = {_plots.fmt(best[0])}, no training"))
-    tuned = [(_plots.as_float(p.get("eval_accuracy_nonlinear")), p) for p in results["sweep"]]
+    tuned = [(verdicts.as_float(p.get("eval_accuracy_nonlinear")), p) for p in results["sweep"]]
     tuned = [t for t in tuned if math.isfinite(t[0])]
     if tuned:  # every λ is in the table below
         acc, p = max(tuned, key=lambda t: t[0])
@@ -307,7 +307,7 @@ def _headline_section(results: dict) -> str:
                          f"95% CI {_ci(r['spearman_ci'])}, n = {r['n']}" + (f"; {r['reason']}" if r.get("reason")
                                                                             else "")))
     if runs:
-        acc = [_plots.as_float(r["eval_accuracy"]) for r in runs]
+        acc = [verdicts.as_float(r["eval_accuracy"]) for r in runs]
         rows.append(("modal-tie fraction of the study's eval accuracy", _plots.fmt(modal_tie_fraction(acc), 2),
                      f"{len(runs)} runs; above {verdicts.MAX_TIE_FRACTION:g} the accuracy correlations rank ties"))
     if not rows:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats as scipy_stats
-
-from ._plots import as_float
-from .schema import is_skipped
+from scipy import stats as scipy_stats  # a dependency of jax
+from .schema import is_number, is_skipped
 from .stats import modal_tie_fraction
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
@@ -28,6 +26,11 @@ MAX_TIE_FRACTION = 0.2  # above this share of runs at the modal eval accuracy, a
 MIN_UNITS = 10  # fewer independent units (configurations under a cluster bootstrap, else runs) decide nothing
 MIN_LAMBDAS = 3  # a slope's interval needs at least one residual degree of freedom
 KAPPA = "kappa"  # κ = μ_max/μ_min at σ = 0 (jaxlin.spectrum.kernel_statistics)
+
+
+def as_float(value) -> float:
+    """A number of the results (a float, or "inf"/"nan") as a float; a label, None or a missing value is nan."""
+    return float(value) if is_number(value) else math.nan
 
 
 def interval_verdict(lo: float, hi: float, expected_sign: int, *, null_band: float, units: int | None = None,
@@ -167,7 +170,8 @@ def _study_row(results, claim, test, predictor, outcome, sign, source, extra="")
     verdict, reason = correlation_verdict(result, sign, tie_fraction=tie)
     units = (f", {result['n_groups']} configurations" if result.get("resampling") == "groups" else "")
     tie_text = "; ".join(f"modal tie of {k}: {t:.0%}" for k, t in ties.items() if math.isfinite(t))
-    statistic = (f"Spearman ρ = {_fmt(as_float(result['spearman']))} {_ci(*map(as_float, result['spearman_ci']))}, "
+    rho, ci = as_float(result["spearman"]), _ci(*map(as_float, result["spearman_ci"]))
+    statistic = (f"Spearman ρ = {_fmt(rho)} {ci}, "
                  f"n = {result['n']} runs{units}" + (f"; {tie_text}" if tie_text else "") + extra)
     return _row(claim, test, verdict, reason, statistic, source)
 
