@@ -265,3 +265,11 @@ def test_report_opens_with_verdicts_and_ends_with_tables(tmp_path, example):
         assert at[long_table] > max(figures), long_table
     assert page.index("Rule (jaxlin.verdicts") < min(figures)
     assert f"within ±{verdicts.CORRELATION_NULL_BAND:g}" in page
+
+
+def test_verdict_rows_of_a_study_without_the_krr_predictor(example):
+    old = _mutated(example, lambda r: r["correlation"]["results"].pop("krr_eval_accuracy"))
+    row = _row(old, "study: Spearman(KRR")
+    assert row["verdict"] == INCONCLUSIVE and "rerun the study stage" in row["run"]
+    with pytest.raises(ValueError, match="expected_sign=0"):
+        verdicts.interval_verdict(0.1, 0.2, 0, null_band=0.2)
