@@ -10,17 +10,25 @@ import base64
 import io
 import math
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from ._util import loglog_slope
-from .schema import is_number
+from .verdicts import as_float
 
-FIGSIZE = (6.0, 3.5)
-DPI = 90
+FIGSIZE = (7.0, 3.8)  # inches; a two-panel figure is WIDE_FIGSIZE
+WIDE_FIGSIZE = (9.0, 3.8)
+DPI = 150  # rendered pixels per inch; the page shows DISPLAY_PPI CSS pixels per inch, sharp on dense screens
+DISPLAY_PPI = 105
+FONT_PT = {"label": 9.5, "tick": 8.5, "title": 10.0, "legend": 8.0}  # at DISPLAY_PPI: 8 pt ≈ 12 CSS px
+MAX_LOG_LABELS = 6  # labelled ticks on a log axis, so labels never run into each other
+MAX_INSIDE_LEGEND = 4  # a legend with more entries goes outside the axes, on the right
 MAX_SPECTRA = 12
 KAPPA_STATISTIC = "kappa"  # κ = μ_max/μ_min, σ = 0 (jaxlin.spectrum.kernel_statistics)
+OUTCOME_LABELS = {"eval_accuracy": "eval accuracy (fraction)", "final_train_loss": "final train loss (cross-entropy)"}
 DISTANCES = (("theta_distance_to_init", "‖θ − θ0‖"), ("theta_distance_lin_nonlin", "‖θ − θ̄‖"),
              ("output_distance_lin_nonlin", "‖f − f̄‖ (outputs)"))
 
@@ -40,6 +48,11 @@ def fmt(value, digits: int = 3) -> str:
     return f"{v:.{digits - 1}e}"
 
 
+def display_width(fig: Figure) -> int:
+    """The width in CSS pixels at which the page shows `fig` (its inches × `DISPLAY_PPI`)."""
+    return round(fig.get_figwidth() * DISPLAY_PPI)
+
+
 def to_png_base64(fig: Figure) -> str:
     """Render `fig` with Agg to a PNG at `DPI` and return it base64-encoded."""
     FigureCanvasAgg(fig)
@@ -49,8 +62,65 @@ def to_png_base64(fig: Figure) -> str:
 
 
 def _figure(ncols: int = 1) -> tuple[Figure, list]:
-    fig = Figure(figsize=FIGSIZE, layout="constrained")
+    fig = Figure(figsize=FIGSIZE if ncols == 1 else WIDE_FIGSIZE, layout="constrained")
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+
+
+def _tick_label(value, _pos=None, *, plain=True) -> str:
+    """With `plain`, 1, 0.02, 500 as they are; otherwise, and outside [1e-3, 1e4), 2×10⁵ and 10⁻⁴ in mathtext."""
+    if value <= 0 or not math.isfinite(value):
+        return ""
+    if plain and 1e-3 <= value < 1e4:
+        return f"{value:.4g}"
+    exp = math.floor(math.log10(value))
+    mant = round(value / 10 ** exp, 2)
+    mant = f"{mant:g}" + r"{\times}" if mant != 1 else ""
+    return f"${mant}10^{{{exp}}}$"
+
+
+def _log_ticks(axis, lo: float, hi: float) -> None:
+    """At most `MAX_LOG_LABELS` labels on a log axis spanning [lo, hi], none on minor ticks: whole decades over
+    two decades or more, 1-2-5 steps over one to two, plain linear steps under one (where no decade falls)."""
+    if not (0 < lo < hi and math.isfinite(hi)):
+        return
+    decades = math.log10(hi / lo)
+    if decades >= 2:
+        axis.set_major_locator(LogLocator(base=10, numticks=MAX_LOG_LABELS))
+        axis.set_major_formatter(FuncFormatter(lambda v, _pos: _tick_label(v, plain=False)))
+        axis.set_minor_formatter(NullFormatter())
+        return
+    elif decades >= 0.8:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=MAX_LOG_LABELS))
+    else:
+        axis.set_major_locator(MaxNLocator(nbins=4))
+    axis.set_major_formatter(FuncFormatter(_tick_label))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _finish(fig: Figure, ax, *, xlabel: str, ylabel: str, title: str | None = None, xlog=False, ylog=False,
+            legend=True, outside=False) -> Figure:
+    """Labels, fonts and tick labels of one axes at their `FONT_PT` sizes; a legend inside at the emptiest spot
+    (framed, half-transparent) or, past `MAX_INSIDE_LEGEND` entries or with `outside` (lines that fill the axes),
+    outside on the right."""
+    ax.set_xlabel(xlabel, fontsize=FONT_PT["label"])
+    ax.set_ylabel(ylabel, fontsize=FONT_PT["label"])
+    if title is not None:
+        ax.set_title(title, fontsize=FONT_PT["title"])
+    ax.tick_params(labelsize=FONT_PT["tick"])
+    if xlog:
+        ax.set_xscale("log")
+        _log_ticks(ax.xaxis, *ax.get_xlim())
+    if ylog:
+        ax.set_yscale("log")
+        _log_ticks(ax.yaxis, *ax.get_ylim())
+    handles, labels = ax.get_legend_handles_labels()
+    if legend and handles:
+        if outside or len(handles) > MAX_INSIDE_LEGEND:
+            ax.legend(handles, labels, fontsize=FONT_PT["legend"], loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                      borderaxespad=0, frameon=False, ncols=1 if len(handles) <= 12 else 2)
+        else:
+            ax.legend(handles, labels, fontsize=FONT_PT["legend"], loc="best", framealpha=0.75)
+    return fig
 
 
 def _positive(x, y):
@@ -69,21 +139,23 @@ def spectra_order(spectrum: dict) -> tuple[list[str], list[str]]:
 def spectra(spectrum: dict) -> Figure | None:
     """Eigenvalues (log y) against their index per configuration; "all" drawn thick and black."""
     fig, (ax,) = _figure()
-    drawn = False
+    drawn, drawn_count = False, 0
     for name in spectra_order(spectrum)[0]:
         eig = floats(spectrum[name]["stats"]["eigenvalues"])
         idx = np.arange(1, eig.size + 1)
         keep = np.isfinite(eig) & (eig > 0)
         if not keep.any():
             continue
-        style = dict(color="black", lw=2.5, zorder=3) if name == "all" else dict(lw=1, alpha=0.8)
+        shade = (2 * drawn_count) % 20 + drawn_count // 10 % 2  # tab20's ten dark shades, then its light ones
+        style = (dict(color="black", lw=2.5, zorder=3) if name == "all" else
+                 dict(lw=1, alpha=0.85, color=matplotlib.colormaps["tab20"](shade)))
+        drawn_count += 1
         ax.plot(idx[keep], eig[keep], label=name, **style)
         drawn = True
     if not drawn:
         return None
-    ax.set(yscale="log", xlabel="index i (descending)", ylabel="eigenvalue μ_i", title="NTK eigen-spectra")
-    ax.legend(fontsize=6, ncols=2)
-    return fig
+    return _finish(fig, ax, xlabel="index i (eigenvalues in descending order)", ylabel="eigenvalue μ_i (logit²)",
+                   title="NTK eigen-spectra", ylog=True)
 
 
 def _fit_line(ax, x, y):
@@ -102,16 +174,11 @@ def _corr_label(result: dict | None) -> str:
             f"Spearman ρ={fmt(result['spearman'], 2)} [{fmt(s_lo, 2)}, {fmt(s_hi, 2)}], n={result['n']}")
 
 
-def _as_float(value) -> float:
-    """A run statistic as a float; a non-numeric string (a label) becomes nan."""
-    return float(value) if is_number(value) else math.nan
-
-
 def kappa_scatter(correlation: dict) -> Figure | None:
     """κ (log x) against eval accuracy and final train loss, one point per run, with the least-squares line in
     log κ and the Pearson/Spearman r (bootstrap CI) of `correlation.results[kappa]`."""
     runs = [r for r in correlation["runs"] if KAPPA_STATISTIC in r["statistics"]]
-    kappa = np.array([_as_float(r["statistics"][KAPPA_STATISTIC]) for r in runs], dtype=np.float64)
+    kappa = np.array([as_float(r["statistics"][KAPPA_STATISTIC]) for r in runs], dtype=np.float64)
     results = correlation["results"].get(KAPPA_STATISTIC, {})
     fig, axes = _figure(2)
     drawn = False
@@ -124,10 +191,8 @@ def kappa_scatter(correlation: dict) -> Figure | None:
             drawn = True
         if np.unique(x).size >= 2:
             _fit_line(ax, x, y)
-        ax.set(xscale="log", xlabel="κ at init", ylabel=outcome.replace("_", " "))
-        ax.set_title(_corr_label(results.get(outcome)), fontsize=7)
-        if x.size:
-            ax.legend(fontsize=6)
+        _finish(fig, ax, xlabel="κ = μ_max/μ_min at θ0 (ratio)", ylabel=OUTCOME_LABELS[outcome],
+                title=_corr_label(results.get(outcome)), xlog=bool(x.size))
     return fig if drawn else None
 
 
@@ -146,9 +211,8 @@ def distances(sweep: list, summary: dict) -> Figure | None:
         drawn = True
     if not drawn:
         return None
-    ax.set(xscale="log", yscale="log", xlabel="λ", ylabel="distance", title="Distances against regularisation λ")
-    ax.legend(fontsize=6)
-    return fig
+    return _finish(fig, ax, xlabel="regularisation λ", ylabel="distance (‖θ‖ units; outputs: logits)",
+                   title="Distances against regularisation λ", xlog=True, ylog=True)
 
 
 def loss_curves(sweep: list) -> Figure | None:
@@ -169,10 +233,8 @@ def loss_curves(sweep: list) -> Figure | None:
             drawn = True
     if not drawn:
         return None
-    ax.set(yscale="log" if positive else "linear", xlabel="step", ylabel="training loss",
-           title="Training loss: nonlinear (solid) vs linearized (dashed)")
-    ax.legend(fontsize=6, ncols=2)
-    return fig
+    return _finish(fig, ax, xlabel="step", ylabel="training loss (mean per example)",
+                   title="Training loss: nonlinear (solid) vs linearized (dashed)", ylog=positive, outside=True)
 
 
 def lipschitz(probe: dict) -> Figure | None:
@@ -193,10 +255,9 @@ def lipschitz(probe: dict) -> Figure | None:
         drawn = True
     if not drawn:
         return None
-    ax.set(xscale="log", yscale="log", xlabel="radius r = ‖θ − θ0‖", ylabel="Lipschitz estimate",
-           title="Linearity probe (Algorithm 1)")
-    ax.legend(fontsize=6)
-    return fig
+    return _finish(fig, ax, xlabel="radius r = ‖θ − θ0‖ (parameter norm)",
+                   ylabel="Lipschitz estimate (Jacobian change per unit r)", title="Linearity probe (Algorithm 1)",
+                   xlog=True, ylog=True)
 
 
 def dynamics(dyn: dict) -> Figure | None:
@@ -216,10 +277,8 @@ def dynamics(dyn: dict) -> Figure | None:
         drawn = True
     if not drawn:
         return None
-    ax.set(yscale="log" if positive else "linear", xlabel="step", ylabel="training loss",
-           title=f"GD dynamics (η={fmt(dyn['learning_rate'])}, λ={fmt(dyn['ridge'])})")
-    ax.legend(fontsize=7)
-    return fig
+    return _finish(fig, ax, xlabel="step", ylabel="training loss (squared)",
+                   title=f"GD dynamics (η={fmt(dyn['learning_rate'])}, λ={fmt(dyn['ridge'])})", ylog=positive)
 
 
 def krr(section: dict) -> Figure | None:
@@ -238,10 +297,8 @@ def krr(section: dict) -> Figure | None:
     best = best_krr(section)
     if best is not None:
         ax.axvline(best[0], color="gray", ls=":", lw=1, label=f"best eval λ={fmt(best[0])}")
-    ax.set(xscale="log", xlabel=f"ridge λ ({section['ridge_scale']})", ylabel="accuracy",
-           title=f"Kernel ridge regression on '{section['configuration']}'")
-    ax.legend(fontsize=7)
-    return fig
+    return _finish(fig, ax, xlabel=f"ridge λ ({section['ridge_scale']} units)", ylabel="accuracy (fraction)",
+                   title=f"Kernel ridge regression on '{section['configuration']}'", xlog=True)
 
 
 def best_krr(section: dict) -> tuple[float, float] | None:

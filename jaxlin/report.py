@@ -8,6 +8,7 @@ is missing, empty or skipped shows a short note instead. All text from the resul
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import math
 import zipfile
@@ -15,16 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _plots
+from . import _plots, verdicts
 from .rundir import atomic_write
 from .schema import SchemaError, is_skipped, validate_results
+from .stats import modal_tie_fraction
 
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.html"
 FIGURE_IDS = ("fig-spectra", "fig-kappa-scatter", "fig-distances", "fig-loss-curves", "fig-lipschitz",
               "fig-dynamics", "fig-krr")
-TABLE_IDS = ("table-glance", "table-selection", "table-correlation")
+TABLE_IDS = ("table-verdicts", "table-headline", "table-glance", "table-spectrum", "table-correlation",
+             "table-study-configurations", "table-sweep", "table-selection", "table-config")
 MAX_SCORES_SHOWN = 8
+HEADLINE_OUTCOMES = ("eval_accuracy", "eval_macro_f1", "final_train_loss")
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;max-width:1000px;margin:1.5em auto;padding:0 1em;color:#222}
 h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.15em;border-bottom:1px solid #ccc;margin-top:1.6em}
@@ -32,7 +36,9 @@ table{border-collapse:collapse;margin:.5em 0;font-size:12px}td,th{border:1px sol
 text-align:left;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:.8em 0}figcaption{font-size:12px;color:#555}img{max-width:100%}
 .note{color:#8a5a00;background:#fff6e0;padding:4px 8px;border-left:3px solid #e0a800}
-.grid{display:flex;flex-wrap:wrap;gap:0 2em}
+.grid{display:flex;flex-wrap:wrap;gap:0 2em}h3{font-size:1em;margin-top:1.2em}
+td.verdict{font-weight:600;white-space:nowrap}td.supported{background:#e3f4e1}td.not-supported{background:#fbe3e1}
+td.inconclusive{background:#f1f1f1}p.rule{font-size:12px;color:#444;max-width:60em}
 """
 
 
@@ -47,10 +53,11 @@ def _note(text: str) -> str:
 def _table(rows, headers, table_id: str | None = None, numeric: tuple[int, ...] = ()) -> str:
     """An HTML table; `numeric` names the columns aligned right. Every cell is escaped."""
     ident = f' id="{_esc(table_id)}"' if table_id else ""
-    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers) if any(headers) else ""
     body = "".join("<tr>" + "".join(f'<td class="num">{_esc(c)}</td>' if i in numeric else f"<td>{_esc(c)}</td>"
                                     for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    head = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f"<table{ident}>{head}<tbody>{body}</tbody></table>"
 
 
 def _missing_note(results: dict, key: str) -> str | None:
@@ -69,54 +76,87 @@ def _figure(fig_id: str, fig, caption: str, note: str | None) -> str:
     """A <figure> holding the PNG of `fig`, or the note when there is no figure."""
     if fig is None:
         return f'<div id="{fig_id}">{_note(note or "Nothing finite to plot.")}</div>'
-    img = f'<img alt="{_esc(caption)}" src="data:image/png;base64,{_plots.to_png_base64(fig)}">'
+    img = (f'<img alt="{_esc(caption)}" width="{_plots.display_width(fig)}" '
+           f'src="data:image/png;base64,{_plots.to_png_base64(fig)}">')
     extra = f"<br>{_esc(note)}" if note else ""
     return f'<figure id="{fig_id}">{img}<figcaption>{_esc(caption)}{extra}</figcaption></figure>'
 
 
-def _spectra_section(results: dict) -> str:
+def _spectra_figure(results: dict) -> str:
     note = _missing_note(results, "spectrum")
     if note:
         return _figure("fig-spectra", None, "", note)
-    spectrum = results["spectrum"]
-    left_out = _plots.spectra_order(spectrum)[1]
-    extra = (f"{len(left_out)} more configurations are in the table below: {', '.join(left_out)}."
+    left_out = _plots.spectra_order(results["spectrum"])[1]
+    extra = (f"{len(left_out)} more configurations are in the table at the end: {', '.join(left_out)}."
              if left_out else None)
-    fig = _figure("fig-spectra", _plots.spectra(spectrum),
-                  'Eigenvalues of the empirical NTK per configuration (positive ones, log scale); "all" in black.',
-                  extra)
+    return _figure("fig-spectra", _plots.spectra(results["spectrum"]),
+                   'Eigenvalues of the empirical NTK per configuration (positive ones, log scale); "all" in black.',
+                   extra)
+
+
+def _spectra_table(results: dict) -> str:
+    note = _missing_note(results, "spectrum")
+    if note:
+        return f'<div id="table-spectrum">{_note(note)}</div>'
     rows = [(name, c["family"], len(c["modules"]), *(_plots.fmt(c["stats"][k]) for k in (
         "kappa", "kappa_sigma_abs", "kappa_sigma_trace", "mu_max", "mu_min", "trace", "effective_rank",
-        "stable_rank"))) for name, c in spectrum.items()]
-    table = _table(rows, ("configuration", "family", "modules", "κ", "κ_σ (absolute σ)", "κ_σ (σ·trace/n)", "μ_max",
-                          "μ_min", "trace", "eff. rank", "stable rank"), "table-spectrum", numeric=tuple(range(2, 11)))
-    return fig + table
+        "stable_rank"))) for name, c in results["spectrum"].items()]
+    return _table(rows, ("configuration", "family", "modules", "κ", "κ_σ (absolute σ)", "κ_σ (σ·trace/n)",
+                         "μ_max", "μ_min", "trace", "eff. rank", "stable rank"), "table-spectrum", numeric=tuple(range(2, 11)))
 
 
-def _correlation_section(results: dict) -> str:
+def _correlation_figure(results: dict) -> str:
     note = _missing_note(results, "correlation")
     if note:
-        return _figure("fig-kappa-scatter", None, "", note) + f'<div id="table-correlation">{_note(note)}</div>'
+        return _figure("fig-kappa-scatter", None, "", note)
     corr = results["correlation"]
-    fig = _figure("fig-kappa-scatter", _plots.kappa_scatter(corr) if corr["runs"] else None,
-                  "κ at init against the fine-tuning outcome, one point per run, least-squares line in log κ; "
-                  "bootstrap CIs in brackets. The paper expects lower κ ↔ higher accuracy, lower loss.",
-                  None if corr["runs"] else "No runs recorded.")
+    return _figure("fig-kappa-scatter", _plots.kappa_scatter(corr) if corr["runs"] else None,
+                   "κ at init against the fine-tuning outcome, one point per run, least-squares line in log κ; "
+                   "bootstrap CIs in brackets. The paper expects lower κ ↔ higher accuracy, lower loss.",
+                   None if corr["runs"] else "No runs recorded.")
+
+
+def _correlation_table(results: dict) -> str:
+    note = _missing_note(results, "correlation")
+    if note:
+        return f'<div id="table-correlation">{_note(note)}</div>'
     rows = []
-    for stat, outcomes in corr["results"].items():
+    for stat, outcomes in results["correlation"]["results"].items():
         for outcome, r in outcomes.items():
             rows.append((stat, outcome, _plots.fmt(r["pearson"]), _ci(r["pearson_ci"]), _plots.fmt(r["spearman"]),
                          _ci(r["spearman_ci"]), r["n"], r.get("reason") or ""))
-    table = _table(rows, ("statistic", "outcome", "Pearson r", "CI", "Spearman ρ", "CI", "n", "note"),
-                   "table-correlation", numeric=(2, 3, 4, 5, 6))
-    return fig + table
+    return _table(rows, ("statistic", "outcome", "Pearson r", "CI", "Spearman ρ", "CI", "n", "note"),
+                  "table-correlation", numeric=(2, 3, 4, 5, 6))
+
+
+def _study_configurations_table(results: dict) -> str:
+    """The study's runs averaged per configuration: seeds, κ, outcomes and the KRR predictor's accuracy."""
+    note = _missing_note(results, "correlation")
+    runs = [] if note else results["correlation"]["runs"]
+    if not runs:
+        return f'<div id="table-study-configurations">{_note(note or "No runs recorded.")}</div>'
+    groups: dict[str, list] = {}
+    for run in runs:
+        groups.setdefault(run["configuration"], []).append(run)
+
+    def mean(rs, get):
+        v = [x for x in (verdicts.as_float(get(r)) for r in rs) if math.isfinite(x)]
+        return _plots.fmt(float(np.mean(v))) if v else "—"
+
+    rows = [(name, len(rs[0]["modules"]), len(rs), mean(rs, lambda r: r["statistics"].get(_plots.KAPPA_STATISTIC)),
+             mean(rs, lambda r: r["final_train_loss"]), mean(rs, lambda r: r["eval_accuracy"]),
+             mean(rs, lambda r: r.get("eval_macro_f1")), mean(rs, lambda r: r.get("krr_eval_accuracy")),
+             mean(rs, lambda r: r.get("krr_agreement"))) for name, rs in groups.items()]
+    return _table(rows, ("configuration", "modules", "seeds", "κ", "final train loss", "eval accuracy",
+                         "eval macro-F1", "KRR eval accuracy", "KRR agreement"), "table-study-configurations",
+                  numeric=tuple(range(1, 9)))
 
 
 def _ci(pair) -> str:
     return f"[{_plots.fmt(pair[0], 2)}, {_plots.fmt(pair[1], 2)}]"
 
 
-def _sweep_section(results: dict) -> str:
+def _sweep_figures(results: dict) -> str:
     note = _missing_note(results, "sweep")
     if note:
         return _figure("fig-distances", None, "", note) + _figure("fig-loss-curves", None, "", note)
@@ -131,10 +171,17 @@ def _sweep_section(results: dict) -> str:
                      "Training loss per step: nonlinear (solid) and linearized (dashed) fine-tuning, "
                      "one colour per λ.",
                      None if has_curves else "The sweep recorded no loss curves.")
+    return distances + curves
+
+
+def _sweep_table(results: dict) -> str:
+    note = _missing_note(results, "sweep")
+    if note:
+        return f'<div id="table-sweep">{_note(note)}</div>'
     rows = [(_plots.fmt(p["lambda"]), _plots.fmt(p["eval_accuracy_nonlinear"]),
-             _plots.fmt(p["eval_accuracy_linearized"]), _plots.fmt(p["theorem2_radius"])) for p in sweep]
-    return distances + curves + _table(rows, ("λ", "eval acc. nonlinear", "eval acc. linearized",
-                                              "Theorem 2 radius"), "table-sweep", numeric=(0, 1, 2, 3))
+             _plots.fmt(p["eval_accuracy_linearized"]), _plots.fmt(p["theorem2_radius"])) for p in results["sweep"]]
+    return _table(rows, ("λ", "eval acc. nonlinear", "eval acc. linearized", "Theorem 2 radius"), "table-sweep",
+                  numeric=(0, 1, 2, 3))
 
 
 def _simple_figure(results: dict, key: str, fig_id: str, plot, caption: str) -> str:
@@ -169,29 +216,104 @@ def _trained_selections(results: dict) -> dict:
     return {} if is_skipped(corr) else corr.get("selection", {}).get("methods", {})
 
 
-def _header(results: dict, arrays: dict | None) -> str:
-    env, model, data = results["environment"], results["model"], results["data"]
+def _title(results: dict) -> str:
+    """The page title and what was measured on what: preset, model, data."""
+    model, data = results["model"], results["data"]
     facts = [("preset", results["config"]["preset"]),
              ("model", f"{model['source']} ({model['family']}, {model['num_layers']} layers, "
                        f"{len(model['modules'])} adaptable modules, {model['num_trainable_params']:,} trainable)"),
              ("data", f"{data['dataset']}: {data['num_train']} train, {data['num_eval']} eval, "
-                      f"{data['num_calibration']} calibration; labels {', '.join(data['label_names'])}"),
-             ("device", f"{env['platform']}: {', '.join(env['devices'])}; x64={env['x64']}"),
+                      f"{data['num_calibration']} calibration; labels {', '.join(data['label_names'])}")]
+    return f"<h1>jaxlin report: {_esc(results['config']['preset'])}</h1>" + _table(facts, ("", ""), "table-facts")
+
+
+def _run_details(results: dict, arrays: dict | None) -> str:
+    """Environment, timings, variants, the whole configuration and the arrays file: the end of the page."""
+    env = results["environment"]
+    facts = [("device", f"{env['platform']}: {', '.join(env['devices'])}; x64={env['x64']}"),
              ("versions", f"jaxlin {env['jaxlin']}, JAX {env['jax']} (jaxlib {env['jaxlib']}), flax {env['flax']}, "
                           f"optax {env['optax']}, Python {env['python']}"),
              ("schema", results["schema"])]
     timings = [(stage, _plots.fmt(sec)) for stage, sec in results["timings"].items()]
     total = sum(float(s) for s in results["timings"].values() if math.isfinite(float(s)))
     config = [(k, json.dumps(v, ensure_ascii=False)) for k, v in _dotted(results["config"])]
-    parts = [f"<h1>jaxlin report: {_esc(results['config']['preset'])}</h1>", _table(facts, ("", "")),
-             _glance_section(results),
-             '<div class="grid"><div><h2>Timings (s)</h2>',
-             _table(timings + [("total", _plots.fmt(total))], ("stage", "seconds"), "table-timings", numeric=(1,)),
-             "</div><div><h2>Variants</h2>",
-             _table(results["variants"].items(), ("choice", "value"), "table-variants"), "</div></div>",
-             "<h2>Configuration</h2>", _table(config, ("key", "value"), "table-config")]
-    parts.append(_arrays_block(results["arrays"], arrays))
-    return "".join(parts)
+    return "".join([
+        "<h2>Run details</h2>", _table(facts, ("", ""), "table-environment"),
+        '<div class="grid"><div><h3>Timings (s)</h3>',
+        _table(timings + [("total", _plots.fmt(total))], ("stage", "seconds"), "table-timings", numeric=(1,)),
+        "</div><div><h3>Variants</h3>",
+        _table(results["variants"].items(), ("choice", "value"), "table-variants"), "</div></div>",
+        "<h3>Configuration</h3>", _table(config, ("key", "value"), "table-config"),
+        _arrays_block(results["arrays"], arrays)])
+
+
+def _verdicts_section(results: dict) -> str:
+    """The claims, each with its verdict, the statistic and interval it rests on, and the model and data; the rule
+    of jaxlin/verdicts.py spelled out under the table."""
+    head = "".join(f"<th>{h}</th>" for h in ("claim", "test", "verdict", "statistic [95% CI], n", "why",
+                                               "model and data"))
+    body, rows = [], verdicts.verdict_rows(results)
+    for i, row in enumerate(rows):
+        why = row["reason"] + (f"; {row['run']}" if row["run"] else "")
+        css = row["verdict"].replace(" ", "-")
+        span = sum(1 for _ in itertools.takewhile(lambda r: r["claim"] == row["claim"], rows[i:]))
+        claim = ("" if i and rows[i - 1]["claim"] == row["claim"] else  # one cell per claim, over its tests
+                 f'<td rowspan="{span}">{_esc(row["claim"])}</td>')
+        body.append(f"<tr>{claim}<td>{_esc(row['test'])}</td>"
+                    f'<td class="verdict {css}">{_esc(row["verdict"])}</td><td>{_esc(row["statistic"])}</td>'
+                    f"<td>{_esc(why)}</td><td>{_esc(row['source'])}</td></tr>")
+    rule = ("Rule (jaxlin.verdicts, docs/results-schema.md): a claim is <b>supported</b> when the "
+            f"{verdicts.CONFIDENCE:.0%} interval of its statistic excludes 0 with the predicted sign, <b>not supported</b> when it excludes 0 "
+            f"with the other sign or lies within ±{verdicts.CORRELATION_NULL_BAND:g} (Spearman ρ; "
+            f"±{verdicts.SLOPE_NULL_BAND:g} for a log-log slope), and <b>inconclusive</b> otherwise, and always "
+            f"when more than {verdicts.MAX_TIE_FRACTION:.0%} of the runs tie at the modal eval accuracy or fewer "
+            f"than {verdicts.MIN_UNITS} independent units (configurations under a cluster bootstrap, else runs; "
+            f"{verdicts.MIN_LAMBDAS} λ values for a slope) stand behind it. Claim (c) asks for agreement: supported "
+            f"when the interval of the accuracy difference lies within ±{verdicts.ACCURACY_MARGIN:g}, not supported "
+            "when it lies wholly beyond. Computed from this results file only.")
+    return (f'<h2>Verdicts</h2><table id="table-verdicts"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}'
+            f'</tbody></table><p class="rule">{rule}</p>')
+
+
+def _headline_section(results: dict) -> str:
+    """The numbers behind the verdicts, one line each: κ, the KRR and fine-tuned accuracies, the sweep slopes and
+    the study's correlations with their CIs."""
+    rows = []
+    spectrum = results["spectrum"]
+    if not is_skipped(spectrum) and "all" in spectrum:
+        st = spectrum["all"]["stats"]
+        rows.append(("κ = μ_max/μ_min of K(all) at θ0", _plots.fmt(st["kappa"]),
+                     f"μ_max = {_plots.fmt(st['mu_max'])}, μ_min = {_plots.fmt(st['mu_min'])}, "
+                     f"κ_σ (σ·trace/n) = {_plots.fmt(st['kappa_sigma_trace'])}"))
+    best = None if is_skipped(results["krr"]) else _plots.best_krr(results["krr"])
+    if best is not None:
+        rows.append(("KRR eval accuracy (best ridge)", _plots.fmt(best[1]), f"λ = {_plots.fmt(best[0])}, no training"))
+    tuned = [(verdicts.as_float(p.get("eval_accuracy_nonlinear")), p) for p in results["sweep"]]
+    tuned = [t for t in tuned if math.isfinite(t[0])]
+    if tuned:  # every λ is in the table below
+        acc, p = max(tuned, key=lambda t: t[0])
+        rows.append(("fine-tuned eval accuracy (best λ)", _plots.fmt(acc),
+                     f"λ = {_plots.fmt(p['lambda'])}; linearized at that λ: "
+                     f"{_maybe(p.get('eval_accuracy_linearized'))}"))
+    summary = results.get("sweep_summary")
+    for key, slope in ({} if summary is None or is_skipped(summary) else summary).items():
+        rows.append((f"log-log slope of {key} against λ", _plots.fmt(slope, 2), "sweep_summary"))
+    corr = results["correlation"]
+    runs = [] if is_skipped(corr) else corr["runs"]
+    for predictor in (_plots.KAPPA_STATISTIC, "krr_eval_accuracy"):  # every other pair is in the table at the end
+        found = {} if is_skipped(corr) else corr["results"].get(predictor, {})
+        for outcome, r in ((o, found[o]) for o in HEADLINE_OUTCOMES if o in found):
+            rows.append((f"Spearman({predictor}, {outcome})", _plots.fmt(r["spearman"], 2),
+                         f"95% CI {_ci(r['spearman_ci'])}, n = {r['n']}" + (f"; {r['reason']}" if r.get("reason")
+                                                                            else "")))
+    if runs:
+        acc = [verdicts.as_float(r["eval_accuracy"]) for r in runs]
+        rows.append(("modal-tie fraction of the study's eval accuracy", _plots.fmt(modal_tie_fraction(acc), 2),
+                     f"{len(runs)} runs; above {verdicts.MAX_TIE_FRACTION:g} the accuracy correlations rank ties"))
+    if not rows:
+        note = _note("No stage with a headline number ran.")
+        return f'<h2>Headline numbers</h2><div id="table-headline">{note}</div>'
+    return "<h2>Headline numbers</h2>" + _table(rows, ("quantity", "value", "detail"), "table-headline", numeric=(1,))
 
 
 def _glance_section(results: dict) -> str:
@@ -246,22 +368,29 @@ def _arrays_block(name: str, arrays: dict | None) -> str:
 
 def render_html(results: dict, arrays: dict | None = None) -> str:
     """The report page for a validated results dict; `arrays` maps array names to (shape, dtype) or is None
-    when no arrays file was found."""
+    when no arrays file was found. Order: the answers (verdicts, headline numbers, accuracies at a glance), the
+    figures, then the long tables and the run's configuration."""
     body = [
-        _header(results, arrays),
-        "<h2>NTK spectra</h2>", _spectra_section(results),
-        "<h2>Does κ predict fine-tuning?</h2>", _correlation_section(results),
+        _title(results), _verdicts_section(results), _headline_section(results), _glance_section(results),
+        "<h2>NTK spectra</h2>", _spectra_figure(results),
+        "<h2>Does κ predict fine-tuning?</h2>", _correlation_figure(results),
         "<h2>Kernel ridge regression</h2>",
         _simple_figure(results, "krr", "fig-krr", _plots.krr,
                        "Accuracy of the NTK kernel predictor f0 + K(x,X)(K+λI)⁻¹r0 against the ridge λ."),
         "<h2>Linearized GD dynamics</h2>",
         _simple_figure(results, "dynamics", "fig-dynamics", _plots.dynamics,
                        "Closed-form loss of linearized gradient descent against measured training curves."),
-        "<h2>λ sweep: nonlinear vs linearized fine-tuning</h2>", _sweep_section(results),
+        "<h2>λ sweep: nonlinear vs linearized fine-tuning</h2>", _sweep_figures(results),
         "<h2>Linearity probe</h2>",
         _simple_figure(results, "probe", "fig-lipschitz", _plots.lipschitz,
                        "Lipschitz estimates of the Jacobian at radius r: L_avg (line) up to L_upper (dotted, band)."),
-        "<h2>Layer selection</h2>", _selection_section(results),
+        '<h2 id="tables">Tables</h2>',
+        "<h3>Spectral statistics per configuration</h3>", _spectra_table(results),
+        "<h3>Correlations of the study</h3>", _correlation_table(results),
+        "<h3>The study per configuration (means over seeds)</h3>", _study_configurations_table(results),
+        "<h3>λ sweep</h3>", _sweep_table(results),
+        "<h3>Layer selection</h3>", _selection_section(results),
+        _run_details(results, arrays),
     ]
     title = _esc(f"jaxlin report: {results['config']['preset']}")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'

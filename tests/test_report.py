@@ -121,7 +121,7 @@ def test_many_configurations_are_summarised(tmp_path, example):
         for i in range(20):
             r["spectrum"][f"extra{i}"] = copy.deepcopy(r["spectrum"]["layer0"])
     page = render_report(_write(tmp_path, _mutated(example, mutate))).read_text()
-    assert "more configurations are in the table below" in page and "extra19" in page
+    assert "more configurations are in the table at the end" in page and "extra19" in page
 
 
 def test_bad_results_file_raises_with_path(tmp_path, example):
@@ -147,3 +147,129 @@ def test_summary_text_with_skipped_stages(example):
     text = summary_text(_mutated(example, mutate))
     assert "κ(all): Stage 'spectrum' was skipped: off" in text
     assert "sweep slopes: none" in text
+
+
+# ---- verdicts (jaxlin/verdicts.py) and the order of the page ----
+
+from jaxlin import verdicts  # noqa: E402
+from jaxlin.verdicts import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED  # noqa: E402
+
+
+@pytest.mark.parametrize("lo, hi, sign, kwargs, expected, why", [
+    (0.3, 0.8, 1, {}, SUPPORTED, "predicted sign"),
+    (-0.8, -0.3, -1, {}, SUPPORTED, "predicted sign"),
+    (-0.8, -0.3, 1, {}, NOT_SUPPORTED, "opposite sign"),
+    (-0.15, 0.12, 1, {}, NOT_SUPPORTED, "within ±0.2"),
+    (-0.3, 0.6, 1, {}, INCONCLUSIVE, "reaches past"),
+    (0.3, 0.8, 1, {"tie_fraction": 0.5}, INCONCLUSIVE, "tie at the modal"),
+    (0.3, 0.8, 1, {"tie_fraction": verdicts.MAX_TIE_FRACTION}, SUPPORTED, "predicted sign"),
+    (0.3, 0.8, 1, {"units": verdicts.MIN_UNITS - 1}, INCONCLUSIVE, "independent units"),
+    (float("nan"), float("nan"), 1, {}, INCONCLUSIVE, "no finite interval"),
+])
+def test_interval_verdict_reaches_every_verdict(lo, hi, sign, kwargs, expected, why):
+    verdict, reason = verdicts.interval_verdict(lo, hi, sign, null_band=verdicts.CORRELATION_NULL_BAND, **kwargs)
+    assert verdict == expected and why in reason, (verdict, reason)
+
+
+def _corr(lo, hi, n=30, **extra):
+    return {"pearson": 0.5, "spearman": (lo + hi) / 2, "pearson_ci": [lo, hi], "spearman_ci": [lo, hi], "n": n,
+            "reason": None, **extra}
+
+
+def test_correlation_verdict_reads_spearman_units_and_reason():
+    assert verdicts.correlation_verdict(_corr(0.2, 0.7), 1)[0] == SUPPORTED
+    assert verdicts.correlation_verdict(_corr(0.2, 0.7), -1)[0] == NOT_SUPPORTED
+    assert verdicts.correlation_verdict(_corr(0.2, 0.7), 1, tie_fraction=0.7)[0] == INCONCLUSIVE
+    # under a cluster bootstrap the configurations are the units, not the runs
+    grouped = _corr(0.2, 0.7, n=72, resampling="groups", n_groups=6)
+    assert verdicts.correlation_verdict(grouped, 1) == (INCONCLUSIVE, "only 6 independent units (need ≥ 10)")
+    degenerate = {**_corr(float("nan"), float("nan")), "reason": "y constant: correlation undefined"}
+    assert verdicts.correlation_verdict(degenerate, 1) == (INCONCLUSIVE, "y constant: correlation undefined")
+
+
+@pytest.mark.parametrize("lo, hi, expected", [(-0.03, 0.04, SUPPORTED), (0.07, 0.2, NOT_SUPPORTED),
+                                              (-0.2, -0.06, NOT_SUPPORTED), (-0.1, 0.02, INCONCLUSIVE)])
+def test_equivalence_verdict(lo, hi, expected):
+    assert verdicts.equivalence_verdict(lo, hi, 0.05)[0] == expected
+
+
+def test_slope_interval_matches_linregress():
+    from scipy import stats as scipy_stats
+    rng = np.random.default_rng(3)
+    x = np.geomspace(0.01, 50.0, 7)
+    y = 3.0 * x ** -0.7 * np.exp(0.2 * rng.standard_normal(x.size))
+    slope, lo, hi, n = verdicts.slope_interval(list(x) + [0.0], list(y) + [1.0])  # x = 0 is left out
+    ref = scipy_stats.linregress(np.log(x), np.log(y))
+    half = scipy_stats.t.ppf(0.975, x.size - 2) * ref.stderr
+    assert n == 7
+    np.testing.assert_allclose([slope, lo, hi], [ref.slope, ref.slope - half, ref.slope + half], rtol=1e-10)
+    assert np.isnan(verdicts.slope_interval([1.0, 2.0], [1.0, 0.5])[1])  # two points: no interval
+
+
+def _study_with(example, n_seeds, tied):
+    """The example study (8 runs) with its runs copied for seeds 2 … n_seeds − 1, every run's
+    eval accuracy equal when `tied`, and a κ–accuracy correlation whose CI excludes 0 on the predicted side."""
+    def mutate(r):
+        runs = r["correlation"]["runs"]
+        more = [{**copy.deepcopy(run), "seed": s} for s in range(2, n_seeds) for run in runs]
+        r["correlation"]["runs"] = runs + more
+        if tied:
+            for run in r["correlation"]["runs"]:
+                run["eval_accuracy"] = 0.8
+        r["correlation"]["results"]["kappa"]["eval_accuracy"] = _corr(-0.8, -0.4, n=len(runs) + len(more))
+    return _mutated(example, mutate)
+
+
+def _row(results, test_start):
+    return next(r for r in verdicts.verdict_rows(results) if r["test"].startswith(test_start))
+
+
+def test_verdict_rows_kappa_supported_unless_tied(example):
+    row = _row(_study_with(example, 3, tied=False), "study: Spearman(κ, eval accuracy)")
+    assert row["verdict"] == SUPPORTED and "n = 16 runs" in row["statistic"]
+    assert "synthetic://tiny-bert" in row["source"] and "synthetic/sst2-like" in row["source"]
+    tied = _row(_study_with(example, 3, tied=True), "study: Spearman(κ, eval accuracy)")
+    assert tied["verdict"] == INCONCLUSIVE and "100% of runs tie" in tied["reason"]
+
+
+def test_verdict_rows_of_the_example(example):
+    rows = {r["test"].split(":")[0] + r["test"][-4:]: r for r in verdicts.verdict_rows(example)}
+    sweep = next(r for r in rows.values() if r["test"].startswith("sweep"))
+    assert sweep["verdict"] == SUPPORTED and "slope -1.00" in sweep["statistic"]  # exact power law λ^-1
+    krr = next(r for r in rows.values() if r["test"].startswith("krr"))
+    assert "KRR 0.800" in krr["statistic"] and "fine-tuned 0.850" in krr["statistic"]
+
+
+def test_report_without_study_or_sweep_says_what_to_run(tmp_path, example):
+    def mutate(r):
+        r["correlation"] = {"skipped": "not requested"}
+        r["sweep"] = []
+        r.pop("sweep_summary")
+    results = _mutated(example, mutate)
+    rows = verdicts.verdict_rows(results)
+    assert [r["verdict"] for r in rows] == [INCONCLUSIVE] * len(rows)
+    assert sum("run the study stage" in (r["run"] or "") for r in rows) == 3
+    assert sum("run the sweep stage" in (r["run"] or "") for r in rows) == 2
+    page = render_report(_write(tmp_path, results)).read_text()
+    assert "run the study stage: jaxlin run --stages study,report" in page
+
+
+def test_report_opens_with_verdicts_and_ends_with_tables(tmp_path, example):
+    page = render_report(_write(tmp_path, example)).read_text()
+    at = {ident: page.index(f'id="{ident}"') for ident in FIGURE_IDS + TABLE_IDS}
+    figures = [at[f] for f in FIGURE_IDS]
+    assert at["table-verdicts"] < at["table-headline"] < at["table-glance"] < min(figures)
+    assert page.index("<h2>") == page.index("<h2>Verdicts</h2>")
+    for long_table in ("table-spectrum", "table-correlation", "table-study-configurations", "table-sweep",
+                       "table-selection", "table-config"):
+        assert at[long_table] > max(figures), long_table
+    assert page.index("Rule (jaxlin.verdicts") < min(figures)
+    assert f"within ±{verdicts.CORRELATION_NULL_BAND:g}" in page
+
+
+def test_verdict_rows_of_a_study_without_the_krr_predictor(example):
+    old = _mutated(example, lambda r: r["correlation"]["results"].pop("krr_eval_accuracy"))
+    row = _row(old, "study: Spearman(KRR")
+    assert row["verdict"] == INCONCLUSIVE and "rerun the study stage" in row["run"]
+    with pytest.raises(ValueError, match="expected_sign=0"):
+        verdicts.interval_verdict(0.1, 0.2, 0, null_band=0.2)
