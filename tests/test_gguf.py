@@ -266,6 +266,7 @@ def varied_strings(n: int = 300) -> list[str]:
 
 
 @pytest.mark.torch
+@pytest.mark.slow  # transformers parses the whole SmolLM2 GGUF
 def test_smollm_tokenizer_matches_transformers_gguf(smollm_gguf, smollm_tokenizer):
     """Same ids and decoding as transformers' own GGUF conversion, with the pre-tokenizer SmolLM2 was trained with.
 

@@ -95,6 +95,7 @@ def test_each_module_kernel_is_its_own_block(setup):
         assert np.linalg.eigvalsh(mat).min() > -1e-10 * np.abs(mat).max()
 
 
+@pytest.mark.slow  # test_ntk checks the sign kernel fast on small models
 def test_sign_kernel_matches_dense_reference(setup):
     ad, tr, b1, b2 = setup
     ref = dense_kernel(ad, tr, b1, b2, sign=True)
