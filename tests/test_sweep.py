@@ -4,13 +4,16 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
 from tiers import tiered
+from word_tokenizer import sentiment_data, word_tokenizer
 
-from jaxlin import sharding
-from jaxlin.adapters import add_lora
+from jaxlin import label_word_readout, sharding
+from jaxlin.adapters import LoRA, adapt, add_lora
+from jaxlin.next_token import NextTokenObjective, completions_from_labels
 from jaxlin.data import TextDataset
 from jaxlin._util import loglog_slope
 from jaxlin.sweep import DISTANCE_KEYS, lambda_sweep, sweep_summary
@@ -155,3 +158,25 @@ def test_sweep_refuses_a_mesh_without_its_data_axis(small_sweep):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1), ("rows", "model"))
     with pytest.raises(ValueError, match="data_axis='data' is not an axis of the mesh"):
         lambda_sweep(adapted, **data, mesh=mesh)
+
+
+@pytest.mark.slow  # a second objective through the same mesh path: trains two models of a tiny Llama twice
+def test_next_token_sweep_on_a_mesh_equals_one_device():
+    """The next-token objective's evaluate takes no mesh: in one process it trains on the mesh and evaluates with
+    the parameters where they are, on whole batches; the numbers are one device's."""
+    tok = word_tokenizer()
+    readout = label_word_readout(tok, ["bad", "good"], template="Review: {text} Sentiment:")
+    model = tiny_model("llama", task="causal_lm", dtype=jnp.float64, num_hidden_layers=1)
+    adapted = adapt(model, lora=LoRA(("q_proj", "v_proj"), rank=2, init="gaussian"))
+    train, ev = (completions_from_labels(sentiment_data(n, seed=s), readout) for n, s in ((8, 0), (4, 1)))
+    kw = dict(lambdas=[1.0], config=TrainConfig(learning_rate=1e-2, steps=2, batch_size=4, max_length=16,
+                                                pad_to_multiple_of=16, warmup_ratio=0.0),
+              objective=NextTokenObjective(), progress=False)
+    want = lambda_sweep(adapted, train, ev, tok, **kw)[0]
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+    got = lambda_sweep(sharding.shard_adapted(adapted, mesh), train, ev, tok, mesh=mesh, **kw)[0]
+    assert want["theta_distance_lin_nonlin"] > 0
+    for key in ("theta_distance_to_init", "theta_distance_lin_nonlin", "kl_nonlin_lin", "eval_loss_nonlinear",
+                "train_loss_linearized", "loss_curve_nonlinear", "loss_curve_linearized"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-9, err_msg=key)
+    assert got["eval_accuracy_nonlinear"] == want["eval_accuracy_nonlinear"] and got["agreement"] == want["agreement"]
