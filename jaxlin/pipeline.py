@@ -416,7 +416,7 @@ def stage_sweep(ctx: Context):
     results = lambda_sweep(ctx.adapted, ctx.train, ctx.eval, ctx.tokenizer, lambdas=list(t.lambdas),
                            config=ctx.config.sweep_train_config(ctx.length), regularizer=t.regularizer,
                            progress=True, num_train_evaluated=min(t.num_train_evaluated, len(ctx.train)),
-                           objective=run_objective(t.objective, ctx.readout))
+                           objective=run_objective(t.objective, ctx.readout), mesh=ctx.mesh)
     for r in results:  # the schema's headline output distance is the eval one; no radius at λ = 0
         r["output_distance_lin_nonlin"] = r["output_distance_lin_nonlin_eval"]
         if r["theorem2_radius"] is None:
@@ -430,7 +430,7 @@ def stage_probe(ctx: Context):
     p = ctx.config.probe
     return probe_adapted(ctx.adapted_lora, ctx.batch(ctx.calibration), radii=list(p.radii),
                          num_directions=p.directions, num_tangents=p.tangents, seed=ctx.config.model.seed,
-                         output_fn=ctx.output_fn), {}
+                         output_fn=ctx.output_fn, mesh=ctx.mesh), {}
 
 
 def stage_study(ctx: Context):
@@ -500,7 +500,7 @@ def _run_stage(ctx: Context, stage: str, resume: bool) -> tuple[dict, dict, dict
 
 # ------------------------------------------------------------------------------------ mesh and processes
 
-MESH_UNAWARE = ("sweep", "probe", "study")  # their fits and probes do not take a mesh yet
+MESH_UNAWARE = ("study",)  # its fits do not take a mesh yet
 
 
 def _mesh_setup(config: RunConfig, out) -> Mesh | None:
@@ -528,10 +528,10 @@ def _check_mesh_stages(stages, mesh: Mesh | None) -> None:
         return
     if jax.process_count() > 1:
         allowed = ",".join(s for s in STAGES if s not in MESH_UNAWARE)
-        raise ConfigError(f"the stages {','.join(unaware)} are not yet multi-process; run them in one process "
-                          f"(--stages {','.join(unaware)}, with or without --mesh), and these as several "
+        raise ConfigError(f"--stages {','.join(unaware)} is not yet multi-process; run it in one process "
+                          f"(--stages {','.join(unaware)}, with or without --mesh), and the other stages as several "
                           f"(--stages of {allowed})")
-    log(f"note: {', '.join(unaware)} do not split over the mesh yet: they run with parameters replicated on "
+    log(f"note: {', '.join(unaware)} does not split over the mesh yet: it runs with parameters replicated on "
         f"every device of it")
 
 

@@ -39,6 +39,13 @@ Compilation: two `jax.jit`s: `_at_origin` (f(θ0), J(θ0)u, J(θ0)v and K_θ0, s
 once a probe) and `_at_radius`, with the radius a traced argument and f, the estimators and the chunking
 static, so every radius of a grid, and a second grid, reuse one compile. Directions are vmapped
 (or, with `chunk_size`, mapped in vmapped chunks by `jax.lax.map`); tangents are always vmapped.
+
+On a device mesh (``mesh=``, docs/scaling.md) the same two jits run on arrays placed on the mesh, and XLA splits
+the work by their shardings: the examples of the batch over the data axis (replicated when their number does not
+divide it), θ0 and the frozen weights on the shardings they come with (replicated when not on the mesh), each
+direction and tangent like its parameter (the direction axis replicated). Every process passes the same whole
+batch and builds only its own devices' shards; the per-radius estimates come back replicated, so every process
+returns the same result, equal to one device's up to float rounding.
 """
 from __future__ import annotations
 
@@ -49,9 +56,12 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ._types import PyTree
 from .ntk import empirical_ntk_fn
+from .sharding import place
+from .train_mesh import MeshPlan
 
 ESTIMATORS = ("jacobian", "remainder")
 NTK_MAX_BYTES = 2**30
@@ -209,11 +219,29 @@ def lipschitz_at_radius(f: Callable, params0: PyTree, batch, radius: float, dire
                       estimators=estimators, ntk_entries=bool(ntk_entries), chunk_size=chunk_size)
 
 
+def _on_mesh(plan: MeshPlan, params0, batch, f_args, directions, tangents):
+    """(params0, batch, f_args, directions, tangents) placed on the plan's mesh (module docstring)."""
+    params0, f_args = plan.place(params0), plan.place(f_args)
+    rows = {np.shape(leaf)[0] for leaf in jax.tree.leaves(batch)}
+    by_rows = plan.rows if len(rows) == 1 and rows.pop() % plan.data_size == 0 else plan.replicated
+    batch = place(batch, jax.tree.map(lambda _: by_rows, batch))
+
+    def like_params(tree):  # (K, *leaf.shape) leaves: the parameter's spec after a replicated leading axis
+        spec = lambda p: p.sharding.spec if isinstance(p.sharding, NamedSharding) else P()  # noqa: E731
+        return None if tree is None else place(tree, jax.tree.map(
+            lambda p: NamedSharding(plan.mesh, P(None, *spec(p))), params0))
+
+    return params0, batch, f_args, like_params(directions), like_params(tangents)
+
+
 def linearity_probe(f: Callable, params0: PyTree, batch, *, radii: Sequence[float], num_directions: int = 8,
                     num_tangents: int = 4, seed: int = 0, estimators: Sequence[str] = ESTIMATORS,
                     ntk_entries: bool = False, chunk_size: int | None = None, f_args: tuple = (),
-                    ntk_max_bytes: int = NTK_MAX_BYTES) -> dict:
+                    ntk_max_bytes: int = NTK_MAX_BYTES, mesh: Mesh | None = None, data_axis: str = "data") -> dict:
     """Algorithm 1 (completed as in the module docstring) for `f(params, batch, *f_args) -> (N, O)`.
+
+    `mesh`, `data_axis`: run on a `jax.sharding.Mesh`, the batch's examples over `data_axis` (module docstring);
+    with several processes every process passes the same `batch`, `params0` and `f_args` and gets the same result.
 
     Returns a JSON-friendly dict: "radii"; "estimates": {name: {"L_avg", "L_upper", "L_std": [per radius],
     "L_max": [[per direction] per radius]}} (the remainder also has "mean_over_examples": per radius, the
@@ -232,10 +260,16 @@ def linearity_probe(f: Callable, params0: PyTree, batch, *, radii: Sequence[floa
     _check_count("chunk_size", chunk_size, allow_none=True)
     if ntk_entries:
         _check_ntk_size(shapes, num_directions, chunk_size, ntk_max_bytes)
+    f_args = tuple(f_args)
+    fetch = jax.device_get
+    if mesh is not None:
+        plan = MeshPlan(mesh, data_axis)
+        params0, batch, f_args, directions, tangents = _on_mesh(plan, params0, batch, f_args, directions, tangents)
+        fetch = lambda out: jax.device_get(jax.device_put(out, plan.replicated))  # noqa: E731
     kw = dict(estimators=estimators, ntk_entries=bool(ntk_entries))
-    origin = _at_origin(f, params0, batch, tuple(f_args), directions, tangents, **kw)
-    per_radius = [jax.device_get(_at_radius(f, params0, batch, tuple(f_args), r, directions, origin,
-                                            chunk_size=chunk_size, **kw)) for r in radii]
+    origin = _at_origin(f, params0, batch, f_args, directions, tangents, **kw)
+    per_radius = [fetch(_at_radius(f, params0, batch, f_args, r, directions, origin, chunk_size=chunk_size, **kw))
+                  for r in radii]
     names = estimators + (("ntk",) if ntk_entries else ())
     estimates = {}
     for name in names:
@@ -262,11 +296,12 @@ def probe_adapted(adapted, batch, *, output_fn: Callable | None = None, **kw) ->
     "input_ids" and "attention_mask" (for a label-word readout: ``readout.encode(texts)`` and ``output_fn=
     readout.output_fn``, so f is the (N, C) label-word logits); keywords as linearity_probe. f travels in
     `f_args`, so the frozen weights are traced arguments (not baked constants) and repeated probes of one model
-    share the jit cache."""
+    share the jit cache. On a mesh (``mesh=``) the parameters stay on their shardings (e.g. those of
+    `jaxlin.sharding.shard_adapted`) and the examples are split over the data axis (module docstring)."""
     missing = {"input_ids", "attention_mask"} - set(batch)
     if missing:
         raise ValueError(f"batch lacks {sorted(missing)}; pass {{'input_ids': (N, L), 'attention_mask': (N, L)}}")
-    inputs = {"input_ids": jnp.asarray(batch["input_ids"]), "attention_mask": jnp.asarray(batch["attention_mask"])}
+    inputs = {"input_ids": np.asarray(batch["input_ids"]), "attention_mask": np.asarray(batch["attention_mask"])}
     return linearity_probe(_call, adapted.trainable, inputs, f_args=(adapted.as_function(output_fn),), **kw)
 
 

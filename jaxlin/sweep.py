@@ -11,6 +11,10 @@ What is trained and compared is an objective: classification through the model's
 (`ClassificationObjective`, the default; ``output_fn=``), or next-token fine-tuning on (prompt, completion)
 pairs (`jaxlin.next_token.NextTokenObjective`); one loop serves both (docs/decoders.md).
 
+On a device mesh (``mesh=``, docs/scaling.md) every fit and evaluation runs through `jaxlin.train.fit` /
+`evaluate` with the batch over the data axis and the parameters kept on their shardings; with several processes
+each process feeds its own share of every batch and every process gets the same results.
+
 Normalisation. Training minimises mean_i ℓ_i + (λ/2)‖θ − θ0‖² (a mean over the N training examples). The paper
 writes R̃ = Σ_i ℓ_i + (λ̃/2)‖θ − θ0‖², so R̃ = N·mean and λ̃ = N·λ. Its candidate Theorem 2 radius
 √(2R̃(θ0)/λ̃) is then √(2·mean_i ℓ_i(θ0)/λ): that is `theorem2_radius`. It bounds ‖θ_t − θ0‖ for gradient
@@ -19,6 +23,7 @@ flow with the coupled pull; for Adam, mini-batches or other regularisers it is a
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from typing import Callable, Sequence
@@ -26,11 +31,14 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 from flax import traverse_util
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from . import data
 from ._util import loglog_slope
 from .readout import check_readout
 from .train import TrainConfig, evaluate, fit, model_functions
+from .train_mesh import MeshPlan
 
 DISTANCE_KEYS = ("theta_distance_to_init", "theta_distance_to_init_linearized", "theta_distance_lin_nonlin",
                  "output_distance_lin_nonlin_train", "output_distance_lin_nonlin_eval", "kl_nonlin_lin")
@@ -44,7 +52,8 @@ class ClassificationObjective:
 
     An objective has ``name``, ``functions(adapted) -> (f, f̄)``, ``batches(dataset, tokenizer, config, shuffle,
     seed)``, ``loss_fn(apply_fn)`` (None: `fit`'s own `config.loss`), ``evaluate(apply_fn, trainable, batches,
-    config) -> {"loss", "accuracy", "outputs"}`` and ``compare(outputs, outputs_bar) -> {"rms_distance", "kl",
+    config) -> {"loss", "accuracy", "outputs"}`` (optionally with keywords ``mesh``, ``data_axis``: then it runs on
+    a mesh, each process passing its own rows) and ``compare(outputs, outputs_bar) -> {"rms_distance", "kl",
     "agreement"}``; `jaxlin.next_token.NextTokenObjective` is the other one."""
 
     output_fn: Callable | None = None
@@ -61,8 +70,9 @@ class ClassificationObjective:
     def loss_fn(self, apply_fn):
         return None
 
-    def evaluate(self, apply_fn, trainable, batches, config: TrainConfig) -> dict:
-        found = evaluate(apply_fn, trainable, batches, loss=config.loss)
+    def evaluate(self, apply_fn, trainable, batches, config: TrainConfig, *, mesh: Mesh | None = None,
+                 data_axis: str = "data") -> dict:
+        found = evaluate(apply_fn, trainable, batches, loss=config.loss, mesh=mesh, data_axis=data_axis)
         return {"loss": found["loss"], "accuracy": found["accuracy"], "outputs": found["logits"]}
 
     def compare(self, f_NC, f_bar_NC) -> dict:
@@ -71,7 +81,8 @@ class ClassificationObjective:
 
 def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence[float], config: TrainConfig,
                  regularizer: str = "prox", num_train_evaluated: int | None = None, progress: bool = True,
-                 output_fn: Callable | None = None, objective=None) -> list[dict]:
+                 output_fn: Callable | None = None, objective=None, mesh: Mesh | None = None,
+                 data_axis: str = "data") -> list[dict]:
     """Train f and f̄ at each λ in `lambdas` and compare them; one JSON-serialisable dict per λ.
 
     `config` gives everything but the pull: its `regularizer` and `strength` are replaced by `regularizer`
@@ -86,6 +97,14 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
     output_fn=readout.output_fn`` (model loaded with task="causal_lm"). `objective`: what is trained and
     compared, `ClassificationObjective(output_fn)` by default; `jaxlin.next_token.NextTokenObjective()` trains
     the causal-LM loss on completion tokens of (prompt, completion) data instead (`output_fn` must then be None).
+
+    `mesh`, `data_axis` (docs/scaling.md): run every fit and evaluation on a `jax.sharding.Mesh`, each batch split
+    over `data_axis` and the trainable (and frozen) leaves kept on the shardings they come with when they live on
+    the mesh (e.g. `jaxlin.sharding.shard_adapted`), replicated otherwise. With several processes every process
+    passes the same data sets and keeps its own equal share of each batch's rows (so `config.batch_size` must be
+    a multiple of the number of processes and of the data axis's size); every process returns the same results,
+    equal to one device's up to float rounding. An objective whose ``evaluate`` takes no ``mesh`` is evaluated
+    with its parameters where they are, on the whole batches: in one process only.
 
     Keys per λ (norms are Euclidean over all trainable leaves; f, f̄ are logits (N, C), or for the next-token
     objective the next-token logits (T, V) at the T completion tokens, where "accuracy" is the fraction of greedy
@@ -121,14 +140,23 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
         raise ValueError(f"lambda_sweep got output_fn={output_fn!r} and objective={objective!r}; the objective "
                          "holds its readout: pass one of them")
 
-    def batches_of(dataset, shuffle, seed):
-        return objective.batches(dataset, tokenizer, config, shuffle=shuffle, seed=seed)
+    plan = None if mesh is None else MeshPlan(mesh, data_axis)
+    evaluate_on_mesh = plan is not None and "mesh" in inspect.signature(objective.evaluate).parameters
+    if plan is not None and not evaluate_on_mesh and jax.process_count() > 1:
+        raise ValueError(f"the objective {objective.name!r} evaluates on one process only (its evaluate takes no "
+                         f"mesh); run this sweep in one process, or with objective {ClassificationObjective.name!r}")
+    fit_kw = {} if plan is None else {"mesh": mesh, "data_axis": data_axis}
+    eval_kw = fit_kw if evaluate_on_mesh else {}
+
+    def batches_of(dataset, shuffle, seed, own_rows):
+        found = objective.batches(dataset, tokenizer, config, shuffle=shuffle, seed=seed)
+        return map(_own_rows, found) if own_rows else found
 
     def train_batches(epoch):
-        return batches_of(train_data, True, config.seed * 100_003 + epoch)
+        return batches_of(train_data, True, config.seed * 100_003 + epoch, plan is not None)
 
     def eval_batches():
-        return batches_of(eval_data, False, 0)
+        return batches_of(eval_data, False, 0, evaluate_on_mesh)
 
     n_train = len(train_data)
     n_evaluated = n_train if num_train_evaluated is None else int(num_train_evaluated)
@@ -138,11 +166,12 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
     train_evaluated = train_data if n_evaluated == n_train else train_data.subset(np.arange(n_evaluated))
 
     def train_eval_batches():
-        return batches_of(train_evaluated, False, 0)
+        return batches_of(train_evaluated, False, 0, evaluate_on_mesh)
 
     apply_nonlinear, apply_linearized = objective.functions(adapted)
-    theta0 = adapted.trainable
-    init = objective.evaluate(apply_nonlinear, theta0, train_eval_batches(), config)
+    theta0 = adapted.trainable if plan is None else plan.place(adapted.trainable)
+    init = objective.evaluate(apply_nonlinear, theta0, train_eval_batches(), config, **eval_kw)
+    theta0_host = _host(theta0)
     results = []
     for lam in lambdas:
         start = time.perf_counter()
@@ -150,18 +179,18 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
         runs = {}
         for name, apply_fn in (("nonlinear", apply_nonlinear), ("linearized", apply_linearized)):
             res = fit(apply_fn, theta0, train_batches, config=cfg, progress=progress,
-                      loss_fn=objective.loss_fn(apply_fn))
-            runs[name] = {"result": res,
-                          "train": objective.evaluate(apply_fn, res.trainable, train_eval_batches(), cfg),
-                          "eval": objective.evaluate(apply_fn, res.trainable, eval_batches(), cfg)}
-        theta, theta_lin = runs["nonlinear"]["result"].trainable, runs["linearized"]["result"].trainable
+                      loss_fn=objective.loss_fn(apply_fn), **fit_kw)
+            runs[name] = {"result": res, "trainable": _host(res.trainable),
+                          "train": objective.evaluate(apply_fn, res.trainable, train_eval_batches(), cfg, **eval_kw),
+                          "eval": objective.evaluate(apply_fn, res.trainable, eval_batches(), cfg, **eval_kw)}
+        theta, theta_lin = runs["nonlinear"]["trainable"], runs["linearized"]["trainable"]
         out_train = objective.compare(runs["nonlinear"]["train"]["outputs"], runs["linearized"]["train"]["outputs"])
         out_eval = objective.compare(runs["nonlinear"]["eval"]["outputs"], runs["linearized"]["eval"]["outputs"])
         results.append({
             "lambda": lam, "regularizer": regularizer, "anchor": cfg.anchor, "objective": objective.name,
             "variant": _variant(cfg),
-            "theta_distance_to_init": _distance(theta, theta0),
-            "theta_distance_to_init_linearized": _distance(theta_lin, theta0),
+            "theta_distance_to_init": _distance(theta, theta0_host),
+            "theta_distance_to_init_linearized": _distance(theta_lin, theta0_host),
             "theta_distance_lin_nonlin": _distance(theta, theta_lin),
             "output_distance_lin_nonlin_train": out_train["rms_distance"],
             "output_distance_lin_nonlin_eval": out_eval["rms_distance"],
@@ -173,7 +202,7 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
             "init_train_loss_mean": init["loss"], "init_train_loss_sum": n_train * init["loss"],
             "num_train": n_train, "num_train_evaluated": n_evaluated,
             "theorem2_radius": math.sqrt(2.0 * init["loss"] / lam) if lam > 0 else None,
-            "relative_module_distances": {name: relative_module_distances(adapted, runs[name]["result"].trainable)
+            "relative_module_distances": {name: relative_module_distances(adapted, runs[name]["trainable"])
                                           for name in runs},
             "wall_time_s": time.perf_counter() - start,
         })
@@ -184,6 +213,30 @@ def _variant(cfg: TrainConfig) -> dict:
     keys = ("loss", "regularizer", "anchor", "optimizer", "schedule", "learning_rate", "epochs", "steps",
             "batch_size", "seed")
     return {k: getattr(cfg, k) for k in keys}
+
+
+def _own_rows(batch: dict) -> dict:
+    """This process's equal share of a batch's rows, in process order (all of it with one process): what
+    `jaxlin.train.fit` and `evaluate` on a mesh take from each process."""
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return batch
+    rows = len(next(iter(batch.values())))
+    if rows % count:
+        raise ValueError(f"a batch of {rows} examples does not split over {count} processes; choose a batch_size "
+                         f"that is a multiple of {count}")
+    share = rows // count
+    return {k: v[index * share:(index + 1) * share] for k, v in batch.items()}
+
+
+def _host(tree):
+    """`tree` as numpy on this process: arrays spread over several processes are gathered from all of them."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
 def _distance(a, b) -> float:
@@ -211,13 +264,13 @@ def _logsumexp(x_NC: np.ndarray) -> np.ndarray:
 def relative_module_distances(adapted, trainable) -> dict[str, float]:
     """{module: ‖ΔW‖_F/‖W0‖_F} for every trainable group of `adapted` (see `lambda_sweep`)."""
     frozen = traverse_util.flatten_dict(adapted.frozen)
-    now, start = traverse_util.flatten_dict(trainable), traverse_util.flatten_dict(adapted.trainable)
+    now, start = (traverse_util.flatten_dict(_host(t)) for t in (trainable, adapted.trainable))
     out = {}
     for module, paths in adapted.groups.items():
         if module in adapted.lora_modules:
             a, b, a0, b0 = (np.asarray(t[("lora", module, k)], np.float64) for t in (now, start) for k in "ab")
             delta = adapted.lora_scale * (a @ b - a0 @ b0)
-            w0 = np.asarray(frozen[adapted.model.module(module).path + ("kernel",)], np.float64)
+            w0 = np.asarray(_host(frozen[adapted.model.module(module).path + ("kernel",)]), np.float64)
             out[module] = float(np.linalg.norm(delta) / np.linalg.norm(w0))
         else:
             diff = sum(float(np.sum((np.asarray(now[p], np.float64) - np.asarray(start[p], np.float64)) ** 2))

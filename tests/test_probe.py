@@ -1,11 +1,14 @@
-"""The linearity probe against exact answers (linear, quadratic models) and dense jacrev references."""
+"""The linearity probe against exact answers (linear, quadratic models) and dense jacrev references; on a device
+mesh of the 8 simulated CPU devices (tests/conftest.py) it equals one device."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh
+from tiers import tiered
 
-from jaxlin import probe
+from jaxlin import probe, sharding
 from jaxlin.adapters import add_lora
 from jaxlin.probe import linearity_probe, probe_adapted, random_unit_directions
 from jaxlin.testing import random_batch, tiny_model
@@ -162,6 +165,29 @@ def test_lora_bert_matches_dense_jacobians(lora_bert):
         assert np.all(np.isfinite(e["L_max"])) and np.all(np.array(e["L_max"]) > 0), name
         assert np.all(np.array(e["L_upper"]) >= np.array(e["L_avg"])), name
     assert out["settings"]["num_params"] == adapted.num_params() and out["settings"]["num_outputs"] == 3
+
+
+@pytest.fixture(scope="module")
+def small_probe():
+    """A one-layer LoRA RoBERTa in float64 (the remainder divides by r²), 8 examples, and its one-device probe."""
+    model = tiny_model("roberta", task="classification", num_labels=3, num_hidden_layers=1, dtype=jnp.float64)
+    adapted = add_lora(model, targets=("query", "value"), rank=2)
+    batch = random_batch(model, batch=8, length=9, seed=1)
+    kw = dict(radii=[0.05, 1.0], num_directions=3, num_tangents=2, seed=4)
+    return adapted, batch, kw, probe_adapted(adapted, batch, **kw)
+
+
+@pytest.mark.parametrize(*tiered("shape", [(4, 2), (8, 1), (2, 4), (1, 8)], fast=[(8, 1)]))
+def test_probe_on_a_mesh_equals_one_device(small_probe, shape):
+    adapted, batch, kw, want = small_probe
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), ("data", "model"))
+    got = probe_adapted(sharding.shard_adapted(adapted, mesh), batch, mesh=mesh, **kw)
+    assert got["settings"] == want["settings"] and got["radii"] == want["radii"]
+    assert got["estimates"].keys() == want["estimates"].keys() == {"jacobian", "remainder"}
+    for name, entry in want["estimates"].items():
+        assert np.all(np.array(entry["L_max"]) > 0), name
+        for key, values in entry.items():
+            np.testing.assert_allclose(got["estimates"][name][key], values, rtol=1e-9, err_msg=f"{name} {key}")
 
 
 def test_bad_input_raises_clear_errors():

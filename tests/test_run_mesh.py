@@ -1,6 +1,7 @@
 """`jaxlin run` as two real processes × two CPU devices on a (data=2, model=2) mesh: the same results.json
-numbers as one process without a mesh, a stored stage reused by --resume, and the stages that are not yet
-multi-process refused in one line (docs/scaling.md, "Running jaxlin run on a mesh and as several processes")."""
+numbers as one process without a mesh (kernels, KRR, spectra, the λ sweep and the probe), a stored stage reused by
+--resume, and the stage that is not yet multi-process refused in one line (docs/scaling.md, "Running jaxlin run
+on a mesh and as several processes")."""
 import json
 import sys
 
@@ -9,9 +10,10 @@ import pytest
 from processes import clean_env, run_bounded
 
 TIMEOUT_S = 600  # per command, under a loaded 2-core machine
-# the quick preset, made smaller so three runs stay short: every stage still computes
+# the quick preset, made smaller so three runs stay short: every stage still computes (the sweep: one λ, 3 steps)
 SMALL = ["--preset", "quick", "--num-train", "32", "--num-calibration", "8", "--num-krr", "16", "--sign-kernel",
-         "false"]
+         "false", "--lambdas", "0.5", "--sweep-steps", "3"]
+STAGES = "ntk,spectrum,krr,sweep,probe"
 
 
 def _run(cmd, env, expect: int = 0) -> str:
@@ -27,18 +29,18 @@ def _two_processes(*args) -> list[str]:
 def test_two_processes_give_the_single_process_results_and_resume(tmp_path):
     mesh_env = clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     mesh_dir, single_dir = tmp_path / "mesh", tmp_path / "single"
-    # stages that cannot run as several processes yet are refused before any model is loaded
-    out = _run(_two_processes("--stages", "ntk,sweep", "--out", str(mesh_dir)), mesh_env, expect=2)
-    assert "the stages sweep are not yet multi-process; run them in one process" in out, out[-2000:]
+    # a stage that cannot run as several processes yet is refused before any model is loaded
+    out = _run(_two_processes("--stages", "ntk,study", "--out", str(mesh_dir)), mesh_env, expect=2)
+    assert "--stages study is not yet multi-process; run it in one process" in out, out[-2000:]
     # the kernels first (as if a run had been killed after them), then every stage with --resume
     out = _run(_two_processes("--stages", "ntk", "--out", str(mesh_dir)), mesh_env)
     assert "process 1: done" in out and not list(mesh_dir.glob("**/*.tmp")), out[-2000:]
     kernels = json.loads((mesh_dir / "stages" / "ntk.json").read_text())
-    out = _run(_two_processes("--stages", "ntk,spectrum,krr", "--out", str(mesh_dir), "--resume"), mesh_env)
-    assert "[p0] [1/3] ntk: reused" in out and "[p1] [1/3] ntk: reused" in out, out[-2000:]
+    out = _run(_two_processes("--stages", STAGES, "--out", str(mesh_dir), "--resume"), mesh_env)
+    assert "[p0] [1/5] ntk: reused" in out and "[p1] [1/5] ntk: reused" in out, out[-2000:]
     assert not (mesh_dir / ".jaxlin.lock").exists()
-    _run([sys.executable, "-m", "jaxlin.cli", "run", *SMALL, "--stages", "ntk,spectrum,krr", "--out",
-          str(single_dir)], clean_env())
+    _run([sys.executable, "-m", "jaxlin.cli", "run", *SMALL, "--stages", STAGES, "--out", str(single_dir)],
+         clean_env())
 
     mesh, single = (json.loads((d / "results.json").read_text()) for d in (mesh_dir, single_dir))
     assert mesh["stages"]["ntk"]["reused"] and mesh["stages"]["ntk"]["finished"] == kernels["finished"]
@@ -59,3 +61,23 @@ def test_two_processes_give_the_single_process_results_and_resume(tmp_path):
     for name, entry in single["spectrum"].items():
         got, want = mesh["spectrum"][name]["stats"], entry["stats"]
         assert np.allclose(got["eigenvalues"], want["eigenvalues"], rtol=1e-4, atol=1e-9 * np.max(np.abs(want["eigenvalues"])))
+    _check_sweep_and_probe(mesh, single)
+
+
+def _check_sweep_and_probe(mesh: dict, single: dict) -> None:
+    """The sweep's losses and distances to 1e-4 relative and its accuracies equal; the probe's Jacobian estimates
+    to 1e-4, its Taylor remainder (f(θ) − f_lin(θ) cancels to ~r² in float32) at the largest radius to 1e-2."""
+    assert len(mesh["sweep"]) == len(single["sweep"]) == 1
+    got, want = mesh["sweep"][0], single["sweep"][0]
+    assert want["theta_distance_lin_nonlin"] > 0
+    for key, value in want.items():
+        if "accuracy" in key or "agreement" in key or key.startswith(("num_", "lambda")):
+            assert got[key] == value, key
+        elif key.startswith(("theta_", "output_", "kl_", "eval_loss", "train_loss", "loss_curve", "init_")):
+            np.testing.assert_allclose(got[key], value, rtol=1e-4, err_msg=key)
+    estimates, reference = mesh["probe"]["estimates"], single["probe"]["estimates"]
+    assert mesh["probe"]["settings"] == single["probe"]["settings"]
+    for key in ("L_max", "L_avg", "L_upper"):
+        np.testing.assert_allclose(estimates["jacobian"][key], reference["jacobian"][key], rtol=1e-4, err_msg=key)
+        np.testing.assert_allclose(estimates["remainder"][key][-1], reference["remainder"][key][-1], rtol=1e-2,
+                                   err_msg=key)

@@ -1,11 +1,19 @@
-"""jaxlin.sweep: the λ sweep on a tiny model with synthetic text, and log-log slopes."""
+"""jaxlin.sweep: the λ sweep on a tiny model with synthetic text, and log-log slopes; on a device mesh of the 8
+simulated CPU devices (tests/conftest.py) it equals one device."""
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
+from tiers import tiered
+from word_tokenizer import sentiment_data, word_tokenizer
 
-from jaxlin.adapters import add_lora
+from jaxlin import label_word_readout, sharding
+from jaxlin.adapters import LoRA, adapt, add_lora
+from jaxlin.next_token import NextTokenObjective, completions_from_labels
 from jaxlin.data import TextDataset
 from jaxlin._util import loglog_slope
 from jaxlin.sweep import DISTANCE_KEYS, lambda_sweep, sweep_summary
@@ -109,3 +117,66 @@ def test_lambda_sweep_on_tiny_model():
     assert sub["init_train_loss_mean"] != pytest.approx(results[1]["init_train_loss_mean"], rel=1e-9)
     with pytest.raises(ValueError, match="num_train_evaluated=25"):
         lambda_sweep(adapted, train, ev, tokenizer, lambdas=[1.0], config=cfg, num_train_evaluated=25)
+
+
+@pytest.fixture(scope="module")
+def small_sweep():
+    """A one-layer LoRA RoBERTa with a trained head, float32, and its single-device sweep at one λ."""
+    model = tiny_model("roberta", task="classification", num_labels=3, num_hidden_layers=1)
+    adapted = add_lora(model, targets=("query", "value"), rank=2, head=True)
+    words = np.array([f"w{i}" for i in range(40)])
+    data = dict(train_data=_dataset(16, 0, words), eval_data=_dataset(10, 1, words), tokenizer=WordTokenizer(words),
+                lambdas=[1.0], config=TrainConfig(learning_rate=0.05, epochs=1, batch_size=8, warmup_ratio=0.0,
+                                                   max_length=8), progress=False)
+    return adapted, data, lambda_sweep(adapted, **data)[0]
+
+
+@pytest.mark.parametrize(*tiered("shape", [(4, 2), (8, 1), (2, 4), (1, 8)], fast=[(4, 2)]))
+def test_sweep_on_a_mesh_equals_one_device(small_sweep, shape):
+    adapted, data, want = small_sweep
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), ("data", "model"))
+    placed = sharding.shard_adapted(adapted, mesh)  # by the rules: the LoRA B factors over model where it divides
+    split = any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(placed.trainable))
+    assert split == (shape[1] in (2, 4))  # the tiny widths do not divide 8
+    got = lambda_sweep(placed, **data, mesh=mesh)[0]
+    assert got.keys() == want.keys()
+    assert want["theta_distance_lin_nonlin"] > 0 and want["loss_curve_nonlinear"][-1] != want["init_train_loss_mean"]
+    for key, value in want.items():
+        if key in ("wall_time_s", "variant", "regularizer", "anchor", "objective"):
+            continue
+        if "accuracy" in key or "agreement" in key or key.startswith("num_"):
+            assert got[key] == value, key
+        elif key == "relative_module_distances":
+            for name in value:
+                assert got[key][name] == pytest.approx(value[name], rel=1e-5), name
+        else:
+            np.testing.assert_allclose(got[key], value, rtol=1e-5, err_msg=key)
+
+
+def test_sweep_refuses_a_mesh_without_its_data_axis(small_sweep):
+    adapted, data, _ = small_sweep
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1), ("rows", "model"))
+    with pytest.raises(ValueError, match="data_axis='data' is not an axis of the mesh"):
+        lambda_sweep(adapted, **data, mesh=mesh)
+
+
+@pytest.mark.slow  # a second objective through the same mesh path: trains two models of a tiny Llama twice
+def test_next_token_sweep_on_a_mesh_equals_one_device():
+    """The next-token objective's evaluate takes no mesh: in one process it trains on the mesh and evaluates with
+    the parameters where they are, on whole batches; the numbers are one device's."""
+    tok = word_tokenizer()
+    readout = label_word_readout(tok, ["bad", "good"], template="Review: {text} Sentiment:")
+    model = tiny_model("llama", task="causal_lm", dtype=jnp.float64, num_hidden_layers=1)
+    adapted = adapt(model, lora=LoRA(("q_proj", "v_proj"), rank=2, init="gaussian"))
+    train, ev = (completions_from_labels(sentiment_data(n, seed=s), readout) for n, s in ((8, 0), (4, 1)))
+    kw = dict(lambdas=[1.0], config=TrainConfig(learning_rate=1e-2, steps=2, batch_size=4, max_length=16,
+                                                pad_to_multiple_of=16, warmup_ratio=0.0),
+              objective=NextTokenObjective(), progress=False)
+    want = lambda_sweep(adapted, train, ev, tok, **kw)[0]
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+    got = lambda_sweep(sharding.shard_adapted(adapted, mesh), train, ev, tok, mesh=mesh, **kw)[0]
+    assert want["theta_distance_lin_nonlin"] > 0
+    for key in ("theta_distance_to_init", "theta_distance_lin_nonlin", "kl_nonlin_lin", "eval_loss_nonlinear",
+                "train_loss_linearized", "loss_curve_nonlinear", "loss_curve_linearized"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-9, err_msg=key)
+    assert got["eval_accuracy_nonlinear"] == want["eval_accuracy_nonlinear"] and got["agreement"] == want["agreement"]
