@@ -108,3 +108,19 @@ def parse_mesh(text: str, devices=None) -> Mesh:
 
 __all__ = ["initialize", "parse_mesh", "is_main_process", "MESH_AXES", "ENV_COORDINATOR", "ENV_NUM_PROCESSES",
            "ENV_PROCESS_ID"]
+
+
+def process_rows(batch: dict, *, fix: str) -> dict:
+    """This process's equal share of a batch's rows, in process order: what `jaxlin.train.fit` and `evaluate` on
+    a mesh take from each process (the whole batch with one process). `fix` names the setting that makes the rows
+    split, for the one-line error when they do not."""
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return batch
+    rows = len(next(iter(batch.values())))
+    if rows % count:
+        raise ValueError(f"a batch of {rows} examples does not split over {count} processes; choose {fix} as a "
+                         f"multiple of {count}")
+    share = rows // count
+    return {k: v[index * share:(index + 1) * share] for k, v in batch.items()}
+

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import datetime
 import fnmatch
+import functools
 import hashlib
 import json
 import math
@@ -398,7 +399,8 @@ def stage_dynamics(ctx: Context):
     predicted = gd_dynamics(k, resid0, ridge_sum, lr_sum, np.arange(steps))
     tc = cfg.dynamics_train_config(learning_rate=n * lr_sum, batch_size=n, strength=ridge_sum / n,
                                    pad_to_multiple_of=ctx.length)
-    batches = lambda epoch: map(_process_rows, data.batches(  # noqa: E731
+    own_rows = functools.partial(distributed.process_rows, fix="--num-calibration")
+    batches = lambda epoch: map(own_rows, data.batches(  # noqa: E731
         ctx.calibration, ctx.tokenizer, batch_size=n, max_length=tc.max_length, pad_to_multiple_of=ctx.length))
     nonlinear, linearized = model_functions(ctx.adapted_lora, ctx.output_fn)
     measured = {name: fit(fn, ctx.adapted_lora.trainable, batches, config=tc, progress=False,
@@ -452,7 +454,7 @@ def run(config: RunConfig, out: Path | None = None, *, resume: bool = False) -> 
     jax.config.update("jax_enable_x64", True)  # float64 Gram accumulation and eigensolves
     require_healthy_backend()  # before anything is computed or written: a miscompiling jaxlib stops the run here
     mesh = _mesh_setup(config, out)
-    _check_mesh_stages(config.stages, mesh)
+    _check_mesh_stages(config, config.stages, mesh)
     out = Path(out) if out is not None else default_out_dir(config.preset, resume)
     with output_directory(out) if _writes() else contextlib.nullcontext():
         log(f"jaxlin run: preset {config.preset}, output {out}")
@@ -521,12 +523,20 @@ def _mesh_setup(config: RunConfig, out) -> Mesh | None:
     return mesh
 
 
-def _check_mesh_stages(stages, mesh: Mesh | None) -> None:
-    """Refuse the stages that cannot run as several processes yet; in one process they run replicated."""
+def _check_mesh_stages(config: RunConfig, stages, mesh: Mesh | None) -> None:
+    """Refuse the stages that cannot run as several processes yet (in one process they run replicated) and batch
+    sizes that do not split over the processes."""
     unaware = [s for s in stages if s in MESH_UNAWARE]
+    processes = jax.process_count()
+    splits = {"dynamics": ("--num-calibration", config.data.num_calibration),
+              "sweep": ("--batch-size", config.train.batch_size)}  # each process feeds its share of a batch's rows
+    for stage, (flag, rows) in splits.items():
+        if stage in stages and rows % processes:
+            raise ConfigError(f"{flag} {rows} does not split over the {processes} processes of the {stage} stage; "
+                              f"choose a multiple of {processes}")
     if mesh is None or not unaware:
         return
-    if jax.process_count() > 1:
+    if processes > 1:
         allowed = ",".join(s for s in STAGES if s not in MESH_UNAWARE)
         raise ConfigError(f"--stages {','.join(unaware)} is not yet multi-process; run it in one process "
                           f"(--stages {','.join(unaware)}, with or without --mesh), and the other stages as several "
@@ -558,19 +568,6 @@ def _every_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return bool(flag)
     return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
-
-
-def _process_rows(batch: dict) -> dict:
-    """This process's equal share of a batch's rows, in process order (what `fit(mesh=)` takes from each)."""
-    count, index = jax.process_count(), jax.process_index()
-    if count == 1:
-        return batch
-    rows = len(next(iter(batch.values())))
-    if rows % count:
-        raise ConfigError(f"a batch of {rows} examples does not split over {count} processes; choose "
-                          f"--num-calibration as a multiple of {count}")
-    share = rows // count
-    return {k: v[index * share:(index + 1) * share] for k, v in batch.items()}
 
 
 # Where a stage may hold a non-finite number, and which one; every other number of a stage must be finite.

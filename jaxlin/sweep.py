@@ -23,6 +23,7 @@ flow with the coupled pull; for Adam, mini-batches or other regularisers it is a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import time
@@ -35,6 +36,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from . import data
+from .distributed import process_rows
 from ._util import loglog_slope
 from .readout import check_readout
 from .train import TrainConfig, evaluate, fit, model_functions
@@ -150,7 +152,7 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
 
     def batches_of(dataset, shuffle, seed, own_rows):
         found = objective.batches(dataset, tokenizer, config, shuffle=shuffle, seed=seed)
-        return map(_own_rows, found) if own_rows else found
+        return map(functools.partial(process_rows, fix="the batch size"), found) if own_rows else found
 
     def train_batches(epoch):
         return batches_of(train_data, True, config.seed * 100_003 + epoch, plan is not None)
@@ -213,20 +215,6 @@ def _variant(cfg: TrainConfig) -> dict:
     keys = ("loss", "regularizer", "anchor", "optimizer", "schedule", "learning_rate", "epochs", "steps",
             "batch_size", "seed")
     return {k: getattr(cfg, k) for k in keys}
-
-
-def _own_rows(batch: dict) -> dict:
-    """This process's equal share of a batch's rows, in process order (all of it with one process): what
-    `jaxlin.train.fit` and `evaluate` on a mesh take from each process."""
-    count, index = jax.process_count(), jax.process_index()
-    if count == 1:
-        return batch
-    rows = len(next(iter(batch.values())))
-    if rows % count:
-        raise ValueError(f"a batch of {rows} examples does not split over {count} processes; choose a batch_size "
-                         f"that is a multiple of {count}")
-    share = rows // count
-    return {k: v[index * share:(index + 1) * share] for k, v in batch.items()}
 
 
 def _host(tree):
