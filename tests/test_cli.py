@@ -46,6 +46,8 @@ def test_models_lists_packaged_and_families(capsys):
     (["--num-processes", "2"], "['coordinator', 'process_id'] missing"),  # before any computation
     (["--mesh", "data=3,model=2", "--stages", "ntk"], "has 3×2 = 6 devices, but there are 8"),
     (["--mesh", "pipe=8", "--stages", "ntk"], "mesh axis 'pipe' in 'pipe=8' is unknown"),
+    (["--compile-cache", ""], "compile_cache='' is invalid: a directory, none"),
+    (["--compile-cache", "/dev/null/cache", "--stages", "ntk"], "cannot create /dev/null/cache"),  # before any work
 ])
 def test_bad_flags_give_one_line_errors(args, message, capsys, monkeypatch):
     for var in ("JAXLIN_COORDINATOR", "JAXLIN_NUM_PROCESSES", "JAXLIN_PROCESS_ID"):
