@@ -7,13 +7,14 @@ and command-line overrides (docs/configuration.md lists every section and key).
     cfg.lora.rank, cfg.train.lambdas, cfg.to_dict()["kernel"]
 
 Sections: ``model``, ``lora``, ``data``, ``kernel``, ``train`` (the λ sweep's fine-tuning), ``dynamics``,
-``probe``, ``study``, and ``mesh`` (how the run is executed: device mesh and processes, never part of a
-result's fingerprint); beside them ``preset`` and ``stages``. Each field also has a flat key, unique across
-sections (``rank`` = ``lora.rank``, ``sweep_steps`` = ``train.steps``): the command-line flag and what an older
-flat config file wrote; `FLAT_KEYS` is that table, derived from the sections' fields. The conversions into the
-stages' configs (`jaxlin.adapters.LoRA`, `jaxlin.train.TrainConfig`, `jaxlin.study.StudyConfig`) are the
-methods ``RunConfig.lora_spec``, ``sweep_train_config``, ``dynamics_train_config`` and ``study_config``: the
-one place where run-level values (seed, max_length, padding) enter a stage's config.
+``probe``, ``study``, and ``mesh`` and ``execution`` (how the run is executed: device mesh and processes, the
+compilation cache; never part of a result's fingerprint); beside them ``preset`` and ``stages``. Each field also
+has a flat key, unique across sections (``rank`` = ``lora.rank``, ``sweep_steps`` = ``train.steps``): the
+command-line flag and what an older flat config file wrote; `FLAT_KEYS` is that table, derived from the sections'
+fields. The conversions into the stages' configs (`jaxlin.adapters.LoRA`, `jaxlin.train.TrainConfig`,
+`jaxlin.study.StudyConfig`) are the methods ``RunConfig.lora_spec``, ``sweep_train_config``,
+``dynamics_train_config`` and ``study_config``: the one place where run-level values (seed, max_length, padding)
+enter a stage's config.
 
 Every value is checked in ``RunConfig.__post_init__``; a bad value raises ``ConfigError`` with one line that
 names the key, the value, the allowed range and the flag that fixes it. The allowed values of a choice
@@ -165,9 +166,20 @@ class MeshSection:
     distributed: str = "none"  # "auto": jax.distributed.initialize() detects what is not given (TPU, SLURM)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExecutionSection:
+    """How the run is executed beyond its mesh: where compiled programs are kept between runs
+    (`jaxlin.compilation.compile_cache`); never part of `RunConfig.fingerprint`."""
+
+    compile_cache: str = "auto"  # a directory, "none" (off), or "auto": the directory the process gave JAX
+    # (JAX_COMPILATION_CACHE_DIR), else ./.jaxlin-cache
+
+
 SECTIONS: dict[str, type] = {"model": ModelSection, "lora": LoraSection, "data": DataSection,
                              "kernel": KernelSection, "train": TrainSection, "dynamics": DynamicsSection,
-                             "probe": ProbeSection, "study": StudySection, "mesh": MeshSection}
+                             "probe": ProbeSection, "study": StudySection, "mesh": MeshSection,
+                             "execution": ExecutionSection}
+EXECUTION_SECTIONS = frozenset({"mesh", "execution"})  # how a run executes, not what it computes: unhashed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +196,7 @@ class RunConfig:
     probe: ProbeSection = dataclasses.field(default_factory=ProbeSection)
     study: StudySection = dataclasses.field(default_factory=StudySection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)  # execution only: not fingerprinted
+    execution: ExecutionSection = dataclasses.field(default_factory=ExecutionSection)  # not fingerprinted
     stages: tuple[str, ...] = STAGES
 
     def __post_init__(self):
@@ -208,12 +221,13 @@ class RunConfig:
         return {flat: (list(v) if isinstance(v, tuple) else v) for flat in FLAT_KEYS for v in [self.get(flat)]}
 
     def fingerprint(self) -> str:
-        """A short hash of every field that shapes a result (all but ``stages``, ``preset`` and the ``mesh``
-        section, which says how the run executes), for --resume. It hashes the flat keys, so a config keeps the
-        hash it had when RunConfig was flat; a key added since (`ADDED_KEYS`) enters the hash only when it differs
-        from its default, so stored runs keep their keys."""
+        """A short hash of every field that shapes a result (all but ``stages``, ``preset`` and the
+        `EXECUTION_SECTIONS`, which say how the run executes), for --resume. It hashes the flat keys, so a config
+        keeps the hash it had when RunConfig was flat; a key added since (`ADDED_KEYS`) enters the hash only when
+        it differs from its default, so stored runs keep their keys."""
         d = self.flat_dict()
-        for key in ("stages", "preset", *(FLAT_OF[("mesh", f.name)] for f in dataclasses.fields(MeshSection))):
+        for key in ("stages", "preset", *(FLAT_OF[(s, f.name)] for s in EXECUTION_SECTIONS
+                                          for f in dataclasses.fields(SECTIONS[s]))):
             d.pop(key)
         defaults = RunConfig().flat_dict()
         for key in ADDED_KEYS:
@@ -232,7 +246,8 @@ class RunConfig:
 
     def sweep_train_config(self, pad_to_multiple_of: int):
         """`jaxlin.train.TrainConfig` of the λ sweep (its regularizer and strength are set per λ by the sweep);
-        `pad_to_multiple_of`: the run's padded length, so every batch compiles once."""
+        `pad_to_multiple_of`: batches are padded to their longest example rounded up to it (the pipeline's
+        `Context.pad_multiple`: a few lengths, so a step compiles a few times)."""
         from .train import TrainConfig  # imports adapters, which imports this module: a cycle at the top
 
         t = self.train
@@ -600,6 +615,8 @@ def _validate(c: RunConfig):
     check(c.data.num_calibration <= c.data.num_train, "data.num_calibration", f"at most num_train={c.data.num_train}")
     check(c.kernel.num_krr <= c.data.num_train, "kernel.num_krr", f"at most num_train={c.data.num_train}")
     _validate_mesh(c, check)
+    check(isinstance(c.execution.compile_cache, str) and c.execution.compile_cache.strip() != "",
+          "execution.compile_cache", "a directory, none (no cache) or auto (./.jaxlin-cache)")
 
 
 def _validate_mesh(c: RunConfig, check):

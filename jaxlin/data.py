@@ -20,6 +20,8 @@ User files: ``.csv``, ``.tsv`` or ``.jsonl`` (one JSON object per line) with a t
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import dataclasses
 import inspect
@@ -37,7 +39,8 @@ from jaxlin.assets import asset_path
 
 __all__ = [
     "DataError", "TextDataset", "TokenizerLike", "PACKAGED_DATASETS", "load_dataset", "train_eval_split",
-    "balanced_subset", "calibration_subset", "pad_batch", "encode", "batches", "one_hot_targets",
+    "balanced_subset", "calibration_subset", "pad_batch", "encode", "batches", "one_hot_targets", "TokenCount",
+    "count_tokens", "bucket_multiple",
 ]
 
 # name -> (distribution, path inside site-packages)
@@ -449,6 +452,14 @@ def _round_up(length: int, multiple: int) -> int:
 def pad_batch(token_lists: Sequence[Sequence[int]], *, pad_token_id: int, pad_to_multiple_of: int = 8,
               padding_side: str = "right", length: int | None = None) -> dict[str, np.ndarray]:
     """Pad id lists to one (B, L) int32 batch, L = `length` or the longest rounded up to the multiple."""
+    return _pad(token_lists, len(token_lists), pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+                padding_side=padding_side, length=length)
+
+
+def _pad(token_lists, real_rows: int, *, pad_token_id: int, pad_to_multiple_of: int, padding_side: str,
+         length: int | None) -> dict[str, np.ndarray]:
+    """`pad_batch`, whose first `real_rows` rows are examples (the rest fill a short batch), counted by every
+    active `count_tokens`."""
     if padding_side not in ("right", "left"):
         raise DataError(f"padding_side={padding_side!r}; use 'right' (encoders) or 'left' (decoders)")
     longest = max((len(t) for t in token_lists), default=0)
@@ -461,7 +472,51 @@ def pad_batch(token_lists: Sequence[Sequence[int]], *, pad_token_id: int, pad_to
     for i, t in enumerate(token_lists):
         cols = slice(0, len(t)) if padding_side == "right" else slice(length - len(t), length)
         ids[i, cols], mask[i, cols] = t, 1
+    for count in _COUNTS.get():
+        count.real += int(mask[:real_rows].sum())
+        count.processed += int(mask.size)
     return {"input_ids": ids, "attention_mask": mask}
+
+
+@dataclasses.dataclass
+class TokenCount:
+    """Tokens of the batches padded while `count_tokens` is active: ``real`` (of examples, mask 1) and
+    ``processed`` (every position of every row, padding and the rows that fill a short batch included)."""
+
+    real: int = 0
+    processed: int = 0
+
+    @property
+    def fill(self) -> float | None:
+        """real / processed: 1 without padding; None when no batch was made."""
+        return self.real / self.processed if self.processed else None
+
+
+_COUNTS: contextvars.ContextVar[tuple[TokenCount, ...]] = contextvars.ContextVar("jaxlin_token_counts", default=())
+
+
+@contextlib.contextmanager
+def count_tokens() -> Iterator[TokenCount]:
+    """Count the real and processed tokens of every batch this module pads while the block runs (`pad_batch`,
+    `encode`, `batches`, and what is built on them); counts nest. A batch is counted when it is made, so one
+    processed k times counts once: the fill is exact when the batches are processed equally often."""
+    count = TokenCount()
+    token = _COUNTS.set((*_COUNTS.get(), count))
+    try:
+        yield count
+    finally:
+        _COUNTS.reset(token)
+
+
+def bucket_multiple(length: int, max_buckets: int = 4, step: int = 8) -> int:
+    """The finest multiple of `step` that divides `length` into at most `max_buckets` padded lengths (`length`
+    itself when `step` does not divide it): batches padded to a multiple of it take one of those few lengths
+    (`batches` pads each to its own longest example rounded up), so a jitted step compiles at most
+    `max_buckets` times. 64 → 16 (16, 32, 48, 64), 32 → 8, 512 → 128, 40 → 40."""
+    if length % step:
+        return length
+    units = length // step
+    return step * min(d for d in range(1, units + 1) if units % d == 0 and units // d <= max_buckets)
 
 
 def encode(dataset: TextDataset, tokenizer: TokenizerLike, *, max_length: int, padding_side: str = "right",
@@ -504,8 +559,8 @@ def batches(dataset: TextDataset, tokenizer: TokenizerLike, *, batch_size: int, 
     for idx in groups:
         real = len(idx)
         idx = np.concatenate([idx, np.full(batch_size - real, idx[0])])
-        out = pad_batch([ids[i] for i in idx], pad_token_id=tokenizer.pad_token_id,
-                        pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side)
+        out = _pad([ids[i] for i in idx], real, pad_token_id=tokenizer.pad_token_id,
+                   pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side, length=None)
         example_mask = (np.arange(batch_size) < real).astype(np.float32)
         yield {**out, "labels": dataset.labels[idx].astype(np.int32), "example_mask": example_mask,
                "index": np.where(example_mask > 0, idx, -1)}

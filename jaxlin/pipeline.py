@@ -51,6 +51,7 @@ from . import __version__, data, distributed, models, select, sharding, spectrum
 from ._util import to_jsonable
 from .adapters import Adapted, AdaptedFunction, adapt
 from .backend import check_backend, require_healthy_backend
+from .compilation import compile_cache, measure_compiles
 from .config import STAGES, ConfigError, RunConfig
 from .data import DataError, TextDataset
 from .hub_data import load_glue
@@ -86,6 +87,7 @@ class Context:
     eval: TextDataset
     calibration: TextDataset
     length: int  # every kernel batch is padded to this many tokens, so all kernel tiles share one compile
+    # (training and evaluation batches are bucketed instead: `pad_multiple`)
     inputs: dict[str, str]  # fingerprints of what the stages read
     readout: LabelWordReadout | None = None  # model.readout "label_words": prompts in, label-word logits out
     results: dict[str, dict] = dataclasses.field(default_factory=dict)
@@ -105,10 +107,22 @@ class Context:
         """The readout every stage applies to the model's outputs: None (the head's logits) or the label words'."""
         return None if self.readout is None else self.readout.output_fn
 
-    def batch(self, dataset: TextDataset) -> dict:
+    @property
+    def pad_multiple(self) -> int:
+        """Training and evaluation batches (dynamics, sweep, probe) are padded to their longest example rounded
+        up to a multiple of this: one of at most 4 lengths up to `length` (`data.bucket_multiple`), so a step
+        compiles at most 4 times and a batch of short examples is not padded to the longest of the data set.
+        Left-padded batches keep `length`: a model with learned absolute positions reads a left-padded example
+        at positions that depend on the padded length."""
+        return data.bucket_multiple(self.length) if self.tokenizer.padding_side == "right" else self.length
+
+    def batch(self, dataset: TextDataset, *, bucketed: bool = False) -> dict:
+        """All of `dataset` as one batch with int32 labels: padded to `length` (kernels: one tile shape), or with
+        `bucketed` to its longest example rounded up to `pad_multiple` (training and evaluation)."""
         tok = self.tokenizer
         ids = tok.encode_unpadded(list(dataset.texts), self.config.data.max_length)
-        out = data.pad_batch(ids, pad_token_id=tok.pad_token_id, length=self.length, padding_side=tok.padding_side)
+        out = data.pad_batch(ids, pad_token_id=tok.pad_token_id, length=None if bucketed else self.length,
+                             pad_to_multiple_of=self.pad_multiple, padding_side=tok.padding_side)
         out["labels"] = np.asarray(dataset.labels, np.int32)
         return out
 
@@ -398,10 +412,11 @@ def stage_dynamics(ctx: Context):
     steps = cfg.dynamics.steps
     predicted = gd_dynamics(k, resid0, ridge_sum, lr_sum, np.arange(steps))
     tc = cfg.dynamics_train_config(learning_rate=n * lr_sum, batch_size=n, strength=ridge_sum / n,
-                                   pad_to_multiple_of=ctx.length)
+                                   pad_to_multiple_of=ctx.pad_multiple)
     own_rows = functools.partial(distributed.process_rows, fix="--num-calibration")
     batches = lambda epoch: map(own_rows, data.batches(  # noqa: E731
-        ctx.calibration, ctx.tokenizer, batch_size=n, max_length=tc.max_length, pad_to_multiple_of=ctx.length))
+        ctx.calibration, ctx.tokenizer, batch_size=n, max_length=tc.max_length,
+        pad_to_multiple_of=tc.pad_to_multiple_of))
     nonlinear, linearized = model_functions(ctx.adapted_lora, ctx.output_fn)
     measured = {name: fit(fn, ctx.adapted_lora.trainable, batches, config=tc, progress=False,
                           mesh=ctx.mesh).train_loss
@@ -416,7 +431,7 @@ def stage_dynamics(ctx: Context):
 def stage_sweep(ctx: Context):
     t = ctx.config.train
     results = lambda_sweep(ctx.adapted, ctx.train, ctx.eval, ctx.tokenizer, lambdas=list(t.lambdas),
-                           config=ctx.config.sweep_train_config(ctx.length), regularizer=t.regularizer,
+                           config=ctx.config.sweep_train_config(ctx.pad_multiple), regularizer=t.regularizer,
                            progress=True, num_train_evaluated=min(t.num_train_evaluated, len(ctx.train)),
                            objective=run_objective(t.objective, ctx.readout), mesh=ctx.mesh)
     for r in results:  # the schema's headline output distance is the eval one; no radius at λ = 0
@@ -430,7 +445,7 @@ def stage_sweep(ctx: Context):
 
 def stage_probe(ctx: Context):
     p = ctx.config.probe
-    return probe_adapted(ctx.adapted_lora, ctx.batch(ctx.calibration), radii=list(p.radii),
+    return probe_adapted(ctx.adapted_lora, ctx.batch(ctx.calibration, bucketed=True), radii=list(p.radii),
                          num_directions=p.directions, num_tangents=p.tangents, seed=ctx.config.model.seed,
                          output_fn=ctx.output_fn, mesh=ctx.mesh), {}
 
@@ -450,54 +465,89 @@ NEEDS = {"spectrum": ("ntk",), "dynamics": ("ntk",)}
 
 def run(config: RunConfig, out: Path | None = None, *, resume: bool = False) -> Path:
     """Run the configured stages; write ``arrays.npz``, ``report.html`` and ``results.json`` to ``out``, which
-    the run holds locked (`rundir.output_directory`) until it ends."""
+    the run holds locked (`rundir.output_directory`) until it ends. JAX's persistent compilation cache is
+    ``execution.compile_cache`` for the whole run, set before its first compile (`compilation.compile_cache`)."""
+    with compile_cache(config.execution.compile_cache) as cache_directory:
+        return _run(config, out, resume, cache_directory)
+
+
+def _run(config: RunConfig, out: Path | None, resume: bool, cache_directory: str | None) -> Path:
     jax.config.update("jax_enable_x64", True)  # float64 Gram accumulation and eigensolves
     require_healthy_backend()  # before anything is computed or written: a miscompiling jaxlib stops the run here
     mesh = _mesh_setup(config, out)
     _check_mesh_stages(config, config.stages, mesh)
     out = Path(out) if out is not None else default_out_dir(config.preset, resume)
     with output_directory(out) if _writes() else contextlib.nullcontext():
-        log(f"jaxlin run: preset {config.preset}, output {out}")
+        log(f"jaxlin run: preset {config.preset}, output {out}"
+            + (f", compile cache {cache_directory}" if cache_directory else ""))
         t = time.perf_counter()
-        ctx = setup(config, out, mesh)
+        with measure_compiles() as compiles, data.count_tokens() as tokens:
+            ctx = setup(config, out, mesh)
         timings = {"setup": time.perf_counter() - t}
+        efficiency = {"setup": _efficiency(compiles, tokens)}
         wanted = [s for s in ORDER if s in config.stages and s != "report"]
         for dep in [d for s in wanted for d in NEEDS.get(s, ())]:
             if dep not in wanted:
                 wanted.insert(0, dep)
         for i, stage in enumerate([s for s in ORDER if s in wanted], 1):
-            result, arrays, record = _run_stage(_replicated(ctx) if stage in MESH_UNAWARE else ctx, stage, resume)
+            result, arrays, record, efficiency[stage] = _run_stage(
+                _replicated(ctx) if stage in MESH_UNAWARE else ctx, stage, resume)
             ctx.results[stage], ctx.stages[stage], timings[stage] = result, record, record["seconds"]
             ctx.arrays.update(arrays)
             seconds = record["seconds"]
             log(f"[{i}/{len(wanted)}] {stage}: "
                 + (f"reused (computed in {seconds:.1f} s)" if record["reused"] else f"done in {seconds:.1f} s"))
         if _writes():
-            write_outputs(out, assemble(ctx, timings), ctx.arrays, report="report" in config.stages)
+            results = assemble(ctx, timings, efficiency_section(efficiency, timings, cache_directory))
+            write_outputs(out, results, ctx.arrays, report="report" in config.stages)
     return out
 
 
-def _run_stage(ctx: Context, stage: str, resume: bool) -> tuple[dict, dict, dict]:
-    """The stage's result, arrays and record ({key, reused, seconds, finished}): read back when ``resume``
-    finds it stored with the same key, else computed, checked for non-finite numbers and stored."""
+def _efficiency(compiles, tokens: data.TokenCount) -> dict:
+    """What a stage stores of its compiles and padded tokens (`efficiency_section` reads it)."""
+    return {"compile_seconds": compiles.seconds, "compiled_programs": compiles.programs,
+            "cache_hits": compiles.cache_hits, "real_tokens": tokens.real, "processed_tokens": tokens.processed}
+
+
+def efficiency_section(per_stage: dict[str, dict | None], timings: dict, cache_directory: str | None) -> dict:
+    """results.json ``efficiency`` (docs/results-schema.md) from each stage's `_efficiency` (None: a stage
+    stored by a jaxlin that did not record it); ``token_fill`` only for the stages that padded token batches."""
+    known = {stage: e for stage, e in per_stage.items() if e is not None}
+    return {"compile_cache": cache_directory,
+            "compile_seconds": {s: e["compile_seconds"] for s, e in known.items()},
+            "compute_seconds": {s: max(0.0, timings[s] - e["compile_seconds"]) for s, e in known.items()},
+            "compiled_programs": {s: e["compiled_programs"] for s, e in known.items()},
+            "cache_hits": {s: e["cache_hits"] for s, e in known.items()},
+            "token_fill": {s: e["real_tokens"] / e["processed_tokens"] for s, e in known.items()
+                           if e["processed_tokens"]},
+            "tokens": {s: {"real": e["real_tokens"], "processed": e["processed_tokens"]} for s, e in known.items()
+                       if e["processed_tokens"]}}
+
+
+def _run_stage(ctx: Context, stage: str, resume: bool) -> tuple[dict, dict, dict, dict | None]:
+    """The stage's result, arrays, record ({key, reused, seconds, finished}) and efficiency (its compiles and
+    padded tokens, `_efficiency`; kept when reused, None when stored without): read back when ``resume`` finds
+    it stored with the same key, else computed, checked for non-finite numbers and stored."""
     path = stage_path(ctx.out, stage)
     key = stage_key(stage, ctx.inputs)
     if resume and _every_process(path.exists()):
         stored, arrays, why = read_stage(path, key, ctx.inputs)
         if _every_process(stored is not None):  # all reuse or all recompute: the stages' collectives must match
-            return stored["result"], arrays, stage_record(stored, reused=True)
+            return stored["result"], arrays, stage_record(stored, reused=True), stored.get("efficiency")
         log(f"{stage}: recomputing: {why or 'another process cannot read its stored copy'}")
     t = time.perf_counter()
-    result, arrays = STAGE_FUNCTIONS[stage](ctx)
+    with measure_compiles() as compiles, data.count_tokens() as tokens:
+        result, arrays = STAGE_FUNCTIONS[stage](ctx)
     seconds = time.perf_counter() - t
+    efficiency = _efficiency(compiles, tokens)
     result = to_jsonable(result)
     check_finite(stage, result, arrays, ctx.config)
     stored = {"stage": stage, "key": key, "inputs": ctx.inputs, "seconds": seconds,
               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "arrays": sorted(arrays), "result": result}
+              "arrays": sorted(arrays), "result": result, "efficiency": efficiency}
     if _writes():
         write_stage(path, stored, arrays)
-    return result, arrays, stage_record(stored, reused=False)
+    return result, arrays, stage_record(stored, reused=False), efficiency
 
 
 # ------------------------------------------------------------------------------------ mesh and processes
@@ -629,14 +679,15 @@ def _leaves(obj, path: str = ""):
 
 
 
-def assemble(ctx: Context, timings: dict) -> dict:
-    """The results.json document (``docs/results-schema.md``); ``config`` is the nested `RunConfig.to_dict`."""
+def assemble(ctx: Context, timings: dict, efficiency: dict) -> dict:
+    """The results.json document (``docs/results-schema.md``); ``config`` is the nested `RunConfig.to_dict`,
+    ``efficiency`` the run's `efficiency_section`."""
     cfg, r = ctx.config, ctx.results
     skipped = {"skipped": "stage not run (see config.stages)"}
     study = r.get("study")
     return {
         "schema": SCHEMA_VERSION, "jaxlin_version": __version__, "config": cfg.to_dict(),
-        "environment": environment(), "timings": timings,
+        "environment": environment(), "timings": timings, "efficiency": efficiency,
         "variants": {
             "kernel": "empirical NTK J Jᵀ of the LoRA parameters (head excluded, as in the paper's code), "
                       "full (N·C)×(N·C) blocks, example-major",
@@ -650,7 +701,9 @@ def assemble(ctx: Context, timings: dict) -> dict:
                                "σ is select.spectral_selection(..., sigma_scale='absolute')",
             "calibration": f"{cfg.data.calibration_mode} {cfg.data.num_calibration} of the seeded, shuffled "
                            "training split",
-            "inputs": "token ids through the full model, real lengths, padding to a multiple of 8, proper mask",
+            "inputs": "token ids through the full model, real lengths, proper mask; kernel batches padded to one "
+                      f"length ({ctx.length}), training and evaluation batches to their longest example rounded "
+                      f"up to a multiple of {ctx.pad_multiple}",
             "regularizer": cfg.train.regularizer, "anchor": cfg.train.anchor, "loss": cfg.train.loss,
             "head": cfg.model.head, "lora_init": cfg.lora.init, "krr_targets": "one-hot, residual Y − f0",
         },

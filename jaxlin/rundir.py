@@ -48,8 +48,9 @@ def default_out_dir(preset: str, resume: bool = False) -> Path:
 
 # ------------------------------------------------------------------------------------------------ stage store
 
-# A stored stage: stages/<stage>.json {"stage", "key", "inputs", "seconds", "finished", "arrays", "result"} and,
-# when it has arrays, stages/<stage>.npz. The npz is written first and the json last, so a json that parses
+# A stored stage: stages/<stage>.json {"stage", "key", "inputs", "seconds", "finished", "arrays", "result"} (and
+# "efficiency", its compiles and padded tokens, optional: older stages lack it) and, when it has arrays,
+# stages/<stage>.npz. The npz is written first and the json last, so a json that parses
 # marks a finished stage; `key` hashes the stage name and `inputs` (config, dataset, checkpoint, jaxlin version).
 
 STORED_KEYS = {"stage", "key", "inputs", "seconds", "finished", "arrays", "result"}

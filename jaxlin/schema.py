@@ -208,6 +208,16 @@ READOUT = record({"kind": string, "trained": boolean, "zero_shot_eval_accuracy":
                   "zero_shot_num_eval": integer},
                  {"head": string, "label_words": STRINGS, "token_ids": list_of(integer), "template": string})
 
+def fraction(value, path: str) -> None:
+    if not (is_number(value) and 0 < value <= 1):
+        _fail(path, "a number in (0, 1]", value)
+
+
+EFFICIENCY = record({"compile_cache": string_or_null, "compile_seconds": dict_of(number),
+                     "compute_seconds": dict_of(number), "compiled_programs": dict_of(integer),
+                     "cache_hits": dict_of(integer), "token_fill": dict_of(fraction)},
+                    {"tokens": dict_of(record({"real": integer, "processed": integer}))})
+
 INPUTS = record({k: string for k in ("config", "dataset", "checkpoint", "jaxlin", "format")})
 STAGE_RECORD = record({"key": string, "reused": boolean, "seconds": number, "finished": string})
 
@@ -218,6 +228,7 @@ RESULTS = record(
      "sweep": list_of(SWEEP_POINT), "probe": skippable(PROBE), "correlation": skippable(CORRELATION),
      "selection": skippable(SELECTION), "arrays": string},
     {"dynamics": skippable(DYNAMICS), "sweep_summary": skippable(dict_of(number)), "readout": READOUT,
+     "efficiency": EFFICIENCY,
      "inputs": INPUTS,
      "stages": dict_of(STAGE_RECORD)})
 
@@ -319,6 +330,10 @@ def example_results() -> dict:
                                           "canaries": {"broadcast_reduce/float32": {
                                               "relative_error": 1.7e-7, "tolerance": 1e-4, "passed": True}}}},
         "timings": {"load": 1.5, "ntk": 12.25, "sweep": 40.0, "probe": 3.0},
+        "efficiency": {"compile_cache": "/tmp/.jaxlin-cache", "compile_seconds": {"ntk": 2.5, "sweep": 6.0},
+                       "compute_seconds": {"ntk": 9.75, "sweep": 34.0}, "compiled_programs": {"ntk": 3, "sweep": 12},
+                       "cache_hits": {"ntk": 0, "sweep": 4}, "token_fill": {"ntk": 0.5, "sweep": 0.8},
+                       "tokens": {"ntk": {"real": 192, "processed": 384}, "sweep": {"real": 4000, "processed": 5000}}},
         "variants": {"kernel": "jjt", "calibration_selection": "first", "ridge_scale": "trace",
                      "regularizer": "prox", "anchor": "init", "loss": "mse", "head": "frozen", "padding": "bucketed"},
         "data": {"dataset": "synthetic/sst2-like", "num_train": 64, "num_eval": 32, "num_calibration": 12,

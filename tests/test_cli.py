@@ -46,6 +46,8 @@ def test_models_lists_packaged_and_families(capsys):
     (["--num-processes", "2"], "['coordinator', 'process_id'] missing"),  # before any computation
     (["--mesh", "data=3,model=2", "--stages", "ntk"], "has 3×2 = 6 devices, but there are 8"),
     (["--mesh", "pipe=8", "--stages", "ntk"], "mesh axis 'pipe' in 'pipe=8' is unknown"),
+    (["--compile-cache", ""], "compile_cache='' is invalid: a directory, none"),
+    (["--compile-cache", "/dev/null/cache", "--stages", "ntk"], "cannot create /dev/null/cache"),  # before any work
 ])
 def test_bad_flags_give_one_line_errors(args, message, capsys, monkeypatch):
     for var in ("JAXLIN_COORDINATOR", "JAXLIN_NUM_PROCESSES", "JAXLIN_PROCESS_ID"):
@@ -136,6 +138,14 @@ def test_quick_preset_end_to_end(quick_run):
     assert "corr(κ, eval_accuracy)" in summary_text(results)
     arrays = np.load(quick_run / "arrays.npz")
     assert any(k.startswith("gram/") for k in arrays.files)
+    eff = results["efficiency"]  # per stage: compile apart from compute, programs, cache hits, token fill
+    assert list(eff["compile_seconds"]) == ["setup", *results["stages"]]
+    for stage, seconds in results["timings"].items():
+        if stage in eff["compile_seconds"]:
+            assert eff["compile_seconds"][stage] + eff["compute_seconds"][stage] == pytest.approx(seconds)
+    assert eff["compiled_programs"]["ntk"] >= 1 and eff["compile_cache"]  # the test suite's own cache directory
+    assert set(eff["token_fill"]) == {"ntk", "spectrum", "krr", "dynamics", "sweep", "probe", "study"}
+    assert all(t["real"] / t["processed"] == eff["token_fill"][s] for s, t in eff["tokens"].items())
 
 
 @pytest.mark.slow
@@ -148,6 +158,7 @@ def test_resume_reuses_stages_and_report_rerenders(quick_run, capsys):
     results = json.loads((quick_run / "results.json").read_text())
     stored = json.loads((quick_run / "stages" / "ntk.json").read_text())
     assert results["stages"]["ntk"]["reused"] and results["timings"]["ntk"] == stored["seconds"]
+    assert results["efficiency"]["compile_seconds"]["ntk"] == stored["efficiency"]["compile_seconds"]
     (quick_run / "report.html").unlink()
     assert cli.main(["report", str(quick_run)]) == 0
     assert (quick_run / "report.html").exists()

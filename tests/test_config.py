@@ -35,11 +35,13 @@ OLD_FLAT = {
 # The mesh section's keys (how a run executes, not what it computes: outside the fingerprint).
 MESH_KEYS = {"mesh": "mesh.shape", "coordinator": "mesh.coordinator", "num_processes": "mesh.num_processes",
              "process_id": "mesh.process_id", "distributed": "mesh.distributed"}
+# The execution section's keys (also outside the fingerprint).
+EXECUTION_KEYS = {"compile_cache": "execution.compile_cache"}
 
 # Keys added since, and where they live.
 NEW_FLAT = {"readout": "model.readout", "label_words": "model.label_words",
             "prompt_template": "model.prompt_template", "objective": "train.objective"}
-ALL_KEYS = {**OLD_FLAT, **NEW_FLAT, **MESH_KEYS}
+ALL_KEYS = {**OLD_FLAT, **NEW_FLAT, **MESH_KEYS, **EXECUTION_KEYS}
 
 NESTED_TOML = """preset = "quick"
 stages = ["ntk", "spectrum"]
@@ -76,7 +78,8 @@ def test_the_flat_key_table_is_the_old_field_list():
     from jaxlin.config import DOTTED
 
     assert DOTTED == ALL_KEYS  # no flag lost, renamed or moved silently
-    assert set(SECTIONS) == {"model", "lora", "data", "kernel", "train", "dynamics", "probe", "study", "mesh"}
+    assert set(SECTIONS) == {"model", "lora", "data", "kernel", "train", "dynamics", "probe", "study", "mesh",
+                             "execution"}
 
 
 @pytest.mark.parametrize("name,text", [("nested.toml", NESTED_TOML), ("nested.yaml", NESTED_YAML),
@@ -181,6 +184,23 @@ def test_the_mesh_section_is_read_from_files_and_kept_out_of_the_fingerprint(tmp
                             ({"distributed": "slurm"}, "fix --distributed")):
         with pytest.raises(ConfigError, match=message):
             override(c, values)
+
+
+@pytest.mark.parametrize("argv,value", [([], "auto"), (["--compile-cache", "none"], "none"),
+                                        (["--execution.compile-cache", "/tmp/c"], "/tmp/c")])
+def test_the_compile_cache_flag_is_read_and_kept_out_of_the_fingerprint(argv, value):
+    args = cli.parser().parse_args(["run", "--preset", "quick", *argv])
+    c = cli.config_from_args(args, cli.SUBCOMMANDS["run"][1])
+    assert c.execution.compile_cache == value and c.get("compile_cache") == value
+    assert c.fingerprint() == preset("quick").fingerprint()  # a warm run reuses the stages of a cold one
+
+
+@pytest.mark.parametrize("bad,message", [("", "is invalid: a directory, none"), ("  ", "fix --compile-cache"),
+                                         (3, "must be a string")])
+def test_a_bad_compile_cache_is_refused_in_one_line(bad, message):
+    with pytest.raises(ConfigError, match=f"^compile_cache=.*{message}") as error:
+        override(preset("quick"), {"execution": {"compile_cache": bad}})
+    assert "\n" not in str(error.value)
 
 
 def test_to_dict_is_nested_and_round_trips():

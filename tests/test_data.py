@@ -291,6 +291,29 @@ def test_batches_bucketing_reduces_padding_and_drop_last():
         next(batches(ds, object(), batch_size=4, max_length=8))
 
 
+def test_count_tokens_against_a_hand_count():
+    ds = TextDataset(("a b c", "a b c d e f g h i j", "x"), [0, 1, 0], ("n", "p"), "e", "")
+    tok = WhitespaceTokenizer()  # 5, 12 and 3 tokens
+    with jd.count_tokens() as outer:
+        pad_batch([[5, 6, 7], [8]], pad_token_id=0)  # 4 real of 2 × 8
+        with jd.count_tokens() as inner:
+            encode(ds, tok, max_length=512)  # 20 real of 3 × 16
+            got = list(batches(ds, tok, batch_size=2, max_length=512, bucket=False))  # [5, 12] → 2 × 16;
+            # [3] + its copy filling the batch → 3 real of 2 × 8: the copy is processed, not real
+    assert [b["input_ids"].shape for b in got] == [(2, 16), (2, 8)]
+    assert (inner.real, inner.processed) == (20 + 17 + 3, 48 + 32 + 16)
+    assert (outer.real, outer.processed) == (4 + inner.real, 16 + inner.processed)
+    assert inner.fill == pytest.approx(40 / 96)
+    pad_batch([[1]], pad_token_id=0)  # outside every count
+    assert (outer.real, jd.TokenCount().fill) == (44, None)
+
+
+@pytest.mark.parametrize("length,multiple", [(64, 16), (32, 8), (512, 128), (96, 24), (40, 40), (8, 8), (30, 30)])
+def test_bucket_multiple_gives_at_most_four_lengths(length, multiple):
+    m = jd.bucket_multiple(length)
+    assert m == multiple and length % m == 0 and length // m <= 4
+
+
 def test_one_hot_targets():
     assert one_hot_targets([2, 0], 3).tolist() == [[0, 0, 1], [1, 0, 0]]
     pm = one_hot_targets(np.array([1, 0]), 2, kind="pm1")
