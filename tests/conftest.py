@@ -14,11 +14,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# the tests' compile cache, also for the `jaxlin run` subprocesses they start (tests/processes.py keeps it), so
+# no test writes a cache into the checkout
+_cache = pathlib.Path(os.environ.get("JAXLIN_COMPILE_CACHE", pathlib.Path.home() / ".cache" / "jaxlin-jax"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache))
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
-_cache = pathlib.Path(os.environ.get("JAXLIN_COMPILE_CACHE", pathlib.Path.home() / ".cache" / "jaxlin-jax"))
-jax.config.update("jax_compilation_cache_dir", str(_cache))
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

@@ -12,10 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def clean_env(**extra) -> dict:
-    """os.environ without JAXLIN_/XLA_/JAX_ settings of the test process (its 8 simulated devices, its compile
-    cache), on the CPU and offline, with this checkout importable and PYTHON set for scripts/launch_local.sh."""
+    """os.environ without JAXLIN_/XLA_/JAX_ settings of the test process (its 8 simulated devices) but with its
+    compile cache, on the CPU and offline, with this checkout importable and PYTHON set for scripts/launch_local.sh."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXLIN_", "XLA_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHON=sys.executable, HF_HUB_OFFLINE="1", **extra)
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHON=sys.executable, HF_HUB_OFFLINE="1")
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # the tests' cache (tests/conftest.py), not one in the checkout
+        env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    env.update(extra)
     return env
 
 
