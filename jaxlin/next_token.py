@@ -307,14 +307,15 @@ class NextTokenObjective:
         return output_comparison(f_TV, f_bar_TV)
 
 
-OBJECTIVES = ("classification", "next_token")  # `train.objective` of `jaxlin run`: what the λ sweep trains
+OBJECTIVES = ("classification", "next_token")  # `train.objective` of `jaxlin run`: what the sweep and study train
 
 
 def run_objective(name: str, readout: LabelWordReadout | None = None):
-    """The λ sweep's objective for ``train.objective = name`` (docs/decoders.md): "classification", the C-class
-    `TrainConfig.loss` of the readout's logits (the head's; the label words' with ``readout``), or "next_token",
-    the LM's own next-token cross-entropy over its whole vocabulary on each label word after its prompt
-    (`NextTokenObjective` with ``readout``, which it needs). Raises ValueError naming the fix otherwise."""
+    """The objective of the λ sweep and the κ study for ``train.objective = name`` (docs/decoders.md):
+    "classification", the C-class `TrainConfig.loss` of the readout's logits (the head's; the label words' with
+    ``readout``), or "next_token", the LM's own next-token cross-entropy over its whole vocabulary on each label
+    word after its prompt (`NextTokenObjective` with ``readout``, which it needs). Raises ValueError naming the
+    fix otherwise."""
     if name not in OBJECTIVES:
         raise ValueError(f"objective={name!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
     if name == "classification":

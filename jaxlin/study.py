@@ -5,14 +5,15 @@ calibration examples before any training, fine-tunes LoRA on S for a fixed budge
 it trains greedy spectral selections and baselines of `selection_budget` modules on the same setup.
 
 No recompilation across configurations and seeds. Per seed, LoRA sits on ALL candidate modules (B0 = 0, so an
-inactive module leaves the function unchanged, docs/paper.md §5.4 item 1) and a configuration is a 0/1 gate per module,
-`gate_M`, an array leaf of the model function `adapted.as_function(gate=gate_M)`: module m's (a, b) enter the model
-as g_m·x + (1 − g_m)·stop_gradient(x), the same value, with zero gradient where g_m = 0, so under Adam (no weight
-decay, no pull) an inactive module stays bit-exactly at init. One Adapted (of the first seed; the others only
-swap A0 values) and one optimiser, handed to `train.fit`, serve every run, so all runs share one compiled train
-step and one eval forward per padded length. Per seed one `module_ntks` pass gives the full (N, N, O, O) float64
-kernel of every candidate module (float32 tiles unless jax_enable_x64); a smaller calibration set that is a prefix of
-the larger one (modes "first", "random") takes its leading block.
+inactive module leaves the function unchanged, docs/paper.md §5.4 item 1) and a configuration is a 0/1 gate per
+module, `gate_M`, an array leaf of the model function `adapted.as_function(gate=gate_M)`: module m's (a, b) enter
+the model as g_m·x + (1 − g_m)·stop_gradient(x), the same value, with zero gradient where g_m = 0, so under Adam
+(no weight decay, no pull) an inactive module stays bit-exactly at init. One Adapted (of the first seed; the others
+only swap A0 values) and one optimiser, handed to `train.fit`, serve every run, so all runs share one compiled
+train step and one eval forward per padded length, whichever objective (`run_study(objective=)`) they train. Per
+seed one `module_ntks` pass gives the full (N, N, O, O) float64 kernel of every candidate module (float32 tiles
+unless jax_enable_x64); a smaller calibration set that is a prefix of the larger one (modes "first", "random")
+takes its leading block.
 
 Statistics: `spectrum.kernel_statistics` (the paper's exact choice is unknown, docs/paper.md §0, so each is
 reported), with r0 = onehot(y) − f0 on the calibration set for the ridge objective. Names: plain for the first
@@ -26,7 +27,8 @@ sigma_trace·trace(K)/(N·O); "absolute": sigma_absolute), each trained with the
 
 Result of `run_study` (JSON-ready; non-finite floats are the strings "inf", "-inf", "nan"):
   config: the StudyConfig fields.   variants: {"statistic_sets": {variant: {kernel, num_calibration, prefix}},
-    primary, candidates, and the recorded choices (calibration, kernel layout, head, σ, ridge, outcomes)}.
+    primary, candidates, objective (what the runs trained: "classification" or "next_token"), and the recorded
+    choices (calibration, kernel layout, head, σ, ridge, outcomes)}.
   runs: [{configuration, seed, modules, statistics: {name: float}, final_train_loss (mean cross-entropy over the
     num_train training examples after training), train_loss_last10pct (mean batch loss of the last 10% of steps),
     train_accuracy, eval_accuracy, eval_loss, eval_macro_f1, train_loss_curve: [per step], wall_time_s,
