@@ -595,9 +595,6 @@ def _validate(c: RunConfig):
     check(not next_token or c.train.loss == "cross_entropy", "train.loss",
           "the next-token objective's loss is the cross-entropy over the vocabulary; drop --loss or pass "
           "--objective classification")
-    check(not next_token or "study" not in c.stages, "train.objective",
-          "the study fine-tunes on the classification loss only (the sweep trains next_token): drop study from "
-          "--stages, e.g. --stages ntk,spectrum,krr,dynamics,sweep,probe,report, or pass --objective classification")
     check(c.study.seeds is None or (len(c.study.seeds) > 0 and all(isinstance(s, int) for s in c.study.seeds)),
           "study.seeds", "None or one or more integer seeds")
     families = allowed_values("study.configurations")

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from jax.tree_util import Partial
 
+from .adapters import _gated
 from .data import DataError, TextDataset, pad_batch, read_rows
 from .readout import LabelWordReadout
 from .sweep import ClassificationObjective, output_comparison
@@ -169,26 +170,33 @@ def completion_batches(dataset: CompletionDataset, tokenizer, *, batch_size: int
 @dataclasses.dataclass(frozen=True)
 class TokenLogits:
     """``f(trainable, batch) -> (B, K, V)``: the adapted causal LM's next-token logits at ``batch["positions"]``.
-    A pytree whose leaves are the frozen weights (``adapted`` is static), like `jaxlin.adapters.AdaptedFunction`."""
+    A pytree whose leaves are the frozen weights and the gate (``adapted`` is static), like
+    `jaxlin.adapters.AdaptedFunction`; ``gate_M`` switches LoRA modules as its gate does (`run_study`)."""
 
     adapted: Any
     frozen: Any
+    gate_M: Any = None
 
     def __call__(self, trainable, batch):
+        if self.gate_M is not None:
+            lora = {m: {k: _gated(v, self.gate_M[i]) for k, v in trainable["lora"][m].items()}
+                    for i, m in enumerate(self.adapted.lora_modules)}
+            trainable = {**trainable, "lora": lora}
         return self.adapted.apply(trainable, self.frozen, batch["input_ids"], batch["attention_mask"],
                                   positions=batch["positions"])
 
 
-jax.tree_util.register_dataclass(TokenLogits, data_fields=["frozen"], meta_fields=["adapted"])
+jax.tree_util.register_dataclass(TokenLogits, data_fields=["frozen", "gate_M"], meta_fields=["adapted"])
 
 
-def next_token_functions(adapted) -> tuple[TokenLogits, Partial]:
+def next_token_functions(adapted, gate=None) -> tuple[TokenLogits, Partial]:
     """(f, f̄): the next-token logits (B, K, V) of the adapted causal LM and its linearization at θ0 =
-    ``adapted.trainable`` (a jvp through the whole sequence)."""
+    ``adapted.trainable`` (a jvp through the whole sequence). ``gate``: 0/1 per LoRA module, as
+    `jaxlin.adapters.Adapted.as_function`'s (module i trains iff gate[i] = 1; the κ study's one compiled step)."""
     if adapted.model.task != "causal_lm":
         raise ValueError(f"next-token fine-tuning reads the LM head: load the model with task='causal_lm' (it was "
                          f"loaded with task={adapted.model.task!r})")
-    f = TokenLogits(adapted, adapted.frozen)
+    f = TokenLogits(adapted, adapted.frozen, None if gate is None else adapted.as_function(gate=gate).gate_M)
     return f, linearized_function(f, adapted.trainable)
 
 
@@ -241,14 +249,19 @@ def evaluate_next_token(logits_fn: Callable, trainable, batches) -> dict:
             "outputs": logits_TV, "targets": targets_T, "first_token": column_T == 0}
 
 
+def label_word_logits(found: dict, token_ids) -> np.ndarray:
+    """(N, C): the logits of the C label words (``token_ids``, a readout's) at the first token of each of the N
+    completions in `evaluate_next_token`'s result ``found``, in example order: on completions rendered by
+    `completions_from_labels`, the label-word readout's logits of each prompt."""
+    return found["outputs"][found["first_token"]][:, np.asarray(token_ids)]
+
+
 def label_word_accuracy(found: dict, token_ids) -> float:
     """The classification accuracy inside `evaluate_next_token`'s result ``found`` on completions rendered by
     `completions_from_labels`: at each completion's first token, argmax over the C label words' logits
-    (``token_ids``, a readout's) against the completion's own first token, as the label-word readout classifies."""
-    ids_C = np.asarray(token_ids)
-    first_T = found["first_token"]
-    predicted = ids_C[found["outputs"][first_T][:, ids_C].argmax(-1)]
-    return float(np.mean(predicted == found["targets"][first_T]))
+    (`label_word_logits`) against the completion's own first token, as the label-word readout classifies."""
+    predicted = np.asarray(token_ids)[label_word_logits(found, token_ids).argmax(-1)]
+    return float(np.mean(predicted == found["targets"][found["first_token"]]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,14 +307,15 @@ class NextTokenObjective:
         return output_comparison(f_TV, f_bar_TV)
 
 
-OBJECTIVES = ("classification", "next_token")  # `train.objective` of `jaxlin run`: what the λ sweep trains
+OBJECTIVES = ("classification", "next_token")  # `train.objective` of `jaxlin run`: what the sweep and study train
 
 
 def run_objective(name: str, readout: LabelWordReadout | None = None):
-    """The λ sweep's objective for ``train.objective = name`` (docs/decoders.md): "classification", the C-class
-    `TrainConfig.loss` of the readout's logits (the head's; the label words' with ``readout``), or "next_token",
-    the LM's own next-token cross-entropy over its whole vocabulary on each label word after its prompt
-    (`NextTokenObjective` with ``readout``, which it needs). Raises ValueError naming the fix otherwise."""
+    """The objective of the λ sweep and the κ study for ``train.objective = name`` (docs/decoders.md):
+    "classification", the C-class `TrainConfig.loss` of the readout's logits (the head's; the label words' with
+    ``readout``), or "next_token", the LM's own next-token cross-entropy over its whole vocabulary on each label
+    word after its prompt (`NextTokenObjective` with ``readout``, which it needs). Raises ValueError naming the
+    fix otherwise."""
     if name not in OBJECTIVES:
         raise ValueError(f"objective={name!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
     if name == "classification":
@@ -314,4 +328,5 @@ def run_objective(name: str, readout: LabelWordReadout | None = None):
 
 __all__ = ["CompletionDataset", "load_completions", "completions_from_labels", "tokenize_completions",
            "pad_completions", "completion_batches", "TokenLogits", "next_token_functions", "next_token_loss",
-           "evaluate_next_token", "label_word_accuracy", "NextTokenObjective", "OBJECTIVES", "run_objective"]
+           "evaluate_next_token", "label_word_logits", "label_word_accuracy", "NextTokenObjective", "OBJECTIVES",
+           "run_objective"]

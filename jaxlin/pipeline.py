@@ -452,7 +452,8 @@ def stage_probe(ctx: Context):
 
 def stage_study(ctx: Context):
     return run_study(ctx.model, ctx.train, ctx.eval, ctx.config.study_config(), tokenizer=ctx.tokenizer,
-                     output_fn=ctx.output_fn, progress=True), {}
+                     output_fn=ctx.output_fn, objective=run_objective(ctx.config.train.objective, ctx.readout),
+                     progress=True), {}
 
 
 STAGE_FUNCTIONS: dict[str, Callable] = {"ntk": stage_ntk, "spectrum": stage_spectrum, "krr": stage_krr,
@@ -728,9 +729,9 @@ def assemble(ctx: Context, timings: dict, efficiency: dict) -> dict:
     }
 
 
-# What each stage that ran fitted (docs/results-schema.md): the sweep trains `train.objective`; the others their own
-STAGE_OBJECTIVES = {"ntk": "none", "spectrum": "none", "krr": "none", "probe": "none", "dynamics": "squared",
-                    "study": "classification"}
+# What each stage that ran fitted (docs/results-schema.md): the sweep and the study train `train.objective`; the
+# others their own
+STAGE_OBJECTIVES = {"ntk": "none", "spectrum": "none", "krr": "none", "probe": "none", "dynamics": "squared"}
 
 
 def readout_section(ctx: Context) -> dict:

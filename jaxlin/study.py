@@ -5,14 +5,15 @@ calibration examples before any training, fine-tunes LoRA on S for a fixed budge
 it trains greedy spectral selections and baselines of `selection_budget` modules on the same setup.
 
 No recompilation across configurations and seeds. Per seed, LoRA sits on ALL candidate modules (B0 = 0, so an
-inactive module leaves the function unchanged, docs/paper.md §5.4 item 1) and a configuration is a 0/1 gate per module,
-`gate_M`, an array leaf of the model function `adapted.as_function(gate=gate_M)`: module m's (a, b) enter the model
-as g_m·x + (1 − g_m)·stop_gradient(x), the same value, with zero gradient where g_m = 0, so under Adam (no weight
-decay, no pull) an inactive module stays bit-exactly at init. One Adapted (of the first seed; the others only
-swap A0 values) and one optimiser, handed to `train.fit`, serve every run, so all runs share one compiled train
-step and one eval forward per padded length. Per seed one `module_ntks` pass gives the full (N, N, O, O) float64
-kernel of every candidate module (float32 tiles unless jax_enable_x64); a smaller calibration set that is a prefix of
-the larger one (modes "first", "random") takes its leading block.
+inactive module leaves the function unchanged, docs/paper.md §5.4 item 1) and a configuration is a 0/1 gate per
+module, `gate_M`, an array leaf of the model function `adapted.as_function(gate=gate_M)`: module m's (a, b) enter
+the model as g_m·x + (1 − g_m)·stop_gradient(x), the same value, with zero gradient where g_m = 0, so under Adam
+(no weight decay, no pull) an inactive module stays bit-exactly at init. One Adapted (of the first seed; the others
+only swap A0 values) and one optimiser, handed to `train.fit`, serve every run, so all runs share one compiled
+train step and one eval forward per padded length, whichever objective (`run_study(objective=)`) they train. Per
+seed one `module_ntks` pass gives the full (N, N, O, O) float64 kernel of every candidate module (float32 tiles
+unless jax_enable_x64); a smaller calibration set that is a prefix of the larger one (modes "first", "random")
+takes its leading block.
 
 Statistics: `spectrum.kernel_statistics` (the paper's exact choice is unknown, docs/paper.md §0, so each is
 reported), with r0 = onehot(y) − f0 on the calibration set for the ridge objective. Names: plain for the first
@@ -26,7 +27,8 @@ sigma_trace·trace(K)/(N·O); "absolute": sigma_absolute), each trained with the
 
 Result of `run_study` (JSON-ready; non-finite floats are the strings "inf", "-inf", "nan"):
   config: the StudyConfig fields.   variants: {"statistic_sets": {variant: {kernel, num_calibration, prefix}},
-    primary, candidates, and the recorded choices (calibration, kernel layout, head, σ, ridge, outcomes)}.
+    primary, candidates, objective (what the runs trained: "classification" or "next_token"), and the recorded
+    choices (calibration, kernel layout, head, σ, ridge, outcomes)}.
   runs: [{configuration, seed, modules, statistics: {name: float}, final_train_loss (mean cross-entropy over the
     num_train training examples after training), train_loss_last10pct (mean batch loss of the last 10% of steps),
     train_accuracy, eval_accuracy, eval_loss, eval_macro_f1, train_loss_curve: [per step], wall_time_s,
@@ -53,11 +55,13 @@ from tqdm.auto import tqdm
 from . import data, solve
 from .adapters import Adapted, add_lora
 from .module_ntk import module_ntks
+from .next_token import NextTokenObjective, label_word_logits, next_token_functions
 from .readout import check_readout
 from ._util import to_jsonable
 from .select import FAMILIES, configuration_kernel, enumerate_configurations, spectral_selection
 from .spectrum import KERNELS, SIGMA_SCALES, STATISTICS, kernel_statistics
 from .stats import correlation, macro_f1
+from .sweep import ClassificationObjective
 from .train import TrainConfig, evaluate, fit, make_optimizer
 
 OUTCOMES = ("final_train_loss", "train_loss_last10pct", "eval_accuracy", "eval_loss", "eval_macro_f1")
@@ -277,9 +281,34 @@ def krr_outcomes(krr_logits_EO, tuned_logits_EO, labels_E) -> dict[str, float]:
             "krr_agreement": float(np.mean(krr_E == tuned_E))}
 
 
+# ------------------------------------------------------------------------------------------------ objective
+def _study_objective(objective, tokenizer, output_fn):
+    """(objective, gated, readout_logits) of what the study trains: ``gated(adapted, gate_M)`` the one function it trains
+    for that gate (module i trains iff gate_M[i] = 1), ``readout_logits(found)`` the (N, C) readout logits inside
+    the objective's evaluation ``found``. Default: `ClassificationObjective` of the study's readout."""
+    if objective is None or isinstance(objective, ClassificationObjective):
+        objective = ClassificationObjective(output_fn) if objective is None else objective
+        if objective.output_fn != output_fn:
+            raise ValueError(f"run_study(objective=ClassificationObjective({objective.output_fn!r})) reads other "
+                             f"logits than output_fn={output_fn!r}; pass objective=None to train the study's readout")
+        return objective, lambda adapted, gate_M: adapted.as_function(output_fn, gate=gate_M), \
+            lambda found: found["outputs"]
+    if isinstance(objective, NextTokenObjective):
+        readout = objective.readout
+        if output_fn is None or readout is None or readout.output_fn != output_fn or tokenizer is not readout:
+            raise ValueError("run_study(objective=NextTokenObjective(...)) trains the next-token loss of the study's "
+                             "label words: pass tokenizer=readout, output_fn=readout.output_fn and objective="
+                             "NextTokenObjective(readout=readout) (jaxlin.next_token.run_objective('next_token', "
+                             "readout)) with one label-word readout")
+        return objective, lambda adapted, gate_M: next_token_functions(adapted, gate=gate_M)[0], \
+            lambda found: label_word_logits(found, readout.token_ids)
+    raise TypeError(f"run_study(objective={objective!r}): pass None, a ClassificationObjective or a "
+                    "NextTokenObjective (jaxlin.next_token.run_objective)")
+
+
 # ------------------------------------------------------------------------------------------------ study
 def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, config: StudyConfig, *,
-              tokenizer=None, output_fn: Callable | None = None, progress: bool = True,
+              tokenizer=None, output_fn: Callable | None = None, objective=None, progress: bool = True,
               callback: Callable[[dict], None] | None = None) -> dict:
     """Run the κ–performance study of `config` on a classification `model`; returns the dict of the module
     docstring. `tokenizer` defaults to `model.tokenizer`; `callback(record)` gets each trained run's record.
@@ -287,7 +316,14 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     `output_fn`: the readout of every kernel, residual, training run and evaluation (None: the model's head). For
     label words load the model with task="causal_lm" and pass ``tokenizer=readout, output_fn=readout.output_fn``
     (`jaxlin.label_word_readout`): f(θ0) is then the LM's own zero-shot logits and no head is added, so
-    `StudyConfig.train_head` is ignored (recorded under variants["train_head"] as False, with the reason)."""
+    `StudyConfig.train_head` is ignored (recorded under variants["train_head"] as False, with the reason).
+
+    `objective`: what each run fine-tunes (docs/decoders.md), `ClassificationObjective(output_fn)` by default (the
+    cross-entropy of the readout's C logits); with a label-word readout `NextTokenObjective(readout=readout)`
+    (`jaxlin.next_token.run_objective("next_token", readout)`) trains the LM's own next-token loss of each label
+    word after its prompt, on the same gated step. Either way the kernels, statistics and KRR predictor are of the
+    readout's C logits, eval_accuracy / eval_macro_f1 / krr_agreement are of the readout's argmax (label-word
+    accuracy), and final_train_loss / eval_loss are the objective's loss; variants["objective"] records it."""
     start = time.perf_counter()
     tokenizer = model.tokenizer if tokenizer is None else tokenizer
     want = "classification" if output_fn is None else "causal_lm"
@@ -297,6 +333,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         raise ValueError(f"run_study needs a {want} model with a tokenizer (got task={model.task!r}, tokenizer="
                          f"{None if tokenizer is None else type(tokenizer).__name__}); {how} or pass tokenizer=")
     check_readout(tokenizer, output_fn, train_data.num_classes)
+    objective, gated, readout_logits = _study_objective(objective, tokenizer, output_fn)
     train_head = config.train_head and output_fn is None
     largest = max(v["num_calibration"] for v in config.variants.values())
     for name, have, need in (("num_train", len(train_data), config.num_train), ("num_eval", len(eval_data),
@@ -316,16 +353,18 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     padding = dict(max_length=c.max_length, pad_to_multiple_of=c.pad_to_multiple_of,
                    padding_side=getattr(tokenizer, "padding_side", "right"))
     train_sub, eval_sub = train_data.subset(np.arange(c.num_train)), eval_data.subset(np.arange(c.num_eval))
+    train_config = TrainConfig(learning_rate=c.learning_rate, steps=c.steps, batch_size=c.batch_size,
+                               warmup_ratio=c.warmup_ratio, max_length=c.max_length,
+                               pad_to_multiple_of=c.pad_to_multiple_of)
+    eval_config = dataclasses.replace(train_config, batch_size=c.eval_batch_size)
     step_batches, epoch = [], 0
     while len(step_batches) < c.steps:  # one batch order, shared by every run
-        step_batches += list(data.batches(train_sub, tokenizer, batch_size=c.batch_size, shuffle=True,
-                                          seed=c.data_seed * 100_003 + epoch, **padding))
+        step_batches += list(objective.batches(train_sub, tokenizer, train_config, shuffle=True,
+                                               seed=c.data_seed * 100_003 + epoch))
         epoch += 1
     step_batches = step_batches[:c.steps]
-    eval_batches, train_eval_batches = ([*data.batches(d, tokenizer, batch_size=c.eval_batch_size, **padding)]
+    eval_batches, train_eval_batches = ([*objective.batches(d, tokenizer, eval_config, shuffle=False, seed=0)]
                                         for d in (eval_sub, train_sub))
-    train_config = TrainConfig(learning_rate=c.learning_rate, steps=c.steps, batch_size=c.batch_size,
-                               warmup_ratio=c.warmup_ratio, max_length=c.max_length)
     optimizer = make_optimizer(train_config, c.steps)  # one object for every run: one compiled step
 
     # calibration: kernels on the largest set; a smaller set that is its prefix takes the leading block
@@ -336,7 +375,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     is_prefix = {n: calibration[n].texts == calibration[largest].texts[:n]
                  and np.array_equal(calibration[n].labels, calibration[largest].labels[:n]) for n in calibration}
 
-    def f0(batches):  # f(θ0) (N, O) in dataset order; the same for every seed (B0 = 0)
+    def f0(batches):  # f(θ0) (N, O) of the readout in dataset order; the same for every seed (B0 = 0)
         return evaluate(adapted.as_function(output_fn, gate=gate_vector(adapted, candidates)), adapted.trainable,
                         batches)["logits"]
 
@@ -352,7 +391,8 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     # KRR predictor: X = the largest calibration set, E = the eval examples; seed → (K_m(X, X), K_m(E, X))
     t0 = time.perf_counter()
     encoded_eval = data.encode(eval_sub, tokenizer, max_length=c.max_length, padding_side=padding["padding_side"])
-    f0_eval, labels_eval, krr_kernels = f0(eval_batches), eval_sub.labels, {}
+    krr_eval_batches = data.batches(eval_sub, tokenizer, batch_size=c.eval_batch_size, **padding)
+    f0_eval, labels_eval, krr_kernels = f0(krr_eval_batches), eval_sub.labels, {}
     timings["krr_s"] += time.perf_counter() - t0
 
     def krr_fields(seed, modules, tuned_logits_EO):
@@ -367,18 +407,19 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         key = (seed, frozenset(modules))
         if key not in trained:
             t0 = time.perf_counter()
-            f = adapted.as_function(output_fn, gate=gate_vector(adapted, modules))
+            f = gated(adapted, gate_vector(adapted, modules))
             result = fit(f, adapters[seed].trainable, lambda epoch: step_batches, config=train_config,
-                         optimizer=optimizer, progress=False)
+                         optimizer=optimizer, loss_fn=objective.loss_fn(f), progress=False)
             theta, losses = result.trainable, result.train_loss
-            ev, tr = evaluate(f, theta, eval_batches), evaluate(f, theta, train_eval_batches)
+            ev, tr = (objective.evaluate(f, theta, b, eval_config) for b in (eval_batches, train_eval_batches))
+            logits_EC = readout_logits(ev)
             last = losses[-max(1, math.ceil(0.1 * len(losses))):]
             trained[key] = {"final_train_loss": tr["loss"], "train_loss_last10pct": float(np.mean(last)),
                             "train_accuracy": tr["accuracy"], "eval_accuracy": ev["accuracy"], "eval_loss": ev["loss"],
-                            "eval_macro_f1": macro_f1(ev["labels"], ev["logits"].argmax(-1), ev["logits"].shape[1]),
+                            "eval_macro_f1": macro_f1(labels_eval, logits_EC.argmax(-1), logits_EC.shape[1]),
                             "train_loss_curve": losses, "wall_time_s": time.perf_counter() - t0}
             timings["train_s"] += trained[key]["wall_time_s"]
-            trained[key].update(krr_fields(seed, modules, ev["logits"]))
+            trained[key].update(krr_fields(seed, modules, logits_EC))
         record = {"configuration": label, "seed": seed, "modules": list(modules), **extra, **trained[key]}
         if callback is not None:
             callback(record)
@@ -445,7 +486,10 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
                          f"kernels of the configuration (full, (N·O × N·O)) at the run's seed, λ = {c.ridge_trace}·"
                          "trace(K_S)/(N·O), readout f0 = the model at θ0 (the study's readout); krr_eval_accuracy "
                          "is correlated like a statistic, krr_agreement = argmax agreement with the fine-tuned model",
-        "final_train_loss": "mean cross-entropy over the num_train training examples after training; "
+        "objective": objective.name,
+        "final_train_loss": ("mean cross-entropy" if objective.name == "classification" else "mean next-token "
+                             "cross-entropy (over the vocabulary) of the label-word completion tokens, eval_loss "
+                             "likewise,") + " over the num_train training examples after training; "
                             "train_loss_last10pct: mean batch loss of the last 10% of steps",
         "training": f"adam, linear schedule, warmup {c.warmup_ratio}, no weight decay, no pull to θ0; "
                     "same batch order for every run; the LoRA seed varies A0 only",

@@ -187,19 +187,33 @@ def test_objective_key_is_refused_where_it_makes_no_sense():
     assert override(c, {"objective": "next_token"}).fingerprint() != c.fingerprint()
     refusals = [(preset("quick"), {"stages": "sweep"}, r"^objective='next_token' is invalid: .*--readout label_words"),
                 (c, {"loss": "squared"}, r"^loss='squared' is invalid: .*cross-entropy over the vocabulary"),
-                (preset("decoder-quick"), {}, r"^objective='next_token' is invalid: the study .* drop study"),
                 (c, {"objective": "next-token"}, "one of 'classification', 'next_token'")]
     for base, more, message in refusals:
         with pytest.raises(ConfigError, match=message):
             override(base, {"objective": "next_token", **more})
 
 
-def test_cli_refuses_next_token_with_the_study_in_one_line(tmp_path, capsys):
-    assert cli.main(["run", "--preset", "decoder-quick", "--objective", "next_token",
-                     "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) <= 2 and "objective='next_token'" in err[-1] and "--stages" in err[-1]
-    assert not (tmp_path / "run").exists()
+def test_the_study_stage_trains_the_run_objective(monkeypatch, words):
+    """`--objective next_token` is accepted with every stage of decoder-quick (the study included); stage_study hands
+    the run's objective to run_study, and the readout section records it as the study's."""
+    from types import SimpleNamespace
+
+    from jaxlin import pipeline
+
+    _, readout, _ = words
+    config = override(preset("decoder-quick"), {"objective": "next_token"})
+    assert "study" in config.stages and config.train.objective == "next_token"
+    seen = []
+    monkeypatch.setattr(pipeline, "run_study", lambda *args, **kwargs: seen.append(kwargs["objective"]) or {})
+    for name, readout_ in (("next_token", readout), ("classification", readout), ("classification", None)):
+        ctx = SimpleNamespace(config=override(config, {"objective": name}), model=None, train=None, eval=None,
+                              readout=readout_, tokenizer=readout_, output_fn=readout_ and readout_.output_fn,
+                              results={"study": {}, "sweep": {}, "ntk": {}})
+        pipeline.stage_study(ctx)
+        assert seen[-1] == run_objective(name, readout_)
+        if readout_ is not None:
+            assert pipeline.readout_section(ctx)["stage_objectives"] == {"study": name, "sweep": name, "ntk": "none"}
+    assert isinstance(seen[0], NextTokenObjective) and seen[0].readout is readout
 
 
 def test_run_objective_maps_the_choice_to_what_the_sweep_trains(words):

@@ -334,3 +334,53 @@ def test_results_example_and_report_carry_the_krr_correlation():
     runs[0]["krr_agreement"] = "high"
     with pytest.raises(SchemaError, match=r"correlation\.runs\[0\]\.krr_agreement"):
         validate_results(example)
+
+
+def test_run_study_with_the_next_token_objective(monkeypatch):
+    """`objective=NextTokenObjective(readout=r)`: every run trains the LM's next-token loss of its label word on
+    the one gated step (the loss is traced by the first run only), the objective is recorded, the training loss
+    falls below its value at θ0, and eval_accuracy / eval_macro_f1 are those of the trained parameters' label-word
+    logits, recomputed here through the readout (train.evaluate), independent of the next-token evaluation."""
+    import jaxlin
+    from word_tokenizer import sentiment_data, word_tokenizer
+
+    from jaxlin import next_token, study
+
+    model = tiny_model("llama", task="causal_lm", dtype=jnp.float64)
+    readout = jaxlin.label_word_readout(word_tokenizer(), ["bad", "good"], template="Review: {text} Sentiment:")
+    train, ev = sentiment_data(24, seed=0), sentiment_data(12, seed=2)  # 4 of 12 eval examples positive
+    config = _config(configurations={"a": ("layer0.self_attn.q_proj",), "b": ("layer0.self_attn.v_proj",)},
+                     targets=("q_proj", "v_proj"), layers=(0,), seeds=(0,), kernels=("ntk",),
+                     num_calibration_large=None, num_train=16, num_eval=12, selection_budget=1, steps=4,
+                     warmup_ratio=0.0, learning_rate=0.1, n_bootstrap=20)
+    traces, fitted, tuned, at_run = [], [], [], []
+    loss_call, outcomes = next_token._NextTokenLoss.__call__, study.krr_outcomes
+    monkeypatch.setattr(next_token._NextTokenLoss, "__call__",
+                        lambda self, *a: (traces.append(1), loss_call(self, *a))[1])
+    monkeypatch.setattr(study, "fit", lambda f, *a, **k: (fitted.append((np.asarray(f.gate_M), r := fit(f, *a, **k))),
+                                                         r)[1])
+    monkeypatch.setattr(study, "krr_outcomes", lambda krr, logits, labels: (tuned.append(logits),
+                                                                             outcomes(krr, logits, labels))[1])
+    objective = next_token.run_objective("next_token", readout)
+    result = run_study(model, train, ev, config, tokenizer=readout, output_fn=readout.output_fn, objective=objective,
+                       progress=False, callback=lambda record: at_run.append(len(traces)))
+    assert result["variants"]["objective"] == "next_token" and "next-token" in result["variants"]["final_train_loss"]
+    assert len(fitted) == len(tuned) == 3 and len(set(at_run)) == 1 and at_run[0] > 0  # no trace after the first run
+
+    adapted = add_lora(model, targets=("q_proj", "v_proj"), layers=(0,), rank=config.rank, alpha=config.alpha, seed=0)
+    f0, _ = next_token.next_token_functions(adapted)
+    pairs = next_token.completions_from_labels(train.subset(np.arange(config.num_train)), readout)
+    loss0 = next_token.evaluate_next_token(f0, adapted.trainable, next_token.completion_batches(
+        pairs, readout.tokenizer, batch_size=8, max_length=config.max_length))["loss"]
+    eval_batches = list(data.batches(ev.subset(np.arange(config.num_eval)), readout, batch_size=8, max_length=16))
+    for record in [*result["runs"], *result["selection"]["methods"].values()]:
+        gate = gate_vector(adapted, record["modules"])
+        i = next(i for i, (g, _) in enumerate(fitted) if np.array_equal(g, gate))
+        assert record["final_train_loss"] < loss0, record["configuration"]
+        found = evaluate(adapted.as_function(readout.output_fn, gate=gate), fitted[i][1].trainable, eval_batches)
+        np.testing.assert_allclose(tuned[i], found["logits"], rtol=1e-6, atol=1e-7)  # kept as float32
+        assert record["eval_accuracy"] == found["accuracy"], record["configuration"]
+        assert record["eval_macro_f1"] == macro_f1(found["labels"], found["logits"].argmax(-1), 2)
+    with pytest.raises(ValueError, match="tokenizer=readout, output_fn=readout.output_fn"):
+        run_study(model, train, ev, config, tokenizer=readout, output_fn=readout.output_fn,
+                  objective=next_token.NextTokenObjective(), progress=False)
