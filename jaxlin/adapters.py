@@ -132,6 +132,13 @@ class Adapted:
             out = self.apply(trainable, frozen, input_ids, attention_mask, **kwargs)
         return out, dict(state.inputs)
 
+    def gated(self, trainable, gate_M):
+        """``trainable`` with LoRA module i's factors entering as g_i·x + (1 − g_i)·stop_gradient(x): the same
+        values, with zero gradient where g_i = 0 (the gate of `as_function`, in `lora_modules` order)."""
+        lora = {m: {k: gate_M[i] * v + (1 - gate_M[i]) * jax.lax.stop_gradient(v)
+                    for k, v in trainable["lora"][m].items()} for i, m in enumerate(self.lora_modules)}
+        return {**trainable, "lora": lora}
+
     def as_function(self, output_fn: Callable | None = None, gate=None) -> "AdaptedFunction":
         """``f(trainable, batch) -> outputs`` of this model (see `AdaptedFunction`), the one form in which
         kernels, training, the probe, the study and the pipeline take an adapted model.
@@ -176,9 +183,7 @@ class AdaptedFunction:
 
     def __call__(self, trainable, batch):
         if self.gate_M is not None:
-            lora = {m: {k: _gated(v, self.gate_M[i]) for k, v in trainable["lora"][m].items()}
-                    for i, m in enumerate(self.adapted.lora_modules)}
-            trainable = {**trainable, "lora": lora}
+            trainable = self.adapted.gated(trainable, self.gate_M)
         out = self.adapted.apply(trainable, self.frozen, batch["input_ids"], batch["attention_mask"],
                                  **model_kwargs(self.output_fn))
         return out if self.output_fn is None else self.output_fn(out, batch)
@@ -192,10 +197,6 @@ def model_kwargs(output_fn: Callable | None) -> dict:
     """Keyword arguments ``output_fn`` asks the model call for (its ``model_kwargs``: `jaxlin.label_word_readout`'s
     asks for its label token ids only, so the model never builds (B, L, V) logits); none for plain functions."""
     return dict(getattr(output_fn, "model_kwargs", None) or {})
-
-
-def _gated(x, g):
-    return g * x + (1 - g) * jax.lax.stop_gradient(x)
 
 
 def adapt(model: Model, *, lora: LoRA | None = None, layers: Iterable[int] | None = None,

@@ -111,7 +111,8 @@ class KernelSection:
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     """The λ sweep's fine-tuning (`jaxlin.sweep.lambda_sweep`): λ (``lambdas``) is the proximal strength of the
-    loss (mean over examples) + (λ/2)‖θ−θ0‖²; `RunConfig.sweep_train_config` is its `jaxlin.train.TrainConfig`."""
+    loss (mean over examples) + (λ/2)‖θ−θ0‖²; `RunConfig.sweep_train_config` is its `jaxlin.train.TrainConfig`.
+    ``objective`` is what both the sweep and the κ study fine-tune on."""
 
     lambdas: tuple[float, ...] = (0.5, 5.0, 50.0)
     regularizer: str = "prox"

@@ -34,7 +34,6 @@ import numpy as np
 import optax
 from jax.tree_util import Partial
 
-from .adapters import _gated
 from .data import DataError, TextDataset, pad_batch, read_rows
 from .readout import LabelWordReadout
 from .sweep import ClassificationObjective, output_comparison
@@ -179,9 +178,7 @@ class TokenLogits:
 
     def __call__(self, trainable, batch):
         if self.gate_M is not None:
-            lora = {m: {k: _gated(v, self.gate_M[i]) for k, v in trainable["lora"][m].items()}
-                    for i, m in enumerate(self.adapted.lora_modules)}
-            trainable = {**trainable, "lora": lora}
+            trainable = self.adapted.gated(trainable, self.gate_M)
         return self.adapted.apply(trainable, self.frozen, batch["input_ids"], batch["attention_mask"],
                                   positions=batch["positions"])
 
