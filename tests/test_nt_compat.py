@@ -60,6 +60,7 @@ def test_jaxlin_matches_neural_tangents(model, impl):
 
 
 @needs_nt
+@pytest.mark.slow  # imports neural-tangents, an oracle only
 def test_nt_convention_is_mean_and_bad_implementation_raises():
     f, params, x1, x2 = _setup("mlp")
     nt_mean = _nt_compat.nt_empirical_ntk_fn(f, reduce="mean")(x1, x2, params)

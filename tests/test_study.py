@@ -336,6 +336,7 @@ def test_results_example_and_report_carry_the_krr_correlation():
         validate_results(example)
 
 
+@pytest.mark.slow  # a whole small study; the gated step (above) and the next-token loss (test_next_token) are checked fast
 def test_run_study_with_the_next_token_objective(monkeypatch):
     """`objective=NextTokenObjective(readout=r)`: every run trains the LM's next-token loss of its label word on
     the one gated step (the loss is traced by the first run only), the objective is recorded, the training loss
