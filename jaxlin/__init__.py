@@ -31,6 +31,7 @@ from .spectrum import condition_numbers, kernel_statistics, sign_kernel_stats, s
 from .select import (baseline_selections, configuration_kernel, configuration_stats, enumerate_configurations,
                      greedy_select, perturbation_report, spectral_selection)
 from .solve import (conjugate_gradient, flow_dynamics, gd_dynamics, kernel_predict, kernel_ridge, ridge_path)
+from .primal import primal_ridge
 from .regularizers import adamspd, prox_l2, selective_prox
 from .stats import correlation, macro_f1, modal_tie_fraction
 from .probe import linearity_probe, probe_adapted
@@ -78,7 +79,7 @@ __all__ = [
     "baseline_selections", "configuration_kernel", "configuration_stats", "enumerate_configurations",
     "greedy_select", "perturbation_report", "spectral_selection",
     "conjugate_gradient", "flow_dynamics", "gd_dynamics", "kernel_predict", "kernel_ridge", "ridge_path",
-    "adamspd", "prox_l2", "selective_prox", "correlation", "macro_f1", "modal_tie_fraction", "linearity_probe",
+    "primal_ridge", "adamspd", "prox_l2", "selective_prox", "correlation", "macro_f1", "modal_tie_fraction", "linearity_probe",
     "probe_adapted",
     "TrainConfig", "evaluate", "fit", "model_functions", "lambda_sweep", "sweep_summary", "ClassificationObjective",
     "NextTokenObjective", "completions_from_labels", "load_completions", "next_token_functions", "next_token_loss",
