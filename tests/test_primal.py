@@ -16,6 +16,7 @@ from jaxlin.adapters import add_lora
 from jaxlin.primal import primal_ridge
 from jaxlin.testing import random_batch, tiny_model
 from jaxlin.train import model_functions
+from tiers import tiered
 
 N, N_EVAL, O = 13, 5, 3
 
@@ -106,7 +107,7 @@ def test_bad_arguments_are_refused_in_one_line(adapted, problem):
         primal_ridge(f, adapted.trainable, iter([train]), lam)
 
 
-@pytest.mark.parametrize("shape", [(8, 1), (2, 4), pytest.param((4, 2), marks=pytest.mark.slow)])
+@pytest.mark.parametrize(*tiered("shape", [(8, 1), (2, 4), (4, 2)], [(2, 4)]))
 def test_on_a_mesh_equals_one_device(adapted, problem, shape):
     """Meshes over ("data", "model"): 13 rows padded to 16 (example_mask 0) over "data", the 2-D trainable
     leaves whose width divides sharded over "model"; δ keeps θ0's shardings and gives KRR's predictions. (No leaf
