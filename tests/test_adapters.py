@@ -74,7 +74,7 @@ def test_merge_equals_apply_after_training_step(clf, batch):
 @pytest.mark.parametrize(*tiered("family,targets", [("bert", ("query", "value")), ("roberta", ("query", "key", "value")),
                                                     ("gpt2", ("c_attn", "c_proj")),
                                                     ("llama", ("q_proj", "v_proj", "down_proj"))],
-                                  [("llama", ("q_proj", "v_proj", "down_proj"))]))
+                                  [("roberta", ("query", "key", "value"))]))
 def test_unmerged_lora_equals_merged_with_its_gradients(family, targets):
     """apply runs x·W + s·(x·A)·B; it equals the model at merged weights W + s·A·B, and so do the gradients
     w.r.t. A and B (float64, random A and B)."""
