@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh
 
 ENV_COORDINATOR = "JAXLIN_COORDINATOR"
@@ -123,4 +124,17 @@ def process_rows(batch: dict, *, fix: str) -> dict:
                          f"multiple of {count}")
     share = rows // count
     return {k: v[index * share:(index + 1) * share] for k, v in batch.items()}
+
+
+def to_host(tree):
+    """`tree`'s arrays as numpy on this process; an array spread over several processes is gathered from all of
+    them (`multihost_utils.process_allgather`), so every process gets the whole value."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 

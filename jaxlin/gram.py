@@ -53,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxlin._types import PyTree
+from jaxlin.distributed import to_host
 from jaxlin.sharding import is_on_mesh, place
 from jaxlin._util import leading_size
 
@@ -95,17 +96,10 @@ def _mirror(tile: np.ndarray) -> np.ndarray:
     return tile.transpose(perm)
 
 
-def _to_host(a) -> np.ndarray:
-    if isinstance(a, jax.Array) and not a.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-    return np.asarray(a)
-
-
 def _fingerprint(x1, x2, key: str) -> str:
     h = hashlib.sha256(key.encode())
     for leaf in jax.tree.leaves((x1, x2)):
-        arr = np.ascontiguousarray(_to_host(leaf))
+        arr = np.ascontiguousarray(to_host(leaf))
         h.update(f"{arr.shape}{arr.dtype}".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
@@ -224,7 +218,7 @@ def blocked_gram(tile_fn: Callable, x1: PyTree, x2: Optional[PyTree] = None, *, 
 
     def finish_one():
         i, j, result = pending.popleft()
-        leaves = [_to_host(a) for a in jax.tree.leaves(result)]
+        leaves = [to_host(a) for a in jax.tree.leaves(result)]
         if checkpoint_dir is not None:
             valid = [a[: min(b1, n1 - i * b1), : min(b2, n2 - j * b2)] for a in leaves]
             _atomic_write(_tile_path(checkpoint_dir, i, j), lambda fh: np.savez(fh, *valid))

@@ -364,9 +364,7 @@ def _outputs(ctx: Context, batch):
     if ctx.mesh is not None:
         x = sharding.place(x, {k: NamedSharding(ctx.mesh, P()) for k in x})
     logits = jax.jit(AdaptedFunction.__call__)(ad.as_function(ctx.output_fn), ad.trainable, x)
-    if not logits.is_fully_addressable:
-        logits = multihost_utils.process_allgather(logits, tiled=True)
-    return np.asarray(logits, np.float64)
+    return np.asarray(distributed.to_host(logits), np.float64)
 
 
 def _calibration_residual(ctx: Context) -> np.ndarray:
@@ -476,7 +474,7 @@ def _run(config: RunConfig, out: Path | None, resume: bool, cache_directory: str
     jax.config.update("jax_enable_x64", True)  # float64 Gram accumulation and eigensolves
     require_healthy_backend()  # before anything is computed or written: a miscompiling jaxlib stops the run here
     mesh = _mesh_setup(config, out)
-    _check_mesh_stages(config, config.stages, mesh)
+    _check_mesh_stages(config, mesh)
     out = Path(out) if out is not None else default_out_dir(config.preset, resume)
     with output_directory(out) if _writes() else contextlib.nullcontext():
         log(f"jaxlin run: preset {config.preset}, output {out}"
@@ -574,9 +572,10 @@ def _mesh_setup(config: RunConfig, out) -> Mesh | None:
     return mesh
 
 
-def _check_mesh_stages(config: RunConfig, stages, mesh: Mesh | None) -> None:
+def _check_mesh_stages(config: RunConfig, mesh: Mesh | None) -> None:
     """Refuse the stages that cannot run as several processes yet (in one process they run replicated) and batch
     sizes that do not split over the processes."""
+    stages = config.stages
     unaware = [s for s in stages if s in MESH_UNAWARE]
     processes = jax.process_count()
     splits = {"dynamics": ("--num-calibration", config.data.num_calibration),

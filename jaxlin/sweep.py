@@ -32,11 +32,10 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 from flax import traverse_util
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from . import data
-from .distributed import process_rows
+from .distributed import process_rows, to_host
 from ._util import loglog_slope
 from .readout import check_readout
 from .train import TrainConfig, evaluate, fit, model_functions
@@ -173,7 +172,7 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
     apply_nonlinear, apply_linearized = objective.functions(adapted)
     theta0 = adapted.trainable if plan is None else plan.place(adapted.trainable)
     init = objective.evaluate(apply_nonlinear, theta0, train_eval_batches(), config, **eval_kw)
-    theta0_host = _host(theta0)
+    theta0_host = to_host(theta0)
     results = []
     for lam in lambdas:
         start = time.perf_counter()
@@ -182,7 +181,7 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
         for name, apply_fn in (("nonlinear", apply_nonlinear), ("linearized", apply_linearized)):
             res = fit(apply_fn, theta0, train_batches, config=cfg, progress=progress,
                       loss_fn=objective.loss_fn(apply_fn), **fit_kw)
-            runs[name] = {"result": res, "trainable": _host(res.trainable),
+            runs[name] = {"result": res, "trainable": to_host(res.trainable),
                           "train": objective.evaluate(apply_fn, res.trainable, train_eval_batches(), cfg, **eval_kw),
                           "eval": objective.evaluate(apply_fn, res.trainable, eval_batches(), cfg, **eval_kw)}
         theta, theta_lin = runs["nonlinear"]["trainable"], runs["linearized"]["trainable"]
@@ -217,16 +216,6 @@ def _variant(cfg: TrainConfig) -> dict:
     return {k: getattr(cfg, k) for k in keys}
 
 
-def _host(tree):
-    """`tree` as numpy on this process: arrays spread over several processes are gathered from all of them."""
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
-
-    return jax.tree.map(one, tree)
-
-
 def _distance(a, b) -> float:
     sq = jax.tree.map(lambda x, y: np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2), a, b)
     return float(np.sqrt(sum(jax.tree.leaves(sq))))
@@ -252,13 +241,13 @@ def _logsumexp(x_NC: np.ndarray) -> np.ndarray:
 def relative_module_distances(adapted, trainable) -> dict[str, float]:
     """{module: ‖ΔW‖_F/‖W0‖_F} for every trainable group of `adapted` (see `lambda_sweep`)."""
     frozen = traverse_util.flatten_dict(adapted.frozen)
-    now, start = (traverse_util.flatten_dict(_host(t)) for t in (trainable, adapted.trainable))
+    now, start = (traverse_util.flatten_dict(to_host(t)) for t in (trainable, adapted.trainable))
     out = {}
     for module, paths in adapted.groups.items():
         if module in adapted.lora_modules:
             a, b, a0, b0 = (np.asarray(t[("lora", module, k)], np.float64) for t in (now, start) for k in "ab")
             delta = adapted.lora_scale * (a @ b - a0 @ b0)
-            w0 = np.asarray(_host(frozen[adapted.model.module(module).path + ("kernel",)]), np.float64)
+            w0 = np.asarray(to_host(frozen[adapted.model.module(module).path + ("kernel",)]), np.float64)
             out[module] = float(np.linalg.norm(delta) / np.linalg.norm(w0))
         else:
             diff = sum(float(np.sum((np.asarray(now[p], np.float64) - np.asarray(start[p], np.float64)) ** 2))
