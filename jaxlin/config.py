@@ -355,13 +355,13 @@ PRESETS: dict[str, dict] = {
     "decoder-quick": {"model": dict(name="SmolLM2-135M-Instruct", readout="label_words", train_head=False,
                                     prompt_template=DECODER_TEMPLATE),
                       "lora": dict(targets=("q_proj", "v_proj"), layers=(28, 29)),
-                      "data": dict(num_train=64, num_eval=64, num_calibration=16, max_length=64),
-                      "kernel": dict(num_krr=16, krr_ridges=(1e-4, 1e-2, 1.0), sign_kernel=False),
-                      "train": dict(lambdas=(1.0, 100.0), steps=4, batch_size=8, learning_rate=1e-3,
-                                    num_train_evaluated=16),
+                      "data": dict(num_train=32, num_eval=16, num_calibration=8, max_length=64),
+                      "kernel": dict(num_krr=8, krr_ridges=(1e-4, 1e-2, 1.0), sign_kernel=False),
+                      "train": dict(lambdas=(1.0, 100.0), steps=4, batch_size=4, learning_rate=1e-3,
+                                    num_train_evaluated=8),
                       "dynamics": dict(steps=4),
                       "probe": dict(radii=(0.1, 1.0), directions=2, tangents=2),
-                      "study": dict(preset="quick", configurations=("layer",), seeds=None, selection_budget=1)},
+                      "study": dict(preset="smoke", configurations=("layer",), seeds=None, selection_budget=1)},
 }
 
 

@@ -67,7 +67,7 @@ from .train import TrainConfig, evaluate, fit, make_optimizer
 OUTCOMES = ("final_train_loss", "train_loss_last10pct", "eval_accuracy", "eval_loss", "eval_macro_f1")
 PREDICTORS = ("krr_eval_accuracy",)  # run-level predictors, correlated with the outcomes like a statistic
 CALIBRATION_MODES = ("first", "random", "balanced")
-PRESETS = ("quick", "default", "gpu")
+PRESETS = ("smoke", "quick", "default", "gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,9 +177,15 @@ def _bad(name, value, allowed):
 
 
 def study_preset(name: str) -> StudyConfig:
-    """"quick" (≤ 3 min on a 2-core CPU with MiniLM: 6 layer configurations × 1 seed, 16 calibration examples),
+    """"smoke" (every step at the smallest sizes that run it: 16 training and 16 eval examples, 4 steps; for
+    checking that a model goes through the study, not for its numbers), "quick" (≤ 3 min on a 2-core CPU with
+    MiniLM: 6 layer configurations × 1 seed, 16 calibration examples),
     "default" (≤ 30 min: 24 configurations × 3 seeds, 32 + 128 calibration examples) or "gpu" (one GPU: 24
     configurations plus projections and top-k × 5 seeds, both kernels, a longer budget at real lengths)."""
+    if name == "smoke":
+        return StudyConfig(configurations=("layer",), seeds=(0,), num_calibration=8, num_calibration_large=None,
+                           steps=4, batch_size=4, max_length=32, pad_to_multiple_of=32, num_train=16, num_eval=16,
+                           eval_batch_size=16, n_bootstrap=100, selection_budget=1)
     if name == "quick":
         return StudyConfig(configurations=("layer",), seeds=(0,), num_calibration=16, num_calibration_large=None,
                            steps=8, batch_size=8, max_length=32, pad_to_multiple_of=32, num_train=64, num_eval=64,

@@ -206,16 +206,21 @@ def test_packaged_minilm_kernels_of_every_implementation_match_per_example_float
     as64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)  # noqa: E731
     tr64, fr64 = as64(ad.trainable), as64(ad.frozen)
 
-    @jax.jit
-    def grads(ids, mask):  # both outputs' gradients for one example, float64, one VJP each
-        out, pull = jax.vjp(lambda t: ad.apply(t, fr64, ids, mask)[0], tr64)
+    @jax.jit  # the weights are arguments: closed over, XLA would constant-fold the whole checkpoint
+    def grads(tr, fr, ids, mask):  # both outputs' gradients for one example, float64, one VJP each
+        out, pull = jax.vjp(lambda t: ad.apply(t, fr, ids, mask)[0], tr)
         return jnp.stack([ravel_pytree(pull(e)[0])[0] for e in jnp.eye(out.shape[0], dtype=out.dtype)])
 
-    jac_NOP = np.stack([np.asarray(grads(x["input_ids"][i:i + 1], x["attention_mask"][i:i + 1])) for i in range(32)])
+    jac_NOP = np.stack([np.asarray(grads(tr64, fr64, x["input_ids"][i:i + 1], x["attention_mask"][i:i + 1]))
+                        for i in range(32)])
     ref = np.einsum("iap,jbp->ijab", jac_NOP, jac_NOP)
     for impl in IMPLS:
-        k = module_ntks(ad, x, trace_axes=(), implementation=impl)["layer0.attention.value"]
-        np.testing.assert_allclose(k, ref, atol=1e-5 * np.abs(ref).max(), err_msg=impl)
+        # ntk_vector_products (one jvp of a vjp per kernel entry) on the first 8 examples: 8 × 64 tokens × 384
+        # hidden are still far past the miscompile's size, and all 32 cost it a minute
+        n = 8 if impl == "ntk_vector_products" else 32
+        k = module_ntks(ad, {k: v[:n] for k, v in x.items()}, trace_axes=(), implementation=impl)
+        np.testing.assert_allclose(k["layer0.attention.value"], ref[:n, :n], atol=1e-5 * np.abs(ref).max(),
+                                   err_msg=impl)
     if importlib.util.find_spec("neural_tangents") is not None:
         nt = empirical_ntk_fn(ad.as_function(), trace_axes=(), implementation="neural_tangents")
         k = np.asarray(jax.jit(nt)(x, None, ad.trainable))

@@ -42,12 +42,13 @@ def reference_kernel(adapted, trainable, batch, output_fn):
     """Dense float64 J Jᵀ (B, B, C, C) per module of the readout computed from full (B, L, V) logits."""
     flat, unravel = ravel_pytree(trainable)
 
-    def f(p):
-        out = adapted.apply(unravel(p), adapted.frozen, batch["input_ids"], batch["attention_mask"])
+    def f(p, frozen, batch):
+        out = adapted.apply(unravel(p), frozen, batch["input_ids"], batch["attention_mask"])
         assert out.ndim == 3  # the full logits: no label_token_ids here
         return output_fn(out, batch)
 
-    j = jax.jit(jax.jacrev(f))(flat)  # (B, C, P)
+    # frozen weights and batch are arguments: closed over, XLA would constant-fold a real checkpoint's weights
+    j = jax.jit(jax.jacrev(f))(flat, adapted.frozen, batch)  # (B, C, P)
     kernels = {}
     for name in adapted.modules:
         mask = jax.tree_util.tree_map(jnp.zeros_like, trainable)
