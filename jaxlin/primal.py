@@ -39,6 +39,7 @@ class PrimalRidgeSolution(CGSolution):
     over the data); `status` ("ok", "not_converged", "not_psd", "not_finite") and `message` as `CGSolution`'s.
     predictions: f(θ0) + Jδ on the eval batches (rows concatenated, (N_eval, O)), change: Jδ there; None without
     eval batches."""
+    operator = "JᵀJ+λI"
     predictions: np.ndarray | None = None
     change: np.ndarray | None = None
 

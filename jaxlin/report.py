@@ -105,12 +105,28 @@ def _spectra_table(results: dict) -> str:
                          "μ_max", "μ_min", "trace", "eff. rank", "stable rank"), "table-spectrum", numeric=tuple(range(2, 11)))
 
 
+def _fine_tuned(objective: str | None) -> str:
+    """How a fine-tuning stage trained, from its recorded objective (docs/results-schema.md, readout): the one
+    wording of the sweep's and the study's rows."""
+    return "fine-tuned on the next-token loss" if objective == "next_token" else "fine-tuned"
+
+
+def _study_objective_note(results: dict) -> str:
+    """A line saying the study's losses are next-token losses when it trained `next_token`, else nothing."""
+    readout = results.get("readout") or {}
+    objective = (readout.get("stage_objectives") or {}).get("study", readout.get("objective"))
+    if objective != "next_token":
+        return ""
+    return (f"<p>The study's runs were {_fine_tuned(objective)}: their final train loss and eval loss are the "
+            "LM's next-token cross-entropy of the label word; eval accuracy is the readout's argmax.</p>")
+
+
 def _correlation_figure(results: dict) -> str:
     note = _missing_note(results, "correlation")
     if note:
         return _figure("fig-kappa-scatter", None, "", note)
     corr = results["correlation"]
-    return _figure("fig-kappa-scatter", _plots.kappa_scatter(corr) if corr["runs"] else None,
+    return _study_objective_note(results) + _figure("fig-kappa-scatter", _plots.kappa_scatter(corr) if corr["runs"] else None,
                    "κ at init against the fine-tuning outcome, one point per run, least-squares line in log κ; "
                    "bootstrap CIs in brackets. The paper expects lower κ ↔ higher accuracy, lower loss.",
                    None if corr["runs"] else "No runs recorded.")
@@ -333,8 +349,7 @@ def _glance_section(results: dict) -> str:
         rows.append((f"KRR with the model's eNTK, λ = {_plots.fmt(best[0])}", _plots.fmt(best[1]), "",
                      f"{results['krr'].get('num_eval', '?')} eval examples, no training"))
     for r in results["sweep"]:
-        trained = "fine-tuned on the next-token loss" if r.get("objective") == "next_token" else "fine-tuned"
-        rows.append((f"{trained}, λ = {_plots.fmt(r['lambda'])}",
+        rows.append((f"{_fine_tuned(r.get('objective'))}, λ = {_plots.fmt(r['lambda'])}",
                      _maybe(r.get("eval_accuracy_nonlinear")), _maybe(r.get("eval_accuracy_linearized")),
                      f"‖f − f̄‖ = {_maybe(r.get('output_distance_lin_nonlin_eval'))}, "
                      f"KL = {_maybe(r.get('kl_nonlin_lin'))}"))

@@ -344,7 +344,9 @@ def ridge_path_predict(gram_eval_train, path: RidgePath, f0_eval=None) -> Array:
 @_pytree_dataclass(["value", "ridge", "iterations", "residual", "recursive_residual", "tol", "status_code"],
                    ["max_iters"])
 class CGSolution:
-    """value: x with (K + λI)x ≈ rhs; residual: true relative residual ‖rhs − (K+λI)x‖/‖rhs‖."""
+    """value: x with (K + λI)x ≈ rhs; residual: true relative residual ‖rhs − (K+λI)x‖/‖rhs‖. `operator` names the
+    system's matrix in the message (a subclass that solves another one, as `jaxlin.primal`'s JᵀJ + λI, says so)."""
+    operator = "K+λI"  # a class attribute, not a field: the message's name of the matrix CG solved
     value: Array
     ridge: Array
     iterations: Array
@@ -366,14 +368,15 @@ class CGSolution:
         if self.status == "not_finite":
             return _input_message(self.status)
         if self.status == "not_psd":
-            return (f"not_psd: CG broke down after {it} iterations (pᵀ(K+λI)p ≤ 0): the matvec is not symmetric "
-                    f"positive definite at λ = {float(self.ridge):.4g}; increase the ridge or check the matvec.")
+            return (f"not_psd: CG broke down after {it} iterations (pᵀ({self.operator})p ≤ 0): the matvec is not "
+                    f"symmetric positive definite at λ = {float(self.ridge):.4g}; increase the ridge or check the "
+                    "matvec.")
         if float(self.recursive_residual) <= tol:
             return (f"not_converged: CG's recursive residual reached tol {tol:.3g} after {it} iterations but the "
                     f"true residual is {res:.3g}: a precision limit; loosen tol, enable x64, or raise the ridge.")
         return (f"not_converged: CG stopped after {it} iterations (max_iters={self.max_iters}) with relative "
                 f"residual {res:.3g} > tol {tol:.3g}. Try max_iters={2 * max(it, 1)} or more, a larger ridge "
-                "(CG needs about √κ(K+λI) iterations), or a looser tol.")
+                f"(CG needs about √κ({self.operator}) iterations), or a looser tol.")
 
 
 def conjugate_gradient(matvec: Callable[[Array], Array], rhs, ridge, *, tol=1e-6, max_iters: int | None = None,

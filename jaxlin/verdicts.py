@@ -99,6 +99,11 @@ def slope_interval(x, y) -> tuple[float, float, float, int]:
     return float(slope), float(slope) - half, float(slope) + half, n
 
 
+def too_few_lambdas(n: int) -> str:
+    """Why a log-log slope over `n` usable λ values has no interval, hence no verdict: the one wording of it."""
+    return f"needs ≥ {MIN_LAMBDAS} λ values (have {n})"
+
+
 def difference_interval(p1: float, n1: int, p2: float, n2: int) -> tuple[float, float, float]:
     """(p1 − p2, lo, hi): the Wald `CONFIDENCE` interval of a difference of two accuracies on n1 and n2 examples,
     treated as independent samples (conservative when they share examples)."""
@@ -140,11 +145,15 @@ def _sweep_row(results: dict, source: str) -> dict:
     lambdas = [p["lambda"] for p in sweep]
     slope, lo, hi, n = slope_interval(lambdas, [p["output_distance_lin_nonlin"] for p in sweep])
     theta = slope_interval(lambdas, [p["theta_distance_lin_nonlin"] for p in sweep])[0]
-    statistic = f"slope {_fmt(slope)} {_ci(lo, hi)}, n = {n} λ values; ‖θ − θ̄‖ slope {_fmt(theta)}"
-    verdict, reason = interval_verdict(lo, hi, -1, null_band=SLOPE_NULL_BAND, units=n, min_units=MIN_LAMBDAS,
-                                       unit_name="λ values")
-    hint = None if n >= MIN_LAMBDAS else f"sweep ≥ {MIN_LAMBDAS} λ values: --lambdas 0.5,5,50"
-    return _row(CLAIM_LINEAR, test, verdict, reason, statistic, source, hint)
+    theta_text = f"‖θ − θ̄‖ slope {_fmt(theta)}"
+    if n < MIN_LAMBDAS:
+        few = too_few_lambdas(n)
+        return _row(CLAIM_LINEAR, test, INCONCLUSIVE, f"the slope's {CONFIDENCE:.0%} interval {few}",
+                    f"slope {_fmt(slope)}, no interval ({few}); {theta_text}", source,
+                    f"sweep ≥ {MIN_LAMBDAS} λ values: --lambdas 0.5,5,50")
+    statistic = f"slope {_fmt(slope)} {_ci(lo, hi)}, n = {n} λ values; {theta_text}"
+    verdict, reason = interval_verdict(lo, hi, -1, null_band=SLOPE_NULL_BAND)
+    return _row(CLAIM_LINEAR, test, verdict, reason, statistic, source)
 
 
 def _study_runs(results: dict) -> list:

@@ -97,6 +97,15 @@ def test_max_iters_reached_is_reported_with_what_to_try(adapted, problem):
     assert float(sol.residual) > 1e-10 and "max_iters=4" in sol.message, sol.message
 
 
+def test_breakdown_names_the_primal_operator():
+    """Negative row weights make JᵀWJ + λI indefinite: CG breaks down, and says which system it solved."""
+    f = lambda theta, batch: batch["input_ids"].astype(theta["w"].dtype) @ theta["w"]  # noqa: E731
+    ids = np.arange(1, 29, dtype=np.int32).reshape(7, 4) % 5
+    batch = {"input_ids": ids, "labels": np.arange(7, dtype=np.int32) % O, "example_mask": -np.ones(7, np.float32)}
+    sol = primal_ridge(f, {"w": jnp.zeros((4, O))}, [batch], 1e-3)
+    assert sol.status == "not_psd" and "pᵀ(JᵀJ+λI)p ≤ 0" in sol.message, sol.message
+
+
 def test_bad_arguments_are_refused_in_one_line(adapted, problem):
     f, train, _, lam, _ = problem
     for kwargs, match in [(dict(ridge=0.0), "ridge=0.0"), (dict(ridge=lam, tol=-1.0), "tol=-1.0"),

@@ -206,6 +206,32 @@ def test_slope_interval_matches_linregress():
     assert np.isnan(verdicts.slope_interval([1.0, 2.0], [1.0, 0.5])[1])  # two points: no interval
 
 
+def test_sweep_verdict_over_two_lambdas_says_why_it_has_no_interval(tmp_path, example):
+    two = _mutated(example, lambda r: r.__setitem__("sweep", r["sweep"][:2]))
+    row = _row(two, "sweep:")
+    few = verdicts.too_few_lambdas(2)
+    assert few == f"needs ≥ {verdicts.MIN_LAMBDAS} λ values (have 2)"
+    assert row["verdict"] == INCONCLUSIVE and few in row["reason"] and few in row["statistic"], row
+    assert "nan" not in row["statistic"] and "--lambdas" in row["run"]
+    page = render_report(_write(tmp_path, two)).read_text()
+    table = page[page.index('id="table-verdicts"'):page.index('id="table-headline"')]
+    assert "[nan, nan]" not in table and few in table
+
+
+@pytest.mark.parametrize("objective", ["next_token", "classification"])
+def test_study_section_says_which_loss_trained(tmp_path, example, objective):
+    def mutate(r):
+        r["readout"]["objective"] = objective
+        r["readout"]["stage_objectives"] = {"study": objective, "sweep": objective, "ntk": "none"}
+        for point in r["sweep"]:
+            point["objective"] = objective
+    page = render_report(_write(tmp_path, _mutated(example, mutate))).read_text()
+    study = page[page.index("<h2>Does κ predict fine-tuning?</h2>"):page.index('id="fig-kappa-scatter"')]
+    glance = page[page.index('id="table-glance"'):page.index("<h2>NTK spectra</h2>")]
+    said = "fine-tuned on the next-token loss"
+    assert (said in study) == (said in glance) == (objective == "next_token"), (study, glance)
+
+
 def _study_with(example, n_seeds, tied):
     """The example study (8 runs) with its runs copied for seeds 2 … n_seeds − 1, every run's
     eval accuracy equal when `tied`, and a κ–accuracy correlation whose CI excludes 0 on the predicted side."""

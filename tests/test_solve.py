@@ -111,6 +111,11 @@ def test_not_psd_status_and_message():
     assert "not_psd" in path.message
 
 
+def test_cg_breakdown_names_the_operator_it_solved():
+    sol = solve.conjugate_gradient(lambda v: -2.0 * v, np.ones(5), 1.0)  # K + λI = −I: not positive definite
+    assert sol.status == "not_psd" and "pᵀ(K+λI)p ≤ 0" in sol.message, sol.message
+
+
 def test_bad_input_errors():
     _, gram, y = _problem(6)
     with pytest.raises(ValueError, match="ridge=-0.5"):
