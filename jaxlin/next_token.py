@@ -303,6 +303,19 @@ class NextTokenObjective:
     def compare(self, f_TV, f_bar_TV) -> dict:
         return output_comparison(f_TV, f_bar_TV)
 
+    def study_functions(self, tokenizer, output_fn) -> tuple[Callable, Callable]:
+        """As `ClassificationObjective.study_functions`: ``gated(adapted, gate_M)`` the gated next-token logits of
+        `next_token_functions`, ``readout_logits(found)`` the label words' logits (`label_word_logits`). Refused
+        unless the study reads this objective's label-word readout."""
+        readout = self.readout
+        if output_fn is None or readout is None or readout.output_fn != output_fn or tokenizer is not readout:
+            raise ValueError("run_study(objective=NextTokenObjective(...)) trains the next-token loss of the study's "
+                             "label words: pass tokenizer=readout, output_fn=readout.output_fn and objective="
+                             "NextTokenObjective(readout=readout) (jaxlin.next_token.run_objective('next_token', "
+                             "readout)) with one label-word readout")
+        return (lambda adapted, gate_M: next_token_functions(adapted, gate=gate_M)[0]), \
+            (lambda found: label_word_logits(found, readout.token_ids))
+
 
 OBJECTIVES = ("classification", "next_token")  # `train.objective` of `jaxlin run`: what the sweep and study train
 

@@ -55,7 +55,6 @@ from tqdm.auto import tqdm
 from . import data, solve
 from .adapters import Adapted, add_lora
 from .module_ntk import module_ntks
-from .next_token import NextTokenObjective, label_word_logits, next_token_functions
 from .readout import check_readout
 from ._util import to_jsonable
 from .select import FAMILIES, configuration_kernel, enumerate_configurations, spectral_selection
@@ -291,25 +290,13 @@ def krr_outcomes(krr_logits_EO, tuned_logits_EO, labels_E) -> dict[str, float]:
 def _study_objective(objective, tokenizer, output_fn):
     """(objective, gated, readout_logits) of what the study trains: ``gated(adapted, gate_M)`` the one function it trains
     for that gate (module i trains iff gate_M[i] = 1), ``readout_logits(found)`` the (N, C) readout logits inside
-    the objective's evaluation ``found``. Default: `ClassificationObjective` of the study's readout."""
-    if objective is None or isinstance(objective, ClassificationObjective):
-        objective = ClassificationObjective(output_fn) if objective is None else objective
-        if objective.output_fn != output_fn:
-            raise ValueError(f"run_study(objective=ClassificationObjective({objective.output_fn!r})) reads other "
-                             f"logits than output_fn={output_fn!r}; pass objective=None to train the study's readout")
-        return objective, lambda adapted, gate_M: adapted.as_function(output_fn, gate=gate_M), \
-            lambda found: found["outputs"]
-    if isinstance(objective, NextTokenObjective):
-        readout = objective.readout
-        if output_fn is None or readout is None or readout.output_fn != output_fn or tokenizer is not readout:
-            raise ValueError("run_study(objective=NextTokenObjective(...)) trains the next-token loss of the study's "
-                             "label words: pass tokenizer=readout, output_fn=readout.output_fn and objective="
-                             "NextTokenObjective(readout=readout) (jaxlin.next_token.run_objective('next_token', "
-                             "readout)) with one label-word readout")
-        return objective, lambda adapted, gate_M: next_token_functions(adapted, gate=gate_M)[0], \
-            lambda found: label_word_logits(found, readout.token_ids)
-    raise TypeError(f"run_study(objective={objective!r}): pass None, a ClassificationObjective or a "
-                    "NextTokenObjective (jaxlin.next_token.run_objective)")
+    the objective's evaluation ``found``, both from the objective's ``study_functions`` (which refuses an objective
+    that reads other logits than the study's readout). Default: `ClassificationObjective` of the study's readout."""
+    objective = ClassificationObjective(output_fn) if objective is None else objective
+    if not callable(getattr(objective, "study_functions", None)):
+        raise TypeError(f"run_study(objective={objective!r}): pass None, a ClassificationObjective or a "
+                        "NextTokenObjective (jaxlin.next_token.run_objective)")
+    return (objective, *objective.study_functions(tokenizer, output_fn))
 
 
 # ------------------------------------------------------------------------------------------------ study

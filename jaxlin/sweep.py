@@ -54,8 +54,9 @@ class ClassificationObjective:
     An objective has ``name``, ``functions(adapted) -> (f, f̄)``, ``batches(dataset, tokenizer, config, shuffle,
     seed)``, ``loss_fn(apply_fn)`` (None: `fit`'s own `config.loss`), ``evaluate(apply_fn, trainable, batches,
     config) -> {"loss", "accuracy", "outputs"}`` (optionally with keywords ``mesh``, ``data_axis``: then it runs on
-    a mesh, each process passing its own rows) and ``compare(outputs, outputs_bar) -> {"rms_distance", "kl",
-    "agreement"}``; `jaxlin.next_token.NextTokenObjective` is the other one."""
+    a mesh, each process passing its own rows), ``compare(outputs, outputs_bar) -> {"rms_distance", "kl",
+    "agreement"}`` and, for `jaxlin.study.run_study`, ``study_functions(tokenizer, output_fn) -> (gated,
+    readout_logits)``; `jaxlin.next_token.NextTokenObjective` is the other one."""
 
     output_fn: Callable | None = None
     name: str = "classification"
@@ -78,6 +79,16 @@ class ClassificationObjective:
 
     def compare(self, f_NC, f_bar_NC) -> dict:
         return output_comparison(f_NC, f_bar_NC)
+
+    def study_functions(self, tokenizer, output_fn) -> tuple[Callable, Callable]:
+        """What the κ study trains and reads (`jaxlin.study.run_study`): ``gated(adapted, gate_M)``, the model
+        function in which LoRA module i trains iff gate_M[i] = 1, and ``readout_logits(found)``, the (N, C) readout
+        logits in `evaluate`'s result. Refused unless this objective reads the study's readout ``output_fn``."""
+        if self.output_fn != output_fn:
+            raise ValueError(f"run_study(objective=ClassificationObjective({self.output_fn!r})) reads other "
+                             f"logits than output_fn={output_fn!r}; pass objective=None to train the study's readout")
+        return (lambda adapted, gate_M: adapted.as_function(self.output_fn, gate=gate_M)), \
+            (lambda found: found["outputs"])
 
 
 def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence[float], config: TrainConfig,

@@ -93,6 +93,39 @@ def test_gated_training_freezes_inactive_modules_bit_exactly(model, splits):
         gate_vector(adapted, ("classifier",))
 
 
+def test_the_study_asks_its_objective_what_it_trains(model):
+    """One call, no dispatch on type: any objective with `study_functions` serves; the two built-in ones keep their
+    refusals, the classification one gates the readout's function and reads its outputs, the next-token one gates
+    the next-token logits and reads the label words' logits at each completion's first token."""
+    from types import SimpleNamespace
+
+    from jaxlin.next_token import NextTokenObjective
+    from jaxlin.study import _study_objective
+    from jaxlin.sweep import ClassificationObjective
+
+    adapted = add_lora(model, rank=2)
+    gate = gate_vector(adapted, adapted.lora_modules[:1])
+    objective, gated, readout_logits = _study_objective(None, None, None)
+    assert isinstance(objective, ClassificationObjective) and objective.output_fn is None
+    np.testing.assert_array_equal(gated(adapted, gate).gate_M, gate)
+    assert readout_logits({"outputs": "the logits"}) == "the logits"
+    own = SimpleNamespace(name="own", study_functions=lambda tokenizer, output_fn: ("gated", "readout"))
+    assert _study_objective(own, None, None) == (own, "gated", "readout")
+    readout = SimpleNamespace(output_fn=lambda out, batch: out, token_ids=[1, 3])
+    _, gated, readout_logits = _study_objective(NextTokenObjective(readout=readout), readout, readout.output_fn)
+    found = {"outputs": np.arange(20.0).reshape(4, 5), "first_token": np.array([True, False, True, False])}
+    np.testing.assert_array_equal(readout_logits(found), [[1.0, 3.0], [11.0, 13.0]])
+    with pytest.raises(ValueError, match="task='causal_lm'"):  # the next-token logits of a causal LM
+        gated(adapted, gate)
+    with pytest.raises(ValueError, match=r"^run_study\(objective=ClassificationObjective\(.*\)\) reads other logits "
+                                         r"than output_fn=None; pass objective=None"):
+        _study_objective(ClassificationObjective(readout.output_fn), None, None)
+    with pytest.raises(ValueError, match="pass tokenizer=readout, output_fn=readout.output_fn"):
+        _study_objective(NextTokenObjective(), readout, readout.output_fn)
+    with pytest.raises(TypeError, match="pass None, a ClassificationObjective or a NextTokenObjective"):
+        _study_objective(object(), None, None)
+
+
 @pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny BERT
 def test_gate_equals_an_adapter_restricted_to_those_modules(model, splits):
     """Two SGD steps with gate g match `add_lora(targets=active)` trained by `fit`: same A0 (per module and seed)."""
