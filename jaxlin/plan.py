@@ -16,7 +16,8 @@ its optimiser state under `jax.eval_shape`. Per device, on the mesh the run woul
   `RunConfig.sweep_train_config` with the run's regulariser: Adam's two moments, a prox anchor θ0, counters),
   sharded as `jaxlin.train_mesh.MeshPlan` places it; 0 when no stage trains (dynamics, sweep, study).
 - ``activations`` (estimate) of one block of b = ⌈B / data⌉ examples per device, B = ``kernel.block_size``
-  (default ``data.num_calibration``; ``train.batch_size`` when larger and a stage trains), L =
+  (default ``data.num_calibration``) capped by the rows of the largest kernel (``data.num_calibration``, and
+  ``kernel.num_krr`` with the krr stage); ``train.batch_size`` when larger and a stage trains; L =
   ``data.max_length`` tokens, through n layers of width D, MLP width F and H heads, with C classes, in
   float32: the structured kernel's forward pass kept for its pullbacks, n·b·L·(10·D + 2·F + 2·H·L), one
   layer's working set for the pullback of one output at a time, b·L·(10·D + 2·F + 2·H·L), a causal LM's
@@ -118,7 +119,7 @@ def memory_plan(config: RunConfig, *, mesh: Mesh | None = None, num_classes: int
     trains = any(s in config.stages for s in TRAINING_STAGES)
     items["optimizer"] = _optimizer_bytes(config, adapted.trainable, trainable_s, mesh) if trains else 0
     data = mesh.shape.get("data", 1)
-    b = -(-_block_size(config) // data)
+    b = -(-_tile_rows(config) // data)
     b_act = max(b, -(-config.train.batch_size // data)) if trains else b
     items["activations"] = _activation_bytes(config, model, adapted_lora, b_act, num_classes)
     items["kernel"] = _kernel_bytes(config, model, adapted_lora, b, num_classes)
@@ -243,7 +244,15 @@ def _optimizer_bytes(config: RunConfig, trainable, trainable_s, mesh: Mesh) -> i
 
 
 def _block_size(config: RunConfig) -> int:
+    """The kernel stages' block size, as the run sets it (`jaxlin.pipeline`: ``kernel.block_size`` or
+    ``data.num_calibration``)."""
     return config.kernel.block_size or config.data.num_calibration
+
+
+def _tile_rows(config: RunConfig) -> int:
+    """B: rows of the largest kernel tile, the block size capped by the rows a kernel has (`jaxlin.gram`)."""
+    rows = max(config.data.num_calibration, config.kernel.num_krr if "krr" in config.stages else 0)
+    return min(_block_size(config), rows)
 
 
 def _widths(hf_config) -> tuple[int, int, int, int]:
@@ -268,7 +277,7 @@ def _activation_bytes(config: RunConfig, model: models.Model, adapted_lora, b: i
 
 def _kernel_bytes(config: RunConfig, model: models.Model, adapted_lora, b: int, c: int) -> int:
     shapes = _lora_shapes(model, adapted_lora)
-    big_b = _block_size(config)
+    big_b = _tile_rows(config)
     tile = len(shapes) * b * big_b * c * c
     rows = sum(c * config.lora.rank * (d_in + d_out) * (b + big_b) for d_in, d_out in shapes)
     return (tile + rows) * COMPUTE_ITEMSIZE
