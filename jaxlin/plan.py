@@ -124,7 +124,8 @@ def memory_plan(config: RunConfig, *, mesh: Mesh | None = None, num_classes: int
     items["activations"] = _activation_bytes(config, model, adapted_lora, b_act, num_classes)
     items["kernel"] = _kernel_bytes(config, model, adapted_lora, b, num_classes)
     if memory_bytes is None:
-        memory_bytes, source = device_memory(mesh.devices.flat[0])
+        own = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+        memory_bytes, source = device_memory(own[0])
     else:
         source = "given"
     fits = sum(items.values()) <= memory_bytes

@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from jaxlin import cli, models, pipeline, plan as plan_mod, sharding
+from jaxlin.backend import check_backend
 from jaxlin.compilation import measure_compiles
 from jaxlin.config import preset
 from jaxlin.distributed import parse_mesh
@@ -76,10 +77,7 @@ def test_the_mesh_shrinks_parameters_as_the_rules_say(tiny_checkpoint, tiny_real
 
 
 def test_a_run_that_cannot_fit_is_refused_before_any_compile_or_load(tmp_path, capsys, monkeypatch):
-    jax.devices()[0]  # the backend check compiles its own programs once per process: do that outside the meter
-    from jaxlin.backend import check_backend
-
-    check_backend()
+    check_backend()  # the run's backend check compiles its canaries once per process: outside the meter
     monkeypatch.setattr(plan_mod, "device_memory", lambda device: (2**20, "test limit"))
     monkeypatch.setattr(pipeline, "setup", lambda *a, **k: pytest.fail("setup ran: the model was loaded"))
     with measure_compiles() as compiles:
