@@ -47,6 +47,7 @@ from .config import ConfigError, RunConfig, load_config, preset
 # several devices and processes
 from . import distributed, sharding
 from .train_mesh import MeshPlan
+from .plan import Plan, memory_plan
 
 _LAZY = {"run": ("pipeline", "run")}  # name → (module, attribute), imported on first access
 
@@ -84,5 +85,5 @@ __all__ = [
     "TrainConfig", "evaluate", "fit", "model_functions", "lambda_sweep", "sweep_summary", "ClassificationObjective",
     "NextTokenObjective", "completions_from_labels", "load_completions", "next_token_functions", "next_token_loss",
     "StudyConfig", "run_study", "study_preset", "ConfigError", "RunConfig", "load_config", "preset", "run",
-    "distributed", "sharding", "MeshPlan",
+    "distributed", "sharding", "MeshPlan", "Plan", "memory_plan",
 ]

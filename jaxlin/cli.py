@@ -1,4 +1,5 @@
-"""``jaxlin``: the command line. ``jaxlin run`` runs the whole study; the other subcommands run one stage.
+"""``jaxlin``: the command line. ``jaxlin run`` runs the whole study; the other subcommands run one stage, but
+``jaxlin plan``, which takes the same flags and prints what each device would hold (`jaxlin.plan`).
 
 Every RunConfig field is also a flag named by its flat key (``--num-train 512``, ``--lambdas 0.5,5,50``,
 ``--layers 3,4,5``, ``--sweep-steps 40``), and by its dotted key too (``--train.steps 40``, ``--lora.rank 4``);
@@ -30,6 +31,7 @@ from .data import DataError
 from .models import families
 from .models.checkpoint import PACKAGED, CheckpointError
 from .pipeline import run
+from .plan import memory_plan
 from .report import REPORT_NAME, RESULTS_NAME, ResultsError, render_report, summary_text
 from .rundir import RunError
 from .schema import SchemaError
@@ -100,6 +102,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (text, _) in SUBCOMMANDS.items():
         _add_config_flags(sub.add_parser(name, help=text, description=text))
+    text = "per-device bytes of a run on its mesh, and whether it fits, before anything is loaded or compiled"
+    _add_config_flags(sub.add_parser("plan", help=text, description=text + " (docs/scaling.md)"))
     rep = sub.add_parser("report", help="re-render report.html from a results directory",
                          description="re-render report.html from a results directory")
     rep.add_argument("directory", type=Path)
@@ -148,6 +152,8 @@ def main(argv=None) -> int:
         if args.command == "report":
             print(render_report(args.directory))
             return 0
+        if args.command == "plan":
+            return _plan(config_from_args(args, STAGES))
         config = config_from_args(args, SUBCOMMANDS[args.command][1])
         join_processes(config)
         out = run(config, args.out, resume=args.resume)
@@ -163,6 +169,18 @@ def main(argv=None) -> int:
             (SchemaError,) if args.command == "report" else ()) as e:  # a run's own SchemaError is a bug: traceback
         print(f"jaxlin: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _plan(config: RunConfig) -> int:
+    """``jaxlin plan``: the `memory_plan` table; exit code 2 with its one-line message when it does not fit."""
+    join_processes(config)  # the mesh spans every process's devices
+    plan = memory_plan(config)
+    if distributed.is_main_process():
+        print(plan.table())
+    if plan.fits:
+        return 0
+    print(f"jaxlin: error: {plan.message}", file=sys.stderr)
+    return 2
 
 
 def join_processes(config: RunConfig) -> bool:

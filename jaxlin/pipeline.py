@@ -60,6 +60,7 @@ from .models.base import max_input_length
 from .models.checkpoint import CheckpointError, resolve
 from .module_ntk import module_ntks
 from .next_token import run_objective
+from .plan import check_plan
 from .probe import probe_adapted
 from .readout import LabelWordReadout, check_readout, label_word_readout
 from .report import RESULTS_NAME, write_report
@@ -475,6 +476,7 @@ def _run(config: RunConfig, out: Path | None, resume: bool, cache_directory: str
     require_healthy_backend()  # before anything is computed or written: a miscompiling jaxlib stops the run here
     mesh = _mesh_setup(config, out)
     _check_mesh_stages(config, mesh)
+    check_plan(config, mesh)  # a run that cannot fit on its devices stops here, before anything is loaded
     out = Path(out) if out is not None else default_out_dir(config.preset, resume)
     with output_directory(out) if _writes() else contextlib.nullcontext():
         log(f"jaxlin run: preset {config.preset}, output {out}"
