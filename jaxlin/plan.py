@@ -125,7 +125,7 @@ def memory_plan(config: RunConfig, *, mesh: Mesh | None = None, num_classes: int
     items["kernel"] = _kernel_bytes(config, model, adapted_lora, b, num_classes)
     if memory_bytes is None:
         own = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-        memory_bytes, source = device_memory(own[0])
+        memory_bytes, source = device_memory(own[0], sharing=len(own))
     else:
         source = "given"
     fits = sum(items.values()) <= memory_bytes
@@ -143,16 +143,15 @@ def check_plan(config: RunConfig, mesh: Mesh | None = None) -> Plan:
     return plan
 
 
-def device_memory(device) -> tuple[int, str]:
+def device_memory(device, sharing: int = 1) -> tuple[int, str]:
     """(bytes, where they come from) of one ``device``: ``memory_stats()["bytes_limit"]`` where the backend reports
-    it (GPU, TPU), else the host's physical RAM divided by this process's devices (simulated CPU devices share
-    it)."""
+    it (GPU, TPU), else the host's physical RAM divided by ``sharing``, the devices of this process the run uses
+    (simulated CPU devices share it; a run without a mesh uses one)."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]), f"bytes_limit of {device}"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    n = jax.local_device_count()
-    return ram // n, f"host RAM / {n} {device.platform.upper()} device(s)"
+    return ram // sharing, f"host RAM / {sharing} {device.platform.upper()} device(s)"
 
 
 # ------------------------------------------------------------------------------------------------- shapes

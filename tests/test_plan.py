@@ -78,7 +78,7 @@ def test_the_mesh_shrinks_parameters_as_the_rules_say(tiny_checkpoint, tiny_real
 
 def test_a_run_that_cannot_fit_is_refused_before_any_compile_or_load(tmp_path, capsys, monkeypatch):
     check_backend()  # the run's backend check compiles its canaries once per process: outside the meter
-    monkeypatch.setattr(plan_mod, "device_memory", lambda device: (2**20, "test limit"))
+    monkeypatch.setattr(plan_mod, "device_memory", lambda device, sharing=1: (2**20, "test limit"))
     monkeypatch.setattr(pipeline, "setup", lambda *a, **k: pytest.fail("setup ran: the model was loaded"))
     with measure_compiles() as compiles:
         code = cli.main(["run", "--preset", "quick", "--stages", "ntk", "--block-size", "16",
@@ -96,7 +96,7 @@ def test_plan_prints_the_table_and_refuses_in_one_line(capsys, monkeypatch):
                   "device memory", "fits: the run needs"):
         assert label in out, out
     assert "estimate" in out and "exact" in out
-    monkeypatch.setattr(plan_mod, "device_memory", lambda device: (2**20, "test limit"))
+    monkeypatch.setattr(plan_mod, "device_memory", lambda device, sharing=1: (2**20, "test limit"))
     assert cli.main(["plan", "--preset", "quick", "--stages", "ntk"]) == 2
     captured = capsys.readouterr()
     assert "does not fit" in captured.out and "optimizer state (none)" in captured.out
