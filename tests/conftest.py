@@ -23,7 +23,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# every program, however fast it compiles: the suite's are small and many, compiled again after each module's
+# clear_caches below, and read back from disk faster than compiled (fast tier warm: 4 min 48 s → 3 min 5 s)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 @pytest.fixture(autouse=True, scope="module")
