@@ -3,6 +3,7 @@
 `per_example` (f on one example), `leading_size` (the shared example axis of a pytree), `to_jsonable`
 (results → JSON-ready Python) and `loglog_slope` (power-law exponents of sweeps and plots).
 """
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -62,3 +63,12 @@ def loglog_slope(x: Sequence[float], y: Sequence[float | None]) -> float:
     if len({a for a, _ in pairs}) < 2:
         return math.nan
     return float(np.polyfit(np.log([a for a, _ in pairs]), np.log([b for _, b in pairs]), 1)[0])
+
+
+def pytree_dataclass(data, meta=()):
+    """A frozen dataclass registered as a pytree: fields ``data`` are its leaves, ``meta`` static (results that pass
+    through jit, e.g. `jaxlin.solve.CGSolution`)."""
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        return jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=list(meta))
+    return wrap

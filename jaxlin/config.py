@@ -268,6 +268,11 @@ class RunConfig:
                            seed=self.model.seed, max_length=self.data.max_length,
                            pad_to_multiple_of=pad_to_multiple_of)
 
+    def kernel_block_size(self) -> int:
+        """One tile shape for every kernel of the run (calibration, KRR, cross): ``kernel.block_size``, else the
+        calibration set's size."""
+        return self.kernel.block_size or self.data.num_calibration
+
     def study_config(self):
         """`jaxlin.study.StudyConfig`: the ``study.preset`` with this run's LoRA, head choice, seed, selection
         budget, and the configurations and seeds chosen here (None keeps the preset's)."""

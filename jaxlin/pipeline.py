@@ -161,7 +161,7 @@ def setup(config: RunConfig, out: Path, mesh: Mesh | None = None) -> Context:
                           f"embeds; tokens past {limit} would read undefined position embeddings: pass "
                           f"--max-length {limit} or less")
     readout = _readout(config, model, ds)
-    adapted, adapted_lora = _adapt(model, config)
+    adapted, adapted_lora = run_adapters(model, config)
     if mesh is not None:
         adapted, adapted_lora = sharding.shard_adapted(adapted, mesh), sharding.shard_adapted(adapted_lora, mesh)
     tokenizer = model.tokenizer if readout is None else readout
@@ -230,7 +230,7 @@ def _readout(config: RunConfig, model: Model, ds: TextDataset) -> LabelWordReado
     return readout
 
 
-def _adapt(model: Model, config: RunConfig) -> tuple[Adapted, Adapted]:
+def run_adapters(model: Model, config: RunConfig) -> tuple[Adapted, Adapted]:
     """(LoRA + head if model.train_head and the readout is the head, LoRA only) per the ``lora`` section."""
     lora = config.lora_spec()
     head = config.model.train_head and config.model.readout == "head"
@@ -240,11 +240,6 @@ def _adapt(model: Model, config: RunConfig) -> tuple[Adapted, Adapted]:
         raise
     except ValueError as e:  # adapters' checks of the layers and targets against this model's modules
         raise ConfigError(f"{e}; fix --layers or --targets") from None
-
-
-def _block_size(ctx: Context) -> int:
-    """One tile shape for every kernel of the run (calibration, KRR, cross): the calibration set's size."""
-    return ctx.config.kernel.block_size or ctx.config.data.num_calibration
 
 
 def load_data(config: RunConfig) -> TextDataset:
@@ -303,8 +298,8 @@ def stage_ntk(ctx: Context):
     k = ctx.config.kernel
     cal = ctx.batch(ctx.calibration)
     modules = ctx.adapted_lora.lora_modules
-    kw = dict(trace_axes=(), implementation=k.implementation, block_size=_block_size(ctx), progress=True,
-              output_fn=ctx.output_fn, mesh=ctx.mesh)
+    kw = dict(trace_axes=(), implementation=k.implementation, block_size=ctx.config.kernel_block_size(),
+              progress=True, output_fn=ctx.output_fn, mesh=ctx.mesh)
     t = time.perf_counter()
     grams = module_ntks(ctx.adapted_lora, cal, **kw)
     seconds = time.perf_counter() - t
@@ -379,8 +374,8 @@ def stage_krr(ctx: Context):
     krr_set = ctx.train.subset(np.arange(min(k_cfg.num_krr, len(ctx.train))))
     krr_eval = ctx.eval.subset(np.arange(min(k_cfg.num_krr, len(ctx.eval))))  # the cross kernel costs M·N
     xb, eb = ctx.batch(krr_set), ctx.batch(krr_eval)
-    kw = dict(trace_axes=(), implementation=k_cfg.implementation, block_size=_block_size(ctx), progress=True,
-              output_fn=ctx.output_fn, mesh=ctx.mesh)
+    kw = dict(trace_axes=(), implementation=k_cfg.implementation, block_size=ctx.config.kernel_block_size(),
+              progress=True, output_fn=ctx.output_fn, mesh=ctx.mesh)
     k_train = sum(module_ntks(ctx.adapted_lora, xb, **kw).values())
     k_cross = sum(module_ntks(ctx.adapted_lora, eb, xb, **kw).values())
     f0_train, f0_eval = _outputs(ctx, xb), _outputs(ctx, eb)

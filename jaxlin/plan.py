@@ -208,13 +208,13 @@ def abstract_model(config: RunConfig, num_classes: int) -> models.Model:
 
 
 def _abstract_adapted(model: models.Model, config: RunConfig):
-    """The run's (adapted, adapted_lora) (`jaxlin.pipeline`'s ``_adapt``) with ShapeDtypeStruct leaves."""
-    from .pipeline import _adapt
+    """The run's (adapted, adapted_lora) (`jaxlin.pipeline`'s ``run_adapters``) with ShapeDtypeStruct leaves."""
+    from .pipeline import run_adapters
 
     built = {}
 
     def shapes(params):
-        built["pair"] = _adapt(dataclasses.replace(model, params=params), config)
+        built["pair"] = run_adapters(dataclasses.replace(model, params=params), config)
         return [(a.trainable, a.frozen) for a in built["pair"]]
 
     leaves = jax.eval_shape(shapes, model.params)
@@ -243,16 +243,10 @@ def _optimizer_bytes(config: RunConfig, trainable, trainable_s, mesh: Mesh) -> i
     return _shard_bytes(state, MeshPlan(mesh).opt_state_shardings(state, trainable, trainable_s))
 
 
-def _block_size(config: RunConfig) -> int:
-    """The kernel stages' block size, as the run sets it (`jaxlin.pipeline`: ``kernel.block_size`` or
-    ``data.num_calibration``)."""
-    return config.kernel.block_size or config.data.num_calibration
-
-
 def _tile_rows(config: RunConfig) -> int:
     """B: rows of the largest kernel tile, the block size capped by the rows a kernel has (`jaxlin.gram`)."""
     rows = max(config.data.num_calibration, config.kernel.num_krr if "krr" in config.stages else 0)
-    return min(_block_size(config), rows)
+    return min(config.kernel_block_size(), rows)
 
 
 def _widths(hf_config) -> tuple[int, int, int, int]:
@@ -292,7 +286,7 @@ def _message(plan: Plan, config: RunConfig) -> str:
     if plan.fits:
         return f"the run needs {_gib(plan.total_bytes)} per device and {have}"
     largest = max(ITEMS, key=plan.items.get)
-    block = f"--block-size (now {_block_size(config)})"
+    block = f"--block-size (now {config.kernel_block_size()})"
     knobs = {"parameters": f"use a larger --mesh model axis (now {model_axis}) or a smaller --model",
              "trainable": f"lower --rank (now {config.lora.rank}), adapt fewer --targets or --layers, or use a "
                           f"larger --mesh model axis (now {model_axis})",

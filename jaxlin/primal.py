@@ -24,14 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .solve import _NOT_CONVERGED, _NOT_FINITE, _NOT_PSD, _OK, CGSolution, _pytree_dataclass
-from .train import _array_batch, _as_pytree, _step_batch
+from ._util import pytree_dataclass
+from .solve import STATUSES, CGSolution
+from .train import as_pytree, as_step_batch, batch_arrays
 from .train_mesh import MeshPlan
 
 __all__ = ["PrimalRidgeSolution", "primal_ridge"]
 
 
-@_pytree_dataclass(["value", "ridge", "iterations", "residual", "recursive_residual", "tol", "status_code",
+@pytree_dataclass(["value", "ridge", "iterations", "residual", "recursive_residual", "tol", "status_code",
                     "predictions", "change"], ["max_iters"])
 class PrimalRidgeSolution(CGSolution):
     """value: δ (a pytree like θ0) with (JᵀJ + λI)δ ≈ Jᵀr0; residual: the true relative residual
@@ -115,7 +116,7 @@ class _Runner:
 
     def __init__(self, apply_fn, theta0, plan: MeshPlan | None):
         self.plan = plan
-        apply_fn = _as_pytree(apply_fn)
+        apply_fn = as_pytree(apply_fn)
         if plan is None:
             self.apply_fn, self.theta0 = apply_fn, theta0
             self._rhs, self._matvec, self._predict = _jit_rhs, _jit_matvec, _jit_predict
@@ -128,7 +129,7 @@ class _Runner:
         self._predict = plan.jit(_predict, (fs, ts, ts, plan.rows), (plan.replicated, plan.replicated))
         self._batch = plan.batch
 
-    def _batches(self, batches, select=_step_batch):
+    def _batches(self, batches, select=as_step_batch):
         for batch in (batches() if callable(batches) else batches):
             yield self._batch(select(batch))
 
@@ -149,7 +150,7 @@ class _Runner:
         return acc
 
     def predict(self, delta, batches):
-        outs = [self._predict(self.apply_fn, self.theta0, delta, b) for b in self._batches(batches, _array_batch)]
+        outs = [self._predict(self.apply_fn, self.theta0, delta, b) for b in self._batches(batches, batch_arrays)]
         f0, change = zip(*outs)
         f0, change = np.concatenate([np.asarray(a) for a in f0]), np.concatenate([np.asarray(a) for a in change])
         return f0 + change, change
@@ -197,8 +198,8 @@ def primal_ridge(apply_fn: Callable, trainable0, batches: Callable[[], Iterable[
         rs = float(rs_new)
     res_norm, b_norm = map(float, _jit_residual(b, run.matvec(x, batches), x, lam))
     res = res_norm / (b_norm if b_norm > 0 else 1.0)
-    code = _NOT_PSD if broke else (_OK if res <= tol else _NOT_CONVERGED)
-    code = code if np.isfinite(res) else _NOT_FINITE
+    code = STATUSES.index("not_psd" if broke else "ok" if res <= tol else "not_converged")
+    code = code if np.isfinite(res) else STATUSES.index("not_finite")
     predictions = change = None
     if eval_batches is not None:
         predictions, change = run.predict(x, eval_batches)

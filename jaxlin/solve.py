@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlin._types import Array
+from jaxlin._util import pytree_dataclass
 
 # Ordered by precedence: a result's status is the largest code that applies (bad inputs outrank the rest).
 STATUSES = ("ok", "not_psd", "not_converged", "unstable", "not_symmetric", "not_finite")
@@ -45,13 +46,6 @@ def _concrete(x):
     if any(isinstance(v, jax.core.Tracer) for v in leaves):
         return None
     return np.asarray(x)
-
-
-def _pytree_dataclass(data, meta=()):
-    def wrap(cls):
-        cls = dataclasses.dataclass(frozen=True)(cls)
-        return jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=list(meta))
-    return wrap
 
 
 def _asymmetry_tol(dtype) -> float:
@@ -172,7 +166,7 @@ def _input_message(status: str) -> str:
             "for an asymmetric kernel.")
 
 
-@_pytree_dataclass(["value", "ridge", "ridge_unit", "min_eig", "mean_eig", "status_code"], ["ridge_scale"])
+@pytree_dataclass(["value", "ridge", "ridge_unit", "min_eig", "mean_eig", "status_code"], ["ridge_scale"])
 class KRRSolution:
     """value: dual α = (K + λI)⁻¹Y in the shape of the targets; ridge: the absolute λ used;
     min_eig: smallest eigenvalue of K (computed only when the Cholesky failed, else NaN)."""
@@ -268,7 +262,7 @@ def kernel_predict(gram_eval_train, dual, f0_eval=None) -> Array:
     return out
 
 
-@_pytree_dataclass(["ridges", "eigvals", "dual", "train_change", "train_resid", "objective", "delta_sq_norm",
+@pytree_dataclass(["ridges", "eigvals", "dual", "train_change", "train_resid", "objective", "delta_sq_norm",
                     "delta_norm", "status_code"], ["ridge_scale"])
 class RidgePath:
     """Every quantity of §4.2 for K ridges (leading axis K), from one eigendecomposition K = U diag(μ) Uᵀ.
@@ -341,7 +335,7 @@ def ridge_path_predict(gram_eval_train, path: RidgePath, f0_eval=None) -> Array:
     return jax.vmap(lambda a: kernel_predict(gram_eval_train, a, f0_eval))(path.dual)
 
 
-@_pytree_dataclass(["value", "ridge", "iterations", "residual", "recursive_residual", "tol", "status_code"],
+@pytree_dataclass(["value", "ridge", "iterations", "residual", "recursive_residual", "tol", "status_code"],
                    ["max_iters"])
 class CGSolution:
     """value: x with (K + λI)x ≈ rhs; residual: true relative residual ‖rhs − (K+λI)x‖/‖rhs‖. `operator` names the
@@ -437,7 +431,7 @@ def conjugate_gradient(matvec: Callable[[Array], Array], rhs, ridge, *, tol=1e-6
     return CGSolution(x, lam, k, res, jnp.sqrt(rs) / scale, tol, code, int(n_iters))
 
 
-@_pytree_dataclass(["times", "change", "resid", "loss", "delta_sq_norm", "objective", "ridge", "learning_rate",
+@pytree_dataclass(["times", "change", "resid", "loss", "delta_sq_norm", "objective", "ridge", "learning_rate",
                     "max_stable_learning_rate", "status_code"], ["kind"])
 class Dynamics:
     """Training-set trajectory at the requested times (leading axis T).

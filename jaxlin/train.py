@@ -178,7 +178,7 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
 
 
 # ------------------------------------------------------------------------------------- model functions
-def _as_pytree(fn: Callable):
+def as_pytree(fn: Callable):
     """``fn`` as a pytree callable (an `AdaptedFunction` or a Partial as it is; other functions leafless)."""
     return fn if isinstance(fn, (Partial, AdaptedFunction)) else Partial(fn)
 
@@ -232,7 +232,7 @@ def make_loss_fn(apply_fn: Callable, loss: str = "cross_entropy") -> Partial:
     to the value or its gradient)."""
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
-    return Partial(_Loss(loss), _as_pytree(apply_fn))
+    return Partial(_Loss(loss), as_pytree(apply_fn))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +255,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation) 
     loss. metrics: "loss" (before the step), "grad_norm" and, for selective regularisers, "fired" (fraction of
     the Eq. 8 tests that added the pull). Pure and unjitted: jit it once, donating trainable and opt_state
     (`jax.jit(step, donate_argnums=(0, 1))`; `fit` passes the step itself as an argument, see module doc)."""
-    return Partial(_TrainStep(optimizer), _as_pytree(loss_fn))
+    return Partial(_TrainStep(optimizer), as_pytree(loss_fn))
 
 
 def _selective_states(opt_state) -> list:
@@ -275,14 +275,14 @@ _forward = jax.jit(_call)
 _run_step = jax.jit(_call, donate_argnums=(1, 2))
 
 
-def _step_batch(batch) -> dict:
+def as_step_batch(batch) -> dict:
     out = {k: batch[k] for k in _STEP_KEYS if k in batch}
     if "example_mask" not in out:
         out["example_mask"] = np.ones(np.shape(batch["labels"])[0], np.float32)
     return out
 
 
-def _array_batch(batch) -> dict:
+def batch_arrays(batch) -> dict:
     """Every array of `batch` (what a custom `loss_fn` may read); strings and other host objects stay out."""
     return {k: v for k, v in batch.items() if isinstance(v, (np.ndarray, jax.Array))}
 
@@ -313,7 +313,7 @@ def evaluate(apply_fn: Callable, trainable, batches: Iterable[dict], *, loss: st
     logits, per, labels, index, seen = [], [], [], [], 0
     for batch in batches:
         _check_batch(config, batch, host_only=True)
-        step_batch = _step_batch(batch)
+        step_batch = as_step_batch(batch)
         _, aux = forward(step_batch)
         keep = host(step_batch["example_mask"]) > 0
         idx = host(batch["index"]) if "index" in batch else seen + np.arange(len(keep))  # not a step key
@@ -336,7 +336,7 @@ def _evaluate_loss(loss_fn: Callable, trainable, batches: Iterable[dict], plan: 
     host = np.asarray if plan is None else plan.global_rows
     total, weight = 0.0, 0.0
     for batch in batches:
-        batch = _array_batch(batch)
+        batch = batch_arrays(batch)
         value, _ = forward(batch)
         w = float(np.sum(host(batch["example_mask"]))) if "example_mask" in batch else \
             float(len(host(jax.tree.leaves(batch)[0])))
@@ -426,11 +426,11 @@ def fit(apply_fn: Callable | None, trainable0, train_batches_fn: Callable[[int],
     total = config.total_steps(len(first_epoch))
     optimizer = make_optimizer(config, total) if optimizer is None else optimizer
     custom_loss = loss_fn is not None
-    to_step = _array_batch if custom_loss else _step_batch
-    loss_fn = _as_pytree(loss_fn) if custom_loss else None
+    to_step = batch_arrays if custom_loss else as_step_batch
+    loss_fn = as_pytree(loss_fn) if custom_loss else None
     if plan is not None:  # every array the step reads goes onto the mesh once, here
         loss_fn = plan.place(loss_fn) if custom_loss else None
-        apply_fn = None if apply_fn is None else plan.place(_as_pytree(apply_fn))
+        apply_fn = None if apply_fn is None else plan.place(as_pytree(apply_fn))
     loss_fn = make_loss_fn(apply_fn, config.loss) if loss_fn is None else loss_fn
     step = make_train_step(loss_fn, optimizer)
     trainable, opt_state, run_step, place_batch = _initial_state(plan, step, trainable0, optimizer)

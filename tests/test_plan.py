@@ -44,7 +44,7 @@ def tiny_real(tiny_checkpoint):
     config = _config(tiny_checkpoint)
     module = models.build_model(tiny_config("bert"), task="classification", num_labels=NUM_CLASSES, head="roberta")
     model = models.from_nnx(module, config=tiny_config("bert"), family="bert", task="classification")
-    adapted, _ = pipeline._adapt(model, config)
+    adapted, _ = pipeline.run_adapters(model, config)
     return config, model, adapted
 
 
