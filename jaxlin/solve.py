@@ -21,7 +21,6 @@ traced inputs (a caller's jit) cannot raise, so they come back with status "not_
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
