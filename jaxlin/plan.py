@@ -188,7 +188,7 @@ def abstract_model(config: RunConfig, num_classes: int) -> models.Model:
     if resolved.kind == "gguf":
         from .models import gguf_loader
 
-        hf_config = gguf_loader.read_gguf(resolved.path)[0]
+        hf_config = gguf_loader.read_gguf_config(resolved.path)
     else:
         from transformers import AutoConfig
 

@@ -9,6 +9,7 @@ reader returns are already (d_out, d_in) like ``nn.Linear`` weights (ggml lists 
 """
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from pathlib import Path
@@ -133,7 +134,29 @@ def read_gguf(path) -> tuple[object, GGUFTensors, object | None]:
     return config, tensors, _tokenizer_or_none(reader, path)
 
 
+def read_gguf_config(path):
+    """The transformers config of a llama GGUF file alone (no tokenizer built, no tensor read)."""
+    reader = _open(Path(path))
+    return llama_config(reader, {hf_tensor_name(t.name) for t in reader.tensors})
+
+
 def _open(path: Path):
+    """The file's `gguf.GGUFReader`, parsed once per process while the file is unchanged (path, mtime and size):
+    its metadata (SmolLM2's 49,152-token vocabulary) takes seconds to parse, and a run reads it for its plan and
+    again to load."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return _parse(path)  # the parse names the missing file
+    return _parse_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_cached(path: str, mtime_ns: int, size: int):
+    return _parse(Path(path))
+
+
+def _parse(path: Path):
     import gguf
 
     try:
