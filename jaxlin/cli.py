@@ -67,12 +67,14 @@ def _join_negative_values(argv: list[str], value_flags: set[str]) -> list[str]:
     return out
 
 
-def _add_config_flags(p: argparse.ArgumentParser):
+def _add_config_flags(p: argparse.ArgumentParser, *, writes: bool = True):
+    """The config flags of a subcommand; ``writes``: it runs stages, so --out and --resume too."""
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="base configuration (default: default)")
     p.add_argument("--config", type=Path, help="TOML or YAML file of config fields")
-    p.add_argument("--out", type=Path, help="output directory (default: ./jaxlin-out/<preset>-<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="reuse finished stages whose inputs (config, dataset, "
-                   "checkpoint, jaxlin version) are unchanged; recompute the others")
+    if writes:
+        p.add_argument("--out", type=Path, help="output directory (default: ./jaxlin-out/<preset>-<timestamp>)")
+        p.add_argument("--resume", action="store_true", help="reuse finished stages whose inputs (config, dataset, "
+                       "checkpoint, jaxlin version) are unchanged; recompute the others")
     defaults = RunConfig()
     groups = {None: p.add_argument_group("config keys (override the preset and the file; docs/configuration.md)")}
     for name, cls in SECTIONS.items():  # titled by the section, described by its docstring's first sentence
@@ -103,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
     for name, (text, _) in SUBCOMMANDS.items():
         _add_config_flags(sub.add_parser(name, help=text, description=text))
     text = "per-device bytes of a run on its mesh, and whether it fits, before anything is loaded or compiled"
-    _add_config_flags(sub.add_parser("plan", help=text, description=text + " (docs/scaling.md)"))
+    _add_config_flags(sub.add_parser("plan", help=text, description=text + " (docs/scaling.md)"), writes=False)
     rep = sub.add_parser("report", help="re-render report.html from a results directory",
                          description="re-render report.html from a results directory")
     rep.add_argument("directory", type=Path)

@@ -9,7 +9,7 @@ from jaxlin.config import ConfigError, load_config, override, preset
 from jaxlin.report import FIGURE_IDS, summary_text
 from jaxlin.schema import validate_results
 
-SUBCOMMANDS = ("run", "ntk", "spectrum", "select-layers", "sweep", "report", "models")
+SUBCOMMANDS = ("run", "ntk", "spectrum", "select-layers", "sweep", "plan", "report", "models")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
