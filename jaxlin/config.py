@@ -364,8 +364,8 @@ PRESETS: dict[str, dict] = {
                       "kernel": dict(num_krr=8, krr_ridges=(1e-4, 1e-2, 1.0), sign_kernel=False),
                       "train": dict(lambdas=(1.0, 100.0), steps=4, batch_size=4, learning_rate=1e-3,
                                     num_train_evaluated=8),
-                      "dynamics": dict(steps=4),
-                      "probe": dict(radii=(0.1, 1.0), directions=2, tangents=2),
+                      "dynamics": dict(steps=3),
+                      "probe": dict(radii=(0.1, 1.0), directions=1, tangents=1),
                       "study": dict(preset="smoke", configurations=("layer",), seeds=None, selection_budget=1)},
 }
 

@@ -184,19 +184,7 @@ def abstract_model(config: RunConfig, num_classes: int) -> models.Model:
     file's metadata) built under `flax.nnx.eval_shape`, as `jaxlin.load_pretrained` builds it before filling it."""
     m = config.model
     kind = models.family_kind(m.name)  # a clear CheckpointError for a missing checkpoint or an unknown family
-    resolved = checkpoint.resolve(m.name)
-    if resolved.kind == "gguf":
-        from .models import gguf_loader
-
-        hf_config = gguf_loader.read_gguf_config(resolved.path)
-    else:
-        from transformers import AutoConfig
-
-        try:
-            hf_config = AutoConfig.from_pretrained(resolved.path)
-        except Exception as e:  # transformers validates configs strictly and raises many types
-            raise checkpoint.CheckpointError(f"{resolved.path / 'config.json'} is not a valid config: "
-                                             f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    hf_config = models.read_hf_config(checkpoint.resolve(m.name))
     fam = models.family_for(hf_config)
     # label words on an encoder are refused by the run itself (`jaxlin.pipeline`); planned here with its head
     label_words = m.readout == "label_words" and kind == "decoder"

@@ -11,8 +11,9 @@ from processes import clean_env, run_bounded
 
 TIMEOUT_S = 600  # per command, under a loaded 2-core machine
 # the quick preset, made smaller so three runs stay short: every stage still computes (the sweep: one λ, 3 steps)
-SMALL = ["--preset", "quick", "--num-train", "32", "--num-eval", "16", "--num-calibration", "8", "--num-krr", "16",
-         "--sign-kernel", "false", "--lambdas", "0.5", "--sweep-steps", "3"]
+SMALL = ["--preset", "quick", "--num-train", "16", "--num-eval", "16", "--num-calibration", "8", "--num-krr", "8",
+         "--sign-kernel", "false", "--lambdas", "0.5", "--sweep-steps", "3", "--probe-directions", "1",
+         "--probe-tangents", "1"]
 STAGES = "ntk,spectrum,krr,sweep,probe"
 
 

@@ -52,14 +52,17 @@ def family_kind(source) -> str:
     config.json (a ``.gguf`` file is a llama-architecture decoder: the only GGUF architecture jaxlin reads);
     no weights are loaded. Raises CheckpointError for an unknown architecture."""
     resolved = checkpoint.resolve(source)
-    if resolved.kind == "gguf":
-        return families()["llama"]["kind"]
+    return families()["llama" if resolved.kind == "gguf" else _model_type(resolved)]["kind"]
+
+
+def _model_type(resolved) -> str:
+    """The ``model_type`` of a checkpoint directory's config.json, refused (CheckpointError naming the file) when
+    jaxlin has no family for it, or the JSON is broken."""
     model_type = checkpoint.read_config_json(resolved.path).get("model_type")
-    fams = families()
-    if model_type not in fams:
+    if model_type not in families():
         raise CheckpointError(f"unknown architecture model_type={model_type!r} in {resolved.path / 'config.json'}; "
-                              f"jaxlin supports {sorted(fams)}")
-    return fams[model_type]["kind"]
+                              f"jaxlin supports {sorted(families())}")
+    return model_type
 
 
 def build_model(config, *, task: str, num_labels: int | None = None, seed: int = 0, dtype=jnp.float32,
@@ -88,6 +91,24 @@ def from_nnx(module: nnx.Module, *, config, family: str, task: str, tokenizer=No
                  new_tensors=tuple(new_tensors), kind=family_for(config)["kind"])
 
 
+def read_hf_config(resolved):
+    """The transformers config of a `checkpoint.resolve`d source, no weight read: a GGUF file's metadata or a
+    directory's config.json; a CheckpointError naming the file for broken JSON, an architecture jaxlin has no
+    family for, or a config transformers rejects."""
+    if resolved.kind == "gguf":
+        from . import gguf_loader
+
+        return gguf_loader.read_gguf_config(resolved.path)
+    from transformers import AutoConfig
+
+    model_type = _model_type(resolved)
+    try:
+        return AutoConfig.from_pretrained(resolved.path)
+    except Exception as e:  # transformers validates configs strictly and raises many types
+        raise CheckpointError(f"{resolved.path / 'config.json'} is not a valid {model_type} config: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+
+
 def load_pretrained(source, *, task: str, num_labels: int | None = None, seed: int = 0, dtype=jnp.float32,
                     head: str | None = None, mesh: jax.sharding.Mesh | None = None, rules=None) -> Model:
     """Load a checkpoint as a pure JAX function.
@@ -110,17 +131,9 @@ def load_pretrained(source, *, task: str, num_labels: int | None = None, seed: i
 
         config, tensors, hf_tokenizer = gguf_loader.read_gguf(resolved.path)
     else:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        raw = checkpoint.read_config_json(resolved.path)  # a clear error for broken JSON
-        if raw.get("model_type") not in families():
-            raise CheckpointError(f"unknown architecture model_type={raw.get('model_type')!r} in "
-                                  f"{resolved.path / 'config.json'}; jaxlin supports {sorted(families())}")
-        try:
-            config = AutoConfig.from_pretrained(resolved.path)
-        except Exception as e:  # transformers validates configs strictly and raises many types
-            raise CheckpointError(f"{resolved.path / 'config.json'} is not a valid {raw['model_type']} config: "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        config = read_hf_config(resolved)
         tensors = checkpoint.SafetensorsReader(resolved.path)
         hf_tokenizer = AutoTokenizer.from_pretrained(resolved.path) if _has_tokenizer(resolved.path) else None
     fam = family_for(config)

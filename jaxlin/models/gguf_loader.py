@@ -128,8 +128,7 @@ def read_gguf(path) -> tuple[object, GGUFTensors, object | None]:
     (:func:`gguf_tokenizer`; no torch); when the file describes one jaxlin cannot build, it is None and a warning
     says why."""
     path = Path(path)
-    reader = _open(path)
-    config = llama_config(reader, {hf_tensor_name(t.name) for t in reader.tensors})
+    reader, config = _open(path), read_gguf_config(path)
     tensors = GGUFTensors(reader, config.num_attention_heads, config.num_key_value_heads)
     return config, tensors, _tokenizer_or_none(reader, path)
 
