@@ -1,5 +1,6 @@
-"""``jaxlin``: the command line. ``jaxlin run`` runs the whole study; the other subcommands run one stage, but
-``jaxlin plan``, which takes the same flags and prints what each device would hold (`jaxlin.plan`).
+"""``jaxlin``: the command line. ``jaxlin run`` runs the whole study, ``ntk``, ``spectrum``, ``select-layers`` and
+``sweep`` run one stage, and ``jaxlin plan`` takes the same flags and prints what each device would hold
+(`jaxlin.plan`).
 
 Every RunConfig field is also a flag named by its flat key (``--num-train 512``, ``--lambdas 0.5,5,50``,
 ``--layers 3,4,5``, ``--sweep-steps 40``), and by its dotted key too (``--train.steps 40``, ``--lora.rank 4``);

@@ -29,7 +29,7 @@ its optimiser state under `jax.eval_shape`. Per device, on the mesh the run woul
   ``cache_bytes``: a quarter of the device) and left out.
 
 The verdict compares the sum of the five with the device's memory: ``bytes_limit`` of `Device.memory_stats`
-where the backend reports it (GPU, TPU), else the host's RAM shared by its local devices (CPU). The sum is an
+where the backend reports it (GPU, TPU), else the host's RAM shared by the run's devices on it (CPU). The sum is an
 upper bound of what one stage holds at once (no stage trains and builds kernels together), and the estimates
 leave out XLA's temporaries, so a plan that fits by a thin margin may still not. docs/scaling.md, "Will it
 fit? `jaxlin plan`".
@@ -183,11 +183,11 @@ def abstract_model(config: RunConfig, num_classes: int) -> models.Model:
     """The run's `jaxlin.models.Model` with `jax.ShapeDtypeStruct` parameters: the checkpoint's config (or a GGUF
     file's metadata) built under `flax.nnx.eval_shape`, as `jaxlin.load_pretrained` builds it before filling it."""
     m = config.model
-    kind = models.family_kind(m.name)  # a clear CheckpointError for a missing checkpoint or an unknown family
+    # a clear CheckpointError for a missing checkpoint, an unknown family or a broken config
     hf_config = models.read_hf_config(checkpoint.resolve(m.name))
     fam = models.family_for(hf_config)
     # label words on an encoder are refused by the run itself (`jaxlin.pipeline`); planned here with its head
-    label_words = m.readout == "label_words" and kind == "decoder"
+    label_words = m.readout == "label_words" and fam["kind"] == "decoder"
     task = "causal_lm" if label_words else "classification"
     head = m.head if fam["kind"] == "encoder" and not label_words else None
     abstract = nnx.eval_shape(lambda: models.build_model(hf_config, task=task, num_labels=None if label_words

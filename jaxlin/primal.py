@@ -33,7 +33,7 @@ __all__ = ["PrimalRidgeSolution", "primal_ridge"]
 
 
 @pytree_dataclass(["value", "ridge", "iterations", "residual", "recursive_residual", "tol", "status_code",
-                    "predictions", "change"], ["max_iters"])
+                   "predictions", "change"], ["max_iters"])
 class PrimalRidgeSolution(CGSolution):
     """value: δ (a pytree like θ0) with (JᵀJ + λI)δ ≈ Jᵀr0; residual: the true relative residual
     ‖(JᵀJ + λI)δ − Jᵀr0‖/‖Jᵀr0‖ (recomputed after the last iteration); iterations: CG iterations (each one pass

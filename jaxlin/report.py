@@ -126,10 +126,11 @@ def _correlation_figure(results: dict) -> str:
     if note:
         return _figure("fig-kappa-scatter", None, "", note)
     corr = results["correlation"]
-    return _study_objective_note(results) + _figure("fig-kappa-scatter", _plots.kappa_scatter(corr) if corr["runs"] else None,
+    figure = _figure("fig-kappa-scatter", _plots.kappa_scatter(corr) if corr["runs"] else None,
                    "κ at init against the fine-tuning outcome, one point per run, least-squares line in log κ; "
                    "bootstrap CIs in brackets. The paper expects lower κ ↔ higher accuracy, lower loss.",
                    None if corr["runs"] else "No runs recorded.")
+    return _study_objective_note(results) + figure
 
 
 def _correlation_table(results: dict) -> str:

@@ -262,7 +262,7 @@ def kernel_predict(gram_eval_train, dual, f0_eval=None) -> Array:
 
 
 @pytree_dataclass(["ridges", "eigvals", "dual", "train_change", "train_resid", "objective", "delta_sq_norm",
-                    "delta_norm", "status_code"], ["ridge_scale"])
+                   "delta_norm", "status_code"], ["ridge_scale"])
 class RidgePath:
     """Every quantity of §4.2 for K ridges (leading axis K), from one eigendecomposition K = U diag(μ) Uᵀ.
 
@@ -335,7 +335,7 @@ def ridge_path_predict(gram_eval_train, path: RidgePath, f0_eval=None) -> Array:
 
 
 @pytree_dataclass(["value", "ridge", "iterations", "residual", "recursive_residual", "tol", "status_code"],
-                   ["max_iters"])
+                  ["max_iters"])
 class CGSolution:
     """value: x with (K + λI)x ≈ rhs; residual: true relative residual ‖rhs − (K+λI)x‖/‖rhs‖. `operator` names the
     system's matrix in the message (a subclass that solves another one, as `jaxlin.primal`'s JᵀJ + λI, says so)."""
@@ -431,7 +431,7 @@ def conjugate_gradient(matvec: Callable[[Array], Array], rhs, ridge, *, tol=1e-6
 
 
 @pytree_dataclass(["times", "change", "resid", "loss", "delta_sq_norm", "objective", "ridge", "learning_rate",
-                    "max_stable_learning_rate", "status_code"], ["kind"])
+                   "max_stable_learning_rate", "status_code"], ["kind"])
 class Dynamics:
     """Training-set trajectory at the requested times (leading axis T).
 
