@@ -113,3 +113,13 @@ def test_estimates_grow_with_the_block_and_split_over_the_data_axis(tiny_checkpo
         assert small.items[item] < large.items[item], item
         assert split.items[item] < large.items[item], item  # each device builds half of a block's rows
     assert large.items["optimizer"] == 0 and large.optimizer == "none"  # no stage trains
+
+
+def test_a_cpu_device_shares_host_ram_with_the_devices_the_run_uses(tiny_checkpoint):
+    """Simulated CPU devices share the host's RAM: a run without a mesh uses one of the 8 and has all of it, a
+    data=8 mesh gives each device an eighth."""
+    config = _config(tiny_checkpoint, stages="ntk")
+    alone = plan_mod.memory_plan(config, num_classes=NUM_CLASSES)
+    spread = plan_mod.memory_plan(config, mesh=parse_mesh("data=8,model=1"), num_classes=NUM_CLASSES)
+    assert alone.device_source.startswith("host RAM / 1 CPU") and spread.device_source.startswith("host RAM / 8 CPU")
+    assert alone.device_bytes // 8 == spread.device_bytes
