@@ -427,7 +427,8 @@ def stage_sweep(ctx: Context):
     results = lambda_sweep(ctx.adapted, ctx.train, ctx.eval, ctx.tokenizer, lambdas=list(t.lambdas),
                            config=ctx.config.sweep_train_config(ctx.pad_multiple), regularizer=t.regularizer,
                            progress=True, num_train_evaluated=min(t.num_train_evaluated, len(ctx.train)),
-                           objective=run_objective(t.objective, ctx.readout), mesh=ctx.mesh)
+                           objective=run_objective(t.objective, ctx.readout), mesh=ctx.mesh,
+                           frozen_prefix=t.frozen_prefix)
     for r in results:  # the schema's headline output distance is the eval one; no radius at λ = 0
         r["output_distance_lin_nonlin"] = r["output_distance_lin_nonlin_eval"]
         if r["theorem2_radius"] is None:

@@ -40,7 +40,8 @@ EXECUTION_KEYS = {"compile_cache": "execution.compile_cache"}
 
 # Keys added since, and where they live.
 NEW_FLAT = {"readout": "model.readout", "label_words": "model.label_words",
-            "prompt_template": "model.prompt_template", "objective": "train.objective"}
+            "prompt_template": "model.prompt_template", "objective": "train.objective",
+            "frozen_prefix": "train.frozen_prefix"}
 ALL_KEYS = {**OLD_FLAT, **NEW_FLAT, **MESH_KEYS, **EXECUTION_KEYS}
 
 NESTED_TOML = """preset = "quick"
