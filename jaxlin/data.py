@@ -40,7 +40,7 @@ from jaxlin.assets import asset_path
 __all__ = [
     "DataError", "TextDataset", "TokenizerLike", "PACKAGED_DATASETS", "load_dataset", "train_eval_split",
     "balanced_subset", "calibration_subset", "pad_batch", "encode", "batches", "one_hot_targets", "TokenCount",
-    "count_tokens", "bucket_multiple",
+    "count_tokens", "bucket_multiple", "round_up",
 ]
 
 # name -> (distribution, path inside site-packages)
@@ -445,7 +445,8 @@ def _tokenize(tokenizer: TokenizerLike, texts: Sequence[str], max_length: int) -
     return ids
 
 
-def _round_up(length: int, multiple: int) -> int:
+def round_up(length: int, multiple: int) -> int:
+    """`length` rounded up to a multiple of `multiple` (a padded length)."""
     return -(-length // multiple) * multiple
 
 
@@ -464,7 +465,7 @@ def _pad(token_lists, real_rows: int, *, pad_token_id: int, pad_to_multiple_of: 
         raise DataError(f"padding_side={padding_side!r}; use 'right' (encoders) or 'left' (decoders)")
     longest = max((len(t) for t in token_lists), default=0)
     if length is None:
-        length = _round_up(max(longest, 1), pad_to_multiple_of)
+        length = round_up(max(longest, 1), pad_to_multiple_of)
     elif length < longest:
         raise DataError(f"length={length} is shorter than the longest sequence ({longest}); raise it or truncate")
     ids = np.full((len(token_lists), length), pad_token_id, dtype=np.int32)

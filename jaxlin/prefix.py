@@ -43,6 +43,8 @@ class FrozenPrefix:
 
     function: AdaptedFunction
     trainable0: object
+    length: int | None = None  # tokens of every prefix forward (None: each batch's own padded length)
+    rows: int = 16  # examples per prefix forward
     _rows: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -64,26 +66,44 @@ class FrozenPrefix:
             raise ValueError("a frozen prefix needs right-padded batches (each attention_mask row 1…1 0…0); pad on "
                              "the right, or train without the frozen prefix")
         keys = [ids_BL[i, :n].tobytes() for i, n in enumerate(lengths_B)]
-        if any(k not in self._rows for k in keys):
-            base = dataclasses.replace(self.function, start_layer=0)
-            found_BLD = np.asarray(_hidden_jit(base, self.trainable0, {"input_ids": ids_BL, "attention_mask": mask_BL},
-                                               self.start_layer))
-            for i, (k, n) in enumerate(zip(keys, lengths_B)):
-                self._rows.setdefault(k, found_BLD[i, :n].copy())
+        missing = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in self._rows}.values())
+        if missing:
+            self._compute(ids_BL[missing], lengths_B[missing], [keys[i] for i in missing])
         first = self._rows[keys[0]]
         hidden_BLD = np.zeros(ids_BL.shape + first.shape[1:], first.dtype)
         for i, (k, n) in enumerate(zip(keys, lengths_B)):
             hidden_BLD[i, :n] = self._rows[k]
         return {**batch, PREFIX_KEY: hidden_BLD}
 
+    def _compute(self, ids_ML, lengths_M, keys):
+        """Each row's hidden states, in forwards of `rows` examples × `length` tokens (one compiled program)."""
+        length = ids_ML.shape[1] if self.length is None else max(self.length, int(lengths_M.max()))
+        base = dataclasses.replace(self.function, start_layer=0)
+        pad_id = getattr(base.adapted.model.config, "pad_token_id", None) or 0
+        for s in range(0, len(keys), self.rows):
+            chunk = slice(s, s + self.rows)
+            ids_RL = np.full((self.rows, length), pad_id, ids_ML.dtype)
+            mask_RL = np.zeros((self.rows, length), np.int32)
+            for r, (ids, n) in enumerate(zip(ids_ML[chunk], lengths_M[chunk])):
+                ids_RL[r, :n], mask_RL[r, :n] = ids[:n], 1
+            mask_RL[len(keys[chunk]):, 0] = 1  # filler rows: one real token, so no row is all padding
+            found_RLD = np.asarray(_hidden_jit(base, self.trainable0, {"input_ids": ids_RL, "attention_mask": mask_RL},
+                                               self.start_layer))
+            for r, (k, n) in enumerate(zip(keys[chunk], lengths_M[chunk])):
+                self._rows[k] = found_RLD[r, :n].copy()
 
-def frozen_prefix(f: Callable, trainable0) -> FrozenPrefix | None:
+
+def frozen_prefix(f: Callable, trainable0, *, length: int | None = None, rows: int = 16) -> FrozenPrefix | None:
     """The `FrozenPrefix` of ``f`` at ``trainable0``, or None when there is nothing to cache: ``f`` is not an
     adapted model's function (`Adapted.as_function`), or its lowest trained block is the first
-    (`Adapted.first_trained_layer`, which reads ``f``'s gate)."""
+    (`Adapted.first_trained_layer`, which reads ``f``'s gate). ``length``, ``rows``: the prefix runs on ``rows``
+    examples padded to ``length`` tokens at a time (pass the longest padded length the batches can have, so a
+    single program serves them all; None: each batch's own length, a program per padded length)."""
     if not isinstance(f, AdaptedFunction) or f.start_layer:
         return None
     start = f.adapted.first_trained_layer(None if f.gate_M is None else np.asarray(f.gate_M))
     if start == 0:
         return None
-    return FrozenPrefix(dataclasses.replace(f, start_layer=start), trainable0)
+    if rows < 1 or (length is not None and length < 1):
+        raise ValueError(f"frozen_prefix(length={length}, rows={rows}): both must be ≥ 1 (length may be None)")
+    return FrozenPrefix(dataclasses.replace(f, start_layer=start), trainable0, length, rows)

@@ -408,7 +408,8 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     def from_prefix(seed, f):
         """f and its (training, eval, train-eval) batches, from f's lowest trained block on when that is not the
         first: the blocks below sit at θ0 of the seed for every configuration that starts there."""
-        prefix = prefix_of(f, adapters[seed].trainable) if c.frozen_prefix else None
+        longest = data.round_up(c.max_length, c.pad_to_multiple_of)  # one prefix program for every batch
+        prefix = prefix_of(f, adapters[seed].trainable, length=longest) if c.frozen_prefix else None
         if prefix is None:
             return f, (step_batches, eval_batches, train_eval_batches)
         key = (seed, prefix.start_layer)

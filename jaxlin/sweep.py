@@ -166,7 +166,8 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
     eval_kw = fit_kw if evaluate_on_mesh else {}
 
     apply_nonlinear, apply_linearized = objective.functions(adapted)
-    prefix = prefix_of(apply_nonlinear, adapted.trainable) if frozen_prefix and plan is None else None
+    longest = data.round_up(config.max_length, config.pad_to_multiple_of)  # the longest padded batch
+    prefix = prefix_of(apply_nonlinear, adapted.trainable, length=longest) if frozen_prefix and plan is None else None
     if prefix is not None:  # both models from the prefix's block on, f̄ linearized at the same θ0
         apply_nonlinear = prefix.function
         apply_linearized = linearized_function(prefix.function, adapted.trainable)

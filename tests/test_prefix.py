@@ -72,6 +72,10 @@ def test_an_example_is_computed_once_and_serves_any_padded_length():
     assert prefix._rows.keys() == cached.keys()  # nothing new was computed
     np.testing.assert_array_equal(narrow[PREFIX_KEY], wide[PREFIX_KEY][2:, :12])
     assert prefix.cached_bytes == sum(batch["attention_mask"].sum(1)) * 36 * 8  # real tokens × D × float64
+    chunked = frozen_prefix(adapted.as_function(), adapted.trainable, length=23, rows=2)  # 3 forwards of 2 × 23
+    np.testing.assert_allclose(chunked.attach(batch)[PREFIX_KEY], wide[PREFIX_KEY], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"rows=0\): both must be ≥ 1"):
+        frozen_prefix(adapted.as_function(), adapted.trainable, rows=0)
 
 
 def test_the_first_trained_block_follows_what_trains_and_the_gate():
