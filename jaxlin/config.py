@@ -91,6 +91,8 @@ class DataSection:
     num_eval: int = 256
     num_calibration: int = 32  # the examples of the kernels and spectra
     calibration_mode: str = "first"
+    eval_split: str = "stratified"  # the eval split's classes: "stratified" (the data's proportions) or
+    # "balanced" (equal counts: chance is 1/C and the majority class scores no higher than any other)
     max_length: int = 64  # tokens per example after truncation
 
 
@@ -302,7 +304,8 @@ def _flat_keys() -> dict[str, tuple[str | None, str]]:
 
 
 FLAT_KEYS = _flat_keys()
-ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template", "objective", "frozen_prefix"})
+ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template", "objective", "frozen_prefix",
+                        "eval_split"})
 # flat keys added after results were first stored (frozen_prefix: the same results up to float rounding)
 FLAT_OF = {where: flat for flat, where in FLAT_KEYS.items()}
 DOTTED = {flat: (name if section is None else f"{section}.{name}") for flat, (section, name) in FLAT_KEYS.items()}
@@ -315,6 +318,7 @@ ALLOWED = {
     "lora.init": ("adapters", "LORA_INITS"),
     "data.missing_labels": ("data", "MISSING_LABELS"),
     "data.calibration_mode": ("study", "CALIBRATION_MODES"),
+    "data.eval_split": ("data", "EVAL_SPLITS"),
     "kernel.implementation": ("module_ntk", "IMPLEMENTATIONS"),
     "train.regularizer": ("train", "REGULARIZERS"),
     "train.anchor": ("train", "ANCHORS"),
