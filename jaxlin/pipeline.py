@@ -70,7 +70,8 @@ from .schema import NONFINITE_STRINGS, SCHEMA_VERSION, validate_results
 from .solve import gd_dynamics, ridge_path
 from .study import run_study
 from .sweep import lambda_sweep, sweep_summary
-from .train import fit, model_functions
+from .prefix import frozen_prefix
+from .train import fit, linearized_function, model_functions
 
 ORDER = STAGES
 
@@ -408,10 +409,15 @@ def stage_dynamics(ctx: Context):
     tc = cfg.dynamics_train_config(learning_rate=n * lr_sum, batch_size=n, strength=ridge_sum / n,
                                    pad_to_multiple_of=ctx.pad_multiple)
     own_rows = functools.partial(distributed.process_rows, fix="--num-calibration")
-    batches = lambda epoch: map(own_rows, data.batches(  # noqa: E731
-        ctx.calibration, ctx.tokenizer, batch_size=n, max_length=tc.max_length,
-        pad_to_multiple_of=tc.pad_to_multiple_of))
     nonlinear, linearized = model_functions(ctx.adapted_lora, ctx.output_fn)
+    theta0 = ctx.adapted_lora.trainable
+    prefix = frozen_prefix(nonlinear, theta0) if cfg.train.frozen_prefix and ctx.mesh is None else None
+    if prefix is not None:  # one full batch: its blocks below the lowest trained one run once
+        nonlinear, linearized = prefix.function, linearized_function(prefix.function, theta0)
+    attach = (lambda b: b) if prefix is None else prefix.attach
+    batches = lambda epoch: map(own_rows, map(attach, data.batches(  # noqa: E731
+        ctx.calibration, ctx.tokenizer, batch_size=n, max_length=tc.max_length,
+        pad_to_multiple_of=tc.pad_to_multiple_of)))
     measured = {name: fit(fn, ctx.adapted_lora.trainable, batches, config=tc, progress=False,
                           mesh=ctx.mesh).train_loss
                 for name, fn in (("linearized", linearized), ("nonlinear", nonlinear))}
@@ -419,7 +425,8 @@ def stage_dynamics(ctx: Context):
             "ridge": ridge_sum / n, "ridge_summed": ridge_sum, "ridge_relative": cfg.dynamics.ridge,
             "predicted_loss": (np.asarray(predicted.loss) / n).tolist(),
             "measured_loss_linearized": measured["linearized"], "measured_loss_nonlinear": measured["nonlinear"],
-            "loss": "mean over examples of ½‖f − onehot(y)‖²"}, {}
+            "loss": "mean over examples of ½‖f − onehot(y)‖²",
+            "prefix_start_layer": 0 if prefix is None else prefix.start_layer}, {}
 
 
 def stage_sweep(ctx: Context):
@@ -442,7 +449,7 @@ def stage_probe(ctx: Context):
     p = ctx.config.probe
     return probe_adapted(ctx.adapted_lora, ctx.batch(ctx.calibration, bucketed=True), radii=list(p.radii),
                          num_directions=p.directions, num_tangents=p.tangents, seed=ctx.config.model.seed,
-                         output_fn=ctx.output_fn, mesh=ctx.mesh), {}
+                         output_fn=ctx.output_fn, mesh=ctx.mesh, frozen_prefix=ctx.config.train.frozen_prefix), {}
 
 
 def stage_study(ctx: Context):

@@ -60,6 +60,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ._types import PyTree
 from .ntk import empirical_ntk_fn
+from .prefix import frozen_prefix as prefix_of
 from .sharding import place
 from .train_mesh import MeshPlan
 
@@ -291,18 +292,25 @@ def _call(trainable, batch, f):
     return f(trainable, batch)
 
 
-def probe_adapted(adapted, batch, *, output_fn: Callable | None = None, **kw) -> dict:
+def probe_adapted(adapted, batch, *, output_fn: Callable | None = None, frozen_prefix: bool = True, **kw) -> dict:
     """`linearity_probe` of f = adapted.as_function(output_fn) at θ0 = adapted.trainable; `batch` holds
     "input_ids" and "attention_mask" (for a label-word readout: ``readout.encode(texts)`` and ``output_fn=
     readout.output_fn``, so f is the (N, C) label-word logits); keywords as linearity_probe. f travels in
     `f_args`, so the frozen weights are traced arguments (not baked constants) and repeated probes of one model
     share the jit cache. On a mesh (``mesh=``) the parameters stay on their shardings (e.g. those of
-    `jaxlin.sharding.shard_adapted`) and the examples are split over the data axis (module docstring)."""
+    `jaxlin.sharding.shard_adapted`) and the examples are split over the data axis (module docstring).
+    ``frozen_prefix``: without a mesh, f runs from the lowest trained block, the blocks below computed once
+    (`jaxlin.prefix`; the same values up to float rounding); the result's "prefix_start_layer" says where."""
     missing = {"input_ids", "attention_mask"} - set(batch)
     if missing:
         raise ValueError(f"batch lacks {sorted(missing)}; pass {{'input_ids': (N, L), 'attention_mask': (N, L)}}")
     inputs = {"input_ids": np.asarray(batch["input_ids"]), "attention_mask": np.asarray(batch["attention_mask"])}
-    return linearity_probe(_call, adapted.trainable, inputs, f_args=(adapted.as_function(output_fn),), **kw)
+    f = adapted.as_function(output_fn)
+    prefix = prefix_of(f, adapted.trainable) if frozen_prefix and kw.get("mesh") is None else None
+    if prefix is not None:
+        f, inputs = prefix.function, prefix.attach(inputs)
+    found = linearity_probe(_call, adapted.trainable, inputs, f_args=(f,), **kw)
+    return {**found, "prefix_start_layer": 0 if prefix is None else prefix.start_layer}
 
 
 __all__ = ["ESTIMATORS", "linearity_probe", "lipschitz_at_radius", "probe_adapted", "random_unit_directions"]

@@ -167,6 +167,18 @@ def test_lora_bert_matches_dense_jacobians(lora_bert):
     assert out["settings"]["num_params"] == adapted.num_params() and out["settings"]["num_outputs"] == 3
 
 
+def test_the_probe_from_a_frozen_prefix_equals_the_whole_model():
+    model = tiny_model("llama", task="classification", num_labels=3, dtype=jnp.float64)
+    adapted = add_lora(model, targets=("q_proj",), layers=(2,), rank=2)
+    batch = random_batch(model, batch=4, length=9, seed=2)
+    kw = dict(radii=[0.1, 1.0], num_directions=2, num_tangents=1, seed=3)
+    got, want = (probe_adapted(adapted, batch, frozen_prefix=on, **kw) for on in (True, False))
+    assert (got["prefix_start_layer"], want["prefix_start_layer"]) == (2, 0)
+    for name, entry in want["estimates"].items():
+        for key, values in entry.items():
+            np.testing.assert_allclose(got["estimates"][name][key], values, rtol=1e-9, err_msg=f"{name} {key}")
+
+
 @pytest.fixture(scope="module")
 def small_probe():
     """A one-layer LoRA RoBERTa in float64 (the remainder divides by r²), 8 examples, and its one-device probe."""
