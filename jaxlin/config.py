@@ -127,7 +127,7 @@ class TrainSection:
     steps: int = _key(80, "sweep_steps")
     num_train_evaluated: int = _key(256, "sweep_num_train_evaluated")  # training examples (the first) on which
     # the sweep measures train loss, output distance and KL after each fit; capped at num_train
-    frozen_prefix: bool = True  # the sweep and the study train and evaluate from the lowest trained block, the
+    frozen_prefix: bool = True  # the dynamics, sweep, probe and study run from the lowest trained block, the
     # blocks below computed once per example (jaxlin.prefix; the same results up to float rounding)
 
 
