@@ -63,6 +63,8 @@ class ModelSection:
     # one label word per class after `prompt_template` (jaxlin.label_word_readout; no head is added or trained)
     label_words: tuple[str, ...] | None = None  # one per class in label-id order; None = the data's label names
     prompt_template: str | None = None  # with one "{text}" field; None = "{text}"
+    dtype: str = "float32"  # "bfloat16": base weights stored and computed in bfloat16, trainable leaves, logits,
+    # losses and kernels in float32 (mixed precision, docs/scaling.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +301,7 @@ def _flat_keys() -> dict[str, tuple[str | None, str]]:
 
 
 FLAT_KEYS = _flat_keys()
-ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template", "objective"})  # flat keys added after results were first stored
+ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template", "objective", "dtype"})  # flat keys added after results were first stored
 FLAT_OF = {where: flat for flat, where in FLAT_KEYS.items()}
 DOTTED = {flat: (name if section is None else f"{section}.{name}") for flat, (section, name) in FLAT_KEYS.items()}
 
@@ -307,6 +309,7 @@ DOTTED = {flat: (name if section is None else f"{section}.{name}") for flat, (se
 ALLOWED = {
     "model.readout": ("readout", "READOUTS"),
     "model.head": ("models.bert", "HEADS"),
+    "model.dtype": ("models", "DTYPES"),
     "mesh.distributed": ("distributed", "MODES"),
     "lora.init": ("adapters", "LORA_INITS"),
     "data.missing_labels": ("data", "MISSING_LABELS"),
