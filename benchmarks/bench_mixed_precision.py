@@ -6,7 +6,8 @@ float32 and once in bfloat16 with the same LoRA A0 and head. For each: the LoRA 
 accumulation) on N train and M eval examples, and kernel ridge regression on the residual Y − f0 at the preset's
 ``kernel.krr_ridges`` (relative to trace(K)/n), as the ``krr`` stage computes it. Reported: the relative Frobenius
 error of the bfloat16 train and cross kernels, the largest eigenvalue error relative to the largest eigenvalue,
-the relative error of f0, and the KRR eval accuracy under both (with the fraction of eval predictions that agree).
+how many eigenvalues keep 1 % accuracy, κ_σ at the preset's ``kernel.sigmas``, the relative error of f0, and the
+KRR eval accuracy under both (with the fraction of eval predictions that agree).
 
     PYTHONPATH=. python benchmarks/bench_mixed_precision.py --num-train 64 --num-eval 64
 """
@@ -65,8 +66,9 @@ def krr_under(dtype: str, config, train, eval_, block_size: int) -> dict:
     y = np.eye(train.num_classes)[np.asarray(train.labels)]
     path = ridge_path(k_train, y - f0_train, np.asarray(config.kernel.krr_ridges), ridge_scale="trace")
     pred = np.asarray(path.predict(k_cross, f0_eval))  # (ridges, M, C)
+    kappa = spectrum.condition_numbers(k_train, config.kernel.sigmas, sigma_scale="trace")["kappa_sigma"]
     return dict(k_train=np.asarray(k_train), k_cross=np.asarray(k_cross), f0_eval=f0_eval, pred=pred,
-                eigenvalues=np.linalg.eigvalsh(spectrum.as_matrix(k_train)),
+                eigenvalues=np.linalg.eigvalsh(spectrum.as_matrix(k_train)), kappa_sigma=kappa.tolist(),
                 kernel_dtype=str(np.asarray(k_train).dtype), logits_dtype=str(f0_eval.dtype),
                 param_dtypes=sorted({str(v.dtype) for v in jax.tree.leaves(model.params)}))
 
@@ -102,6 +104,11 @@ def main(argv=None) -> dict:
         "rel_fro_error_k_cross": rel_fro(r16["k_cross"], r32["k_cross"]),
         "max_eig_error_over_largest": float(np.max(np.abs(lam16 - lam32)) / np.max(np.abs(lam32))),
         "largest_eigenvalue": {"float32": float(lam32[-1]), "bfloat16": float(lam16[-1])},
+        # the spectrum's tail: how many of the N·C eigenvalues keep 1 % relative accuracy, and κ_σ
+        "eigenvalues_within_1pct": int(np.sum(np.abs(lam16 - lam32) <= 0.01 * np.abs(lam32))),
+        "num_eigenvalues": int(lam32.size),
+        "sigmas_trace_relative": list(config.kernel.sigmas),
+        "kappa_sigma": {d: r["kappa_sigma"] for d, r in runs.items()},
         "rel_max_error_f0_eval": float(np.abs(r16["f0_eval"] - r32["f0_eval"]).max() / np.abs(r32["f0_eval"]).max()),
         "krr_eval_accuracy": accuracy, "krr_eval_prediction_agreement": agreement,
         "eval_accuracy_at_init": {d: float(np.mean(np.argmax(r["f0_eval"], -1) == labels)) for d, r in runs.items()},
