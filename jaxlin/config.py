@@ -301,7 +301,8 @@ def _flat_keys() -> dict[str, tuple[str | None, str]]:
 
 
 FLAT_KEYS = _flat_keys()
-ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template", "objective", "dtype"})  # flat keys added after results were first stored
+# flat keys added after results were first stored
+ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template", "objective", "dtype"})
 FLAT_OF = {where: flat for flat, where in FLAT_KEYS.items()}
 DOTTED = {flat: (name if section is None else f"{section}.{name}") for flat, (section, name) in FLAT_KEYS.items()}
 

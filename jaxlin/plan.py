@@ -20,10 +20,10 @@ its optimiser state under `jax.eval_shape`. Per device, on the mesh the run woul
   (default ``data.num_calibration``) capped by the rows of the largest kernel (``data.num_calibration``, and
   ``kernel.num_krr`` with the krr stage); ``train.batch_size`` when larger and a stage trains; L =
   ``data.max_length`` tokens, through n layers of width D, MLP width F and H heads, with C classes, in
-  ``model.dtype`` (4 bytes, 2 in bfloat16): the structured kernel's forward pass kept for its pullbacks, n·b·L·(10·D + 2·F + 2·H·L), one
-  layer's working set for the pullback of one output at a time, b·L·(10·D + 2·F + 2·H·L), a causal LM's
-  vocabulary logits b·L·V with the label-word readout, and the inputs and output cotangents of every adapted
-  module, Σ_m b·L·(d_in + C·d_out), these two in float32 whatever the dtype.
+  ``model.dtype`` (4 bytes, 2 in bfloat16): the structured kernel's forward pass kept for its pullbacks,
+  n·b·L·(10·D + 2·F + 2·H·L), one layer's working set for the pullback of one output at a time,
+  b·L·(10·D + 2·F + 2·H·L), a causal LM's vocabulary logits b·L·V with the label-word readout, and the inputs and
+  output cotangents of every adapted module, Σ_m b·L·(d_in + C·d_out), these two in float32 whatever the dtype.
 - ``kernel`` (estimate), with the kernel's own B and b = ⌈B / data⌉: one Gram tile, modules·b·B·C²·4 bytes,
   and the LoRA Jacobian features of the two row blocks it contracts, Σ_m C·R·(d_in + d_out)·(b + B)·4
   (R = ``lora.rank``). Rows kept for later tiles are capped by the row cache (`jaxlin.gram.blocked_gram`'s

@@ -120,8 +120,9 @@ def load_pretrained(source, *, task: str, num_labels: int | None = None, seed: i
     ``task``: "encoder" (hidden states (B, L, D)), "classification" (logits (B, C); a head missing from the
     checkpoint is initialised from ``seed`` and listed in ``model.new_tensors``) or "causal_lm" ((B, L, V)).
     ``head``: the classification head for encoders, "roberta" (dense+tanh+out_proj) or "bert" (pooler+linear);
-    default by model type. ``dtype`` (or its name, e.g. "bfloat16"): the base weights' dtype; a half-precision one
-    is also their compute dtype, and the heads stay float32 (mixed precision, docs/scaling.md). Decoders classify from the last real token with a linear ``score`` head.
+    default by model type. Decoders classify from the last real token with a linear ``score`` head.
+    ``dtype`` (or its name, e.g. "bfloat16"): the base weights' dtype; a half-precision one is also their compute
+    dtype, and the heads stay float32 (mixed precision, docs/scaling.md).
     ``mesh``, ``rules``: place every parameter with its ``NamedSharding`` (`jaxlin.sharding.param_shardings`,
     default rules `jaxlin.sharding.DEFAULT_RULES`; docs/scaling.md). From safetensors each process reads only
     the slices its own devices hold (``safe_open(...).get_slice`` inside ``jax.make_array_from_callback``),
@@ -180,10 +181,11 @@ HEAD_PREFIXES = ("classifier", "score", "pooler")
 
 
 def _fill_params(abstract: nnx.Module, tensors, fam: dict, shardings: dict | None = None) -> tuple[dict, dict]:
-    """Read every parameter of ``abstract`` from ``tensors`` by its HF name, in the dtype ``abstract`` gives it. Returns the flat params and
-    ``{hf_name: path}`` of head tensors the checkpoint lacks. Raises CheckpointError naming a missing, misshapen
-    or unexpected tensor. With ``shardings`` ({path: NamedSharding}), each parameter is built on its sharding
-    from the slices this process's devices hold (read from the file where ``tensors`` can read slices)."""
+    """Read every parameter of ``abstract`` from ``tensors`` by its HF name, in the dtype ``abstract`` gives it.
+    Returns the flat params and ``{hf_name: path}`` of head tensors the checkpoint lacks. Raises CheckpointError
+    naming a missing, misshapen or unexpected tensor. With ``shardings`` ({path: NamedSharding}), each parameter
+    is built on its sharding from the slices this process's devices hold (read from the file where ``tensors``
+    can read slices)."""
     available = set(tensors)
     prefixes = fam["backbone_prefixes"]
     has_prefix = any(k.startswith(prefixes) for k in available)
