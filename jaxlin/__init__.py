@@ -38,6 +38,7 @@ from .probe import linearity_probe, probe_adapted
 
 # training, λ sweeps, the κ–performance study and the configured run
 from .train import TrainConfig, evaluate, fit, model_functions
+from .prefix import FrozenPrefix, frozen_prefix
 from .sweep import ClassificationObjective, lambda_sweep, sweep_summary
 from .next_token import NextTokenObjective, completions_from_labels, load_completions, next_token_functions, \
     next_token_loss
@@ -82,7 +83,8 @@ __all__ = [
     "conjugate_gradient", "flow_dynamics", "gd_dynamics", "kernel_predict", "kernel_ridge", "ridge_path",
     "primal_ridge", "adamspd", "prox_l2", "selective_prox", "correlation", "macro_f1", "modal_tie_fraction", "linearity_probe",
     "probe_adapted",
-    "TrainConfig", "evaluate", "fit", "model_functions", "lambda_sweep", "sweep_summary", "ClassificationObjective",
+    "TrainConfig", "evaluate", "fit", "model_functions", "FrozenPrefix", "frozen_prefix", "lambda_sweep",
+    "sweep_summary", "ClassificationObjective",
     "NextTokenObjective", "completions_from_labels", "load_completions", "next_token_functions", "next_token_loss",
     "StudyConfig", "run_study", "study_preset", "ConfigError", "RunConfig", "load_config", "preset", "run",
     "distributed", "sharding", "MeshPlan", "Plan", "memory_plan",

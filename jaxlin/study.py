@@ -31,7 +31,8 @@ Result of `run_study` (JSON-ready; non-finite floats are the strings "inf", "-in
     choices (calibration, kernel layout, head, σ, ridge, outcomes)}.
   runs: [{configuration, seed, modules, statistics: {name: float}, final_train_loss (mean cross-entropy over the
     num_train training examples after training), train_loss_last10pct (mean batch loss of the last 10% of steps),
-    train_accuracy, eval_accuracy, eval_loss, eval_macro_f1, train_loss_curve: [per step], wall_time_s,
+    train_accuracy, eval_accuracy, eval_loss, eval_macro_f1, train_loss_curve: [per step], prefix_start_layer
+    (the block training started from, `StudyConfig.frozen_prefix`; 0: the whole model), wall_time_s,
     krr_eval_accuracy, krr_eval_macro_f1 (of the KRR predictor on the eval examples), krr_agreement (fraction of
     eval examples where its argmax equals the fine-tuned model's)}].
   results: {predictor: {outcome: stats.correlation dict (pearson, spearman, CIs, n, ...)}} over all runs, for every
@@ -55,6 +56,7 @@ from tqdm.auto import tqdm
 from . import data, solve
 from .adapters import Adapted, add_lora
 from .module_ntk import module_ntks
+from .prefix import frozen_prefix as prefix_of
 from .readout import check_readout
 from ._util import to_jsonable
 from .select import FAMILIES, configuration_kernel, enumerate_configurations, spectral_selection
@@ -89,6 +91,8 @@ class StudyConfig:
       "trace" (sigma_trace, scale-fair) or "absolute" (sigma_absolute, the paper's). kernels: "ntk" and
       optionally "sign" (a statistic set each). n_bootstrap: CI resamples.
     selection_budget: modules per selection. data_seed: seeds the (shared) training batch order.
+    frozen_prefix: train and evaluate a configuration from its lowest adapted block, the blocks below computed once
+      per seed and example (`jaxlin.prefix`; the same results up to float rounding, one compiled step per block).
     """
 
     configurations: tuple[str, ...] | Mapping[str, Sequence[str]] = ("layer", "single")
@@ -118,6 +122,7 @@ class StudyConfig:
     n_bootstrap: int = 1000
     selection_budget: int = 3
     data_seed: int = 0
+    frozen_prefix: bool = True
 
     def __post_init__(self):
         spec = self.configurations
@@ -154,6 +159,9 @@ class StudyConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not ok(value):
                 _bad(name, value, f"a finite number {allowed}")
+        for name in ("train_head", "frozen_prefix"):
+            if not isinstance(getattr(self, name), bool):
+                _bad(name, getattr(self, name), "True or False")
 
     @property
     def variants(self) -> dict[str, dict]:
@@ -395,22 +403,38 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         timings["krr_s"] += time.perf_counter() - t0
         return fields if math.isfinite(fields["krr_eval_accuracy"]) else {**fields, "krr_message": message}
 
+    prefixes = {}  # (seed, block) -> the training, eval and train-eval batches with that block's input attached
+
+    def from_prefix(seed, f):
+        """f and its (training, eval, train-eval) batches, from f's lowest trained block on when that is not the
+        first: the blocks below sit at θ0 of the seed for every configuration that starts there."""
+        longest = data.round_up(c.max_length, c.pad_to_multiple_of)  # one prefix program for every batch
+        prefix = prefix_of(f, adapters[seed].trainable, length=longest) if c.frozen_prefix else None
+        if prefix is None:
+            return f, (step_batches, eval_batches, train_eval_batches)
+        key = (seed, prefix.start_layer)
+        if key not in prefixes:
+            prefixes[key] = tuple([prefix.attach(b) for b in bs] for bs in (step_batches, eval_batches,
+                                                                              train_eval_batches))
+        return prefix.function, prefixes[key]
+
     def train_run(seed, modules, label, **extra):
         """The record of `modules` trained with `seed` (trained once per module set), passed to `callback`."""
         key = (seed, frozenset(modules))
         if key not in trained:
             t0 = time.perf_counter()
-            f = gated(adapted, gate_vector(adapted, modules))
-            result = fit(f, adapters[seed].trainable, lambda epoch: step_batches, config=train_config,
+            f, (steps_b, eval_b, train_eval_b) = from_prefix(seed, gated(adapted, gate_vector(adapted, modules)))
+            result = fit(f, adapters[seed].trainable, lambda epoch: steps_b, config=train_config,
                          optimizer=optimizer, loss_fn=objective.loss_fn(f), progress=False)
             theta, losses = result.trainable, result.train_loss
-            ev, tr = (objective.evaluate(f, theta, b, eval_config) for b in (eval_batches, train_eval_batches))
+            ev, tr = (objective.evaluate(f, theta, b, eval_config) for b in (eval_b, train_eval_b))
             logits_EC = readout_logits(ev)
             last = losses[-max(1, math.ceil(0.1 * len(losses))):]
             trained[key] = {"final_train_loss": tr["loss"], "train_loss_last10pct": float(np.mean(last)),
                             "train_accuracy": tr["accuracy"], "eval_accuracy": ev["accuracy"], "eval_loss": ev["loss"],
                             "eval_macro_f1": macro_f1(labels_eval, logits_EC.argmax(-1), logits_EC.shape[1]),
-                            "train_loss_curve": losses, "wall_time_s": time.perf_counter() - t0}
+                            "train_loss_curve": losses, "prefix_start_layer": getattr(f, "start_layer", 0),
+                            "wall_time_s": time.perf_counter() - t0}
             timings["train_s"] += trained[key]["wall_time_s"]
             trained[key].update(krr_fields(seed, modules, logits_EC))
         record = {"configuration": label, "seed": seed, "modules": list(modules), **extra, **trained[key]}
@@ -444,8 +468,10 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
             runs.append(train_run(seed, modules, name, statistics=statistics[name]))
             bar.update(1)
             bar.set_postfix(config=name, seed=seed, acc=f"{runs[-1]['eval_accuracy']:.3f}")
-        if seed != c.seeds[0]:  # the first seed's kernels stay for the selections
+        if seed != c.seeds[0]:  # the first seed's kernels and prefixes stay for the selections
             del krr_kernels[seed]
+            for key in [k for k in prefixes if k[0] == seed]:
+                del prefixes[key]
     bar.close()
 
     t0 = time.perf_counter()

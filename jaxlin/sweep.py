@@ -38,7 +38,8 @@ from . import data
 from .distributed import process_rows, to_host
 from ._util import loglog_slope
 from .readout import check_readout
-from .train import TrainConfig, evaluate, fit, model_functions
+from .prefix import frozen_prefix as prefix_of
+from .train import TrainConfig, evaluate, fit, linearized_function, model_functions
 from .train_mesh import MeshPlan
 
 DISTANCE_KEYS = ("theta_distance_to_init", "theta_distance_to_init_linearized", "theta_distance_lin_nonlin",
@@ -94,7 +95,7 @@ class ClassificationObjective:
 def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence[float], config: TrainConfig,
                  regularizer: str = "prox", num_train_evaluated: int | None = None, progress: bool = True,
                  output_fn: Callable | None = None, objective=None, mesh: Mesh | None = None,
-                 data_axis: str = "data") -> list[dict]:
+                 data_axis: str = "data", frozen_prefix: bool = True) -> list[dict]:
     """Train f and f̄ at each λ in `lambdas` and compare them; one JSON-serialisable dict per λ.
 
     `config` gives everything but the pull: its `regularizer` and `strength` are replaced by `regularizer`
@@ -117,6 +118,9 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
     a multiple of the number of processes and of the data axis's size); every process returns the same results,
     equal to one device's up to float rounding. An objective whose ``evaluate`` takes no ``mesh`` is evaluated
     with its parameters where they are, on the whole batches: in one process only.
+    `frozen_prefix`: when nothing below block k trains, compute blocks 0 … k−1 once per example and train and
+    evaluate from block k (`jaxlin.prefix`; the same results up to float rounding). Without a mesh, for the
+    classification objective; the block it starts from is the result's "prefix_start_layer" (0: none).
 
     Keys per λ (norms are Euclidean over all trainable leaves; f, f̄ are logits (N, C), or for the next-token
     objective the next-token logits (T, V) at the T completion tokens, where "accuracy" is the fraction of greedy
@@ -139,6 +143,7 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
       relative_module_distances {"nonlinear", "linearized"}: {module: ‖ΔW‖_F/‖W0‖_F}, with ΔW = s(A_T B_T −
         A0 B0) for a LoRA module (s = alpha/rank; = ‖BA‖_F/‖W0‖_F of §7.1 when B0 = 0 and s = 1), and the
         change of all the module's leaves relative to their init norm for a module trained in full (a head)
+      prefix_start_layer: the block training started from (`frozen_prefix`; 0: the whole model)
       wall_time_s: both runs and their evaluations, compiles included.
     """
     lambdas = [float(lam) for lam in lambdas]
@@ -160,8 +165,17 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
     fit_kw = {} if plan is None else {"mesh": mesh, "data_axis": data_axis}
     eval_kw = fit_kw if evaluate_on_mesh else {}
 
+    apply_nonlinear, apply_linearized = objective.functions(adapted)
+    longest = data.round_up(config.max_length, config.pad_to_multiple_of)  # the longest padded batch
+    prefix = prefix_of(apply_nonlinear, adapted.trainable, length=longest) if frozen_prefix and plan is None else None
+    if prefix is not None:  # both models from the prefix's block on, f̄ linearized at the same θ0
+        apply_nonlinear = prefix.function
+        apply_linearized = linearized_function(prefix.function, adapted.trainable)
+
     def batches_of(dataset, shuffle, seed, own_rows):
         found = objective.batches(dataset, tokenizer, config, shuffle=shuffle, seed=seed)
+        if prefix is not None:
+            found = map(prefix.attach, found)
         return map(functools.partial(process_rows, fix="the batch size"), found) if own_rows else found
 
     def train_batches(epoch):
@@ -180,7 +194,6 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
     def train_eval_batches():
         return batches_of(train_evaluated, False, 0, evaluate_on_mesh)
 
-    apply_nonlinear, apply_linearized = objective.functions(adapted)
     theta0 = adapted.trainable if plan is None else plan.place(adapted.trainable)
     init = objective.evaluate(apply_nonlinear, theta0, train_eval_batches(), config, **eval_kw)
     theta0_host = to_host(theta0)
@@ -216,6 +229,7 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
             "theorem2_radius": math.sqrt(2.0 * init["loss"] / lam) if lam > 0 else None,
             "relative_module_distances": {name: relative_module_distances(adapted, runs[name]["trainable"])
                                           for name in runs},
+            "prefix_start_layer": 0 if prefix is None else prefix.start_layer,
             "wall_time_s": time.perf_counter() - start,
         })
     return results

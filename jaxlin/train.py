@@ -40,6 +40,7 @@ from jax.tree_util import Partial
 
 from .adapters import AdaptedFunction
 from .linearize import linearize
+from .prefix import PREFIX_KEY
 from .models.base import check_inputs
 from .regularizers import SelectiveProxState, adamspd, prox_l2, selective_prox
 from .train_checkpoint import TrainCheckpoint, json_floats, run_key
@@ -50,7 +51,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 LOSSES = ("cross_entropy", "squared")
 REGULARIZERS = ("none", "prox", "prox_decoupled", "selective", "selective_per_tensor", "adamspd")
 ANCHORS = ("init", "zero")
-_STEP_KEYS = ("input_ids", "attention_mask", "labels", "example_mask")
+_STEP_KEYS = ("input_ids", "attention_mask", "labels", "example_mask", PREFIX_KEY)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -204,6 +204,17 @@ def test_train_eval_split_deterministic_disjoint_stratified():
             train_eval_split(ds, **kwargs)
 
 
+def test_a_balanced_eval_split_takes_equal_counts_and_all_of_a_small_class():
+    ds = _dataset(211, num_classes=3)
+    small = ds.subset(np.concatenate([np.flatnonzero(ds.labels != 2), np.flatnonzero(ds.labels == 2)[:9]]))
+    tr, ev = train_eval_split(small, eval_size=41, seed=3, balanced=True)
+    assert sorted(ev.class_counts()) == [9, 16, 16] and len(tr) + len(ev) == len(small)  # class 2 gives all 9
+    assert set(tr.texts).isdisjoint(ev.texts)
+    _, ev = train_eval_split(ds, eval_size=31, seed=3, balanced=True)
+    assert sorted(ev.class_counts()) == [10, 10, 11]
+    assert train_eval_split(ds, eval_size=31, seed=3, balanced=True)[1].texts == ev.texts
+
+
 def test_calibration_modes():
     ds = _dataset(97, num_classes=3)
     assert calibration_subset(ds, 32).texts == ds.texts[:32]

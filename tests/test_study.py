@@ -292,6 +292,7 @@ def test_run_study_result(model, splits):
     assert set(STATISTICS) <= names and {"ntk_n10.kappa", "sign_n6.kappa", "sign_n10.kappa_traced"} <= names
     for run in runs:
         assert len(run["train_loss_curve"]) == config.steps and 0 <= run["eval_accuracy"] <= 1
+        assert run["prefix_start_layer"] == min(int(m.split(".")[0][len("layer"):]) for m in run["modules"])
         assert all(0 <= run[k] <= 1 for k in ("eval_macro_f1", "krr_eval_accuracy", "krr_eval_macro_f1",
                                               "krr_agreement"))
     krr = result["results"]["krr_eval_accuracy"]["eval_accuracy"]
@@ -314,17 +315,24 @@ def test_run_study_result(model, splits):
 
 
 @pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny BERT
-def test_run_study_is_deterministic(model, splits):
+def test_run_study_is_deterministic_and_its_frozen_prefix_changes_nothing(model, splits):
     config = _config(configurations={"a": ("layer0.attention.query",), "b": ("layer1.attention.key",),
-                                     "c": ("layer2.attention.value", "layer0.attention.key")},
+                                     "c": ("layer2.attention.value", "layer2.attention.key")},
                      seeds=(4,), kernels=("ntk",), num_calibration_large=None)
-    one, two = (run_study(model, *splits, config, tokenizer=WordTokenizer(), progress=False) for _ in range(2))
+    one, two, whole = (run_study(model, *splits, c, tokenizer=WordTokenizer(), progress=False)
+                       for c in (config, config, dataclasses.replace(config, frozen_prefix=False)))
     def outcomes(result):
         return {k: (m["modules"], m["scores"], m["final_train_loss"], m["eval_accuracy"])
                 for k, m in result["selection"]["methods"].items()}
 
     assert outcomes(one) == outcomes(two)
     assert [r["final_train_loss"] for r in one["runs"]] == [r["final_train_loss"] for r in two["runs"]]
+    assert [r["prefix_start_layer"] for r in one["runs"]] == [0, 1, 2]
+    assert [r["prefix_start_layer"] for r in whole["runs"]] == [0, 0, 0]
+    for got, want in zip(one["runs"], whole["runs"]):
+        np.testing.assert_allclose(got["train_loss_curve"], want["train_loss_curve"], rtol=1e-10)
+        assert got["eval_accuracy"] == want["eval_accuracy"]
+        np.testing.assert_allclose(got["eval_loss"], want["eval_loss"], rtol=1e-10)
     with pytest.raises(ValueError, match="not candidates"):
         run_study(model, *splits, _config(configurations={"x": ("pooler.dense",)}), tokenizer=WordTokenizer(),
                   progress=False)

@@ -119,6 +119,21 @@ def test_lambda_sweep_on_tiny_model():
         lambda_sweep(adapted, train, ev, tokenizer, lambdas=[1.0], config=cfg, num_train_evaluated=25)
 
 
+def test_a_sweep_from_its_frozen_prefix_equals_the_whole_model():
+    model = tiny_model("roberta", task="classification", num_labels=3, num_hidden_layers=2, dtype=jnp.float64)
+    adapted = add_lora(model, targets=("query", "value"), layers=(1,), rank=2, head=True)
+    words = np.array([f"w{i}" for i in range(40)])
+    kw = dict(train_data=_dataset(16, 0, words), eval_data=_dataset(10, 1, words), tokenizer=WordTokenizer(words),
+              lambdas=[1.0], config=TrainConfig(learning_rate=0.05, epochs=1, batch_size=8, warmup_ratio=0.0,
+                                                max_length=8), progress=False)
+    got, want = (lambda_sweep(adapted, **kw, frozen_prefix=on)[0] for on in (True, False))
+    assert got["prefix_start_layer"] == 1 and want["prefix_start_layer"] == 0
+    for key in ("theta_distance_to_init", "theta_distance_lin_nonlin", "output_distance_lin_nonlin_eval",
+                "kl_nonlin_lin", "eval_loss_nonlinear", "eval_loss_linearized", "loss_curve_linearized",
+                "loss_curve_nonlinear", "init_train_loss_mean"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-9, err_msg=key)
+
+
 @pytest.fixture(scope="module")
 def small_sweep():
     """A one-layer LoRA RoBERTa with a trained head, float32, and its single-device sweep at one λ."""

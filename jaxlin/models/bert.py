@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import (Embed, LayerNorm, Linear, activation, check_label_readout, head_dtype, masked_softmax_attention,
-                     merge_heads, split_heads)
+from .layers import (Embed, LayerNorm, Linear, activation, check_label_readout, head_dtype, layer_range,
+                     masked_softmax_attention, merge_heads, split_heads)
 
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
 
@@ -78,16 +78,23 @@ class BertEncoder(nnx.Module):
         not_pad = (input_ids_BL != self.pad_id).astype(jnp.int32)
         return jnp.cumsum(not_pad, axis=1) * not_pad + self.pad_id
 
-    def __call__(self, input_ids_BL, attention_mask_BL, token_type_ids_BL=None, *, label_token_ids=None):
+    def __call__(self, input_ids_BL, attention_mask_BL, token_type_ids_BL=None, *, label_token_ids=None,
+                 start_layer: int = 0, hidden_BLD=None, stop_layer: int | None = None):
         if label_token_ids is not None:
             check_label_readout(self.task, "bert")
-        if token_type_ids_BL is None:
-            token_type_ids_BL = jnp.zeros_like(input_ids_BL)
-        x = self.word(input_ids_BL) + self.position(self.positions(input_ids_BL)) + self.token_type(token_type_ids_BL)
-        x = self.emb_norm(x)
+        if hidden_BLD is None:
+            if token_type_ids_BL is None:
+                token_type_ids_BL = jnp.zeros_like(input_ids_BL)
+            x = self.word(input_ids_BL) + self.position(self.positions(input_ids_BL)) + \
+                self.token_type(token_type_ids_BL)
+            x = self.emb_norm(x)
+        else:
+            x = hidden_BLD
         allowed = attention_mask_BL.astype(bool)[:, None, None, :]
-        for layer in self.layers:
+        for layer in layer_range(self.layers, start_layer, hidden_BLD, stop_layer):
             x = layer(x, allowed)
+        if stop_layer is not None:
+            return x
         if self.task == "encoder":
             return x
         first_BD = x[:, 0]

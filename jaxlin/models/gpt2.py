@@ -13,7 +13,7 @@ from flax import nnx
 
 from .base import reject_encoder_head
 from .layers import (Embed, LayerNorm, Linear, activation, causal_allowed, check_label_readout, head_dtype,
-                     last_real_token, masked_softmax_attention, merge_heads, split_heads)
+                     last_real_token, layer_range, masked_softmax_attention, merge_heads, split_heads)
 
 
 class GPT2Block(nnx.Module):
@@ -69,13 +69,19 @@ class GPT2Decoder(nnx.Module):
                            dtype=head_dtype(dtype))
         self.score = nnx.data(score)
 
-    def __call__(self, input_ids_BL, attention_mask_BL, *, label_token_ids=None, positions=None):
+    def __call__(self, input_ids_BL, attention_mask_BL, *, label_token_ids=None, positions=None,
+                 start_layer: int = 0, hidden_BLD=None, stop_layer: int | None = None):
         if label_token_ids is not None or positions is not None:
             check_label_readout(self.task, "gpt2")
-        x_BLD = self.wte(input_ids_BL) + self.wpe(jnp.arange(input_ids_BL.shape[1]))[None]
+        if hidden_BLD is None:
+            x_BLD = self.wte(input_ids_BL) + self.wpe(jnp.arange(input_ids_BL.shape[1]))[None]
+        else:
+            x_BLD = hidden_BLD
         allowed_B1LL = causal_allowed(attention_mask_BL)
-        for layer in self.layers:
+        for layer in layer_range(self.layers, start_layer, hidden_BLD, stop_layer):
             x_BLD = layer(x_BLD, allowed_B1LL)
+        if stop_layer is not None:
+            return x_BLD
         x_BLD = self.ln_f(x_BLD)
         if label_token_ids is not None:
             return self.wte.attend(last_real_token(x_BLD, attention_mask_BL), rows=label_token_ids)

@@ -225,6 +225,20 @@ def last_real_token(x_BLD: jax.Array, attention_mask_BL: jax.Array) -> jax.Array
     return jnp.take_along_axis(x_BLD, jnp.max(pos_BL, axis=1)[:, None, None], axis=1)[:, 0]
 
 
+def layer_range(layers, start_layer: int, hidden_BLD, stop_layer: int | None):
+    """The blocks a call runs: ``layers[start_layer:stop_layer]``. A model starts at block ``start_layer`` > 0 from
+    ``hidden_BLD``, the input of that block (a frozen prefix's output, `jaxlin.prefix`), and with ``stop_layer``
+    returns the input of that block instead of its outputs."""
+    n = len(layers)
+    if (start_layer > 0) != (hidden_BLD is not None) or not 0 <= start_layer <= n:
+        raise ValueError(f"start_layer={start_layer} needs the hidden states entering that block (hidden_BLD) and "
+                         f"lies in [1, {n}]; start_layer=0 runs the embeddings and takes no hidden_BLD")
+    stop = n if stop_layer is None else stop_layer
+    if not start_layer <= stop <= n:
+        raise ValueError(f"stop_layer={stop_layer} must lie in [{start_layer}, {n}]")
+    return [layers[i] for i in range(start_layer, stop)]
+
+
 def check_label_readout(task: str, family: str) -> None:
     """A label-word readout (``label_token_ids``) reads the LM head: decoders loaded with task="causal_lm" only."""
     if family == "bert":

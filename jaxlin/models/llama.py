@@ -18,7 +18,7 @@ from flax import nnx
 
 from .base import reject_encoder_head
 from .layers import (Embed, Linear, RMSNorm, activation, causal_allowed, check_label_readout, head_dtype,
-                     last_real_token, masked_softmax_attention, merge_heads, split_heads)
+                     last_real_token, layer_range, masked_softmax_attention, merge_heads, split_heads)
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -125,7 +125,8 @@ class LlamaDecoder(nnx.Module):
                            dtype=head_dtype(dtype))
         self.lm_head, self.score = nnx.data(lm_head), nnx.data(score)
 
-    def __call__(self, input_ids_BL, attention_mask_BL, *, label_token_ids=None, positions=None):
+    def __call__(self, input_ids_BL, attention_mask_BL, *, label_token_ids=None, positions=None,
+                 start_layer: int = 0, hidden_BLD=None, stop_layer: int | None = None):
         if label_token_ids is not None or positions is not None:
             check_label_readout(self.task, "llama")
         angles_Lh = jnp.arange(input_ids_BL.shape[1], dtype=jnp.float32)[:, None] * jnp.asarray(
@@ -133,9 +134,11 @@ class LlamaDecoder(nnx.Module):
         angles_Ld = jnp.concatenate([angles_Lh, angles_Lh], axis=-1)
         cos_Ld, sin_Ld = jnp.cos(angles_Ld), jnp.sin(angles_Ld)
         allowed = {w: causal_allowed(attention_mask_BL, w) for w in {layer.window for layer in self.layers}}
-        x_BLD = self.embed_tokens(input_ids_BL)
-        for layer in self.layers:
+        x_BLD = self.embed_tokens(input_ids_BL) if hidden_BLD is None else hidden_BLD
+        for layer in layer_range(self.layers, start_layer, hidden_BLD, stop_layer):
             x_BLD = layer(x_BLD, allowed, cos_Ld, sin_Ld)
+        if stop_layer is not None:
+            return x_BLD
         x_BLD = self.norm(x_BLD)
         if label_token_ids is not None:
             last_BD = last_real_token(x_BLD, attention_mask_BL)
