@@ -63,6 +63,8 @@ class ModelSection:
     # one label word per class after `prompt_template` (jaxlin.label_word_readout; no head is added or trained)
     label_words: tuple[str, ...] | None = None  # one per class in label-id order; None = the data's label names
     prompt_template: str | None = None  # with one "{text}" field; None = "{text}"
+    dtype: str = "float32"  # "bfloat16": base weights stored and computed in bfloat16, trainable leaves, logits,
+    # losses and kernels in float32 (mixed precision, docs/scaling.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +307,7 @@ def _flat_keys() -> dict[str, tuple[str | None, str]]:
 
 FLAT_KEYS = _flat_keys()
 ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template", "objective", "frozen_prefix",
-                        "eval_split"})
+                        "eval_split", "dtype"})
 # flat keys added after results were first stored (frozen_prefix: the same results up to float rounding)
 FLAT_OF = {where: flat for flat, where in FLAT_KEYS.items()}
 DOTTED = {flat: (name if section is None else f"{section}.{name}") for flat, (section, name) in FLAT_KEYS.items()}
@@ -314,6 +316,7 @@ DOTTED = {flat: (name if section is None else f"{section}.{name}") for flat, (se
 ALLOWED = {
     "model.readout": ("readout", "READOUTS"),
     "model.head": ("models.bert", "HEADS"),
+    "model.dtype": ("models", "DTYPES"),
     "mesh.distributed": ("distributed", "MODES"),
     "lora.init": ("adapters", "LORA_INITS"),
     "data.missing_labels": ("data", "MISSING_LABELS"),

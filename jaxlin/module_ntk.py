@@ -21,6 +21,10 @@ Implementations (all exact, same numbers up to float rounding):
 - ``"ntk_vector_products"``: K_m columns as jvp(vjp(e_b)) with the tangent restricted to module m.
 - ``"auto"``: "structured" unless the request is a sign kernel of a full dense weight in L×L form.
 
+A bfloat16 model (mixed precision, docs/scaling.md) runs its forward and backward passes in bfloat16; every
+contraction that forms a kernel takes float32 operands (the structured path casts h and g; the Jacobians of
+float32 trainable leaves are float32), and tiles sum in ``accumulate_dtype``.
+
 Rows are tiled by ``jaxlin.gram.blocked_gram`` (``block_size``, symmetric reuse, float64 accumulation,
 resumable tile checkpoints, sharding of rows over a mesh). An adapted model placed on the same mesh
 (``jaxlin.sharding.shard_adapted``) keeps its parameters split over ``model``/``data``, on one process or
@@ -41,6 +45,7 @@ from . import ntk as _ntk
 from ._util import per_example
 from .adapters import Adapted, AdaptedFunction, model_kwargs
 from .models.base import check_inputs
+from .models.layers import at_least_float32
 
 SIGN_EPS = _ntk.SIGN_EPS
 IMPLEMENTATIONS = ("auto", "structured", "jacobian_contraction", "ntk_vector_products")
@@ -86,7 +91,8 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
     def factors(batch, trainable, frozen):
         """h (B, L, d_in) per module and g (O, B, L, d_out) per module (L = 1 for heads)."""
         _, h_shapes = jax.eval_shape(lambda: outputs(trainable, frozen, {}, batch))
-        probes = {n: jnp.zeros(h.shape[:-1] + (model.module(n).d_out,), h.dtype) for n, h in h_shapes.items()}
+        probes = {n: jnp.zeros(h.shape[:-1] + (model.module(n).d_out,), jnp.promote_types(h.dtype, jnp.float32))
+                  for n, h in h_shapes.items()}  # float32 at least: a float32 head's cotangent is not rounded
         (out, inputs), vjp = jax.vjp(lambda p: outputs(trainable, frozen, p, batch), probes)
         _check_output(out.shape, output_fn)
         basis = jnp.eye(out.shape[1], dtype=out.dtype)
@@ -96,9 +102,10 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
             return vjp((jnp.broadcast_to(e, out.shape), zero_inputs))[0]
 
         g = _ntk.map_over_outputs(one, basis)  # {module: (O, B, L, d_out)}
-        # heads see (B, d_in) (the first/last token); give every module a token axis: (B, L, d), (O, B, L, d)
-        h = {n: x.reshape(x.shape[0], -1, x.shape[-1]) for n, x in inputs.items()}
-        g = {n: x.reshape(x.shape[:2] + (-1, x.shape[-1])) for n, x in g.items()}
+        # heads see (B, d_in) (the first/last token); give every module a token axis: (B, L, d), (O, B, L, d).
+        # A bfloat16 model's h and g are cast to float32 here, before any contraction (docs/scaling.md)
+        h = {n: at_least_float32(x.reshape(x.shape[0], -1, x.shape[-1])) for n, x in inputs.items()}
+        g = {n: at_least_float32(x.reshape(x.shape[:2] + (-1, x.shape[-1]))) for n, x in g.items()}
         return h, g
 
     def features(n, h, g, trainable):

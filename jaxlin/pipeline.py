@@ -198,10 +198,10 @@ def _load_model(config: RunConfig, num_labels: int, mesh: Mesh | None = None) ->
     head = m.head if kind == "encoder" else None
     try:
         if m.readout == "label_words":
-            model = models.load_pretrained(m.name, task="causal_lm", seed=m.seed, mesh=mesh)
+            model = models.load_pretrained(m.name, task="causal_lm", seed=m.seed, mesh=mesh, dtype=m.dtype)
         else:
             model = models.load_pretrained(m.name, task="classification", num_labels=num_labels, seed=m.seed,
-                                           head=head, mesh=mesh)
+                                           head=head, mesh=mesh, dtype=m.dtype)
     except (CheckpointError, DataError):
         raise
     except ValueError as e:  # an encoder family's own check of the head it is asked for

@@ -9,7 +9,8 @@ the config, the data set; nothing is compiled: the model is built under `flax.nn
 its optimiser state under `jax.eval_shape`. Per device, on the mesh the run would use (one device without one):
 
 - ``parameters`` (exact): every weight of the checkpoint with the `NamedSharding` `jaxlin.load_pretrained`
-  gives it (`jaxlin.sharding.param_shardings`): Σ prod(shard shape)·itemsize, as `sharding.bytes_per_device`.
+  gives it (`jaxlin.sharding.param_shardings`): Σ prod(shard shape)·itemsize, as `sharding.bytes_per_device`;
+  with ``model.dtype = "bfloat16"`` the base weights take 2 bytes, the head 4 (docs/scaling.md, "Mixed precision").
 - ``trainable`` (exact): the LoRA factors (and the head with ``model.train_head``) of the λ sweep, sharded by
   `sharding.adapted_shardings`.
 - ``optimizer`` (exact): the sweep's optimiser state (`jaxlin.train.make_optimizer` of
@@ -19,10 +20,10 @@ its optimiser state under `jax.eval_shape`. Per device, on the mesh the run woul
   (default ``data.num_calibration``) capped by the rows of the largest kernel (``data.num_calibration``, and
   ``kernel.num_krr`` with the krr stage); ``train.batch_size`` when larger and a stage trains; L =
   ``data.max_length`` tokens, through n layers of width D, MLP width F and H heads, with C classes, in
-  float32: the structured kernel's forward pass kept for its pullbacks, n·b·L·(10·D + 2·F + 2·H·L), one
-  layer's working set for the pullback of one output at a time, b·L·(10·D + 2·F + 2·H·L), a causal LM's
-  vocabulary logits b·L·V with the label-word readout, and the inputs and output cotangents of every adapted
-  module, Σ_m b·L·(d_in + C·d_out).
+  ``model.dtype`` (4 bytes, 2 in bfloat16): the structured kernel's forward pass kept for its pullbacks,
+  n·b·L·(10·D + 2·F + 2·H·L), one layer's working set for the pullback of one output at a time,
+  b·L·(10·D + 2·F + 2·H·L), a causal LM's vocabulary logits b·L·V with the label-word readout, and the inputs and
+  output cotangents of every adapted module, Σ_m b·L·(d_in + C·d_out), these two in float32 whatever the dtype.
 - ``kernel`` (estimate), with the kernel's own B and b = ⌈B / data⌉: one Gram tile, modules·b·B·C²·4 bytes,
   and the LoRA Jacobian features of the two row blocks it contracts, Σ_m C·R·(d_in + d_out)·(b + B)·4
   (R = ``lora.rank``). Rows kept for later tiles are capped by the row cache (`jaxlin.gram.blocked_gram`'s
@@ -41,6 +42,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -55,7 +57,7 @@ ESTIMATED = ("activations", "kernel")
 LABELS = {"parameters": "parameters", "trainable": "trainable (LoRA{head})", "optimizer": "optimizer state ({opt})",
           "activations": "activations of one block", "kernel": "kernel tile + 2 row blocks"}
 TRAINING_STAGES = ("dynamics", "sweep", "study")
-COMPUTE_ITEMSIZE = 4  # float32: the checkpoint's dtype as jaxlin loads it, and that of its activations and tiles
+COMPUTE_ITEMSIZE = 4  # float32: logits, the kernels' factors and tiles (activations: `model.dtype`'s itemsize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +193,7 @@ def abstract_model(config: RunConfig, num_classes: int) -> models.Model:
     task = "causal_lm" if label_words else "classification"
     head = m.head if fam["kind"] == "encoder" and not label_words else None
     abstract = nnx.eval_shape(lambda: models.build_model(hf_config, task=task, num_labels=None if label_words
-                                                         else num_classes, seed=m.seed, head=head))
+                                                         else num_classes, seed=m.seed, head=head, dtype=m.dtype))
     return models.from_nnx(abstract, config=hf_config, family=fam["name"], task=task, source=m.name)
 
 
@@ -254,7 +256,7 @@ def _activation_bytes(config: RunConfig, model: models.Model, adapted_lora, b: i
     per_layer = b * length * (10 * d + 2 * f + 2 * h * length)
     logits = b * length * model.config.vocab_size if model.task == "causal_lm" else 0
     taps = sum(b * length * (d_in + c * d_out) for d_in, d_out in _lora_shapes(model, adapted_lora))
-    return (n + 1) * per_layer * COMPUTE_ITEMSIZE + (logits + taps) * COMPUTE_ITEMSIZE
+    return (n + 1) * per_layer * jnp.dtype(config.model.dtype).itemsize + (logits + taps) * COMPUTE_ITEMSIZE
 
 
 def _kernel_bytes(config: RunConfig, model: models.Model, adapted_lora, b: int, c: int) -> int:

@@ -21,6 +21,7 @@ from .checkpoint import CheckpointError
 from .tokenizer import Tokenizer
 
 TASKS = ("encoder", "classification", "causal_lm")
+DTYPES = ("float32", "bfloat16")  # the run's `model.dtype`: compute dtype of the base weights (docs/scaling.md)
 _FAMILY_MODULES = ("bert", "gpt2", "llama")
 
 
@@ -70,7 +71,8 @@ def build_model(config, *, task: str, num_labels: int | None = None, seed: int =
     """A randomly initialised NNX model for a transformers config (used by tests and the loader)."""
     fam = family_for(config)
     _check_task(task, fam, num_labels)
-    return fam["build"](config, task=task, num_labels=num_labels, head=head, rngs=nnx.Rngs(seed), dtype=dtype)
+    return fam["build"](config, task=task, num_labels=num_labels, head=head, rngs=nnx.Rngs(seed),
+                        dtype=jnp.dtype(dtype))
 
 
 def _check_task(task, fam, num_labels):
@@ -119,6 +121,8 @@ def load_pretrained(source, *, task: str, num_labels: int | None = None, seed: i
     checkpoint is initialised from ``seed`` and listed in ``model.new_tensors``) or "causal_lm" ((B, L, V)).
     ``head``: the classification head for encoders, "roberta" (dense+tanh+out_proj) or "bert" (pooler+linear);
     default by model type. Decoders classify from the last real token with a linear ``score`` head.
+    ``dtype`` (or its name, e.g. "bfloat16"): the base weights' dtype; a half-precision one is also their compute
+    dtype, and the heads stay float32 (mixed precision, docs/scaling.md).
     ``mesh``, ``rules``: place every parameter with its ``NamedSharding`` (`jaxlin.sharding.param_shardings`,
     default rules `jaxlin.sharding.DEFAULT_RULES`; docs/scaling.md). From safetensors each process reads only
     the slices its own devices hold (``safe_open(...).get_slice`` inside ``jax.make_array_from_callback``),
@@ -140,6 +144,7 @@ def load_pretrained(source, *, task: str, num_labels: int | None = None, seed: i
     if task == "classification" and num_labels is None:
         num_labels = getattr(config, "num_labels", None) if _has_head_tensor(tensors) else None
     _check_task(task, fam, num_labels)
+    dtype = jnp.dtype(dtype)
 
     def make(rng_seed):
         return fam["build"](config, task=task, num_labels=num_labels, head=head, rngs=nnx.Rngs(rng_seed),
@@ -152,7 +157,7 @@ def load_pretrained(source, *, task: str, num_labels: int | None = None, seed: i
 
         shapes = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract)))
         shardings = sharding.flat_shardings(fam["name"], shapes, mesh, rules)
-    params, missing = _fill_params(abstract, tensors, fam, dtype, shardings)
+    params, missing = _fill_params(abstract, tensors, fam, shardings)
     if missing:  # only heads may be missing; take them from a seeded random init
         concrete = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(make(seed))))
         for path in missing.values():
@@ -175,11 +180,12 @@ def _has_head_tensor(tensors) -> bool:
 HEAD_PREFIXES = ("classifier", "score", "pooler")
 
 
-def _fill_params(abstract: nnx.Module, tensors, fam: dict, dtype, shardings: dict | None = None) -> tuple[dict, dict]:
-    """Read every parameter of ``abstract`` from ``tensors`` by its HF name. Returns the flat params and
-    ``{hf_name: path}`` of head tensors the checkpoint lacks. Raises CheckpointError naming a missing, misshapen
-    or unexpected tensor. With ``shardings`` ({path: NamedSharding}), each parameter is built on its sharding
-    from the slices this process's devices hold (read from the file where ``tensors`` can read slices)."""
+def _fill_params(abstract: nnx.Module, tensors, fam: dict, shardings: dict | None = None) -> tuple[dict, dict]:
+    """Read every parameter of ``abstract`` from ``tensors`` by its HF name, in the dtype ``abstract`` gives it.
+    Returns the flat params and ``{hf_name: path}`` of head tensors the checkpoint lacks. Raises CheckpointError
+    naming a missing, misshapen or unexpected tensor. With ``shardings`` ({path: NamedSharding}), each parameter
+    is built on its sharding from the slices this process's devices hold (read from the file where ``tensors``
+    can read slices)."""
     available = set(tensors)
     prefixes = fam["backbone_prefixes"]
     has_prefix = any(k.startswith(prefixes) for k in available)
@@ -192,7 +198,7 @@ def _fill_params(abstract: nnx.Module, tensors, fam: dict, dtype, shardings: dic
             hf_key = f"{node.hf_name}.{suffix}"
             key = _lookup(hf_key, available, prefixes, has_prefix)
             ppath = tuple(path) + (attr,)
-            expected = shapes[ppath].shape
+            expected, dtype = shapes[ppath].shape, shapes[ppath].dtype
             if key is None:
                 bare = hf_key.split(".", 1)[-1] if hf_key.startswith(prefixes) else hf_key
                 if bare.startswith(HEAD_PREFIXES) or hf_key.startswith(HEAD_PREFIXES) or \

@@ -10,6 +10,12 @@ A ``Linear`` given LoRA factors (:meth:`Linear.add_lora`, by ``jaxlin.adapters.a
 ``x @ kernel + bias + scale·(x @ lora_a) @ lora_b`` without forming the merged weight; the factors are
 parameters of the module like its kernel, the scale a static attribute.
 
+Mixed precision (docs/scaling.md, "Mixed precision"): a block built with a half-precision ``dtype`` (bfloat16)
+stores its weights in it and computes in it; a ``Linear`` casts its input, weights and LoRA factors (float32
+master copies) to that dtype, its one place of casting. Heads are built in `head_dtype` (float32 at least), so
+logits leave the model in float32; norms' statistics and attention's softmax are taken in float32 at least.
+Float32 and float64 modules cast nothing (x64 references keep their precision).
+
 ``Linear`` also reports to an active :func:`tapping` context, which is how jaxlin reads module inputs
 ``h_t`` and output cotangents ``g_t`` (through zero probes added to module outputs) for structured kernels,
 without per-parameter Jacobians. Outside that context it is a plain dense layer.
@@ -65,6 +71,22 @@ def _tap(name: str, x: jax.Array, y: jax.Array, columns=None) -> jax.Array:
     return y + (probe if columns is None else probe[..., columns]).astype(y.dtype)
 
 
+def is_half(dtype) -> bool:
+    """Whether ``dtype`` is a half-precision float (bfloat16, float16): the dtypes a module computes in as such."""
+    return jnp.finfo(dtype).bits < 32
+
+
+def head_dtype(dtype):
+    """The dtype of a classification or LM head in a model of ``dtype``: float32 at least, so a half-precision
+    model keeps its (trainable) head as a float32 master copy and returns float32 logits."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """``x`` in float32, or kept in float64: the dtype statistics and kernel contractions are taken in."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
     return std * jax.random.normal(rngs.params(), shape, dtype)
 
@@ -80,6 +102,7 @@ class Linear(nnx.Module):
         self.lora_a, self.lora_b, self.lora_scale = nnx.data(None), nnx.data(None), None  # see add_lora
         self.name, self.hf_name, self.hf_transpose = name, hf_name, hf_transpose
         self.d_in, self.d_out = d_in, d_out
+        self.compute_dtype = jnp.dtype(dtype) if is_half(dtype) else None  # None: no cast (float32/float64)
         self.order = next(_CREATION)
 
     def add_lora(self, a: jax.Array, b: jax.Array, scale: float) -> None:
@@ -90,7 +113,10 @@ class Linear(nnx.Module):
         """``columns`` (C,): only those outputs, from C columns of the kernel (an LM head read at C label words)."""
         kernel = self.kernel[...]
         bias = None if self.bias is None else self.bias[...]
-        lora_b = None if self.lora_a is None else self.lora_b[...]
+        lora_a, lora_b = (None, None) if self.lora_a is None else (self.lora_a[...], self.lora_b[...])
+        if self.compute_dtype is not None:  # half precision: every operand in the compute dtype
+            x, kernel, bias, lora_a, lora_b = (t if t is None else t.astype(self.compute_dtype)
+                                               for t in (x, kernel, bias, lora_a, lora_b))
         if columns is not None:
             columns = jnp.asarray(columns)
             kernel = jnp.take(kernel, columns, axis=1)
@@ -100,7 +126,7 @@ class Linear(nnx.Module):
         if bias is not None:
             y = y + bias
         if lora_b is not None:  # with b = 0 this adds an exact zero: the base output to the last bit
-            y = y + (self.lora_scale * ((x @ self.lora_a[...]) @ lora_b)).astype(y.dtype)
+            y = y + (self.lora_scale * ((x @ lora_a) @ lora_b)).astype(y.dtype)
         return _tap(self.name, x, y, columns)
 
     def hf_params(self) -> list[tuple[str, str, Callable]]:
@@ -121,10 +147,11 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0)
 
     def attend(self, x: jax.Array, rows=None) -> jax.Array:
-        """Tied output projection: logits = x @ Eᵀ; with ``rows`` (C,), only those vocabulary rows of E."""
-        if rows is None:
-            return x @ self.embedding[...].T
-        return x @ jnp.take(self.embedding[...], jnp.asarray(rows), axis=0).T
+        """Tied output projection: logits = x @ Eᵀ; with ``rows`` (C,), only those vocabulary rows of E. The
+        logits are float32 at least (a bfloat16 product accumulated and returned in float32)."""
+        table = self.embedding[...] if rows is None else jnp.take(self.embedding[...], jnp.asarray(rows), axis=0)
+        out_dtype = jnp.promote_types(jnp.result_type(x, table), jnp.float32)
+        return jnp.matmul(x, table.T, preferred_element_type=out_dtype)
 
     def hf_params(self):
         return [("embedding", "weight", lambda w: w)]
@@ -137,9 +164,11 @@ class LayerNorm(nnx.Module):
         self.eps, self.hf_name = eps, hf_name
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        x32 = at_least_float32(x)  # statistics in float32 at least, as PyTorch's kernels take them
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype) if is_half(x.dtype) else y
 
     def hf_params(self):
         return [("scale", "weight", lambda w: w), ("bias", "bias", lambda b: b)]
@@ -151,7 +180,7 @@ class RMSNorm(nnx.Module):
         self.eps, self.hf_name = eps, hf_name
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # HF upcasts half precision; float64 stays
+        x32 = at_least_float32(x)  # HF upcasts half precision; float64 stays
         normed = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
         return self.scale[...] * normed.astype(x.dtype)
 
@@ -164,8 +193,9 @@ def masked_softmax_attention(q_BHLd, k_BHSd, v_BHSd, allowed_BHLS) -> jax.Array:
     fully masked (padding) row stays finite. Returns (B, H, L, d)."""
     scale = 1.0 / jnp.sqrt(jnp.asarray(q_BHLd.shape[-1], q_BHLd.dtype))
     scores = jnp.einsum("bhld,bhsd->bhls", q_BHLd, k_BHSd) * scale
+    scores = at_least_float32(scores)  # the softmax in float32 at least, back to the values' dtype after
     scores = jnp.where(allowed_BHLS, scores, jnp.finfo(scores.dtype).min)
-    return jnp.einsum("bhls,bhsd->bhld", jax.nn.softmax(scores, axis=-1), v_BHSd)
+    return jnp.einsum("bhls,bhsd->bhld", jax.nn.softmax(scores, axis=-1).astype(v_BHSd.dtype), v_BHSd)
 
 
 def split_heads(x_BLD: jax.Array, num_heads: int) -> jax.Array:
