@@ -23,7 +23,6 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # float64 kernel accumulation and eigensolves, as `jaxlin run`
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxlin  # noqa: E402
@@ -50,7 +49,7 @@ def krr_under(dtype: str, config, train, eval_, block_size: int) -> dict:
     model = jaxlin.load_pretrained(config.model.name, task="classification", num_labels=train.num_classes,
                                    seed=config.model.seed, head=config.model.head, dtype=dtype)
     # LoRA factors as float32 master copies in both runs (the same A0)
-    adapted = jaxlin.adapt(model, lora=config.lora_spec(), dtype=jnp.float32)
+    adapted = jaxlin.adapt(model, lora=config.lora_spec())
     texts = list(train.texts) + list(eval_.texts)
     batch = model.tokenizer(texts, max_length=config.data.max_length)
     n = len(train)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from jaxlin import adapters, cli, data, module_ntk, next_token, readout, select, study, train
-from jaxlin import distributed
+from jaxlin import distributed, models
 from jaxlin.models import bert
 from jaxlin.config import (ALLOWED, FLAT_KEYS, PRESETS, SECTIONS, ConfigError, allowed_values,
                            load_config, override, preset)
@@ -41,7 +41,8 @@ EXECUTION_KEYS = {"compile_cache": "execution.compile_cache"}
 # Keys added since, and where they live.
 NEW_FLAT = {"readout": "model.readout", "label_words": "model.label_words",
             "prompt_template": "model.prompt_template", "objective": "train.objective",
-            "frozen_prefix": "train.frozen_prefix", "eval_split": "data.eval_split"}
+            "frozen_prefix": "train.frozen_prefix", "eval_split": "data.eval_split",
+            "dtype": "model.dtype"}
 ALL_KEYS = {**OLD_FLAT, **NEW_FLAT, **MESH_KEYS, **EXECUTION_KEYS}
 
 NESTED_TOML = """preset = "quick"
@@ -226,7 +227,8 @@ OWNERS = {"lora.init": adapters.LORA_INITS, "data.missing_labels": data.MISSING_
           "train.regularizer": train.REGULARIZERS, "train.anchor": train.ANCHORS, "train.loss": train.LOSSES,
           "study.preset": study.PRESETS, "study.configurations": select.FAMILIES,
           "model.readout": readout.READOUTS, "model.head": bert.HEADS, "mesh.distributed": distributed.MODES,
-          "train.objective": next_token.OBJECTIVES, "data.eval_split": data.EVAL_SPLITS}
+          "train.objective": next_token.OBJECTIVES, "data.eval_split": data.EVAL_SPLITS,
+          "model.dtype": models.DTYPES}
 
 
 @pytest.mark.parametrize("key", sorted(OWNERS))
