@@ -64,8 +64,8 @@ from .plan import check_plan
 from .probe import probe_adapted
 from .readout import LabelWordReadout, check_readout, label_word_readout
 from .report import RESULTS_NAME, write_report
-from .rundir import (RunError, atomic_write, default_out_dir, log, output_directory, read_stage, stage_key,
-                     stage_path, stage_record, write_stage)
+from .rundir import (RunError, atomic_write, clear_train_state, default_out_dir, log, output_directory, read_stage,
+                     stage_key, stage_path, stage_record, train_state_dir, write_stage)
 from .schema import NONFINITE_STRINGS, SCHEMA_VERSION, validate_results
 from .solve import gd_dynamics, ridge_path
 from .study import run_study
@@ -427,7 +427,8 @@ def stage_sweep(ctx: Context):
     results = lambda_sweep(ctx.adapted, ctx.train, ctx.eval, ctx.tokenizer, lambdas=list(t.lambdas),
                            config=ctx.config.sweep_train_config(ctx.pad_multiple), regularizer=t.regularizer,
                            progress=True, num_train_evaluated=min(t.num_train_evaluated, len(ctx.train)),
-                           objective=run_objective(t.objective, ctx.readout), mesh=ctx.mesh)
+                           objective=run_objective(t.objective, ctx.readout), mesh=ctx.mesh,
+                           **checkpointing(ctx, "sweep"), log=log)
     for r in results:  # the schema's headline output distance is the eval one; no radius at λ = 0
         r["output_distance_lin_nonlin"] = r["output_distance_lin_nonlin_eval"]
         if r["theorem2_radius"] is None:
@@ -447,7 +448,19 @@ def stage_probe(ctx: Context):
 def stage_study(ctx: Context):
     return run_study(ctx.model, ctx.train, ctx.eval, ctx.config.study_config(), tokenizer=ctx.tokenizer,
                      output_fn=ctx.output_fn, objective=run_objective(ctx.config.train.objective, ctx.readout),
-                     progress=True), {}
+                     progress=True, **checkpointing(ctx, "study")), {}
+
+
+def checkpointing(ctx: Context, stage: str) -> dict:
+    """The checkpoint arguments of `stage`'s fits ({} when ``execution.checkpoint_every`` is off): its training
+    state directory and key, both from the stage's key (`rundir.train_state_dir`), so a checkpoint left by other
+    inputs is never read back (docs/scaling.md, "Resuming training")."""
+    every = ctx.config.execution.checkpoint_every
+    if not every:
+        return {}
+    key = stage_key(stage, ctx.inputs)
+    return {"checkpoint_dir": train_state_dir(ctx.out, stage, key), "checkpoint_every": every,
+            "checkpoint_key": f"jaxlin run {stage} stage {key}"}
 
 
 STAGE_FUNCTIONS: dict[str, Callable] = {"ntk": stage_ntk, "spectrum": stage_spectrum, "krr": stage_krr,
@@ -531,6 +544,8 @@ def _run_stage(ctx: Context, stage: str, resume: bool) -> tuple[dict, dict, dict
         if _every_process(stored is not None):  # all reuse or all recompute: the stages' collectives must match
             return stored["result"], arrays, stage_record(stored, reused=True), stored.get("efficiency")
         log(f"{stage}: recomputing: {why or 'another process cannot read its stored copy'}")
+    if stage in CHECKPOINTED:
+        _prepare_train_state(ctx, stage, key, resume)
     t = time.perf_counter()
     with measure_compiles() as compiles, data.count_tokens() as tokens:
         result, arrays = STAGE_FUNCTIONS[stage](ctx)
@@ -543,7 +558,26 @@ def _run_stage(ctx: Context, stage: str, resume: bool) -> tuple[dict, dict, dict
               "arrays": sorted(arrays), "result": result, "efficiency": efficiency}
     if _writes():
         write_stage(path, stored, arrays)
+        if stage in CHECKPOINTED:  # the stored stage is what --resume reads now
+            clear_train_state(ctx.out, stage)
     return result, arrays, stage_record(stored, reused=False), efficiency
+
+
+# The stages whose fits checkpoint their training state (`checkpointing`), so --resume continues them mid-stage
+CHECKPOINTED = ("sweep", "study")
+
+
+def _prepare_train_state(ctx: Context, stage: str, key: str, resume: bool) -> None:
+    """Before `stage` runs: remove the training state that it must not continue (another key's; all of it
+    without `resume`), on the writing process while the others wait, and say what is continued."""
+    directory = train_state_dir(ctx.out, stage, key)
+    if _writes() and clear_train_state(ctx.out, stage, keep=key if resume else None):
+        log(f"{stage}: removed the training state an earlier run left in {directory.parent} ("
+            + ("of other inputs" if resume else "pass --resume to continue it instead") + ")")
+    if jax.process_count() > 1:  # no process opens a checkpoint before the stale ones are gone
+        multihost_utils.sync_global_devices(f"jaxlin {stage} training state")
+    if resume and ctx.config.execution.checkpoint_every and directory.is_dir():
+        log(f"{stage}: resuming from the training state in {directory}")
 
 
 # ------------------------------------------------------------------------------------ mesh and processes
