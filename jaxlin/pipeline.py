@@ -16,13 +16,15 @@ Each stage reads its own section of the `RunConfig` (docs/configuration.md); the
 (`LoRA`, `TrainConfig`, `StudyConfig`) come from the config's conversion methods. A stage's result is stored in
 ``<out>/stages/<stage>.json`` (+ ``.npz``) under a key that hashes everything it read: the config, the loaded
 dataset, the checkpoint's files and the jaxlin version. With ``resume=True`` a stored stage with the same key is
-read back instead of recomputed; a changed input or a damaged file is recomputed, and the log says why. A stage
-holding NaN/inf outside `NONFINITE_ALLOWED` is never stored. `jaxlin.rundir` holds the run directory: its lock,
-atomic writes and the stage store; docs/refusals.md lists what a run refuses. On a device mesh (``--mesh``) and
-as several processes (docs/scaling.md) every process computes every stage in the same order; process 0 alone
-holds the lock and writes stages, arrays, report and results.json (`_mesh_setup`, `_check_mesh_stages`,
-`_writes`). ``results.json`` is assembled, validated and written once, after the report is rendered from the
-same dict (`write_outputs`).
+read back instead of recomputed; a changed input or a damaged file is recomputed, and the log says why. The sweep
+and the study checkpoint their fits' training state under ``<out>/train_state/<stage>/<key>/`` while they run
+(``execution.checkpoint_every``), so ``resume=True`` also continues such a stage killed midway (`checkpointing`,
+docs/scaling.md "Resuming training"). A stage holding NaN/inf outside `NONFINITE_ALLOWED` is never stored.
+`jaxlin.rundir` holds the run directory: its lock, atomic writes, the stage store and the training state;
+docs/refusals.md lists what a run refuses. On a device mesh (``--mesh``) and as several processes
+(docs/scaling.md) every process computes every stage in the same order; process 0 alone holds the lock and writes
+stages, arrays, report and results.json (`_mesh_setup`, `_check_mesh_stages`, `_writes`). ``results.json`` is
+assembled, validated and written once, after the report is rendered from the same dict (`write_outputs`).
 """
 from __future__ import annotations
 
@@ -459,8 +461,15 @@ def checkpointing(ctx: Context, stage: str) -> dict:
     if not every:
         return {}
     key = stage_key(stage, ctx.inputs)
-    return {"checkpoint_dir": train_state_dir(ctx.out, stage, key), "checkpoint_every": every,
+    return {"checkpoint_dir": train_state_dir(ctx.out, stage, _train_state_name(key)), "checkpoint_every": every,
             "checkpoint_key": f"jaxlin run {stage} stage {key}"}
+
+
+def _train_state_name(key: str) -> str:
+    """The directory name of a stage key's training state. It holds the number of processes: each process's share
+    of a batch enters its fits' checkpoint keys, so a run resumed as another number of processes starts the
+    stage's fits afresh instead of meeting checkpoints that `fit` refuses."""
+    return f"{key}-{jax.process_count()}proc"
 
 
 STAGE_FUNCTIONS: dict[str, Callable] = {"ntk": stage_ntk, "spectrum": stage_spectrum, "krr": stage_krr,
@@ -570,10 +579,12 @@ CHECKPOINTED = ("sweep", "study")
 def _prepare_train_state(ctx: Context, stage: str, key: str, resume: bool) -> None:
     """Before `stage` runs: remove the training state that it must not continue (another key's; all of it
     without `resume`), on the writing process while the others wait, and say what is continued."""
-    directory = train_state_dir(ctx.out, stage, key)
-    if _writes() and clear_train_state(ctx.out, stage, keep=key if resume else None):
+    name = _train_state_name(key)
+    directory = train_state_dir(ctx.out, stage, name)
+    if _writes() and clear_train_state(ctx.out, stage, keep=name if resume else None):
         log(f"{stage}: removed the training state an earlier run left in {directory.parent} ("
-            + ("of other inputs" if resume else "pass --resume to continue it instead") + ")")
+            + ("of other inputs or another number of processes" if resume else
+               "pass --resume to continue it instead") + ")")
     if jax.process_count() > 1:  # no process opens a checkpoint before the stale ones are gone
         multihost_utils.sync_global_devices(f"jaxlin {stage} training state")
     if resume and ctx.config.execution.checkpoint_every and directory.is_dir():

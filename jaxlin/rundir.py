@@ -8,9 +8,10 @@ left. A finished stage is stored as ``stages/<stage>.json`` (+ ``.npz``) under a
 docs/refusals.md lists what a run directory refuses.
 
 A stage that fine-tunes keeps its training state (Orbax checkpoints of its fits) under
-``train_state/<stage>/<key>/`` while it runs (`train_state_dir`), so a run killed mid-stage continues it with
-``--resume``; the state of other keys, or any state when the run does not resume, is removed before the stage
-starts, and all of it once the stage is stored (`clear_train_state`; docs/scaling.md, "Resuming training").
+``train_state/<stage>/<name>/`` while it runs (`train_state_dir`; the name comes from the stage's key), so a run
+killed mid-stage continues it with ``--resume``; the state under other names, or any state when the run does not
+resume, is removed before the stage starts, and all of it once the stage is stored (`clear_train_state`;
+docs/scaling.md, "Resuming training").
 """
 from __future__ import annotations
 
@@ -123,14 +124,14 @@ def write_stage(path: Path, stored: dict, arrays: dict) -> None:
 TRAIN_STATE = "train_state"
 
 
-def train_state_dir(out: Path, stage: str, key: str) -> Path:
-    """Where the fits of `stage` keep their training state while the stage of `key` runs: a path computed from its
+def train_state_dir(out: Path, stage: str, name: str) -> Path:
+    """Where the fits of `stage` keep the training state `name` (of one stage key): a path computed from its
     arguments alone, so every process of a run names the same one (Orbax creates it on the primary process)."""
-    return out / TRAIN_STATE / stage / key
+    return out / TRAIN_STATE / stage / name
 
 
 def clear_train_state(out: Path, stage: str, keep: str | None = None) -> list[str]:
-    """Remove the training state of `stage` under `out`, except that of key `keep`; the keys removed. Only the
+    """Remove the training state of `stage` under `out`, except the one named `keep`; the names removed. Only the
     process that writes the run directory calls it (the others wait for it before their fits start)."""
     root = out / TRAIN_STATE / stage
     removed = sorted(p.name for p in root.iterdir() if p.name != keep) if root.is_dir() else []

@@ -49,20 +49,62 @@ def _prepare(out: Path, resume: bool, capsys) -> str:
 
 
 def test_resume_keeps_the_training_state_of_this_stage_key_only(tmp_path, capsys):
-    _leftover(tmp_path, "sweep", "current", "other")
+    _leftover(tmp_path, "sweep", pipeline._train_state_name("current"), pipeline._train_state_name("other"),
+              "current-2proc")
     _leftover(tmp_path, "study", "other")
     err = _prepare(tmp_path, True, capsys)
-    assert sorted(p.name for p in (tmp_path / "train_state" / "sweep").iterdir()) == ["current"]
-    assert "removed the training state an earlier run left" in err and "of other inputs" in err
+    assert [p.name for p in (tmp_path / "train_state" / "sweep").iterdir()] == ["current-1proc"]
+    assert "removed the training state an earlier run left" in err and "of other inputs or another number" in err
     assert "sweep: resuming from the training state in" in err
     assert (tmp_path / "train_state" / "study" / "other").is_dir()  # another stage's is its own
 
 
 def test_a_run_without_resume_starts_the_stage_afresh(tmp_path, capsys):
-    _leftover(tmp_path, "sweep", "current")
+    _leftover(tmp_path, "sweep", pipeline._train_state_name("current"))
     err = _prepare(tmp_path, False, capsys)
     assert not (tmp_path / "train_state").exists() and "pass --resume to continue it instead" in err
     assert _prepare(tmp_path, False, capsys) == ""  # nothing left, nothing said
+
+
+# ------------------------------------------------------------------------------- a study interrupted and resumed
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.slow  # trains gated LoRA runs of a tiny BERT three times
+def test_an_interrupted_study_reads_back_its_finished_runs(tmp_path):
+    """run_study stopped after its second trained run, then called again on the same checkpoint_dir, gives the
+    result of an uninterrupted study; the runs that finished are read back from their checkpoints, not retrained."""
+    import jax.numpy as jnp
+
+    from jaxlin.study import run_study
+    from jaxlin.testing import tiny_model
+    from test_study import WordTokenizer, _config, _dataset
+
+    model = tiny_model("bert", task="classification", num_labels=2, dtype=jnp.float64)
+    splits = _dataset(40, 0), _dataset(16, 1)
+    config = _config(configurations={"a": ("layer0.attention.query",), "b": ("layer1.attention.key",)},
+                     seeds=(4,), kernels=("ntk",), num_calibration_large=None)
+    kw = dict(tokenizer=WordTokenizer(), progress=False)
+    want = run_study(model, *splits, config, **kw)
+    records = []
+
+    def stop_after_two(record):
+        records.append(record)
+        if len(records) == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_study(model, *splits, config, **kw, callback=stop_after_two, checkpoint_dir=tmp_path, checkpoint_every=1)
+    assert len(list(tmp_path.iterdir())) == 2  # one directory per trained run
+    got = run_study(model, *splits, config, **kw, checkpoint_dir=tmp_path, checkpoint_every=1)
+
+    def outcomes(result):
+        return [{k: v for k, v in r.items() if k != "wall_time_s"}
+                for r in [*result["runs"], *result["selection"]["methods"].values()]]
+
+    assert outcomes(got) == outcomes(want)
 
 
 # -------------------------------------------------------------------------------- a sweep killed and resumed
