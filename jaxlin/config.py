@@ -176,10 +176,13 @@ class MeshSection:
 @dataclasses.dataclass(frozen=True)
 class ExecutionSection:
     """How the run is executed beyond its mesh: where compiled programs are kept between runs
-    (`jaxlin.compilation.compile_cache`); never part of `RunConfig.fingerprint`."""
+    (`jaxlin.compilation.compile_cache`) and how often training state is checkpointed; never part of
+    `RunConfig.fingerprint`."""
 
     compile_cache: str = "auto"  # a directory, "none" (off), or "auto": the directory the process gave JAX
     # (JAX_COMPILATION_CACHE_DIR), else ./.jaxlin-cache
+    checkpoint_every: int | None = 50  # optimiser steps between the training-state checkpoints of the sweep's
+    # and the study's fits, which `--resume` continues from (docs/scaling.md, "Resuming training"); 0 or None: off
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "lora": LoraSection, "data": DataSection,
@@ -631,6 +634,9 @@ def _validate(c: RunConfig):
     _validate_mesh(c, check)
     check(isinstance(c.execution.compile_cache, str) and c.execution.compile_cache.strip() != "",
           "execution.compile_cache", "a directory, none (no cache) or auto (./.jaxlin-cache)")
+    every = c.execution.checkpoint_every
+    check(every is None or _is_int(every, 0), "execution.checkpoint_every",
+          "optimiser steps between training checkpoints, an integer ≥ 1, or 0 or none for no checkpoints")
 
 
 def _validate_mesh(c: RunConfig, check):

@@ -16,13 +16,15 @@ Each stage reads its own section of the `RunConfig` (docs/configuration.md); the
 (`LoRA`, `TrainConfig`, `StudyConfig`) come from the config's conversion methods. A stage's result is stored in
 ``<out>/stages/<stage>.json`` (+ ``.npz``) under a key that hashes everything it read: the config, the loaded
 dataset, the checkpoint's files and the jaxlin version. With ``resume=True`` a stored stage with the same key is
-read back instead of recomputed; a changed input or a damaged file is recomputed, and the log says why. A stage
-holding NaN/inf outside `NONFINITE_ALLOWED` is never stored. `jaxlin.rundir` holds the run directory: its lock,
-atomic writes and the stage store; docs/refusals.md lists what a run refuses. On a device mesh (``--mesh``) and
-as several processes (docs/scaling.md) every process computes every stage in the same order; process 0 alone
-holds the lock and writes stages, arrays, report and results.json (`_mesh_setup`, `_check_mesh_stages`,
-`_writes`). ``results.json`` is assembled, validated and written once, after the report is rendered from the
-same dict (`write_outputs`).
+read back instead of recomputed; a changed input or a damaged file is recomputed, and the log says why. The sweep
+and the study checkpoint their fits' training state under ``<out>/train_state/<stage>/<key>/`` while they run
+(``execution.checkpoint_every``), so ``resume=True`` also continues such a stage killed midway (`checkpointing`,
+docs/scaling.md "Resuming training"). A stage holding NaN/inf outside `NONFINITE_ALLOWED` is never stored.
+`jaxlin.rundir` holds the run directory: its lock, atomic writes, the stage store and the training state;
+docs/refusals.md lists what a run refuses. On a device mesh (``--mesh``) and as several processes
+(docs/scaling.md) every process computes every stage in the same order; process 0 alone holds the lock and writes
+stages, arrays, report and results.json (`_mesh_setup`, `_check_mesh_stages`, `_writes`). ``results.json`` is
+assembled, validated and written once, after the report is rendered from the same dict (`write_outputs`).
 """
 from __future__ import annotations
 
@@ -64,8 +66,8 @@ from .plan import check_plan
 from .probe import probe_adapted
 from .readout import LabelWordReadout, check_readout, label_word_readout
 from .report import RESULTS_NAME, write_report
-from .rundir import (RunError, atomic_write, default_out_dir, log, output_directory, read_stage, stage_key,
-                     stage_path, stage_record, write_stage)
+from .rundir import (RunError, atomic_write, clear_train_state, default_out_dir, log, output_directory, read_stage,
+                     stage_key, stage_path, stage_record, train_state_dir, write_stage)
 from .schema import NONFINITE_STRINGS, SCHEMA_VERSION, validate_results
 from .solve import gd_dynamics, ridge_path
 from .study import run_study
@@ -435,7 +437,7 @@ def stage_sweep(ctx: Context):
                            config=ctx.config.sweep_train_config(ctx.pad_multiple), regularizer=t.regularizer,
                            progress=True, num_train_evaluated=min(t.num_train_evaluated, len(ctx.train)),
                            objective=run_objective(t.objective, ctx.readout), mesh=ctx.mesh,
-                           frozen_prefix=t.frozen_prefix)
+                           frozen_prefix=t.frozen_prefix, **checkpointing(ctx, "sweep"), log=log)
     for r in results:  # the schema's headline output distance is the eval one; no radius at λ = 0
         r["output_distance_lin_nonlin"] = r["output_distance_lin_nonlin_eval"]
         if r["theorem2_radius"] is None:
@@ -455,7 +457,26 @@ def stage_probe(ctx: Context):
 def stage_study(ctx: Context):
     return run_study(ctx.model, ctx.train, ctx.eval, ctx.config.study_config(), tokenizer=ctx.tokenizer,
                      output_fn=ctx.output_fn, objective=run_objective(ctx.config.train.objective, ctx.readout),
-                     progress=True), {}
+                     progress=True, **checkpointing(ctx, "study")), {}
+
+
+def checkpointing(ctx: Context, stage: str) -> dict:
+    """The checkpoint arguments of `stage`'s fits ({} when ``execution.checkpoint_every`` is off): its training
+    state directory and key, both from the stage's key (`rundir.train_state_dir`), so a checkpoint left by other
+    inputs is never read back (docs/scaling.md, "Resuming training")."""
+    every = ctx.config.execution.checkpoint_every
+    if not every:
+        return {}
+    key = stage_key(stage, ctx.inputs)
+    return {"checkpoint_dir": train_state_dir(ctx.out, stage, _train_state_name(key)), "checkpoint_every": every,
+            "checkpoint_key": f"jaxlin run {stage} stage {key}"}
+
+
+def _train_state_name(key: str) -> str:
+    """The directory name of a stage key's training state. It holds the number of processes: each process's share
+    of a batch enters its fits' checkpoint keys, so a run resumed as another number of processes starts the
+    stage's fits afresh instead of meeting checkpoints that `fit` refuses."""
+    return f"{key}-{jax.process_count()}proc"
 
 
 STAGE_FUNCTIONS: dict[str, Callable] = {"ntk": stage_ntk, "spectrum": stage_spectrum, "krr": stage_krr,
@@ -539,6 +560,8 @@ def _run_stage(ctx: Context, stage: str, resume: bool) -> tuple[dict, dict, dict
         if _every_process(stored is not None):  # all reuse or all recompute: the stages' collectives must match
             return stored["result"], arrays, stage_record(stored, reused=True), stored.get("efficiency")
         log(f"{stage}: recomputing: {why or 'another process cannot read its stored copy'}")
+    if stage in CHECKPOINTED:
+        _prepare_train_state(ctx, stage, key, resume)
     t = time.perf_counter()
     with measure_compiles() as compiles, data.count_tokens() as tokens:
         result, arrays = STAGE_FUNCTIONS[stage](ctx)
@@ -551,7 +574,28 @@ def _run_stage(ctx: Context, stage: str, resume: bool) -> tuple[dict, dict, dict
               "arrays": sorted(arrays), "result": result, "efficiency": efficiency}
     if _writes():
         write_stage(path, stored, arrays)
+        if stage in CHECKPOINTED:  # the stored stage is what --resume reads now
+            clear_train_state(ctx.out, stage)
     return result, arrays, stage_record(stored, reused=False), efficiency
+
+
+# The stages whose fits checkpoint their training state (`checkpointing`), so --resume continues them mid-stage
+CHECKPOINTED = ("sweep", "study")
+
+
+def _prepare_train_state(ctx: Context, stage: str, key: str, resume: bool) -> None:
+    """Before `stage` runs: remove the training state that it must not continue (another key's; all of it
+    without `resume`), on the writing process while the others wait, and say what is continued."""
+    name = _train_state_name(key)
+    directory = train_state_dir(ctx.out, stage, name)
+    if _writes() and clear_train_state(ctx.out, stage, keep=name if resume else None):
+        log(f"{stage}: removed the training state an earlier run left in {directory.parent} ("
+            + ("of other inputs or another number of processes" if resume else
+               "pass --resume to continue it instead") + ")")
+    if jax.process_count() > 1:  # no process opens a checkpoint before the stale ones are gone
+        multihost_utils.sync_global_devices(f"jaxlin {stage} training state")
+    if resume and ctx.config.execution.checkpoint_every and directory.is_dir():
+        log(f"{stage}: resuming from the training state in {directory}")
 
 
 # ------------------------------------------------------------------------------------ mesh and processes

@@ -6,6 +6,12 @@ leaves nothing half written that a later one would trust; the next run removes t
 left. A finished stage is stored as ``stages/<stage>.json`` (+ ``.npz``) under a key that hashes what it read
 (`stage_key`); `read_stage` gives it back only for the same key, and otherwise says why not.
 docs/refusals.md lists what a run directory refuses.
+
+A stage that fine-tunes keeps its training state (Orbax checkpoints of its fits) under
+``train_state/<stage>/<name>/`` while it runs (`train_state_dir`; the name comes from the stage's key), so a run
+killed mid-stage continues it with ``--resume``; the state under other names, or any state when the run does not
+resume, is removed before the stage starts, and all of it once the stage is stored (`clear_train_state`;
+docs/scaling.md, "Resuming training").
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -110,6 +117,31 @@ def write_stage(path: Path, stored: dict, arrays: dict) -> None:
     if arrays:
         atomic_write(path.with_suffix(".npz"), lambda f: np.savez(f, **arrays))
     atomic_write(path, lambda f: f.write(json.dumps(stored, allow_nan=False).encode()))
+
+
+# ------------------------------------------------------------------------------------------- training state
+
+TRAIN_STATE = "train_state"
+
+
+def train_state_dir(out: Path, stage: str, name: str) -> Path:
+    """Where the fits of `stage` keep the training state `name` (of one stage key): a path computed from its
+    arguments alone, so every process of a run names the same one (Orbax creates it on the primary process)."""
+    return out / TRAIN_STATE / stage / name
+
+
+def clear_train_state(out: Path, stage: str, keep: str | None = None) -> list[str]:
+    """Remove the training state of `stage` under `out`, except the one named `keep`; the names removed. Only the
+    process that writes the run directory calls it (the others wait for it before their fits start)."""
+    root = out / TRAIN_STATE / stage
+    removed = sorted(p.name for p in root.iterdir() if p.name != keep) if root.is_dir() else []
+    try:
+        for name in removed:
+            shutil.rmtree(root / name)
+        _remove_empty([root, out / TRAIN_STATE])  # when nothing is left in them
+    except OSError as e:
+        raise RunError(_os_message(root, e)) from None
+    return removed
 
 
 # ------------------------------------------------------------------------------------------ output directory

@@ -46,7 +46,10 @@ Result of `run_study` (JSON-ready; non-finite floats are the strings "inf", "-in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import os
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -310,7 +313,8 @@ def _study_objective(objective, tokenizer, output_fn):
 # ------------------------------------------------------------------------------------------------ study
 def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, config: StudyConfig, *,
               tokenizer=None, output_fn: Callable | None = None, objective=None, progress: bool = True,
-              callback: Callable[[dict], None] | None = None) -> dict:
+              callback: Callable[[dict], None] | None = None, checkpoint_dir: str | os.PathLike | None = None,
+              checkpoint_every: int = 100, checkpoint_key: str = "") -> dict:
     """Run the κ–performance study of `config` on a classification `model`; returns the dict of the module
     docstring. `tokenizer` defaults to `model.tokenizer`; `callback(record)` gets each trained run's record.
 
@@ -324,7 +328,12 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     (`jaxlin.next_token.run_objective("next_token", readout)`) trains the LM's own next-token loss of each label
     word after its prompt, on the same gated step. Either way the kernels, statistics and KRR predictor are of the
     readout's C logits, eval_accuracy / eval_macro_f1 / krr_agreement are of the readout's argmax (label-word
-    accuracy), and final_train_loss / eval_loss are the objective's loss; variants["objective"] records it."""
+    accuracy), and final_train_loss / eval_loss are the objective's loss; variants["objective"] records it.
+
+    `checkpoint_dir`, `checkpoint_every`, `checkpoint_key` (docs/scaling.md, "Resuming training"): each training
+    run checkpoints its state every `checkpoint_every` steps and at its end in ``<checkpoint_dir>/<seed>-<digest
+    of its modules>`` (`jaxlin.train.fit`), so the study called again with the same arguments reads back the runs
+    that finished and continues the interrupted one; the kernels are computed again."""
     start = time.perf_counter()
     tokenizer = model.tokenizer if tokenizer is None else tokenizer
     want = "classification" if output_fn is None else "causal_lm"
@@ -418,6 +427,13 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
                                                                               train_eval_batches))
         return prefix.function, prefixes[key]
 
+    def checkpoint_kw(seed, modules):  # a directory per trained run, named by what it trains
+        if checkpoint_dir is None:
+            return {}
+        digest = hashlib.sha256(json.dumps(sorted(modules)).encode()).hexdigest()[:16]
+        return {"checkpoint_dir": os.path.join(checkpoint_dir, f"{seed}-{digest}"),
+                "checkpoint_every": checkpoint_every, "checkpoint_key": checkpoint_key}
+
     def train_run(seed, modules, label, **extra):
         """The record of `modules` trained with `seed` (trained once per module set), passed to `callback`."""
         key = (seed, frozenset(modules))
@@ -425,7 +441,8 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
             t0 = time.perf_counter()
             f, (steps_b, eval_b, train_eval_b) = from_prefix(seed, gated(adapted, gate_vector(adapted, modules)))
             result = fit(f, adapters[seed].trainable, lambda epoch: steps_b, config=train_config,
-                         optimizer=optimizer, loss_fn=objective.loss_fn(f), progress=False)
+                         optimizer=optimizer, loss_fn=objective.loss_fn(f), progress=False,
+                         **checkpoint_kw(seed, modules))
             theta, losses = result.trainable, result.train_loss
             ev, tr = (objective.evaluate(f, theta, b, eval_config) for b in (eval_b, train_eval_b))
             logits_EC = readout_logits(ev)

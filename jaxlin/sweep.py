@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import os
 import time
 from typing import Callable, Sequence
 
@@ -95,7 +96,9 @@ class ClassificationObjective:
 def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence[float], config: TrainConfig,
                  regularizer: str = "prox", num_train_evaluated: int | None = None, progress: bool = True,
                  output_fn: Callable | None = None, objective=None, mesh: Mesh | None = None,
-                 data_axis: str = "data", frozen_prefix: bool = True) -> list[dict]:
+                 data_axis: str = "data", frozen_prefix: bool = True,
+                 checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100, checkpoint_key: str = "",
+                 log: Callable[[str], None] | None = None) -> list[dict]:
     """Train f and f̄ at each λ in `lambdas` and compare them; one JSON-serialisable dict per λ.
 
     `config` gives everything but the pull: its `regularizer` and `strength` are replaced by `regularizer`
@@ -121,6 +124,13 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
     `frozen_prefix`: when nothing below block k trains, compute blocks 0 … k−1 once per example and train and
     evaluate from block k (`jaxlin.prefix`; the same results up to float rounding). Without a mesh, for the
     classification objective; the block it starts from is the result's "prefix_start_layer" (0: none).
+
+    `checkpoint_dir`, `checkpoint_every`, `checkpoint_key` (docs/scaling.md, "Resuming training"): each fit
+    checkpoints its training state every `checkpoint_every` steps and at its end in ``<checkpoint_dir>/<i>-<kind>``
+    (i the index of λ in `lambdas`, kind nonlinear or linearized; `jaxlin.train.fit`), so calling the sweep again
+    with the same arguments reads back the fits that finished and continues the interrupted one from its last
+    checkpoint, on the same trajectory; a checkpoint of other inputs is refused. `log(line)` gets one line per fit
+    that did not start from θ0 (None: no lines).
 
     Keys per λ (norms are Euclidean over all trainable leaves; f, f̄ are logits (N, C), or for the next-token
     objective the next-token logits (T, V) at the T completion tokens, where "accuracy" is the fraction of greedy
@@ -198,13 +208,20 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
     init = objective.evaluate(apply_nonlinear, theta0, train_eval_batches(), config, **eval_kw)
     theta0_host = to_host(theta0)
     results = []
-    for lam in lambdas:
+    for i, lam in enumerate(lambdas):
         start = time.perf_counter()
         cfg = dataclasses.replace(config, regularizer=regularizer, strength=lam)
         runs = {}
         for name, apply_fn in (("nonlinear", apply_nonlinear), ("linearized", apply_linearized)):
+            checkpoint_kw = {} if checkpoint_dir is None else {
+                "checkpoint_dir": os.path.join(checkpoint_dir, f"{i}-{name}"), "checkpoint_every": checkpoint_every,
+                "checkpoint_key": checkpoint_key}
             res = fit(apply_fn, theta0, train_batches, config=cfg, progress=progress,
-                      loss_fn=objective.loss_fn(apply_fn), **fit_kw)
+                      loss_fn=objective.loss_fn(apply_fn), **fit_kw, **checkpoint_kw)
+            if res.resumed_from and log is not None:
+                log(f"sweep: λ={lam:g} {name}: " + ("finished before the interruption, read back from its checkpoint"
+                                                   if res.resumed_from == res.steps else
+                                                   f"resumed at step {res.resumed_from} of {res.steps}"))
             runs[name] = {"result": res, "trainable": to_host(res.trainable),
                           "train": objective.evaluate(apply_fn, res.trainable, train_eval_batches(), cfg, **eval_kw),
                           "eval": objective.evaluate(apply_fn, res.trainable, eval_batches(), cfg, **eval_kw)}

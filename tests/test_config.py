@@ -36,7 +36,7 @@ OLD_FLAT = {
 MESH_KEYS = {"mesh": "mesh.shape", "coordinator": "mesh.coordinator", "num_processes": "mesh.num_processes",
              "process_id": "mesh.process_id", "distributed": "mesh.distributed"}
 # The execution section's keys (also outside the fingerprint).
-EXECUTION_KEYS = {"compile_cache": "execution.compile_cache"}
+EXECUTION_KEYS = {"compile_cache": "execution.compile_cache", "checkpoint_every": "execution.checkpoint_every"}
 
 # Keys added since, and where they live.
 NEW_FLAT = {"readout": "model.readout", "label_words": "model.label_words",
