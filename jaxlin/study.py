@@ -94,8 +94,9 @@ class StudyConfig:
       "trace" (sigma_trace, scale-fair) or "absolute" (sigma_absolute, the paper's). kernels: "ntk" and
       optionally "sign" (a statistic set each). n_bootstrap: CI resamples.
     selection_budget: modules per selection. data_seed: seeds the (shared) training batch order.
-    frozen_prefix: train and evaluate a configuration from its lowest adapted block, the blocks below computed once
-      per seed and example (`jaxlin.prefix`; the same results up to float rounding, one compiled step per block).
+    frozen_prefix: train and evaluate a configuration whose lowest adapted block lies in the model's upper half from
+      that block, the blocks below computed once per seed and example (`jaxlin.prefix`; the same results up to float
+      rounding, one compiled step per block; lower blocks run the whole model, where the prefix saved nothing).
     """
 
     configurations: tuple[str, ...] | Mapping[str, Sequence[str]] = ("layer", "single")
@@ -419,7 +420,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         first: the blocks below sit at θ0 of the seed for every configuration that starts there."""
         longest = data.round_up(c.max_length, c.pad_to_multiple_of)  # one prefix program for every batch
         prefix = prefix_of(f, adapters[seed].trainable, length=longest) if c.frozen_prefix else None
-        if prefix is None:
+        if prefix is None or 2 * prefix.start_layer < adapted.model.num_layers:  # below half: no gain (RESULTS.md)
             return f, (step_batches, eval_batches, train_eval_batches)
         key = (seed, prefix.start_layer)
         if key not in prefixes:
