@@ -129,8 +129,8 @@ class TrainSection:
     steps: int = _key(80, "sweep_steps")
     num_train_evaluated: int = _key(256, "sweep_num_train_evaluated")  # training examples (the first) on which
     # the sweep measures train loss, output distance and KL after each fit; capped at num_train
-    frozen_prefix: bool = True  # the dynamics, sweep, probe and study run from the lowest trained block, the
-    # blocks below computed once per example (jaxlin.prefix; the same results up to float rounding)
+    frozen_prefix: bool = True  # the dynamics, sweep and probe run from the lowest trained block, the blocks
+    # below computed once per example (jaxlin.prefix; the same results up to float rounding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,8 +291,7 @@ class RunConfig:
         chosen = {k: v for k, v in (("configurations", s.configurations), ("seeds", s.seeds)) if v is not None}
         return dataclasses.replace(study_preset(s.preset), targets=tuple(lo.targets), layers=lo.layers,
                                    rank=lo.rank, alpha=lo.alpha, selection_budget=s.selection_budget,
-                                   train_head=self.model.train_head, data_seed=self.model.seed,
-                                   frozen_prefix=self.train.frozen_prefix, **chosen)
+                                   train_head=self.model.train_head, data_seed=self.model.seed, **chosen)
 
 
 def _flat_keys() -> dict[str, tuple[str | None, str]]:

@@ -94,9 +94,10 @@ class StudyConfig:
       "trace" (sigma_trace, scale-fair) or "absolute" (sigma_absolute, the paper's). kernels: "ntk" and
       optionally "sign" (a statistic set each). n_bootstrap: CI resamples.
     selection_budget: modules per selection. data_seed: seeds the (shared) training batch order.
-    frozen_prefix: train and evaluate a configuration whose lowest adapted block lies in the model's upper half from
-      that block, the blocks below computed once per seed and example (`jaxlin.prefix`; the same results up to float
-      rounding, one compiled step per block; lower blocks run the whole model, where the prefix saved nothing).
+    frozen_prefix: train and evaluate each configuration from its lowest adapted block, the blocks below computed
+      once per seed and block (`jaxlin.prefix`; the same results up to float rounding, one compiled step per block).
+      Off by default: on the studies measured so far its extra compiles and prefix forwards cost more than it saved
+      (benchmarks/RESULTS.md).
     """
 
     configurations: tuple[str, ...] | Mapping[str, Sequence[str]] = ("layer", "single")
@@ -126,7 +127,7 @@ class StudyConfig:
     n_bootstrap: int = 1000
     selection_budget: int = 3
     data_seed: int = 0
-    frozen_prefix: bool = True
+    frozen_prefix: bool = False
 
     def __post_init__(self):
         spec = self.configurations
@@ -420,7 +421,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         first: the blocks below sit at θ0 of the seed for every configuration that starts there."""
         longest = data.round_up(c.max_length, c.pad_to_multiple_of)  # one prefix program for every batch
         prefix = prefix_of(f, adapters[seed].trainable, length=longest) if c.frozen_prefix else None
-        if prefix is None or 2 * prefix.start_layer < adapted.model.num_layers:  # below half: no gain (RESULTS.md)
+        if prefix is None:
             return f, (step_batches, eval_batches, train_eval_batches)
         key = (seed, prefix.start_layer)
         if key not in prefixes:

@@ -292,8 +292,7 @@ def test_run_study_result(model, splits):
     assert set(STATISTICS) <= names and {"ntk_n10.kappa", "sign_n6.kappa", "sign_n10.kappa_traced"} <= names
     for run in runs:
         assert len(run["train_loss_curve"]) == config.steps and 0 <= run["eval_accuracy"] <= 1
-        lowest = min(int(m.split(".")[0][len("layer"):]) for m in run["modules"])
-        assert run["prefix_start_layer"] == (lowest if 2 * lowest >= 3 else 0)  # the upper half of 3 blocks
+        assert run["prefix_start_layer"] == 0  # the study's frozen prefix is off by default
         assert all(0 <= run[k] <= 1 for k in ("eval_macro_f1", "krr_eval_accuracy", "krr_eval_macro_f1",
                                               "krr_agreement"))
     krr = result["results"]["krr_eval_accuracy"]["eval_accuracy"]
@@ -320,6 +319,7 @@ def test_run_study_is_deterministic_and_its_frozen_prefix_changes_nothing(model,
     config = _config(configurations={"a": ("layer0.attention.query",), "b": ("layer1.attention.key",),
                                      "c": ("layer2.attention.value", "layer2.attention.key")},
                      seeds=(4,), kernels=("ntk",), num_calibration_large=None)
+    config = dataclasses.replace(config, frozen_prefix=True)
     one, two, whole = (run_study(model, *splits, c, tokenizer=WordTokenizer(), progress=False)
                        for c in (config, config, dataclasses.replace(config, frozen_prefix=False)))
     def outcomes(result):
@@ -328,7 +328,7 @@ def test_run_study_is_deterministic_and_its_frozen_prefix_changes_nothing(model,
 
     assert outcomes(one) == outcomes(two)
     assert [r["final_train_loss"] for r in one["runs"]] == [r["final_train_loss"] for r in two["runs"]]
-    assert [r["prefix_start_layer"] for r in one["runs"]] == [0, 0, 2]  # block 1 is below half of 3
+    assert [r["prefix_start_layer"] for r in one["runs"]] == [0, 1, 2]
     assert [r["prefix_start_layer"] for r in whole["runs"]] == [0, 0, 0]
     for got, want in zip(one["runs"], whole["runs"]):
         np.testing.assert_allclose(got["train_loss_curve"], want["train_loss_curve"], rtol=1e-10)
