@@ -206,7 +206,8 @@ def test_the_study_stage_trains_the_run_objective(monkeypatch, words):
     seen = []
     monkeypatch.setattr(pipeline, "run_study", lambda *args, **kwargs: seen.append(kwargs["objective"]) or {})
     for name, readout_ in (("next_token", readout), ("classification", readout), ("classification", None)):
-        ctx = SimpleNamespace(config=override(config, {"objective": name}), model=None, train=None, eval=None,
+        ctx = SimpleNamespace(config=override(config, {"objective": name, "checkpoint_every": 0}), model=None,
+                              train=None, eval=None,
                               readout=readout_, tokenizer=readout_, output_fn=readout_ and readout_.output_fn,
                               results={"study": {}, "sweep": {}, "ntk": {}})
         pipeline.stage_study(ctx)
