@@ -32,7 +32,7 @@ from flax import nnx, traverse_util
 
 from .config import ConfigError
 from .models.base import Model, make_apply
-from .models.layers import Linear, tapping
+from .models.layers import Linear, master_dtype, tapping
 
 LORA_INITS = ("peft", "gaussian")
 HEAD_MODULE_PREFIXES = ("classifier", "score", "lm_head")
@@ -254,23 +254,17 @@ def adapt(model: Model, *, lora: LoRA | None = None, layers: Iterable[int] | Non
         lora_modules = tuple(m.name for m in targets)
         key = jax.random.key(lora.seed)
         index = {m.name: i for i, m in enumerate(model.modules)}
-        pdtype = dtype or _master_dtype(flat[targets[0].path + ("kernel",)].dtype)
+        pdtype = dtype or master_dtype(flat[targets[0].path + ("kernel",)].dtype)
         for m in targets:
             lora_tree[m.name] = _init_lora(jax.random.fold_in(key, index[m.name]), m.d_in, m.d_out, lora, pdtype)
     if not chosen and not lora_tree:
         raise ValueError("nothing is selected for training; pass lora=LoRA(...), layers=, modules=, biases=True "
                          "or head=True")
-    chosen_flat = {p: flat[p].astype(_master_dtype(flat[p].dtype)) for p in chosen}
+    chosen_flat = {p: flat[p].astype(master_dtype(flat[p].dtype)) for p in chosen}
     trainable = {"lora": lora_tree, "params": traverse_util.unflatten_dict(chosen_flat)}
     frozen = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in chosen})
     run = _lora_apply(model, lora_tree, lora.scale) if lora_tree else model.apply
     return Adapted(model, trainable, frozen, _groups(model, chosen, lora_modules), lora, lora_modules, run)
-
-
-def _master_dtype(dtype):
-    """The dtype a trainable leaf is kept in: at least float32 (a bfloat16 model trains float32 master copies,
-    which its dense modules cast down in the forward; docs/scaling.md, "Mixed precision")."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _lora_apply(model: Model, lora_tree: dict, scale: float) -> Callable:

@@ -45,7 +45,7 @@ from . import ntk as _ntk
 from ._util import per_example
 from .adapters import Adapted, AdaptedFunction, model_kwargs
 from .models.base import check_inputs
-from .models.layers import at_least_float32
+from .models.layers import at_least_float32, master_dtype
 
 SIGN_EPS = _ntk.SIGN_EPS
 IMPLEMENTATIONS = ("auto", "structured", "jacobian_contraction", "ntk_vector_products")
@@ -91,7 +91,7 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
     def factors(batch, trainable, frozen):
         """h (B, L, d_in) per module and g (O, B, L, d_out) per module (L = 1 for heads)."""
         _, h_shapes = jax.eval_shape(lambda: outputs(trainable, frozen, {}, batch))
-        probes = {n: jnp.zeros(h.shape[:-1] + (model.module(n).d_out,), jnp.promote_types(h.dtype, jnp.float32))
+        probes = {n: jnp.zeros(h.shape[:-1] + (model.module(n).d_out,), master_dtype(h.dtype))
                   for n, h in h_shapes.items()}  # float32 at least: a float32 head's cotangent is not rounded
         (out, inputs), vjp = jax.vjp(lambda p: outputs(trainable, frozen, p, batch), probes)
         _check_output(out.shape, output_fn)

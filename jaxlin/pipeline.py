@@ -420,7 +420,7 @@ def stage_dynamics(ctx: Context):
     batches = lambda epoch: map(own_rows, map(attach, data.batches(  # noqa: E731
         ctx.calibration, ctx.tokenizer, batch_size=n, max_length=tc.max_length,
         pad_to_multiple_of=tc.pad_to_multiple_of)))
-    measured = {name: fit(fn, ctx.adapted_lora.trainable, batches, config=tc, progress=False,
+    measured = {name: fit(fn, theta0, batches, config=tc, progress=False,
                           mesh=ctx.mesh).train_loss
                 for name, fn in (("linearized", linearized), ("nonlinear", nonlinear))}
     return {"steps": list(range(steps)), "learning_rate": n * lr_sum, "learning_rate_summed": lr_sum,

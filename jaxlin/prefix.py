@@ -99,11 +99,11 @@ def frozen_prefix(f: Callable, trainable0, *, length: int | None = None, rows: i
     (`Adapted.first_trained_layer`, which reads ``f``'s gate). ``length``, ``rows``: the prefix runs on ``rows``
     examples padded to ``length`` tokens at a time (pass the longest padded length the batches can have, so a
     single program serves them all; None: each batch's own length, a program per padded length)."""
+    if rows < 1 or (length is not None and length < 1):
+        raise ValueError(f"frozen_prefix(length={length}, rows={rows}): both must be ≥ 1 (length may be None)")
     if not isinstance(f, AdaptedFunction) or f.start_layer:
         return None
     start = f.adapted.first_trained_layer(None if f.gate_M is None else np.asarray(f.gate_M))
     if start == 0:
         return None
-    if rows < 1 or (length is not None and length < 1):
-        raise ValueError(f"frozen_prefix(length={length}, rows={rows}): both must be ≥ 1 (length may be None)")
     return FrozenPrefix(dataclasses.replace(f, start_layer=start), trainable0, length, rows)

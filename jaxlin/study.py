@@ -67,6 +67,7 @@ from .spectrum import KERNELS, SIGMA_SCALES, STATISTICS, kernel_statistics
 from .stats import correlation, macro_f1
 from .sweep import ClassificationObjective
 from .train import TrainConfig, evaluate, fit, make_optimizer
+from .train_checkpoint import fit_checkpointing
 
 OUTCOMES = ("final_train_loss", "train_loss_last10pct", "eval_accuracy", "eval_loss", "eval_macro_f1")
 PREDICTORS = ("krr_eval_accuracy",)  # run-level predictors, correlated with the outcomes like a statistic
@@ -430,11 +431,8 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         return prefix.function, prefixes[key]
 
     def checkpoint_kw(seed, modules):  # a directory per trained run, named by what it trains
-        if checkpoint_dir is None:
-            return {}
         digest = hashlib.sha256(json.dumps(sorted(modules)).encode()).hexdigest()[:16]
-        return {"checkpoint_dir": os.path.join(checkpoint_dir, f"{seed}-{digest}"),
-                "checkpoint_every": checkpoint_every, "checkpoint_key": checkpoint_key}
+        return fit_checkpointing(checkpoint_dir, f"{seed}-{digest}", checkpoint_every, checkpoint_key)
 
     def train_run(seed, modules, label, **extra):
         """The record of `modules` trained with `seed` (trained once per module set), passed to `callback`."""

@@ -41,6 +41,7 @@ from ._util import loglog_slope
 from .readout import check_readout
 from .prefix import frozen_prefix as prefix_of
 from .train import TrainConfig, evaluate, fit, linearized_function, model_functions
+from .train_checkpoint import fit_checkpointing
 from .train_mesh import MeshPlan
 
 DISTANCE_KEYS = ("theta_distance_to_init", "theta_distance_to_init_linearized", "theta_distance_lin_nonlin",
@@ -213,11 +214,9 @@ def lambda_sweep(adapted, train_data, eval_data, tokenizer, *, lambdas: Sequence
         cfg = dataclasses.replace(config, regularizer=regularizer, strength=lam)
         runs = {}
         for name, apply_fn in (("nonlinear", apply_nonlinear), ("linearized", apply_linearized)):
-            checkpoint_kw = {} if checkpoint_dir is None else {
-                "checkpoint_dir": os.path.join(checkpoint_dir, f"{i}-{name}"), "checkpoint_every": checkpoint_every,
-                "checkpoint_key": checkpoint_key}
             res = fit(apply_fn, theta0, train_batches, config=cfg, progress=progress,
-                      loss_fn=objective.loss_fn(apply_fn), **fit_kw, **checkpoint_kw)
+                      loss_fn=objective.loss_fn(apply_fn), **fit_kw,
+                      **fit_checkpointing(checkpoint_dir, f"{i}-{name}", checkpoint_every, checkpoint_key))
             if res.resumed_from and log is not None:
                 log(f"sweep: λ={lam:g} {name}: " + ("finished before the interruption, read back from its checkpoint"
                                                    if res.resumed_from == res.steps else

@@ -27,7 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["TrainCheckpoint", "run_key", "tree_digest"]
+__all__ = ["TrainCheckpoint", "fit_checkpointing", "run_key", "tree_digest"]
+
+
+def fit_checkpointing(directory, name: str, every: int, key: str) -> dict:
+    """`jaxlin.train.fit`'s checkpoint arguments for one of several fits that share a checkpoint `directory`: its
+    own subdirectory `name`, every `every` steps, under `key`; {} when `directory` is None (no checkpoints)."""
+    if directory is None:
+        return {}
+    return {"checkpoint_dir": os.path.join(directory, name), "checkpoint_every": every, "checkpoint_key": key}
 
 
 def _leaf_checksum(x):

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import (Embed, LayerNorm, Linear, activation, check_label_readout, head_dtype, layer_range,
-                     masked_softmax_attention, merge_heads, split_heads)
+from .layers import (Embed, LayerNorm, Linear, activation, check_label_readout, layer_range, masked_softmax_attention,
+                     master_dtype, merge_heads, split_heads)
 
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
 
@@ -60,8 +60,9 @@ class BertEncoder(nnx.Module):
         self.task, self.head, self.pad_id = task, head, c.pad_token_id
         pooler = head_dense = classifier = None
         if task == "classification":
-            def lin(a, b, name, hf_name):  # the head (pooler included) in float32 at least: see head_dtype
-                return Linear(a, b, name=name, hf_name=hf_name, rngs=rngs, init_std=std, dtype=head_dtype(dtype))
+            def lin(a, b, name, hf_name):  # the head (pooler included) in float32 at least: see master_dtype
+                return Linear(a, b, name=name, hf_name=hf_name, rngs=rngs, init_std=std,
+                              dtype=master_dtype(dtype))
 
             if head == "bert":
                 pooler = lin(d, d, "pooler.dense", prefix + "pooler.dense")

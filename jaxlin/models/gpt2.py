@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .base import reject_encoder_head
-from .layers import (Embed, LayerNorm, Linear, activation, causal_allowed, check_label_readout, head_dtype,
-                     last_real_token, layer_range, masked_softmax_attention, merge_heads, split_heads)
+from .layers import (Embed, LayerNorm, Linear, activation, causal_allowed, check_label_readout, last_real_token,
+                     layer_range, masked_softmax_attention, master_dtype, merge_heads, split_heads)
 
 
 class GPT2Block(nnx.Module):
@@ -66,7 +66,7 @@ class GPT2Decoder(nnx.Module):
         score = None
         if task == "classification":
             score = Linear(d, num_labels, name="score", hf_name="score", rngs=rngs, use_bias=False, init_std=std,
-                           dtype=head_dtype(dtype))
+                           dtype=master_dtype(dtype))
         self.score = nnx.data(score)
 
     def __call__(self, input_ids_BL, attention_mask_BL, *, label_token_ids=None, positions=None,

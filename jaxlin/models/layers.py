@@ -12,7 +12,7 @@ parameters of the module like its kernel, the scale a static attribute.
 
 Mixed precision (docs/scaling.md, "Mixed precision"): a block built with a half-precision ``dtype`` (bfloat16)
 stores its weights in it and computes in it; a ``Linear`` casts its input, weights and LoRA factors (float32
-master copies) to that dtype, its one place of casting. Heads are built in `head_dtype` (float32 at least), so
+master copies) to that dtype, its one place of casting. Heads are built in `master_dtype` (float32 at least), so
 logits leave the model in float32; norms' statistics and attention's softmax are taken in float32 at least.
 Float32 and float64 modules cast nothing (x64 references keep their precision).
 
@@ -76,15 +76,16 @@ def is_half(dtype) -> bool:
     return jnp.finfo(dtype).bits < 32
 
 
-def head_dtype(dtype):
-    """The dtype of a classification or LM head in a model of ``dtype``: float32 at least, so a half-precision
-    model keeps its (trainable) head as a float32 master copy and returns float32 logits."""
+def master_dtype(dtype):
+    """``dtype`` promoted to float32 at least (float64 stays): what a half-precision model keeps its trained leaves
+    in (heads, LoRA factors: float32 master copies, `jaxlin.adapt`) and returns logits in, and the dtype its
+    statistics and kernel contractions are taken in."""
     return jnp.promote_types(dtype, jnp.float32)
 
 
 def at_least_float32(x: jax.Array) -> jax.Array:
-    """``x`` in float32, or kept in float64: the dtype statistics and kernel contractions are taken in."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    """``x`` in `master_dtype`: float32, or kept in float64."""
+    return x.astype(master_dtype(x.dtype))
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
@@ -150,8 +151,7 @@ class Embed(nnx.Module):
         """Tied output projection: logits = x @ Eᵀ; with ``rows`` (C,), only those vocabulary rows of E. The
         logits are float32 at least (a bfloat16 product accumulated and returned in float32)."""
         table = self.embedding[...] if rows is None else jnp.take(self.embedding[...], jnp.asarray(rows), axis=0)
-        out_dtype = jnp.promote_types(jnp.result_type(x, table), jnp.float32)
-        return jnp.matmul(x, table.T, preferred_element_type=out_dtype)
+        return jnp.matmul(x, table.T, preferred_element_type=master_dtype(jnp.result_type(x, table)))
 
     def hf_params(self):
         return [("embedding", "weight", lambda w: w)]

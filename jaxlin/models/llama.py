@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from .base import reject_encoder_head
-from .layers import (Embed, Linear, RMSNorm, activation, causal_allowed, check_label_readout, head_dtype,
-                     last_real_token, layer_range, masked_softmax_attention, merge_heads, split_heads)
+from .layers import (Embed, Linear, RMSNorm, activation, causal_allowed, check_label_readout, last_real_token,
+                     layer_range, masked_softmax_attention, master_dtype, merge_heads, split_heads)
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -119,10 +119,10 @@ class LlamaDecoder(nnx.Module):
         lm_head = score = None
         if task == "causal_lm" and not c.tie_word_embeddings:
             lm_head = Linear(d, c.vocab_size, name="lm_head", hf_name="lm_head", rngs=rngs, use_bias=False,
-                             init_std=std, dtype=head_dtype(dtype))
+                             init_std=std, dtype=master_dtype(dtype))
         if task == "classification":
             score = Linear(d, num_labels, name="score", hf_name="score", rngs=rngs, use_bias=False, init_std=std,
-                           dtype=head_dtype(dtype))
+                           dtype=master_dtype(dtype))
         self.lm_head, self.score = nnx.data(lm_head), nnx.data(score)
 
     def __call__(self, input_ids_BL, attention_mask_BL, *, label_token_ids=None, positions=None,
