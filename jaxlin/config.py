@@ -62,7 +62,8 @@ class ModelSection:
     readout: str = "head"  # "head": the classification head; "label_words": a decoder's own next-token logits of
     # one label word per class after `prompt_template` (jaxlin.label_word_readout; no head is added or trained)
     label_words: tuple[str, ...] | None = None  # one per class in label-id order; None = the data's label names
-    prompt_template: str | None = None  # with one "{text}" field; None = "{text}"
+    prompt_template: str | None = None  # with one "{text}" field; None = "{text}". Texts go in as prompts for
+    # either readout (the head reads the prompt's last real token, or its pooled output for an encoder)
     dtype: str = "float32"  # "bfloat16": base weights stored and computed in bfloat16, trainable leaves, logits,
     # losses and kernels in float32 (mixed precision, docs/scaling.md)
 
@@ -605,8 +606,6 @@ def _validate(c: RunConfig):
     template = c.model.prompt_template
     check(template is None or (isinstance(template, str) and template.count("{text}") == 1), "model.prompt_template",
           "None or a string with exactly one {text} field, e.g. 'Tweet: {text}\\nSentiment:'")
-    check(template is None or c.model.readout == "label_words", "model.prompt_template",
-          "a prompt template is read only with --readout label_words; add it or drop --prompt-template")
     next_token = c.train.objective == "next_token"
     check(not next_token or c.model.readout == "label_words", "train.objective",
           "the next-token loss is a causal LM's own, on the label words: add --readout label_words (a decoder "

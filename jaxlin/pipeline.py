@@ -64,7 +64,7 @@ from .module_ntk import module_ntks
 from .next_token import run_objective
 from .plan import check_plan
 from .probe import probe_adapted
-from .readout import LabelWordReadout, check_readout, label_word_readout
+from .readout import LabelWordReadout, check_readout, label_word_readout, prompts
 from .report import RESULTS_NAME, write_report
 from .rundir import (RunError, atomic_write, clear_train_state, default_out_dir, log, output_directory, read_stage,
                      stage_key, stage_path, stage_record, train_state_dir, write_stage)
@@ -100,11 +100,15 @@ class Context:
     # finished
     mesh: Mesh | None = None  # the run's device mesh (--mesh); parameters are sharded on it by jaxlin.sharding
 
-    @property
+    @functools.cached_property
     def tokenizer(self):
-        """What turns texts into token ids in every stage: the model's tokenizer, or the label-word readout (which
-        formats each text as a prompt and pads on the right)."""
-        return self.model.tokenizer if self.readout is None else self.readout
+        """What turns texts into token ids in every stage: the label-word readout, or for the head the model's
+        tokenizer, through `model.prompt_template` when one is given (both format each text as a prompt and pad
+        on the right)."""
+        if self.readout is not None:
+            return self.readout
+        template = self.config.model.prompt_template
+        return self.model.tokenizer if template is None else prompts(self.model.tokenizer, template)
 
     @property
     def output_fn(self):
@@ -167,14 +171,13 @@ def setup(config: RunConfig, out: Path, mesh: Mesh | None = None) -> Context:
     adapted, adapted_lora = run_adapters(model, config)
     if mesh is not None:
         adapted, adapted_lora = sharding.shard_adapted(adapted, mesh), sharding.shard_adapted(adapted_lora, mesh)
-    tokenizer = model.tokenizer if readout is None else readout
-    longest = max(len(t) for part in (train, eval_)
-                  for t in tokenizer.encode_unpadded(list(part.texts), d.max_length))
-    length = min(data.round_up(longest, 8), limit or math.inf)  # padded positions must exist too
     inputs = {"config": config.fingerprint(), "dataset": dataset_digest(ds), "checkpoint": checkpoint_digest(m.name),
               "jaxlin": __version__, "format": SCHEMA_VERSION}
-    return Context(config, out, model, adapted, adapted_lora, train, eval_, calibration, length, inputs, readout,
-                   mesh=mesh)
+    ctx = Context(config, out, model, adapted, adapted_lora, train, eval_, calibration, 0, inputs, readout, mesh=mesh)
+    longest = max(len(t) for part in (train, eval_)
+                  for t in ctx.tokenizer.encode_unpadded(list(part.texts), d.max_length))
+    ctx.length = min(data.round_up(longest, 8), limit or math.inf)  # padded positions must exist too
+    return ctx
 
 
 def _check_study_sizes(config: RunConfig, num_train: int, num_eval: int) -> None:
@@ -457,7 +460,7 @@ def stage_probe(ctx: Context):
 def stage_study(ctx: Context):
     return run_study(ctx.model, ctx.train, ctx.eval, ctx.config.study_config(), tokenizer=ctx.tokenizer,
                      output_fn=ctx.output_fn, objective=run_objective(ctx.config.train.objective, ctx.readout),
-                     progress=True, **checkpointing(ctx, "study")), {}
+                     progress=True, mesh=ctx.mesh, **checkpointing(ctx, "study")), {}
 
 
 def checkpointing(ctx: Context, stage: str) -> dict:
@@ -516,7 +519,7 @@ def _run(config: RunConfig, out: Path | None, resume: bool, cache_directory: str
                 wanted.insert(0, dep)
         for i, stage in enumerate([s for s in ORDER if s in wanted], 1):
             result, arrays, record, efficiency[stage] = _run_stage(
-                _replicated(ctx) if stage in MESH_UNAWARE else ctx, stage, resume)
+                ctx, stage, resume)
             ctx.results[stage], ctx.stages[stage], timings[stage] = result, record, record["seconds"]
             ctx.arrays.update(arrays)
             seconds = record["seconds"]
@@ -600,9 +603,6 @@ def _prepare_train_state(ctx: Context, stage: str, key: str, resume: bool) -> No
 
 # ------------------------------------------------------------------------------------ mesh and processes
 
-MESH_UNAWARE = ("study",)  # its fits do not take a mesh yet
-
-
 def _mesh_setup(config: RunConfig, out) -> Mesh | None:
     """The run's (data, model) mesh from ``mesh.shape`` (None without one), after the checks of a multi-process
     run: a mesh and an --out every process shares. The processes joined before (`jaxlin.cli.join_processes`)."""
@@ -622,39 +622,22 @@ def _mesh_setup(config: RunConfig, out) -> Mesh | None:
 
 
 def _check_mesh_stages(config: RunConfig, mesh: Mesh | None) -> None:
-    """Refuse the stages that cannot run as several processes yet (in one process they run replicated) and batch
-    sizes that do not split over the processes."""
-    stages = config.stages
-    unaware = [s for s in stages if s in MESH_UNAWARE]
+    """Refuse batch sizes that do not split over the processes: each process feeds its share of a batch's rows."""
     processes = jax.process_count()
-    splits = {"dynamics": ("--num-calibration", config.data.num_calibration),
-              "sweep": ("--batch-size", config.train.batch_size)}  # each process feeds its share of a batch's rows
-    for stage, (flag, rows) in splits.items():
-        if stage in stages and rows % processes:
-            raise ConfigError(f"{flag} {rows} does not split over the {processes} processes of the {stage} stage; "
-                              f"choose a multiple of {processes}")
-    if mesh is None or not unaware:
+    if processes == 1:
         return
-    if processes > 1:
-        allowed = ",".join(s for s in STAGES if s not in MESH_UNAWARE)
-        raise ConfigError(f"--stages {','.join(unaware)} is not yet multi-process; run it in one process "
-                          f"(--stages {','.join(unaware)}, with or without --mesh), and the other stages as several "
-                          f"(--stages of {allowed})")
-    log(f"note: {', '.join(unaware)} does not split over the mesh yet: it runs with parameters replicated on "
-        f"every device of it")
-
-
-def _replicated(ctx: Context) -> Context:
-    """`ctx` with the model and adapted parameters replicated on its mesh (unchanged without one)."""
-    if ctx.mesh is None:
-        return ctx
-    everywhere = NamedSharding(ctx.mesh, P())
-    put = lambda tree: jax.device_put(tree, jax.tree.map(lambda _: everywhere, tree))  # noqa: E731
-    return dataclasses.replace(
-        ctx, model=dataclasses.replace(ctx.model, params=put(ctx.model.params)),
-        adapted=dataclasses.replace(ctx.adapted, trainable=put(ctx.adapted.trainable), frozen=put(ctx.adapted.frozen)),
-        adapted_lora=dataclasses.replace(ctx.adapted_lora, trainable=put(ctx.adapted_lora.trainable),
-                                         frozen=put(ctx.adapted_lora.frozen)))
+    splits = {"dynamics": [("--num-calibration", config.data.num_calibration)],
+              "sweep": [("--batch-size", config.train.batch_size)]}
+    if "study" in config.stages:
+        sc = config.study_config()
+        splits["study"] = [(f"--study {config.study.preset}'s {name}", rows)
+                           for name, rows in (("batch size", sc.batch_size), ("eval batch size", sc.eval_batch_size))]
+    for stage, sizes in splits.items():
+        for flag, rows in sizes:
+            if stage in config.stages and rows % processes:
+                raise ConfigError(f"{flag} {rows} does not split over the {processes} processes of the {stage} "
+                                  f"stage; choose a multiple of {processes}"
+                                  + (" (another --study preset, or fewer processes)" if stage == "study" else ""))
 
 
 def _writes() -> bool:
@@ -793,8 +776,9 @@ def readout_section(ctx: Context) -> dict:
     common |= {"objective": objective, "stage_objectives": {s: STAGE_OBJECTIVES.get(s, objective)
                                                              for s in ctx.results}}
     if ctx.readout is None:
+        template = {} if ctx.config.model.prompt_template is None else {"template": ctx.config.model.prompt_template}
         return {"kind": "head", "head": ctx.config.model.head if ctx.model.kind == "encoder" else "score",
-                "trained": ctx.config.model.train_head, **common}
+                "trained": ctx.config.model.train_head, **template, **common}
     r = ctx.readout
     return {"kind": "label_words", "label_words": list(r.label_words), "token_ids": list(r.token_ids),
             "template": r.template, "trained": False, **common}

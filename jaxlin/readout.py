@@ -62,14 +62,12 @@ class LabelWordLogits:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class LabelWordReadout:
-    """Prompts → (B, C) label-word logits; see :func:`label_word_readout`."""
+class Prompts:
+    """Texts → token ids of ``template.format(text=…)``, right-padded (a ``jaxlin.data.TokenizerLike``); see
+    :func:`prompts`. Every readout can read prompts: the label words at the prompt's last token, or a head there."""
 
     tokenizer: Tokenizer
-    label_words: tuple[str, ...]
     template: str
-    token_ids: tuple[int, ...]
-    output_fn: LabelWordLogits
 
     def prompt(self, text: str) -> str:
         return self.template.format(text=text)
@@ -80,7 +78,8 @@ class LabelWordReadout:
 
     @property
     def padding_side(self) -> str:
-        """Always "right": the label word is read at each row's last real token, and positions stay 0 … L−1."""
+        """Always "right": the label word (or a decoder's head) is read at each row's last real token, and
+        positions stay 0 … L−1."""
         return "right"
 
     def encode_unpadded(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
@@ -128,23 +127,38 @@ class LabelWordReadout:
         return ids
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class LabelWordReadout(Prompts):
+    """Prompts → (B, C) label-word logits; see :func:`label_word_readout`."""
+
+    label_words: tuple[str, ...]
+    token_ids: tuple[int, ...]
+    output_fn: LabelWordLogits
+
+
+def prompts(tokenizer, template: str) -> Prompts:
+    """``tokenizer`` (``model.tokenizer`` or a Hugging Face tokenizer) applied to ``template.format(text=…)``, a
+    text cut (never the template) to fit ``max_length``: what a head reads when the texts go in as prompts.
+    Raises ValueError for a template without a single ``{text}`` field."""
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer (model.tokenizer is None); load a checkpoint that has one, or "
+                         "pass a Hugging Face tokenizer")
+    _check_template(template)
+    return Prompts(tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer), template)
+
+
 def label_word_readout(tokenizer, label_words: Sequence[str], template: str | None = None) -> LabelWordReadout:
     """A readout of ``label_words`` (one per class) after ``template`` ("Review: {text}\\nSentiment:"; default
     "{text}"). ``tokenizer``: ``model.tokenizer`` (or a Hugging Face tokenizer). Raises ValueError for a
     template without a single ``{text}`` field, and for label words whose first tokens after the prompt
     collide (naming them)."""
-    if tokenizer is None:
-        raise ValueError("the model has no tokenizer (model.tokenizer is None); load a checkpoint that has one, or "
-                         "pass a Hugging Face tokenizer")
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-    template = "{text}" if template is None else template
-    _check_template(template)
+    encoder = prompts(tokenizer, "{text}" if template is None else template)
     words = tuple(label_words) if not isinstance(label_words, str) else None
     if not words or not all(isinstance(w, str) and w.strip() for w in words):
         raise ValueError(f"label_words={label_words!r}: pass a list of non-empty words, one per class, e.g. "
                          "['negative', 'positive']")
-    token_ids = first_tokens(tok, template.format(text=""), words)
-    return LabelWordReadout(tok, words, template, token_ids, LabelWordLogits(token_ids))
+    token_ids = first_tokens(encoder.tokenizer, encoder.prompt(""), words)
+    return LabelWordReadout(encoder.tokenizer, encoder.template, words, token_ids, LabelWordLogits(token_ids))
 
 
 def check_readout(tokenizer, output_fn, num_classes: int | None = None) -> None:

@@ -342,7 +342,8 @@ def _glance_section(results: dict) -> str:
         if readout["kind"] == "label_words":
             how = f"label words {', '.join(readout['label_words'])} after {readout['template']!r}"
         else:
-            how = f"{readout.get('head', 'head')} head" + ("" if readout["trained"] else " (not trained)")
+            how = (f"{readout.get('head', 'head')} head" + ("" if readout["trained"] else " (not trained)")
+                   + (f" after {readout['template']!r}" if readout.get("template") else ""))
         rows.append(("at θ0 (zero-shot), " + how, _maybe(readout["zero_shot_eval_accuracy"]), "",
                      f"{readout['zero_shot_num_eval']} eval examples"))
     best = None if is_skipped(results["krr"]) else _plots.best_krr(results["krr"])

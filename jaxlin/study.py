@@ -47,17 +47,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
 import time
 from typing import Callable, Mapping, Sequence
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from . import data, solve
 from .adapters import Adapted, add_lora
+from .distributed import process_rows
 from .module_ntk import module_ntks
 from .prefix import frozen_prefix as prefix_of
 from .readout import check_readout
@@ -67,7 +71,9 @@ from .spectrum import KERNELS, SIGMA_SCALES, STATISTICS, kernel_statistics
 from .stats import correlation, macro_f1
 from .sweep import ClassificationObjective
 from .train import TrainConfig, evaluate, fit, make_optimizer
+from .sharding import shard_adapted
 from .train_checkpoint import fit_checkpointing
+from .train_mesh import MeshPlan
 
 OUTCOMES = ("final_train_loss", "train_loss_last10pct", "eval_accuracy", "eval_loss", "eval_macro_f1")
 PREDICTORS = ("krr_eval_accuracy",)  # run-level predictors, correlated with the outcomes like a statistic
@@ -317,7 +323,8 @@ def _study_objective(objective, tokenizer, output_fn):
 def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, config: StudyConfig, *,
               tokenizer=None, output_fn: Callable | None = None, objective=None, progress: bool = True,
               callback: Callable[[dict], None] | None = None, checkpoint_dir: str | os.PathLike | None = None,
-              checkpoint_every: int = 100, checkpoint_key: str = "") -> dict:
+              checkpoint_every: int = 100, checkpoint_key: str = "", mesh: Mesh | None = None,
+              data_axis: str = "data") -> dict:
     """Run the κ–performance study of `config` on a classification `model`; returns the dict of the module
     docstring. `tokenizer` defaults to `model.tokenizer`; `callback(record)` gets each trained run's record.
 
@@ -336,7 +343,14 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     `checkpoint_dir`, `checkpoint_every`, `checkpoint_key` (docs/scaling.md, "Resuming training"): each training
     run checkpoints its state every `checkpoint_every` steps and at its end in ``<checkpoint_dir>/<seed>-<digest
     of its modules>`` (`jaxlin.train.fit`), so the study called again with the same arguments reads back the runs
-    that finished and continues the interrupted one; the kernels are computed again."""
+    that finished and continues the interrupted one; the kernels are computed again.
+
+    `mesh`, `data_axis` (docs/scaling.md): run on a `jax.sharding.Mesh` with the model's parameters sharded on it
+    (`jaxlin.load_pretrained(..., mesh=)`; each seed's LoRA factors follow their base weights): the kernels as
+    `module_ntks(mesh=)`, every fit and evaluation as `fit(mesh=)` / `evaluate(mesh=)`, each batch split over
+    `data_axis`. With several processes each process passes every example and keeps its share of each batch's
+    rows (`jaxlin.distributed.process_rows`), and every process returns the same result. The frozen prefix is
+    not used on a mesh. The numbers equal one device's up to float rounding."""
     start = time.perf_counter()
     tokenizer = model.tokenizer if tokenizer is None else tokenizer
     want = "classification" if output_fn is None else "causal_lm"
@@ -354,9 +368,21 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         if have < need:
             raise ValueError(f"StudyConfig.{name}={need} exceeds the {have} examples given; lower it or pass more data")
     c = config
+    plan = None if mesh is None else MeshPlan(mesh, data_axis)
+    evaluate_on_mesh = plan is not None and "mesh" in inspect.signature(objective.evaluate).parameters
+    if plan is not None and not evaluate_on_mesh and jax.process_count() > 1:
+        raise ValueError(f"the objective {objective.name!r} evaluates on one process only (its evaluate takes no "
+                         f"mesh); run this study in one process, or with objective {ClassificationObjective.name!r}")
+    fit_kw = {} if plan is None else {"mesh": mesh, "data_axis": data_axis}
+    eval_kw = fit_kw if evaluate_on_mesh else {}
+    def own(batches, split: bool = plan is not None) -> list[dict]:  # this process's rows of each batch
+        return [process_rows(b, fix="the study's batch sizes") if split else b for b in batches]
+
     adapters = {s: add_lora(model, targets=c.targets, layers=c.layers, rank=c.rank, alpha=c.alpha, seed=s,
                             head=train_head)
                 for s in c.seeds}
+    if plan is not None:  # LoRA factors on the mesh next to their base weights, once per seed
+        adapters = {s: shard_adapted(a, mesh) for s, a in adapters.items()}
     adapted = adapters[c.seeds[0]]  # its apply and frozen serve every seed: seeds differ in A0 values only
     candidates = adapted.lora_modules
     configurations = study_configurations(candidates, c.configurations)
@@ -375,9 +401,9 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         step_batches += list(objective.batches(train_sub, tokenizer, train_config, shuffle=True,
                                                seed=c.data_seed * 100_003 + epoch))
         epoch += 1
-    step_batches = step_batches[:c.steps]
-    eval_batches, train_eval_batches = ([*objective.batches(d, tokenizer, eval_config, shuffle=False, seed=0)]
-                                        for d in (eval_sub, train_sub))
+    step_batches = own(step_batches[:c.steps])
+    eval_batches, train_eval_batches = (own(objective.batches(d, tokenizer, eval_config, shuffle=False, seed=0),
+                                            evaluate_on_mesh) for d in (eval_sub, train_sub))
     optimizer = make_optimizer(train_config, c.steps)  # one object for every run: one compiled step
 
     # calibration: kernels on the largest set; a smaller set that is its prefix takes the leading block
@@ -390,12 +416,11 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
 
     def f0(batches):  # f(θ0) (N, O) of the readout in dataset order; the same for every seed (B0 = 0)
         return evaluate(adapted.as_function(output_fn, gate=gate_vector(adapted, candidates)), adapted.trainable,
-                        batches)["logits"]
+                        own(batches), **fit_kw)["logits"]
 
     def residual(n):  # r0 = onehot(y) − f0 (N, O) on calibration set n
-        batch = {**encoded[n], "example_mask": np.ones(n, np.float32)}
-        f0_NO = f0([batch])
-        return np.eye(f0_NO.shape[1])[batch["labels"]] - f0_NO
+        f0_NO = f0(data.batches(calibration[n], tokenizer, batch_size=c.eval_batch_size, **padding))
+        return np.eye(f0_NO.shape[1])[calibration[n].labels] - f0_NO
 
     resid0 = {largest: residual(largest)}
     resid0.update({n: resid0[largest][:n] if is_prefix[n] else residual(n) for n in calibration if n != largest})
@@ -421,7 +446,8 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         """f and its (training, eval, train-eval) batches, from f's lowest trained block on when that is not the
         first: the blocks below sit at θ0 of the seed for every configuration that starts there."""
         longest = data.round_up(c.max_length, c.pad_to_multiple_of)  # one prefix program for every batch
-        prefix = prefix_of(f, adapters[seed].trainable, length=longest) if c.frozen_prefix else None
+        use = c.frozen_prefix and plan is None
+        prefix = prefix_of(f, adapters[seed].trainable, length=longest) if use else None
         if prefix is None:
             return f, (step_batches, eval_batches, train_eval_batches)
         key = (seed, prefix.start_layer)
@@ -441,10 +467,10 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
             t0 = time.perf_counter()
             f, (steps_b, eval_b, train_eval_b) = from_prefix(seed, gated(adapted, gate_vector(adapted, modules)))
             result = fit(f, adapters[seed].trainable, lambda epoch: steps_b, config=train_config,
-                         optimizer=optimizer, loss_fn=objective.loss_fn(f), progress=False,
+                         optimizer=optimizer, loss_fn=objective.loss_fn(f), progress=False, **fit_kw,
                          **checkpoint_kw(seed, modules))
             theta, losses = result.trainable, result.train_loss
-            ev, tr = (objective.evaluate(f, theta, b, eval_config) for b in (eval_b, train_eval_b))
+            ev, tr = (objective.evaluate(f, theta, b, eval_config, **eval_kw) for b in (eval_b, train_eval_b))
             logits_EC = readout_logits(ev)
             last = losses[-max(1, math.ceil(0.1 * len(losses))):]
             trained[key] = {"final_train_loss": tr["loss"], "train_loss_last10pct": float(np.mean(last)),
@@ -465,16 +491,16 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         grams = {}
         for kernel in c.kernels:
             full = module_ntks(adapted, encoded[largest], trace_axes=(), kernel=kernel, modules=candidates,
-                               trainable=adapters[seed].trainable, output_fn=output_fn)
+                               trainable=adapters[seed].trainable, output_fn=output_fn, mesh=mesh)
             for n in calibration:
                 grams[kernel, n] = ({m: k[:n, :n] for m, k in full.items()} if is_prefix[n] else
                                     module_ntks(adapted, encoded[n], trace_axes=(), kernel=kernel, modules=candidates,
-                                                trainable=adapters[seed].trainable, output_fn=output_fn))
+                                                trainable=adapters[seed].trainable, output_fn=output_fn, mesh=mesh))
         timings["ntk_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         krr_kernels[seed] = (grams["ntk", largest], module_ntks(  # eval rows in blocks of the calibration set's size
             adapted, encoded_eval, encoded[largest], trace_axes=(), modules=candidates, block_size=largest,
-            trainable=adapters[seed].trainable, output_fn=output_fn))
+            trainable=adapters[seed].trainable, output_fn=output_fn, mesh=mesh))
         timings["krr_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         statistics = _configuration_statistics(c, configurations, grams, resid0)

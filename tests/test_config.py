@@ -266,6 +266,8 @@ def test_readout_keys_are_checked_and_stay_out_of_old_fingerprints():
     c = preset("decoder-quick")
     assert (c.model.readout, c.model.train_head) == ("label_words", False) and "{text}" in c.model.prompt_template
     assert override(c, {"readout": "head", "prompt_template": None}).model.readout == "head"
+    head = override(c, {"readout": "head", "train_head": True})  # the score head reads the same prompts
+    assert (head.model.readout, head.model.prompt_template) == ("head", c.model.prompt_template)
     with pytest.raises(ConfigError, match=r"^readout='logits' is invalid: one of 'head', 'label_words'"):
         override(c, {"readout": "logits"})
     with pytest.raises(ConfigError, match="label_words=.*only with --readout label_words"):

@@ -26,6 +26,27 @@ def test_parse_mesh_shapes_and_errors():
         distributed.parse_mesh("data=2,data=4")
 
 
+@pytest.mark.parametrize("stage,overrides,flag", [
+    ("sweep", {"batch_size": 4}, "--batch-size 4"), ("dynamics", {"num_calibration": 8}, "--num-calibration 8"),
+    ("study", {"study": "smoke"}, "--study smoke's batch size 4"),
+    ("study", {"study": "quick"}, "--study quick's batch size 8")])
+def test_rows_that_do_not_split_over_the_processes_are_refused_first(monkeypatch, stage, overrides, flag):
+    """Each process feeds its share of every batch's rows: a run of P processes refuses, before loading anything,
+    a stage whose batches do not split P ways, naming the flag and the multiple (here P = 3, a fake count)."""
+    import jax
+
+    from jaxlin import pipeline
+    from jaxlin.config import ConfigError, override, preset
+
+    config = override(preset("quick"), {**overrides, "stages": stage})
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    with pytest.raises(ConfigError, match=f"^{flag} does not split over the 3 processes of the {stage} stage; "
+                                          "choose a multiple of 3"):
+        pipeline._check_mesh_stages(config, None)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    pipeline._check_mesh_stages(config, None)  # every one of them splits two ways
+
+
 def test_initialize_is_a_no_op_alone_and_names_what_is_missing(monkeypatch):
     for var in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
         monkeypatch.delenv(var, raising=False)

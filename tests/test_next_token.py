@@ -209,7 +209,7 @@ def test_the_study_stage_trains_the_run_objective(monkeypatch, words):
         ctx = SimpleNamespace(config=override(config, {"objective": name, "checkpoint_every": 0}), model=None,
                               train=None, eval=None,
                               readout=readout_, tokenizer=readout_, output_fn=readout_ and readout_.output_fn,
-                              results={"study": {}, "sweep": {}, "ntk": {}})
+                              results={"study": {}, "sweep": {}, "ntk": {}}, mesh=None)
         pipeline.stage_study(ctx)
         assert seen[-1] == run_objective(name, readout_)
         if readout_ is not None:

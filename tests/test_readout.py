@@ -264,6 +264,25 @@ def test_readout_encodes_as_a_tokenizer_for_batches(words):
     assert tok.decode(row).startswith("<s> Review :") and tok.decode(row).endswith("Sentiment :")
 
 
+def test_a_head_reads_the_same_prompts_as_the_label_words(words):
+    """`jaxlin.readout.prompts`: the head readout's texts go in as the same prompts, so a comparison of the two
+    readouts differs in the readout alone; a head's None output_fn goes with them."""
+    from jaxlin.readout import Prompts, check_readout, prompts
+
+    tok, readout, sentiment_data = words
+    texts = list(sentiment_data(4, seed=2).texts)
+    encoder = prompts(tok, readout.template)
+    assert isinstance(readout, Prompts) and encoder.padding_side == "right"
+    for max_length in (None, 6):
+        got, want = encoder.encode(texts, max_length), readout.encode(texts, max_length)
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+    check_readout(encoder, None, 2)
+    with pytest.raises(ValueError, match="pass tokenizer=readout"):
+        check_readout(encoder, readout.output_fn, 2)
+    with pytest.raises(ValueError, match="exactly one"):
+        prompts(tok, "Review:")
+
+
 @pytest.mark.slow
 def test_smollm2_sweep_and_probe_through_the_readout():
     """The packaged SmolLM2 with LoRA r=8 on q/v of its last two layers, label words on the sentiment data."""

@@ -1,7 +1,7 @@
 """`jaxlin run` as two real processes × two CPU devices on a (data=2, model=2) mesh: the same results.json
-numbers as one process without a mesh (kernels, KRR, spectra, the λ sweep and the probe), a stored stage reused by
---resume, and the stage that is not yet multi-process refused in one line (docs/scaling.md, "Running jaxlin run
-on a mesh and as several processes")."""
+numbers as one process without a mesh (kernels, KRR, spectra, the λ sweep, the probe and the κ study), a stored
+stage reused by --resume, and a batch that does not split over the processes refused in one line (docs/scaling.md,
+"Running jaxlin run on a mesh and as several processes")."""
 import json
 import sys
 
@@ -13,8 +13,8 @@ TIMEOUT_S = 600  # per command, under a loaded 2-core machine
 # the quick preset, made smaller so three runs stay short: every stage still computes (the sweep: one λ, 3 steps)
 SMALL = ["--preset", "quick", "--num-train", "16", "--num-eval", "16", "--num-calibration", "8", "--num-krr", "8",
          "--sign-kernel", "false", "--lambdas", "0.5", "--sweep-steps", "3", "--probe-directions", "1",
-         "--probe-tangents", "1"]
-STAGES = "ntk,spectrum,krr,sweep,probe"
+         "--probe-tangents", "1", "--study", "smoke"]
+STAGES = "ntk,spectrum,krr,sweep,probe,study"
 
 
 def _run(cmd, env, expect: int = 0) -> str:
@@ -30,15 +30,15 @@ def _two_processes(*args) -> list[str]:
 def test_two_processes_give_the_single_process_results_and_resume(tmp_path):
     mesh_env = clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     mesh_dir, single_dir = tmp_path / "mesh", tmp_path / "single"
-    # a stage that cannot run as several processes yet is refused before any model is loaded
-    out = _run(_two_processes("--stages", "ntk,study", "--out", str(mesh_dir)), mesh_env, expect=2)
-    assert "--stages study is not yet multi-process; run it in one process" in out, out[-2000:]
+    # a batch that does not split over the processes is refused before any model is loaded
+    out = _run(_two_processes("--stages", "sweep", "--batch-size", "3", "--out", str(mesh_dir)), mesh_env, expect=2)
+    assert "--batch-size 3 does not split over the 2 processes of the sweep stage" in out, out[-2000:]
     # the kernels first (as if a run had been killed after them), then every stage with --resume
     out = _run(_two_processes("--stages", "ntk", "--out", str(mesh_dir)), mesh_env)
     assert "process 1: done" in out and not list(mesh_dir.glob("**/*.tmp")), out[-2000:]
     kernels = json.loads((mesh_dir / "stages" / "ntk.json").read_text())
     out = _run(_two_processes("--stages", STAGES, "--out", str(mesh_dir), "--resume"), mesh_env)
-    assert "[p0] [1/5] ntk: reused" in out and "[p1] [1/5] ntk: reused" in out, out[-2000:]
+    assert "[p0] [1/6] ntk: reused" in out and "[p1] [1/6] ntk: reused" in out, out[-2000:]
     assert not (mesh_dir / ".jaxlin.lock").exists()
     _run([sys.executable, "-m", "jaxlin.cli", "run", *SMALL, "--stages", STAGES, "--out", str(single_dir)],
          clean_env())
@@ -63,6 +63,7 @@ def test_two_processes_give_the_single_process_results_and_resume(tmp_path):
         got, want = mesh["spectrum"][name]["stats"], entry["stats"]
         assert np.allclose(got["eigenvalues"], want["eigenvalues"], rtol=1e-4, atol=1e-9 * np.max(np.abs(want["eigenvalues"])))
     _check_sweep_and_probe(mesh, single)
+    _check_study(mesh, single)
 
 
 def _check_sweep_and_probe(mesh: dict, single: dict) -> None:
@@ -82,3 +83,18 @@ def _check_sweep_and_probe(mesh: dict, single: dict) -> None:
         np.testing.assert_allclose(estimates["jacobian"][key], reference["jacobian"][key], rtol=1e-4, err_msg=key)
         np.testing.assert_allclose(estimates["remainder"][key][-1], reference["remainder"][key][-1], rtol=1e-2,
                                    err_msg=key)
+
+
+def _check_study(mesh: dict, single: dict) -> None:
+    """Every study run's outcomes and its KRR predictor equal, its losses and κ to float32 rounding (κ amplifies
+    the kernels' 1e-5), and the selections pick the same modules."""
+    runs, reference = mesh["correlation"]["runs"], single["correlation"]["runs"]
+    assert [(r["configuration"], r["seed"]) for r in runs] == [(r["configuration"], r["seed"]) for r in reference]
+    for got, want in zip(runs, reference):
+        for key in ("eval_accuracy", "train_accuracy", "krr_eval_accuracy", "krr_agreement"):
+            assert got[key] == want[key], key
+        np.testing.assert_allclose(got["train_loss_curve"], want["train_loss_curve"], rtol=1e-4)
+        np.testing.assert_allclose(got["eval_loss"], want["eval_loss"], rtol=1e-4)
+        assert got["statistics"]["kappa"] == pytest.approx(want["statistics"]["kappa"], rel=1e-4)
+    for name, method in single["correlation"]["selection"]["methods"].items():
+        assert mesh["correlation"]["selection"]["methods"][name]["modules"] == method["modules"], name

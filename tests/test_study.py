@@ -21,6 +21,7 @@ from jaxlin.study import (OUTCOMES, PREDICTORS, StudyConfig, gate_vector, krr_lo
                           study_preset)
 from jaxlin.testing import tiny_model
 from jaxlin.train import TrainConfig, evaluate, fit, make_optimizer, model_functions
+from tiers import tiered
 
 WORDS = ("good", "great", "fine", "bad", "awful", "poor", "the", "a", "movie", "plot", "was", "very")
 
@@ -337,6 +338,43 @@ def test_run_study_is_deterministic_and_its_frozen_prefix_changes_nothing(model,
     with pytest.raises(ValueError, match="not candidates"):
         run_study(model, *splits, _config(configurations={"x": ("pooler.dense",)}), tokenizer=WordTokenizer(),
                   progress=False)
+
+
+MESH_STUDY = _config(configurations={"a": ("layer0.attention.query",),
+                                     "b": ("layer2.attention.value", "layer2.attention.key")},
+                     seeds=(4,), kernels=("ntk",), num_calibration_large=None, selection_budget=1, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def one_device_study(model, splits):
+    return run_study(model, *splits, MESH_STUDY, tokenizer=WordTokenizer(), progress=False)
+
+
+@pytest.mark.parametrize(*tiered("shape", [(4, 2), (2, 4), (8, 1)], fast=[(4, 2)]))
+def test_run_study_on_a_mesh_equals_one_device(model, splits, one_device_study, shape):
+    """The study with the model's parameters sharded by the rules on a (data, model) mesh: kernels, statistics,
+    every run's curve and outcomes, the KRR predictor and the selections equal one device's."""
+    from jax.sharding import Mesh
+
+    from jaxlin import sharding
+
+    config, want = MESH_STUDY, one_device_study
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), ("data", "model"))
+    placed = sharding.shard_model(model, mesh)
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(placed.params)) == (shape[1] > 1)
+    got = run_study(placed, *splits, config, tokenizer=WordTokenizer(), progress=False, mesh=mesh)
+    assert [r["configuration"] for r in got["runs"]] == [r["configuration"] for r in want["runs"]]
+    for g, w in zip(got["runs"], want["runs"]):
+        np.testing.assert_allclose(g["train_loss_curve"], w["train_loss_curve"], rtol=1e-9)
+        for key in ("eval_accuracy", "train_accuracy", "krr_eval_accuracy", "krr_agreement", "eval_macro_f1"):
+            assert g[key] == w[key], key
+        for key in ("final_train_loss", "eval_loss"):
+            assert g[key] == pytest.approx(w[key], rel=1e-9), key
+        for name, value in w["statistics"].items():
+            assert g["statistics"][name] == pytest.approx(value, rel=1e-6), name
+    for name, method in want["selection"]["methods"].items():
+        assert got["selection"]["methods"][name]["modules"] == method["modules"], name
+        assert got["selection"]["methods"][name]["eval_accuracy"] == method["eval_accuracy"], name
 
 
 @pytest.mark.slow  # end to end: trains gated LoRA runs of a tiny Llama
