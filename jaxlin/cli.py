@@ -110,6 +110,9 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-render report.html from a results directory",
                          description="re-render report.html from a results directory")
     rep.add_argument("directory", type=Path)
+    rep.add_argument("--compare", type=Path, nargs="+", default=[], metavar="OTHER",
+                     help="other results directories to show next to this run in a 'Compared runs' table (e.g. the "
+                          "same preset with --readout head)")
     sub.add_parser("models", help="list packaged checkpoints and supported model families",
                    description="list packaged checkpoints and supported model families")
     return p
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
             print(_models())
             return 0
         if args.command == "report":
-            print(render_report(args.directory))
+            print(render_report(args.directory, compare=args.compare))
             return 0
         if args.command == "plan":
             return _plan(config_from_args(args, STAGES))

@@ -13,6 +13,7 @@ import json
 import math
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -292,23 +293,44 @@ def _verdicts_section(results: dict) -> str:
             f'</tbody></table><p class="rule">{rule}</p>')
 
 
+def _kernel_stats(results: dict) -> dict | None:
+    """The spectral statistics of K(all) at θ0, or None when the spectrum stage did not run."""
+    spectrum = results["spectrum"]
+    return spectrum["all"]["stats"] if not is_skipped(spectrum) and "all" in spectrum else None
+
+
+def _best_tuned(results: dict) -> tuple[float, dict] | None:
+    """(eval accuracy, sweep point) of the λ whose nonlinear fine-tuned model scored best, or None."""
+    tuned = [(verdicts.as_float(p.get("eval_accuracy_nonlinear")), p) for p in results["sweep"]]
+    tuned = [t for t in tuned if math.isfinite(t[0])]
+    return max(tuned, key=lambda t: t[0]) if tuned else None
+
+
+def _readout_text(readout: dict | None) -> str:
+    """How the run read a class score, in words."""
+    if readout is None:
+        return "the classification head"
+    if readout["kind"] == "label_words":
+        return f"label words {', '.join(readout['label_words'])} after {readout['template']!r}"
+    return (f"{readout.get('head', 'head')} head" + ("" if readout["trained"] else " (not trained)")
+            + (f" after {readout['template']!r}" if readout.get("template") else ""))
+
+
 def _headline_section(results: dict) -> str:
     """The numbers behind the verdicts, one line each: κ, the KRR and fine-tuned accuracies, the sweep slopes and
     the study's correlations with their CIs."""
     rows = []
-    spectrum = results["spectrum"]
-    if not is_skipped(spectrum) and "all" in spectrum:
-        st = spectrum["all"]["stats"]
+    st = _kernel_stats(results)
+    if st is not None:
         rows.append(("κ = μ_max/μ_min of K(all) at θ0", _plots.fmt(st["kappa"]),
                      f"μ_max = {_plots.fmt(st['mu_max'])}, μ_min = {_plots.fmt(st['mu_min'])}, "
                      f"κ_σ (σ·trace/n) = {_plots.fmt(st['kappa_sigma_trace'])}"))
     best = None if is_skipped(results["krr"]) else _plots.best_krr(results["krr"])
     if best is not None:
         rows.append(("KRR eval accuracy (best ridge)", _plots.fmt(best[1]), f"λ = {_plots.fmt(best[0])}, no training"))
-    tuned = [(verdicts.as_float(p.get("eval_accuracy_nonlinear")), p) for p in results["sweep"]]
-    tuned = [t for t in tuned if math.isfinite(t[0])]
-    if tuned:  # every λ is in the table below
-        acc, p = max(tuned, key=lambda t: t[0])
+    tuned = _best_tuned(results)
+    if tuned is not None:  # every λ is in the table below
+        acc, p = tuned
         rows.append(("fine-tuned eval accuracy (best λ)", _plots.fmt(acc),
                      f"λ = {_plots.fmt(p['lambda'])}; linearized at that λ: "
                      f"{_maybe(p.get('eval_accuracy_linearized'))}"))
@@ -339,12 +361,7 @@ def _glance_section(results: dict) -> str:
     readout = results.get("readout")
     rows = []
     if readout is not None:
-        if readout["kind"] == "label_words":
-            how = f"label words {', '.join(readout['label_words'])} after {readout['template']!r}"
-        else:
-            how = (f"{readout.get('head', 'head')} head" + ("" if readout["trained"] else " (not trained)")
-                   + (f" after {readout['template']!r}" if readout.get("template") else ""))
-        rows.append(("at θ0 (zero-shot), " + how, _maybe(readout["zero_shot_eval_accuracy"]), "",
+        rows.append(("at θ0 (zero-shot), " + _readout_text(readout), _maybe(readout["zero_shot_eval_accuracy"]), "",
                      f"{readout['zero_shot_num_eval']} eval examples"))
     best = None if is_skipped(results["krr"]) else _plots.best_krr(results["krr"])
     if best is not None:
@@ -360,6 +377,40 @@ def _glance_section(results: dict) -> str:
     return "<h2>Eval accuracy at a glance</h2>" + _table(rows, ("predictor", "accuracy (nonlinear)",
                                                                  "accuracy (linearized)", "note"),
                                                          "table-glance", numeric=(1, 2))
+
+
+def _comparison_section(results: dict, compared: Sequence[tuple[str, dict]]) -> str:
+    """This run next to other runs (`jaxlin report DIR --compare OTHER`), one row each: the readout, κ and μ_max of
+    K(all), zero-shot, best KRR and fine-tuned accuracies, the eval accuracy of both fine-tuned models at every λ,
+    and Spearman(κ, eval accuracy) of the study; a note when the runs' data or model differ."""
+    if not compared:
+        return ""
+    runs = [("this run", results), *compared]
+    rows = []
+    for label, r in runs:
+        st, tuned, readout = _kernel_stats(r), _best_tuned(r), r.get("readout")
+        best = None if is_skipped(r["krr"]) else _plots.best_krr(r["krr"])
+        corr = r["correlation"]
+        spearman = None if is_skipped(corr) else corr["results"].get(_plots.KAPPA_STATISTIC, {}).get("eval_accuracy")
+        per_lambda = "; ".join(f"{_plots.fmt(p['lambda'])}: {_maybe(p.get('eval_accuracy_nonlinear'))} / "
+                               f"{_maybe(p.get('eval_accuracy_linearized'))}" for p in r["sweep"])
+        rows.append((f"{label}: {_readout_text(readout)}",
+                     "—" if st is None else _plots.fmt(st["kappa"]), "—" if st is None else _plots.fmt(st["mu_max"]),
+                     "—" if readout is None else _maybe(readout["zero_shot_eval_accuracy"]),
+                     "—" if best is None else f"{_plots.fmt(best[1])} (λ = {_plots.fmt(best[0])})",
+                     "—" if tuned is None else f"{_plots.fmt(tuned[0])} (λ = {_plots.fmt(tuned[1]['lambda'])})",
+                     per_lambda or "—",
+                     "—" if spearman is None else f"{_plots.fmt(spearman['spearman'], 2)} {_ci(spearman['spearman_ci'])}, "
+                                                  f"n = {spearman['n']}"))
+    facts = {(r["model"]["source"], r["data"]["dataset"], r["data"]["num_train"], r["data"]["num_eval"])
+             for _, r in runs}
+    note = ("" if len(facts) == 1 else _note("The compared runs differ in model or data (" + "; ".join(
+        f"{label}: {r['model']['source']}, {r['data']['dataset']} {r['data']['num_train']}/{r['data']['num_eval']}"
+        for label, r in runs) + "): their numbers are not a like-for-like comparison."))
+    return ("<h2>Compared runs</h2>" + note
+            + _table(rows, ("run, readout", "κ of K(all)", "μ_max", "zero-shot", "KRR (best)", "fine-tuned (best)",
+                            "eval accuracy per λ: nonlinear / linearized", "Spearman(κ, eval accuracy) [95% CI]"),
+                     "table-compared", numeric=(1, 2, 3)))
 
 
 def _maybe(value) -> str:
@@ -383,12 +434,14 @@ def _arrays_block(name: str, arrays: dict | None) -> str:
            "</details>"
 
 
-def render_html(results: dict, arrays: dict | None = None) -> str:
+def render_html(results: dict, arrays: dict | None = None, compared: Sequence[tuple[str, dict]] = ()) -> str:
     """The report page for a validated results dict; `arrays` maps array names to (shape, dtype) or is None
-    when no arrays file was found. Order: the answers (verdicts, headline numbers, accuracies at a glance), the
-    figures, then the long tables and the run's configuration."""
+    when no arrays file was found; `compared`: (label, results) of other runs shown next to this one. Order: the
+    answers (verdicts, headline numbers, accuracies at a glance, compared runs), the figures, then the long tables
+    and the run's configuration."""
     body = [
         _title(results), _verdicts_section(results), _headline_section(results), _glance_section(results),
+        _comparison_section(results, compared),
         "<h2>NTK spectra</h2>", _spectra_figure(results),
         "<h2>Does κ predict fine-tuning?</h2>", _correlation_figure(results),
         "<h2>Kernel ridge regression</h2>",
@@ -452,18 +505,21 @@ def load_results(results_dir) -> tuple[dict, dict | None]:
                            "delete it to render the report without arrays") from None
 
 
-def render_report(results_dir, *, out_name: str = REPORT_NAME) -> Path:
+def render_report(results_dir, *, out_name: str = REPORT_NAME, compare: Sequence = ()) -> Path:
     """Write the self-contained HTML report of `results_dir` (holding results.json) to `results_dir/out_name`
-    (atomically) and return its path."""
+    (atomically) and return its path. `compare`: other results directories, shown next to this run in a
+    "Compared runs" table (e.g. the same preset with another readout)."""
     results, arrays = load_results(results_dir)
-    return write_report(results_dir, results, arrays, out_name=out_name)
+    compared = [(Path(d).name or str(d), load_results(d)[0]) for d in compare]
+    return write_report(results_dir, results, arrays, out_name=out_name, compared=compared)
 
 
-def write_report(results_dir, results: dict, arrays: dict | None, *, out_name: str = REPORT_NAME) -> Path:
+def write_report(results_dir, results: dict, arrays: dict | None, *, out_name: str = REPORT_NAME,
+                 compared: Sequence[tuple[str, dict]] = ()) -> Path:
     """Write the page of a validated `results` dict (`arrays`: name → (shape, dtype), as `load_results` gives)
     to `results_dir/out_name` atomically and return its path; `jaxlin run` calls it before writing results.json."""
     out = Path(results_dir) / out_name
-    page = render_html(results, arrays).encode("utf-8")
+    page = render_html(results, arrays, compared).encode("utf-8")
     atomic_write(out, lambda f: f.write(page))
     return out
 

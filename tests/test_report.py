@@ -86,6 +86,33 @@ def test_report_has_every_figure_and_table_and_is_self_contained(tmp_path, examp
     assert len(page) < 1_500_000
 
 
+def test_compared_runs_sit_next_to_this_one(tmp_path, example):
+    """`jaxlin report DIR --compare OTHER`: one row per run with its readout, κ, the accuracies and Spearman(κ,
+    eval accuracy); a note when the runs' data differ; an unreadable OTHER is refused naming it."""
+    from jaxlin.cli import main
+    from jaxlin.report import _plots
+
+    def as_label_words(r):
+        r["readout"].update(kind="label_words", label_words=["bad", "good"], token_ids=[5, 7], template="R: {text}")
+        r["spectrum"]["all"]["stats"]["kappa"] = 12345.0
+
+    this, other = tmp_path / "words", tmp_path / "head"
+    this.mkdir(), other.mkdir()
+    _write(this, _mutated(example, as_label_words))
+    _write(other, _mutated(example, lambda r: r["data"].update(num_eval=99)))
+    page = render_report(this, compare=[other]).read_text()
+    table = page[page.index('id="table-compared"'):]
+    table = table[:table.index("</table>")]
+    assert table.count("<tr>") == 3 and "this run: label words bad, good after &#x27;R: {text}&#x27;" in table
+    assert f"head: {example['readout']['head']} head" in table
+    assert _plots.fmt(12345.0) in table and _plots.fmt(example["spectrum"]["all"]["stats"]["kappa"]) in table
+    spearman = example["correlation"]["results"][_plots.KAPPA_STATISTIC]["eval_accuracy"]
+    assert table.count(f"{_plots.fmt(spearman['spearman'], 2)} [") == 2
+    assert "differ in model or data" in page
+    assert "Compared runs" not in render_report(this).read_text()  # without --compare: the page of the run alone
+    assert main(["report", str(this), "--compare", str(tmp_path / "missing")]) == 2
+
+
 def test_skipped_missing_and_nonfinite_sections_render_notes(tmp_path, example):
     def mutate(r):
         for key in ("spectrum", "krr", "probe", "correlation", "selection", "sweep_summary"):
