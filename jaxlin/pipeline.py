@@ -622,10 +622,15 @@ def _mesh_setup(config: RunConfig, out) -> Mesh | None:
 
 
 def _check_mesh_stages(config: RunConfig, mesh: Mesh | None) -> None:
-    """Refuse batch sizes that do not split over the processes: each process feeds its share of a batch's rows."""
+    """Refuse, before anything is loaded, batch sizes that do not split over the processes (each feeds its share of
+    a batch's rows) or over the mesh's data axis (each data shard takes an equal share of a step's rows)."""
     processes = jax.process_count()
-    if processes == 1:
+    data_size = 1 if mesh is None else mesh.shape.get("data", 1)
+    multiple = math.lcm(processes, data_size)
+    if multiple == 1:
         return
+    over = " and ".join(([f"the {processes} processes"] if processes > 1 else [])
+                        + ([f"the data axis of size {data_size}"] if data_size > 1 else []))
     splits = {"dynamics": [("--num-calibration", config.data.num_calibration)],
               "sweep": [("--batch-size", config.train.batch_size)]}
     if "study" in config.stages:
@@ -634,10 +639,10 @@ def _check_mesh_stages(config: RunConfig, mesh: Mesh | None) -> None:
                            for name, rows in (("batch size", sc.batch_size), ("eval batch size", sc.eval_batch_size))]
     for stage, sizes in splits.items():
         for flag, rows in sizes:
-            if stage in config.stages and rows % processes:
-                raise ConfigError(f"{flag} {rows} does not split over the {processes} processes of the {stage} "
-                                  f"stage; choose a multiple of {processes}"
-                                  + (" (another --study preset, or fewer processes)" if stage == "study" else ""))
+            if stage in config.stages and rows % multiple:
+                raise ConfigError(f"{flag} {rows} does not split over {over} of the {stage} stage; choose a "
+                                  f"multiple of {multiple}" + (" (another --study preset, or a smaller --mesh data "
+                                                               "axis or fewer processes)" if stage == "study" else ""))
 
 
 def _writes() -> bool:

@@ -47,6 +47,21 @@ def test_rows_that_do_not_split_over_the_processes_are_refused_first(monkeypatch
     pipeline._check_mesh_stages(config, None)  # every one of them splits two ways
 
 
+def test_rows_that_do_not_split_over_the_data_axis_are_refused_first():
+    """One process, a (data=4, model=2) mesh: every step's rows split over the data axis, so a batch of 6 is refused
+    before loading anything (it used to stop inside the sweep, after the kernels were computed)."""
+    from jaxlin import pipeline
+    from jaxlin.config import ConfigError, override, preset
+
+    mesh = distributed.parse_mesh("data=4,model=2")
+    config = override(preset("quick"), {"batch_size": 6, "stages": "sweep"})
+    with pytest.raises(ConfigError, match="^--batch-size 6 does not split over the data axis of size 4 of the sweep "
+                                          "stage; choose a multiple of 4$"):
+        pipeline._check_mesh_stages(config, mesh)
+    pipeline._check_mesh_stages(override(config, {"batch_size": 8}), mesh)
+    pipeline._check_mesh_stages(config, distributed.parse_mesh("data=2,model=4"))
+
+
 def test_initialize_is_a_no_op_alone_and_names_what_is_missing(monkeypatch):
     for var in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
         monkeypatch.delenv(var, raising=False)

@@ -32,7 +32,7 @@ def test_two_processes_give_the_single_process_results_and_resume(tmp_path):
     mesh_dir, single_dir = tmp_path / "mesh", tmp_path / "single"
     # a batch that does not split over the processes is refused before any model is loaded
     out = _run(_two_processes("--stages", "sweep", "--batch-size", "3", "--out", str(mesh_dir)), mesh_env, expect=2)
-    assert "--batch-size 3 does not split over the 2 processes of the sweep stage" in out, out[-2000:]
+    assert "--batch-size 3 does not split over the 2 processes and the data axis of size 2 of the sweep stage" in out, out[-2000:]
     # the kernels first (as if a run had been killed after them), then every stage with --resume
     out = _run(_two_processes("--stages", "ntk", "--out", str(mesh_dir)), mesh_env)
     assert "process 1: done" in out and not list(mesh_dir.glob("**/*.tmp")), out[-2000:]
