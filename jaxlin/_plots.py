@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from ._util import loglog_slope
-from .verdicts import as_float
+from .verdicts import KAPPA, as_float
 
 FIGSIZE = (7.0, 3.8)  # inches; a two-panel figure is WIDE_FIGSIZE
 WIDE_FIGSIZE = (9.0, 3.8)
@@ -27,7 +27,6 @@ FONT_PT = {"label": 9.5, "tick": 8.5, "title": 10.0, "legend": 8.0}  # at DISPLA
 MAX_LOG_LABELS = 6  # labelled ticks on a log axis, so labels never run into each other
 MAX_INSIDE_LEGEND = 4  # a legend with more entries goes outside the axes, on the right
 MAX_SPECTRA = 12
-KAPPA_STATISTIC = "kappa"  # κ = μ_max/μ_min, σ = 0 (jaxlin.spectrum.kernel_statistics)
 OUTCOME_LABELS = {"eval_accuracy": "eval accuracy (fraction)", "final_train_loss": "final train loss (cross-entropy)"}
 DISTANCES = (("theta_distance_to_init", "‖θ − θ0‖"), ("theta_distance_lin_nonlin", "‖θ − θ̄‖"),
              ("output_distance_lin_nonlin", "‖f − f̄‖ (outputs)"))
@@ -177,9 +176,9 @@ def _corr_label(result: dict | None) -> str:
 def kappa_scatter(correlation: dict) -> Figure | None:
     """κ (log x) against eval accuracy and final train loss, one point per run, with the least-squares line in
     log κ and the Pearson/Spearman r (bootstrap CI) of `correlation.results[kappa]`."""
-    runs = [r for r in correlation["runs"] if KAPPA_STATISTIC in r["statistics"]]
-    kappa = np.array([as_float(r["statistics"][KAPPA_STATISTIC]) for r in runs], dtype=np.float64)
-    results = correlation["results"].get(KAPPA_STATISTIC, {})
+    runs = [r for r in correlation["runs"] if KAPPA in r["statistics"]]
+    kappa = np.array([as_float(r["statistics"][KAPPA]) for r in runs], dtype=np.float64)
+    results = correlation["results"].get(KAPPA, {})
     fig, axes = _figure(2)
     drawn = False
     for ax, outcome in zip(axes, ("eval_accuracy", "final_train_loss")):

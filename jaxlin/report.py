@@ -161,7 +161,7 @@ def _study_configurations_table(results: dict) -> str:
         v = [x for x in (verdicts.as_float(get(r)) for r in rs) if math.isfinite(x)]
         return _plots.fmt(float(np.mean(v))) if v else "—"
 
-    rows = [(name, len(rs[0]["modules"]), len(rs), mean(rs, lambda r: r["statistics"].get(_plots.KAPPA_STATISTIC)),
+    rows = [(name, len(rs[0]["modules"]), len(rs), mean(rs, lambda r: r["statistics"].get(verdicts.KAPPA)),
              mean(rs, lambda r: r["final_train_loss"]), mean(rs, lambda r: r["eval_accuracy"]),
              mean(rs, lambda r: r.get("eval_macro_f1")), mean(rs, lambda r: r.get("krr_eval_accuracy")),
              mean(rs, lambda r: r.get("krr_agreement"))) for name, rs in groups.items()]
@@ -339,7 +339,7 @@ def _headline_section(results: dict) -> str:
         rows.append((f"log-log slope of {key} against λ", _plots.fmt(slope, 2), "sweep_summary"))
     corr = results["correlation"]
     runs = [] if is_skipped(corr) else corr["runs"]
-    for predictor in (_plots.KAPPA_STATISTIC, "krr_eval_accuracy"):  # every other pair is in the table at the end
+    for predictor in (verdicts.KAPPA, "krr_eval_accuracy"):  # every other pair is in the table at the end
         found = {} if is_skipped(corr) else corr["results"].get(predictor, {})
         for outcome, r in ((o, found[o]) for o in HEADLINE_OUTCOMES if o in found):
             rows.append((f"Spearman({predictor}, {outcome})", _plots.fmt(r["spearman"], 2),
@@ -391,7 +391,7 @@ def _comparison_section(results: dict, compared: Sequence[tuple[str, dict]]) -> 
         st, tuned, readout = _kernel_stats(r), _best_tuned(r), r.get("readout")
         best = None if is_skipped(r["krr"]) else _plots.best_krr(r["krr"])
         corr = r["correlation"]
-        spearman = None if is_skipped(corr) else corr["results"].get(_plots.KAPPA_STATISTIC, {}).get("eval_accuracy")
+        spearman = None if is_skipped(corr) else corr["results"].get(verdicts.KAPPA, {}).get("eval_accuracy")
         per_lambda = "; ".join(f"{_plots.fmt(p['lambda'])}: {_maybe(p.get('eval_accuracy_nonlinear'))} / "
                                f"{_maybe(p.get('eval_accuracy_linearized'))}" for p in r["sweep"])
         rows.append((f"{label}: {_readout_text(readout)}",
@@ -544,7 +544,7 @@ def _summary_lines(results: dict):
     yield "sweep", ("sweep slopes vs λ: " + ", ".join(f"{k} {_plots.fmt(v, 2)}" for k, v in summary.items())
                     if not is_skipped(summary) else f"sweep slopes: none ({len(results['sweep'])} λ values)")
     corr = results["correlation"]
-    kappa_corr = {} if is_skipped(corr) else corr["results"].get(_plots.KAPPA_STATISTIC, {})
+    kappa_corr = {} if is_skipped(corr) else corr["results"].get(verdicts.KAPPA, {})
     for outcome, r in kappa_corr.items():
         yield "study", (f"corr(κ, {outcome}): Pearson r = {_plots.fmt(r['pearson'], 2)} {_ci(r['pearson_ci'])}, "
                         f"Spearman ρ = {_plots.fmt(r['spearman'], 2)} {_ci(r['spearman_ci'])}, n = {r['n']}")

@@ -91,6 +91,7 @@ def test_compared_runs_sit_next_to_this_one(tmp_path, example):
     eval accuracy); a note when the runs' data differ; an unreadable OTHER is refused naming it."""
     from jaxlin.cli import main
     from jaxlin.report import _plots
+    from jaxlin.verdicts import KAPPA
 
     def as_label_words(r):
         r["readout"].update(kind="label_words", label_words=["bad", "good"], token_ids=[5, 7], template="R: {text}")
@@ -106,7 +107,7 @@ def test_compared_runs_sit_next_to_this_one(tmp_path, example):
     assert table.count("<tr>") == 3 and "this run: label words bad, good after &#x27;R: {text}&#x27;" in table
     assert f"head: {example['readout']['head']} head" in table
     assert _plots.fmt(12345.0) in table and _plots.fmt(example["spectrum"]["all"]["stats"]["kappa"]) in table
-    spearman = example["correlation"]["results"][_plots.KAPPA_STATISTIC]["eval_accuracy"]
+    spearman = example["correlation"]["results"][KAPPA]["eval_accuracy"]
     assert table.count(f"{_plots.fmt(spearman['spearman'], 2)} [") == 2
     assert "differ in model or data" in page
     assert "Compared runs" not in render_report(this).read_text()  # without --compare: the page of the run alone
