@@ -6,22 +6,27 @@ default unless given. It prints the study's wall time by part, the modal-tie fra
 Spearman(κ, eval accuracy) with its 95 % CI and width (over runs, and over configurations averaged over seeds),
 and Spearman(krr_eval_accuracy, eval accuracy); `--out FILE` also writes the whole `run_study` result as JSON.
 
-    JAX_PLATFORMS=cpu .venv/bin/python benchmarks/bench_powered_study.py --num-train 1024 --num-eval 1002
+    JAX_PLATFORMS=cpu .venv/bin/python benchmarks/bench_powered_study.py --out /tmp/powered.json
 
 Time it on a quiet machine: a second job beside it roughly doubles every number.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 import jaxlin
 from jaxlin import data
-from jaxlin.study import StudyConfig, run_study
 from jaxlin.stats import modal_tie_fraction
+from jaxlin.study import PREDICTORS, StudyConfig, run_study
+from jaxlin.verdicts import KAPPA
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._harness import env_info, load_average, write_json  # noqa: E402
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -39,8 +44,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=StudyConfig.batch_size)
     ap.add_argument("--max-length", type=int, default=StudyConfig.max_length)
     ap.add_argument("--frozen-prefix", action="store_true")
-    ap.add_argument("--out", help="write the run_study result here (JSON)")
+    ap.add_argument("--out", help="write the environment, the times and the run_study result here (JSON)")
     args = ap.parse_args()
+    env = env_info()  # load average before
 
     ds = data.load_dataset(args.dataset)
     train, eval_ = data.train_eval_split(ds, eval_size=args.num_eval, seed=0, balanced=True)
@@ -66,7 +72,7 @@ def main() -> None:
     print(f"eval accuracy: min {accuracy.min():.3f}, median {np.median(accuracy):.3f}, max {accuracy.max():.3f}; "
           f"modal-tie fraction {modal_tie_fraction(accuracy):.3f}")
     for label, table in (("runs", result["results"]), ("configurations", result["results_by_configuration"])):
-        for predictor in ("kappa", "krr_eval_accuracy"):
+        for predictor in (KAPPA, *PREDICTORS):
             c = table[predictor]["eval_accuracy"]  # non-finite values are the strings "nan", "inf"
             rho, (low, high) = float(c["spearman"]), map(float, c["spearman_ci"])
             print(f"Spearman({predictor}, eval accuracy) over {label}: {rho:+.3f} "
@@ -74,8 +80,8 @@ def main() -> None:
     agreement = np.array([r["krr_agreement"] for r in runs])
     print(f"KRR–fine-tuned agreement on eval: mean {agreement.mean():.3f}, min {agreement.min():.3f}")
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh)
+        write_json(args.out, {"env": env, "load_average_after": load_average(), "wall_s": wall_s, "load_s": load_s,
+                              "study": result})
 
 
 if __name__ == "__main__":
