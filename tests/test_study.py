@@ -16,7 +16,7 @@ from jaxlin.adapters import add_lora
 from jaxlin.module_ntk import module_ntks
 from jaxlin.select import SCORES, configuration_kernel
 from jaxlin.spectrum import STATISTICS, kernel_statistics, spectrum_stats
-from jaxlin.stats import macro_f1
+from jaxlin.stats import correlation, macro_f1
 from jaxlin.study import (OUTCOMES, PREDICTORS, StudyConfig, gate_vector, krr_logits, krr_outcomes, run_study,
                           study_preset)
 from jaxlin.testing import tiny_model
@@ -181,6 +181,9 @@ def test_config_validation_and_presets():
         StudyConfig(kernels=("sign",))
     with pytest.raises(ValueError, match="StudyConfig.sigma_scale='relative' must be one of"):
         StudyConfig(sigma_scale="relative")
+    with pytest.raises(ValueError, match=r"StudyConfig.num_train_evaluated=300 must be None or an integer in "
+                                         r"\[1, num_train=256\]"):
+        StudyConfig(num_train_evaluated=300)
     with pytest.raises(ValueError, match="unknown preset"):
         study_preset("fast")
     quick, default = study_preset("quick"), study_preset("default")
@@ -298,6 +301,13 @@ def test_run_study_result(model, splits):
                                               "krr_agreement"))
     krr = result["results"]["krr_eval_accuracy"]["eval_accuracy"]
     assert krr["n"] == len(runs) and len(krr["pearson_ci"]) == len(krr["spearman_ci"]) == 2
+    # over runs the bootstrap resamples whole configurations (their seeds share κ); over their means, pairs
+    assert (krr["resampling"], krr["n_groups"]) == ("groups", 12)
+    by_configuration = result["results_by_configuration"]["krr_eval_accuracy"]["eval_accuracy"]
+    assert (by_configuration["resampling"], by_configuration["n"]) == ("pairs", 12)
+    want = correlation([r["krr_eval_accuracy"] for r in runs], [r["eval_accuracy"] for r in runs],
+                       groups=[r["configuration"] for r in runs], n_bootstrap=config.n_bootstrap)
+    np.testing.assert_allclose([float(v) for v in krr["spearman_ci"]], want["spearman_ci"], rtol=1e-12)
     assert "krr_eval_accuracy" not in runs[0]["statistics"] and "krr_s" in result["timings"]
     for stat in [*names, *PREDICTORS]:
         for outcome in OUTCOMES:
@@ -319,22 +329,30 @@ def test_run_study_result(model, splits):
 def test_run_study_is_deterministic_and_its_frozen_prefix_changes_nothing(model, splits):
     config = _config(configurations={"a": ("layer0.attention.query",), "b": ("layer1.attention.key",),
                                      "c": ("layer2.attention.value", "layer2.attention.key")},
-                     seeds=(4,), kernels=("ntk",), num_calibration_large=None)
-    config = dataclasses.replace(config, frozen_prefix=True)
-    one, two, whole = (run_study(model, *splits, c, tokenizer=WordTokenizer(), progress=False)
-                       for c in (config, config, dataclasses.replace(config, frozen_prefix=False)))
+                     seeds=(4, 5), kernels=("ntk",), num_calibration_large=None)
+    config = dataclasses.replace(config, frozen_prefix=True)  # the second seed reuses the first's prefixes
+    one, two, whole, scored = (run_study(model, *splits, c, tokenizer=WordTokenizer(), progress=False)
+                               for c in (config, config, dataclasses.replace(config, frozen_prefix=False),
+                                         dataclasses.replace(config, num_train_evaluated=5)))
     def outcomes(result):
         return {k: (m["modules"], m["scores"], m["final_train_loss"], m["eval_accuracy"])
                 for k, m in result["selection"]["methods"].items()}
 
     assert outcomes(one) == outcomes(two)
     assert [r["final_train_loss"] for r in one["runs"]] == [r["final_train_loss"] for r in two["runs"]]
-    assert [r["prefix_start_layer"] for r in one["runs"]] == [0, 1, 2]
-    assert [r["prefix_start_layer"] for r in whole["runs"]] == [0, 0, 0]
+    assert [r["prefix_start_layer"] for r in one["runs"]] == [0, 1, 2] * 2
+    assert [r["prefix_start_layer"] for r in whole["runs"]] == [0, 0, 0] * 2
     for got, want in zip(one["runs"], whole["runs"]):
         np.testing.assert_allclose(got["train_loss_curve"], want["train_loss_curve"], rtol=1e-10)
         assert got["eval_accuracy"] == want["eval_accuracy"]
         np.testing.assert_allclose(got["eval_loss"], want["eval_loss"], rtol=1e-10)
+    # scoring only the first 5 training examples changes the train-set scores and nothing else
+    assert "over the first 5 training examples" in scored["variants"]["final_train_loss"]
+    assert "over the first 16 training examples" in one["variants"]["final_train_loss"]
+    for got, want in zip(scored["runs"], one["runs"]):
+        assert got["train_loss_curve"] == want["train_loss_curve"] and got["eval_loss"] == want["eval_loss"]
+        assert got["final_train_loss"] != want["final_train_loss"]
+        assert abs(got["train_accuracy"] * 5 - round(got["train_accuracy"] * 5)) < 1e-9  # a count of 5
     with pytest.raises(ValueError, match="not candidates"):
         run_study(model, *splits, _config(configurations={"x": ("pooler.dense",)}), tokenizer=WordTokenizer(),
                   progress=False)
