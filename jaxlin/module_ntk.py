@@ -32,6 +32,8 @@ several; docs/scaling.md.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import weakref
 from typing import Callable, Optional, Sequence
 
@@ -77,8 +79,11 @@ def _group_leaves(adapted: Adapted, modules: Sequence[str]):
     return plan
 
 
-def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, trace: bool):
+def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, trace: bool, inits: int | None = None):
+    """inits: None, the tile of one ``trainable`` tree; an int, of a tuple of that many inits sharing one forward
+    (`module_ntks`), each module's kernel then a tuple of one per init."""
     model, scale = adapted.model, adapted.lora_scale
+    count = 1 if inits is None else inits
     tapped = [n for n in modules if plan[n]["dense"] is not None and (plan[n]["lora"] or plan[n]["own"])]
     other_paths = [p for n in modules for p in plan[n]["other"]]
     kwargs = model_kwargs(output_fn)
@@ -108,16 +113,13 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
         g = {n: at_least_float32(x.reshape(x.shape[:2] + (-1, x.shape[-1]))) for n, x in g.items()}
         return h, g
 
-    def features(n, h, g, trainable):
-        """Jacobian blocks of module n from h, g: list of (O, B, ...) arrays (LoRA factors, bias)."""
-        feats = []
-        if plan[n]["lora"]:
-            a, b = trainable["lora"][n]["a"], trainable["lora"][n]["b"]
-            feats.append(scale * jnp.einsum("blr,obld->obrd", h @ a, g))  # ∂f/∂B
-            feats.append(scale * jnp.einsum("bli,oblr->obir", h, g @ b.T))  # ∂f/∂A
-        if "bias" in plan[n]["own"]:
-            feats.append(g.sum(axis=2))
-        return feats
+    def lora_features(n, h, g, trainable):
+        """Jacobian blocks of module n's LoRA factors from h, g: [∂f/∂B, ∂f/∂A], each (O, B, ...)."""
+        if not plan[n]["lora"]:
+            return []
+        a, b = trainable["lora"][n]["a"], trainable["lora"][n]["b"]
+        return [scale * jnp.einsum("blr,obld->obrd", h @ a, g),  # ∂f/∂B
+                scale * jnp.einsum("bli,oblr->obir", h, g @ b.T)]  # ∂f/∂A
 
     def contract(f1, f2):
         f2 = _sign(f2) if kernel == "sign" else f2
@@ -155,28 +157,39 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
 
     def rows(x, trainable, frozen):
         """Everything one block of examples contributes to a tile: per module its Jacobian features (LoRA
-        factors, bias) and, for a dense weight trained in full, (h, g); per other leaf its per-example Jacobian."""
-        h, g = factors(x, trainable, frozen)
-        payload = {n: {"features": features(n, h[n], g[n], trainable),
+        factors of each init, bias) and, for a dense weight trained in full, (h, g); per other leaf its per-example
+        Jacobian. ``trainable``: one tree, or a tuple of inits that share one forward (`module_ntks`), whose h and
+        g, and so every feature but the LoRA factors', are those of the first."""
+        trees = (trainable,) if inits is None else tuple(trainable)
+        if len(trees) != count:
+            raise ValueError(f"this tile takes {count} inits; got {len(trees)}")
+        h, g = factors(x, trees[0], frozen)
+        payload = {n: {"lora": [lora_features(n, h[n], g[n], t) for t in trees],
+                       "bias": g[n].sum(axis=2) if "bias" in plan[n]["own"] else None,
                        "hg": (h[n], g[n]) if "kernel" in plan[n]["own"] else None} for n in h}
-        return payload, other_jacobians(x, trainable, frozen)
+        return payload, other_jacobians(x, trees[0], frozen)
 
     def pair(rows1, rows2):
         (p1, j1), (p2, j2) = rows1, rows2
         extra = other_kernels(j1, j2)
         result = {}
         for n in modules:
-            k = extra.get(n, 0)
+            lora, after = [()] * count, []  # per init: its LoRA contractions; then the terms all inits share
             if n in p1:
-                for f1, f2 in zip(p1[n]["features"], p2[n]["features"]):
-                    k = k + contract(f1, f2)
+                lora = [[contract(f1, f2) for f1, f2 in zip(l1, l2)] for l1, l2 in zip(p1[n]["lora"], p2[n]["lora"])]
+                if p1[n]["bias"] is not None:
+                    after.append(contract(p1[n]["bias"], p2[n]["bias"]))
                 if p1[n]["hg"] is not None:
                     (h1, g1), (h2, g2) = p1[n]["hg"], p2[n]["hg"]
-                    if kernel == "sign":
-                        k = k + contract(jnp.einsum("bli,obld->obid", h1, g1), jnp.einsum("bli,obld->obid", h2, g2))
-                    else:
-                        k = k + dense_weight(h1, g1, h2, g2)
-            result[n] = jnp.einsum("ijaa->ij", k) if trace else k
+                    after.append(contract(jnp.einsum("bli,obld->obid", h1, g1), jnp.einsum("bli,obld->obid", h2, g2))
+                                 if kernel == "sign" else dense_weight(h1, g1, h2, g2))
+            ks = []
+            for terms in lora:
+                k = extra.get(n, 0)
+                for t in (*terms, *after):
+                    k = k + t
+                ks.append(jnp.einsum("ijaa->ij", k) if trace else k)
+            result[n] = ks[0] if inits is None else tuple(ks)
         return result
 
     return _gram.RowFactored(rows, pair)
@@ -233,14 +246,14 @@ def _ntvp_tile(adapted: Adapted, modules, output_fn, trace: bool):
 _TILES: "weakref.WeakKeyDictionary[Adapted, dict]" = weakref.WeakKeyDictionary()
 
 
-def tile_function(adapted, modules, output_fn, kernel, trace, implementation):
+def tile_function(adapted, modules, output_fn, kernel, trace, implementation, inits: int | None = None):
     """One tile function per request, kept while ``adapted`` lives, so a second call does not recompile."""
     cache = _TILES.setdefault(adapted, {})
-    key = (modules, output_fn, kernel, trace, implementation)
+    key = (modules, output_fn, kernel, trace, implementation, inits)
     if key not in cache:
         if implementation == "structured":
             cache[key] = _structured_tile(adapted, modules, _group_leaves(adapted, modules), output_fn, kernel,
-                                          trace)
+                                          trace, inits)
         elif implementation == "jacobian_contraction":
             cache[key] = _jacobian_tile(adapted, modules, output_fn, kernel, trace)
         else:
@@ -255,6 +268,13 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
                 key: str = "", mesh=None, sharding: _gram.ShardingSpec = _gram.ShardingSpec(),
                 reduce: str = "sum", cache_bytes: int | None = None) -> dict[str, np.ndarray]:
     """``{module: K_m}`` for every name in ``adapted.modules`` (or ``modules``), at ``trainable`` (default θ0).
+
+    ``trainable`` may also be a list of trees (several LoRA inits, e.g. one per seed): the result is then a list
+    of such dicts, one per tree. Where the trees differ only in their LoRA A factors and every LoRA B is zero (the
+    usual init, B0 = 0), the model's function, and so every forward and backward pass, is the same for all of
+    them: one pass serves every init and only the LoRA features are formed per init (implementation
+    "structured", no mesh). Otherwise each tree is a call of its own (tile checkpoints in
+    ``<checkpoint_dir>/init<i>``).
 
     ``batch``: a mapping with ``input_ids`` and ``attention_mask`` (N, L) (real lengths, bucketed padding).
     ``trace_axes=(-1,)`` gives (N1, N2) kernels (outputs summed, or averaged with ``reduce="mean"``);
@@ -279,6 +299,12 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
             raise ValueError(f"{name} must be a mapping with 'input_ids' and 'attention_mask'; got keys {list(b)}")
         if b is not None:
             check_inputs(adapted.model, b["input_ids"], b["attention_mask"])
+    if isinstance(trainable, (list, tuple)):
+        return _several_inits(adapted, batch1, batch2, list(trainable), dict(
+            trace_axes=trace_axes, kernel=kernel, implementation=implementation, modules=modules, output_fn=output_fn,
+            block_size=block_size, accumulate_dtype=accumulate_dtype, progress=progress,
+            checkpoint_dir=checkpoint_dir, key=key, mesh=mesh, sharding=sharding, reduce=reduce,
+            cache_bytes=cache_bytes))
     modules = tuple(adapted.modules if modules is None else modules)
     unknown = [m for m in modules if m not in adapted.groups]
     if unknown:
@@ -290,7 +316,9 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
     if kernel == "sign" and implementation == "ntk_vector_products":
         raise ValueError("kernel='sign' is not available with implementation='ntk_vector_products'; "
                          "use 'structured' or 'jacobian_contraction'")
-    tile = tile_function(adapted, modules, output_fn, kernel, trace, implementation)
+    inits = len(trainable.inits) if isinstance(trainable, _Inits) else None
+    tile = tile_function(adapted, modules, output_fn, kernel, trace, implementation, inits)
+    trainable = trainable if inits is None else tuple(trainable.inits)
     x1 = {k: jnp.asarray(batch1[k]) for k in ("input_ids", "attention_mask")}
     x2 = None if batch2 is None else {k: jnp.asarray(batch2[k]) for k in ("input_ids", "attention_mask")}
     symmetric = x2 is None and kernel == "ntk"
@@ -300,11 +328,48 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
                              symmetric=symmetric, accumulate_dtype=accumulate_dtype, progress=progress,
                              checkpoint_dir=checkpoint_dir, key=key, mesh=mesh, sharding=sharding,
                              diagonal_as_none=True, cache_bytes=cache_bytes)
-    out = {n: out[n] for n in modules}  # the pytree round trip sorted the keys
+    # the pytree round trip sorted the keys; with several inits, module → a tuple of one kernel per init
+    outs = [{n: out[n] if inits is None else out[n][i] for n in modules} for i in range(inits or 1)]
     if trace and reduce == "mean":
-        o = jax.eval_shape(adapted.as_function(output_fn), trainable, x1).shape[-1]
-        out = {n: k / o for n, k in out.items()}
-    return out
+        first = trainable if inits is None else trainable[0]
+        o = jax.eval_shape(adapted.as_function(output_fn), first, x1).shape[-1]
+        outs = [{n: k / o for n, k in out.items()} for out in outs]
+    return outs[0] if inits is None else outs
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inits:
+    """Several trainable trees that share one forward (`_shares_forward`), for one structured pass."""
+    inits: tuple
+
+
+def _shares_forward(trees) -> bool:
+    """Whether the trees differ only in LoRA A factors and every LoRA B is zero: the model's function is then the
+    same for all of them (its adapters add s·x·A·B = 0), and so is every forward and backward pass."""
+    flat = [traverse_util.flatten_dict(t) for t in trees]
+    if any(f.keys() != flat[0].keys() for f in flat):
+        return False
+    for path, first in flat[0].items():
+        values = [np.asarray(f[path]) for f in flat]
+        if path[0] == "lora" and path[-1] == "b":
+            if any(v.any() for v in values):
+                return False
+        elif not (path[0] == "lora" and path[-1] == "a") and not all(np.array_equal(v, values[0]) for v in values):
+            return False
+    return True
+
+
+def _several_inits(adapted, batch1, batch2, trees, kw) -> list[dict[str, np.ndarray]]:
+    """`module_ntks` of each tree in ``trees``: one shared pass where they share a forward, else one call each."""
+    if not trees:
+        raise ValueError("module_ntks(trainable=[]): pass a trainable tree, or a non-empty list of them")
+    shared = (kw["implementation"] in ("auto", "structured") and kw["mesh"] is None and len(trees) > 1
+               and _shares_forward(trees))
+    if shared:
+        return module_ntks(adapted, batch1, batch2, trainable=_Inits(tuple(trees)), **kw)
+    directory = kw.pop("checkpoint_dir")
+    return [module_ntks(adapted, batch1, batch2, trainable=t, checkpoint_dir=None if directory is None else
+                        os.path.join(directory, f"init{i}"), **kw) for i, t in enumerate(trees)]
 
 
 def _structured_builder(f, spec: _ntk.KernelSpec):

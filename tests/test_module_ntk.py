@@ -158,6 +158,41 @@ def test_empirical_ntk_fn_structured_uses_the_module_structure(setup):
         empirical_ntk_fn(lambda p, x: x["a"] * p, implementation="structured")({"a": jnp.ones((3, 2))}, None, 1.0)
 
 
+def test_several_lora_inits_share_one_forward(setup):
+    """A list of trainables (one per LoRA seed) gives one kernel dict per init, each equal to the dense reference
+    of that init; inits differing only in A with B = 0 share one pass, others fall back to a call each."""
+    from jaxlin import module_ntk
+    ad, tr, b1, b2 = setup
+    if ad.model.config.model_type != "bert":
+        pytest.skip("sharing a forward does not depend on the family")
+    keys = iter(jax.random.split(jax.random.key(5), 64))
+
+    def new_a(t):  # another LoRA seed: A redrawn, B (zero at init) and every other leaf kept
+        return {**t, "lora": {m: {"a": jax.random.normal(next(keys), f["a"].shape, f["a"].dtype), "b": f["b"]}
+                              for m, f in t["lora"].items()}}
+
+    inits = [ad.trainable, new_a(ad.trainable), new_a(ad.trainable)]
+    assert module_ntk._shares_forward(inits) and not module_ntk._shares_forward([tr, new_a(tr)])
+    for batch2 in (b2, None):
+        full = module_ntks(ad, b1, batch2, trainable=inits, trace_axes=(), block_size=4)
+        mean = module_ntks(ad, b1, batch2, trainable=inits, reduce="mean", block_size=4)
+        assert isinstance(full, list) and len(full) == 3
+        for t, ks, ms in zip(inits, full, mean):
+            assert list(ks) == list(ad.modules)
+            ref = dense_kernel(ad, t, b1, b1 if batch2 is None else batch2)
+            np.testing.assert_allclose(sum(ks.values()), ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
+            np.testing.assert_allclose(sum(ms.values()), np.einsum("ijaa->ij", ref) / 3, rtol=1e-9,
+                                       atol=1e-12 * np.abs(ref).max())
+    lora = [m for m in ad.modules if m in ad.lora_modules]
+    assert len({float(np.abs(k[lora[0]]).sum()) for k in full}) == 3  # the inits' LoRA kernels differ
+    apart = [tr, new_a(tr)]  # B ≠ 0: no shared forward, one call per tree
+    for t, ks in zip(apart, module_ntks(ad, b1, b2, trainable=apart, trace_axes=())):
+        ref = dense_kernel(ad, t, b1, b2)
+        np.testing.assert_allclose(sum(ks.values()), ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
+    with pytest.raises(ValueError, match=r"trainable=\[\]"):
+        module_ntks(ad, b1, trainable=[])
+
+
 def test_bad_requests_are_named():
     m = testing.tiny_model("bert", task="encoder")
     ad = add_lora(m, rank=2)
