@@ -10,15 +10,16 @@ module, `gate_M`, an array leaf of the model function `adapted.as_function(gate=
 the model as g_m·x + (1 − g_m)·stop_gradient(x), the same value, with zero gradient where g_m = 0, so under Adam
 (no weight decay, no pull) an inactive module stays bit-exactly at init. One Adapted (of the first seed; the others
 only swap A0 values) and one optimiser, handed to `train.fit`, serve every run, so all runs share one compiled
-train step and one eval forward per padded length, whichever objective (`run_study(objective=)`) they train. Per
-seed one `module_ntks` pass gives the full (N, N, O, O) float64 kernel of every candidate module (float32 tiles
-unless jax_enable_x64); a smaller calibration set that is a prefix of the larger one (modes "first", "random")
+train step and one eval forward per padded length, whichever objective (`run_study(objective=)`) they train. One
+`module_ntks` pass gives, for every seed, the full (N, N, O, O) float64 kernel of every candidate module (float32
+tiles unless jax_enable_x64): at init B0 = 0, so the seeds share every forward and backward pass and differ only in
+their LoRA features (`module_ntks` with a list of trainables); a smaller calibration set that is a prefix of the larger one (modes "first", "random")
 takes its leading block.
 
 Statistics: `spectrum.kernel_statistics` (the paper's exact choice is unknown, docs/paper.md §0, so each is
 reported), with r0 = onehot(y) − f0 on the calibration set for the ridge objective. Names: plain for the first
 kernel on `num_calibration` examples, "<kernel>_n<N>.<name>" for the other variants.
-KRR test of the linearization claim (docs/study-design.md): per seed one more `module_ntks` pass gives the cross
+KRR test of the linearization claim (docs/study-design.md): one more `module_ntks` pass gives each seed's cross
 kernels K_m(E, X) of the eval examples E with the largest calibration set X, and every configuration's kernel
 regressor f0(E) + K_S(E, X)(K_S(X, X) + λI)⁻¹ r0 (`solve.kernel_ridge`, λ = ridge_trace·trace(K_S)/(N·O), no
 training) predicts eval labels; its accuracy `krr_eval_accuracy` is correlated with the outcomes like a statistic.
@@ -502,23 +503,28 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
             callback(record)
         return record
 
+    def kernels_of(batch1, batch2=None, **kw):  # seed → {module: K_m}: one pass serves every seed (B0 = 0)
+        found = module_ntks(adapted, batch1, batch2, trace_axes=(), modules=candidates, output_fn=output_fn,
+                            trainable=[adapters[s].trainable for s in c.seeds], mesh=mesh, **kw)
+        return dict(zip(c.seeds, found))
+
+    t0 = time.perf_counter()
+    grams_by_seed = {s: {} for s in c.seeds}
+    for kernel in c.kernels:
+        full = kernels_of(encoded[largest], kernel=kernel)
+        for n in calibration:
+            own_n = None if is_prefix[n] else kernels_of(encoded[n], kernel=kernel)
+            for s in c.seeds:
+                grams_by_seed[s][kernel, n] = {m: k[:n, :n] for m, k in full[s].items()} if is_prefix[n] else own_n[s]
+    timings["ntk_s"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cross = kernels_of(encoded_eval, encoded[largest], block_size=largest)  # eval rows in calibration-size blocks
+    krr_kernels.update({s: (grams_by_seed[s]["ntk", largest], cross.pop(s)) for s in c.seeds})
+    timings["krr_s"] += time.perf_counter() - t0
+
     bar = tqdm(total=len(configurations) * len(c.seeds), disable=not progress, desc="study", unit="run")
     for seed in c.seeds:
-        t0 = time.perf_counter()
-        grams = {}
-        for kernel in c.kernels:
-            full = module_ntks(adapted, encoded[largest], trace_axes=(), kernel=kernel, modules=candidates,
-                               trainable=adapters[seed].trainable, output_fn=output_fn, mesh=mesh)
-            for n in calibration:
-                grams[kernel, n] = ({m: k[:n, :n] for m, k in full.items()} if is_prefix[n] else
-                                    module_ntks(adapted, encoded[n], trace_axes=(), kernel=kernel, modules=candidates,
-                                                trainable=adapters[seed].trainable, output_fn=output_fn, mesh=mesh))
-        timings["ntk_s"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        krr_kernels[seed] = (grams["ntk", largest], module_ntks(  # eval rows in blocks of the calibration set's size
-            adapted, encoded_eval, encoded[largest], trace_axes=(), modules=candidates, block_size=largest,
-            trainable=adapters[seed].trainable, output_fn=output_fn, mesh=mesh))
-        timings["krr_s"] += time.perf_counter() - t0
+        grams = grams_by_seed[seed]
         t0 = time.perf_counter()
         statistics = _configuration_statistics(c, configurations, grams, resid0)
         if primary_grams is None:
@@ -529,7 +535,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
             bar.update(1)
             bar.set_postfix(config=name, seed=seed, acc=f"{runs[-1]['eval_accuracy']:.3f}")
         if seed != c.seeds[0]:  # the first seed's kernels stay for the selections
-            del krr_kernels[seed]
+            del krr_kernels[seed], grams_by_seed[seed]
     bar.close()
 
     t0 = time.perf_counter()
