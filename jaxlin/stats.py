@@ -31,6 +31,33 @@ def _ranks_rows(a_bn):
     return np.stack([average_ranks(row) for row in a_bn])
 
 
+def _weighted_pearson_rows(x, y, w_bn):
+    """Pearson r of the sample in which pair i appears w_bn[b, i] times (integer counts), per row b; x, y are
+    (n,) or (B, n). The same number as `_pearson_rows` of the repeated sample, without building it."""
+    x_bn, y_bn = np.broadcast_to(x, w_bn.shape), np.broadcast_to(y, w_bn.shape)
+    total_b = w_bn.sum(axis=1, keepdims=True)
+    xc = x_bn - (w_bn * x_bn).sum(axis=1, keepdims=True) / total_b
+    yc = y_bn - (w_bn * y_bn).sum(axis=1, keepdims=True) / total_b
+    den = np.sqrt(np.sum(w_bn * xc * xc, axis=1) * np.sum(w_bn * yc * yc, axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.sum(w_bn * xc * yc, axis=1) / den
+    drawn = w_bn > 0
+    constant = (np.where(drawn, x_bn, -np.inf).max(1) == np.where(drawn, x_bn, np.inf).min(1)) | \
+               (np.where(drawn, y_bn, -np.inf).max(1) == np.where(drawn, y_bn, np.inf).min(1))
+    return np.clip(np.where(constant | ~(den > 0), np.nan, r), -1.0, 1.0)
+
+
+def _weighted_ranks_rows(a_n, w_bn):
+    """(B, n): the average rank (`average_ranks`) each value of a_n has in the sample that repeats value i
+    w_bn[b, i] times: the count drawn below its value plus the mean of the ranks its ties take."""
+    _, tie_n = np.unique(a_n, return_inverse=True)
+    tie_n = tie_n.reshape(-1)
+    drawn_bt = np.zeros((w_bn.shape[0], tie_n.max() + 1))
+    np.add.at(drawn_bt, (slice(None), tie_n), w_bn)
+    upto_bt = np.cumsum(drawn_bt, axis=1)  # drawn with a value ≤ this tie group's
+    return (upto_bt - (drawn_bt - 1) / 2.0)[:, tie_n]
+
+
 def _nan_result(n, n_dropped, reason, confidence, n_bootstrap, group_n):
     nan_ci = (math.nan, math.nan)
     return {"n": n, "n_dropped": n_dropped, "pearson": math.nan, "spearman": math.nan,
@@ -89,13 +116,13 @@ def correlation(x, y, *, groups=None, n_bootstrap=2000, confidence=0.95, seed=0)
         xb, yb = x_n[idx_bn], y_n[idx_bn]
         boot_p = _pearson_rows(xb, yb)
         boot_s = _pearson_rows(_ranks_rows(xb), _ranks_rows(yb))
-    else:  # resamples of whole groups differ in size, so one at a time
-        members = [np.flatnonzero(group_n == g) for g in range(group_n.max() + 1)]
-        boot_p, boot_s = np.empty(n_bootstrap), np.empty(n_bootstrap)
-        for b, chosen in enumerate(rng.integers(0, len(members), size=(n_bootstrap, len(members)))):
-            idx = np.concatenate([members[g] for g in chosen])
-            boot_p[b] = _pearson_rows(x_n[idx][None], y_n[idx][None])[0]
-            boot_s[b] = _pearson_rows(average_ranks(x_n[idx])[None], average_ranks(y_n[idx])[None])[0]
+    else:  # a resample of whole groups is the sample with each pair counted as often as its group was drawn
+        num_groups = group_n.max() + 1
+        chosen_bg = rng.integers(0, num_groups, size=(n_bootstrap, num_groups))
+        drawn_bg = np.stack([np.bincount(row, minlength=num_groups) for row in chosen_bg])
+        w_bn = drawn_bg[:, group_n].astype(np.float64)
+        boot_p = _weighted_pearson_rows(x_n, y_n, w_bn)
+        boot_s = _weighted_pearson_rows(_weighted_ranks_rows(x_n, w_bn), _weighted_ranks_rows(y_n, w_bn), w_bn)
     valid = np.isfinite(boot_p) & np.isfinite(boot_s)
     q = 100 * np.array([(1 - confidence) / 2, (1 + confidence) / 2])
 

@@ -96,6 +96,31 @@ def test_group_bootstrap_resamples_whole_groups():
         correlation(x, y, groups=g[:-1])
 
 
+def test_group_bootstrap_equals_resampling_the_repeated_pairs():
+    """The cluster bootstrap counts each pair as often as its group is drawn; against building every resample
+    (groups of unequal size, ties within and across groups, resamples with a constant x that are dropped)."""
+    rng = np.random.default_rng(13)
+    sizes = rng.integers(1, 5, size=11)
+    g = np.repeat(np.arange(11), sizes)
+    x = np.round(rng.normal(size=g.size), 1)  # rounded: ties
+    x[g >= 4] = 0.5  # 7 of the 11 groups share one x: a resample of only those has a constant x
+    y = rng.integers(0, 4, size=g.size) + 0.3 * x
+    got = correlation(x, y, groups=g, n_bootstrap=997, seed=5)
+    order = np.unique(g.astype(str), return_inverse=True)[1]  # group labels are ordered as strings
+    members = [np.flatnonzero(order == k) for k in range(11)]
+    boot = []
+    for chosen in np.random.default_rng(5).integers(0, 11, size=(997, 11)):
+        idx = np.concatenate([members[k] for k in chosen])
+        xs, ys = x[idx], y[idx]
+        boot.append([np.nan, np.nan] if np.ptp(xs) == 0 or np.ptp(ys) == 0 else
+                    [np.corrcoef(xs, ys)[0, 1], np.corrcoef(scipy.stats.rankdata(xs), scipy.stats.rankdata(ys))[0, 1]])
+    boot = np.array(boot)
+    valid = np.isfinite(boot).all(axis=1)
+    assert got["n_bootstrap_valid"] == valid.sum() < 997
+    np.testing.assert_allclose(got["pearson_ci"], np.percentile(boot[valid, 0], [2.5, 97.5]), rtol=1e-12)
+    np.testing.assert_allclose(got["spearman_ci"], np.percentile(boot[valid, 1], [2.5, 97.5]), rtol=1e-12)
+
+
 def test_modal_tie_fraction_and_macro_f1_vs_sklearn_definition():
     from jaxlin.stats import macro_f1, modal_tie_fraction
 
