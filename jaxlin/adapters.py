@@ -208,9 +208,11 @@ class AdaptedFunction:
         return out if self.output_fn is None else self.output_fn(out, batch)
 
     def hidden(self, trainable, batch, stop_layer: int):
-        """(B, L, D): the hidden states entering block ``stop_layer``."""
+        """(B, L, D): the hidden states entering block ``stop_layer`` (from the embeddings, or from block
+        ``start_layer`` on the batch's "prefix_hidden_BLD")."""
+        kwargs = {"start_layer": self.start_layer, "hidden_BLD": batch["prefix_hidden_BLD"]} if self.start_layer else {}
         return self.adapted.apply(trainable, self.frozen, batch["input_ids"], batch["attention_mask"],
-                                  stop_layer=stop_layer)
+                                  stop_layer=stop_layer, **kwargs)
 
 
 jax.tree_util.register_dataclass(AdaptedFunction, data_fields=["frozen", "gate_M"],

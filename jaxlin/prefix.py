@@ -45,6 +45,7 @@ class FrozenPrefix:
     trainable0: object
     length: int | None = None  # tokens of every prefix forward (None: each batch's own padded length)
     rows: int = 16  # examples per prefix forward
+    below: "FrozenPrefix | None" = None  # a lower block's prefix of the same model: this one runs on from its rows
     _rows: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -76,9 +77,16 @@ class FrozenPrefix:
         return {**batch, PREFIX_KEY: hidden_BLD}
 
     def _compute(self, ids_ML, lengths_M, keys):
-        """Each row's hidden states, in forwards of `rows` examples × `length` tokens (one compiled program)."""
+        """Each row's hidden states, in forwards of `rows` examples × `length` tokens (one compiled program): from
+        the embeddings, or with ``below`` from its rows (computed there first where missing), running only the
+        blocks in between."""
         length = ids_ML.shape[1] if self.length is None else max(self.length, int(lengths_M.max()))
-        base = dataclasses.replace(self.function, start_layer=0)
+        below = self.below
+        base = dataclasses.replace(self.function, start_layer=0 if below is None else below.start_layer)
+        if below is not None:
+            missing = [i for i, k in enumerate(keys) if k not in below._rows]
+            if missing:
+                below._compute(ids_ML[missing], lengths_M[missing], [keys[i] for i in missing])
         pad_id = getattr(base.adapted.model.config, "pad_token_id", None) or 0
         for s in range(0, len(keys), self.rows):
             chunk = slice(s, s + self.rows)
@@ -87,18 +95,27 @@ class FrozenPrefix:
             for r, (ids, n) in enumerate(zip(ids_ML[chunk], lengths_M[chunk])):
                 ids_RL[r, :n], mask_RL[r, :n] = ids[:n], 1
             mask_RL[len(keys[chunk]):, 0] = 1  # filler rows: one real token, so no row is all padding
-            found_RLD = np.asarray(_hidden_jit(base, self.trainable0, {"input_ids": ids_RL, "attention_mask": mask_RL},
-                                               self.start_layer))
+            batch = {"input_ids": ids_RL, "attention_mask": mask_RL}
+            if below is not None:
+                first = below._rows[keys[s]]
+                batch[PREFIX_KEY] = np.zeros((self.rows, length) + first.shape[1:], first.dtype)
+                for r, (k, n) in enumerate(zip(keys[chunk], lengths_M[chunk])):
+                    batch[PREFIX_KEY][r, :n] = below._rows[k]
+            found_RLD = np.asarray(_hidden_jit(base, self.trainable0, batch, self.start_layer))
             for r, (k, n) in enumerate(zip(keys[chunk], lengths_M[chunk])):
                 self._rows[k] = found_RLD[r, :n].copy()
 
 
-def frozen_prefix(f: Callable, trainable0, *, length: int | None = None, rows: int = 16) -> FrozenPrefix | None:
+def frozen_prefix(f: Callable, trainable0, *, length: int | None = None, rows: int = 16,
+                  below: FrozenPrefix | None = None) -> FrozenPrefix | None:
     """The `FrozenPrefix` of ``f`` at ``trainable0``, or None when there is nothing to cache: ``f`` is not an
     adapted model's function (`Adapted.as_function`), or its lowest trained block is the first
     (`Adapted.first_trained_layer`, which reads ``f``'s gate). ``length``, ``rows``: the prefix runs on ``rows``
     examples padded to ``length`` tokens at a time (pass the longest padded length the batches can have, so a
-    single program serves them all; None: each batch's own length, a program per padded length)."""
+    single program serves them all; None: each batch's own length, a program per padded length).
+    ``below``: the prefix of a lower block of the same adapted model and frozen blocks (e.g. another configuration
+    of a study, whose blocks below its own are also frozen); this one then starts from its cached rows and runs
+    only the blocks in between, not every block from the embeddings."""
     if rows < 1 or (length is not None and length < 1):
         raise ValueError(f"frozen_prefix(length={length}, rows={rows}): both must be ≥ 1 (length may be None)")
     if not isinstance(f, AdaptedFunction) or f.start_layer:
@@ -106,4 +123,7 @@ def frozen_prefix(f: Callable, trainable0, *, length: int | None = None, rows: i
     start = f.adapted.first_trained_layer(None if f.gate_M is None else np.asarray(f.gate_M))
     if start == 0:
         return None
-    return FrozenPrefix(dataclasses.replace(f, start_layer=start), trainable0, length, rows)
+    if below is not None and (below.function.adapted is not f.adapted or not below.start_layer < start):
+        raise ValueError(f"frozen_prefix(below=) must be a prefix of the same adapted model ending below block "
+                         f"{start}; got one ending at block {below.start_layer}; pass below=None")
+    return FrozenPrefix(dataclasses.replace(f, start_layer=start), trainable0, length, rows, below)

@@ -459,17 +459,22 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         return fields if math.isfinite(fields["krr_eval_accuracy"]) else {**fields, "krr_message": message}
 
     prefixes = {}  # block -> the training, eval and train-eval batches with that block's input attached
+    frozen_prefixes = {}  # block -> its FrozenPrefix, whose rows a higher block's prefix runs on from
 
     def from_prefix(seed, f):
         """f and its (training, eval, train-eval) batches, from f's lowest trained block on when that is not the
         first. The blocks below have every module gated off, so their hidden states are the base model's: the
-        same for every configuration that starts at that block and for every seed (one prefix pass per block)."""
+        same for every configuration that starts at that block and for every seed (one prefix pass per block,
+        from the highest block below it that has one)."""
         longest = data.round_up(c.max_length, c.pad_to_multiple_of)  # one prefix program for every batch
         use = c.frozen_prefix and plan is None
         prefix = prefix_of(f, adapters[seed].trainable, length=longest) if use else None
         if prefix is None:
             return f, (step_batches, eval_batches, train_eval_batches)
         if prefix.start_layer not in prefixes:
+            below = max((k for k in frozen_prefixes if k < prefix.start_layer), default=None)
+            prefix = prefix_of(f, adapters[seed].trainable, length=longest, below=frozen_prefixes.get(below))
+            frozen_prefixes[prefix.start_layer] = prefix
             prefixes[prefix.start_layer] = tuple([prefix.attach(b) for b in bs] for bs in (
                 step_batches, eval_batches, train_eval_batches))
         return prefix.function, prefixes[prefix.start_layer]

@@ -93,6 +93,26 @@ def test_the_first_trained_block_follows_what_trains_and_the_gate():
     assert frozen_prefix(lambda t, b: b, every.trainable) is None  # not an adapted model's function
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_prefix_runs_on_from_a_lower_blocks_rows(family):
+    """A prefix given ``below`` (a lower block's prefix of the same model) computes its rows from below's, missing
+    ones computed there first, and equals the prefix from the embeddings."""
+    m = tiny_model(family, task="classification", num_labels=3, dtype=jnp.float64)
+    every = add_lora(m, targets=TARGETS.get(family, ("q_proj", "v_proj")), head=True)
+    gate = lambda block: [float(n.startswith(f"layer{block}")) for n in every.lora_modules]  # noqa: E731
+    f1, f2 = (every.as_function(gate=gate(k)) for k in (1, 2))
+    batch = random_batch(m, 5, 13, seed=4)
+    low = frozen_prefix(f1, every.trainable, length=16, rows=3)
+    low.attach({k: v[:2] for k, v in batch.items()})  # two examples cached below; three will be missing there
+    high = frozen_prefix(f2, every.trainable, length=16, rows=3, below=low)
+    got = high.attach(batch)[PREFIX_KEY]
+    assert low.num_cached == 5 and high.num_cached == 5
+    want = frozen_prefix(f2, every.trainable, length=16, rows=3).attach(batch)[PREFIX_KEY]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="ending below block 1"):
+        frozen_prefix(f1, every.trainable, below=high)
+
+
 def test_left_padding_and_a_missing_hidden_state_are_refused():
     adapted = _adapted("gpt2")
     prefix = frozen_prefix(adapted.as_function(), adapted.trainable)
