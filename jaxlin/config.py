@@ -160,6 +160,7 @@ class StudySection:
     configurations: tuple[str, ...] | None = _key(("layer",), "study_configurations")  # None = the preset's
     seeds: tuple[int, ...] | None = _key((0, 1), "study_seeds")  # LoRA init seeds; None = the preset's
     selection_budget: int = 3  # modules per spectral selection (spectrum stage and study)
+    train_selections: bool | None = None  # fine-tune the study's selections (first seed); None = the preset's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +290,8 @@ class RunConfig:
         from .study import study_preset  # imports adapters, which imports this module: a cycle at the top
 
         s, lo = self.study, self.lora
-        chosen = {k: v for k, v in (("configurations", s.configurations), ("seeds", s.seeds)) if v is not None}
+        chosen = {k: v for k, v in (("configurations", s.configurations), ("seeds", s.seeds),
+                                    ("train_selections", s.train_selections)) if v is not None}
         return dataclasses.replace(study_preset(s.preset), targets=tuple(lo.targets), layers=lo.layers,
                                    rank=lo.rank, alpha=lo.alpha, selection_budget=s.selection_budget,
                                    train_head=self.model.train_head, data_seed=self.model.seed, **chosen)
@@ -310,7 +312,7 @@ def _flat_keys() -> dict[str, tuple[str | None, str]]:
 
 FLAT_KEYS = _flat_keys()
 ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template", "objective", "frozen_prefix",
-                        "eval_split", "dtype"})
+                        "eval_split", "dtype", "train_selections"})
 # flat keys added after results were first stored (frozen_prefix: the same results up to float rounding)
 FLAT_OF = {where: flat for flat, where in FLAT_KEYS.items()}
 DOTTED = {flat: (name if section is None else f"{section}.{name}") for flat, (section, name) in FLAT_KEYS.items()}
@@ -590,6 +592,8 @@ def _validate(c: RunConfig):
           "None or an integer ≥ 1")
     for key in ("model.train_head", "kernel.sign_kernel", "data.skip_empty", "train.frozen_prefix"):
         check(isinstance(c.get(key), bool), key, "true or false")
+    check(c.study.train_selections is None or isinstance(c.study.train_selections, bool), "study.train_selections",
+          "true, false or None (the study preset's)")
     check(isinstance(c.data.encoding, str) and _is_encoding(c.data.encoding), "data.encoding",
           "a text encoding Python knows, e.g. utf-8 or latin-1")
     check(_is_number(c.lora.alpha) and c.lora.alpha > 0, "lora.alpha", "a finite number > 0")

@@ -208,11 +208,14 @@ def _simple_figure(results: dict, key: str, fig_id: str, plot, caption: str) -> 
 
 
 def _selection_section(results: dict) -> str:
+    """The spectrum stage's selections with the study's outcomes beside them; without the spectrum stage, the
+    study's own selections (chosen on the study's calibration kernels)."""
     note = _missing_note(results, "selection")
-    if note:
+    study = _study_selection(results)
+    if note and not study:
         return f'<div id="table-selection">{_note(note)}</div>'
-    sel = results["selection"]
-    trained = _trained_selections(results)
+    sel = study if note else results["selection"]
+    trained = study.get("methods", {})
     rows = []
     for method, m in sel["methods"].items():
         scores = m.get("scores", [])
@@ -222,16 +225,20 @@ def _selection_section(results: dict) -> str:
         rows.append((method, ", ".join(m["modules"]), shown, _plots.fmt(run.get("final_train_loss", "")),
                      _plots.fmt(run.get("eval_accuracy", ""))))
     sigma = (f" σ = {_plots.fmt(sel['sigma'])} ({_esc(sel['sigma_scale'])})." if "sigma_scale" in sel else "")
-    return (f"<p>Budget: {_esc(sel['budget'])} modules.{sigma} Outcomes are the study's runs of the same module "
-            "set, when it trained one.</p>" +
+    source = ("The study's selections, on its calibration kernels (the spectrum stage did not run). " if note
+              else "")
+    untrained = ("" if not study or any("eval_accuracy" in m for m in trained.values()) else
+                 " This study did not train them (study.train_selections).")
+    return (f"<p>{source}Budget: {_esc(sel['budget'])} modules.{sigma} Outcomes are the study's runs of the same "
+            f"module set, when it trained one.{untrained}</p>" +
             _table(rows, ("method", "modules", "scores", "final train loss", "eval accuracy"), "table-selection",
                    numeric=(3, 4)))
 
 
-def _trained_selections(results: dict) -> dict:
-    """method → the study's trained selection (modules + outcomes); {} without a study."""
+def _study_selection(results: dict) -> dict:
+    """The study's selection (methods: modules, scores and, when trained, outcomes); {} without a study."""
     corr = results["correlation"]
-    return {} if is_skipped(corr) else corr.get("selection", {}).get("methods", {})
+    return {} if is_skipped(corr) else corr.get("selection", {})
 
 
 def _title(results: dict) -> str:

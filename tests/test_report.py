@@ -168,6 +168,31 @@ def test_summary_text_mentions_kappa_slopes_and_selection(example):
     assert "greedy_kappa: layer0.query, layer1.value" in text
 
 
+def test_selection_table_falls_back_to_the_studys_own(tmp_path, example):
+    """Without the spectrum stage (jaxlin run --preset study) the table shows the study's selections, with their
+    outcomes when trained and a note when not."""
+    import re
+
+    def table(page):
+        return re.sub(r"<[^>]+>", " ", page[page.index('id="table-selection"'):page.index("</table>",
+                                                                                            page.index('id="table-selection"'))])
+
+    study_only = _mutated(example, lambda r: r.__setitem__("selection", {"skipped": "stage not run"}))
+    page = render_report(_write(tmp_path, study_only)).read_text()
+    assert "The study's selections, on its calibration kernels" in page
+    rows = table(page)
+    assert "greedy_kappa" in rows and "0.83" in rows and "did not train them" not in page
+
+    def untrained(r):
+        r["selection"] = {"skipped": "stage not run"}
+        for m in r["correlation"]["selection"]["methods"].values():
+            for key in ("final_train_loss", "eval_accuracy"):
+                m.pop(key, None)
+    page = render_report(_write(tmp_path, _mutated(example, untrained))).read_text()
+    assert "greedy_kappa" in table(page) and "0.83" not in table(page)
+    assert "This study did not train them (study.train_selections)." in page
+
+
 def test_summary_text_with_skipped_stages(example):
     def mutate(r):
         for key in ("spectrum", "krr", "correlation", "selection", "sweep_summary"):

@@ -184,6 +184,9 @@ def test_config_validation_and_presets():
     with pytest.raises(ValueError, match=r"StudyConfig.num_train_evaluated=300 must be None or an integer in "
                                          r"\[1, num_train=256\]"):
         StudyConfig(num_train_evaluated=300)
+    with pytest.raises(ValueError, match="StudyConfig.train_selections='no' must be True or False"):
+        StudyConfig(train_selections="no")
+    assert study_preset("default").train_selections and not study_preset("powered").train_selections
     with pytest.raises(ValueError, match="unknown preset"):
         study_preset("fast")
     quick, default = study_preset("quick"), study_preset("default")
@@ -333,7 +336,8 @@ def test_run_study_is_deterministic_and_its_frozen_prefix_changes_nothing(model,
     config = dataclasses.replace(config, frozen_prefix=True)  # the second seed reuses the first's prefixes
     one, two, whole, scored = (run_study(model, *splits, c, tokenizer=WordTokenizer(), progress=False)
                                for c in (config, config, dataclasses.replace(config, frozen_prefix=False),
-                                         dataclasses.replace(config, num_train_evaluated=5)))
+                                         dataclasses.replace(config, num_train_evaluated=5,
+                                                             train_selections=False)))
     def outcomes(result):
         return {k: (m["modules"], m["scores"], m["final_train_loss"], m["eval_accuracy"])
                 for k, m in result["selection"]["methods"].items()}
@@ -346,6 +350,14 @@ def test_run_study_is_deterministic_and_its_frozen_prefix_changes_nothing(model,
         np.testing.assert_allclose(got["train_loss_curve"], want["train_loss_curve"], rtol=1e-10)
         assert got["eval_accuracy"] == want["eval_accuracy"]
         np.testing.assert_allclose(got["eval_loss"], want["eval_loss"], rtol=1e-10)
+    # selections chosen but not trained: the same modules, scores and statistics, no outcomes, no extra runs
+    chosen, kept = scored["selection"]["methods"], one["selection"]["methods"]
+    assert {k: m["modules"] for k, m in chosen.items()} == {k: m["modules"] for k, m in kept.items()}
+    assert all(set(m) == {"modules", "scores", "statistics"} and m["statistics"] == kept[k]["statistics"]
+               for k, m in chosen.items())
+    assert scored["timings"]["num_trained_runs"] == len(scored["runs"]) < one["timings"]["num_trained_runs"]
+    assert "not trained" in scored["variants"]["selection_training"]
+    assert one["variants"]["selection_training"].startswith("each selection trained with seed 4")
     # scoring only the first 5 training examples changes the train-set scores and nothing else
     assert "over the first 5 training examples" in scored["variants"]["final_train_loss"]
     assert "over the first 16 training examples" in one["variants"]["final_train_loss"]
