@@ -17,14 +17,7 @@ def average_ranks(a_n):
 
 def _pearson_rows(x_bn, y_bn):
     """Pearson r per row: Σ(x−x̄)(y−ȳ)/√(Σ(x−x̄)² Σ(y−ȳ)²); nan for a constant row."""
-    xc = x_bn - x_bn.mean(axis=1, keepdims=True)
-    yc = y_bn - y_bn.mean(axis=1, keepdims=True)
-    den = np.sqrt(np.sum(xc * xc, axis=1) * np.sum(yc * yc, axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.sum(xc * yc, axis=1) / den
-    constant = (np.ptp(x_bn, axis=1) == 0) | (np.ptp(y_bn, axis=1) == 0)  # exact, unlike den > 0
-    r = np.where(constant | ~(den > 0), np.nan, r)
-    return np.clip(r, -1.0, 1.0)
+    return _weighted_pearson_rows(x_bn, y_bn, np.ones(np.shape(x_bn)))
 
 
 def _ranks_rows(a_bn):
@@ -32,8 +25,8 @@ def _ranks_rows(a_bn):
 
 
 def _weighted_pearson_rows(x, y, w_bn):
-    """Pearson r of the sample in which pair i appears w_bn[b, i] times (integer counts), per row b; x, y are
-    (n,) or (B, n). The same number as `_pearson_rows` of the repeated sample, without building it."""
+    """Pearson r of the sample in which pair i appears w_bn[b, i] times (integer counts), per row b, without
+    building it; x, y are (n,) or (B, n). nan where the drawn x or y is constant (exactly, unlike den > 0)."""
     x_bn, y_bn = np.broadcast_to(x, w_bn.shape), np.broadcast_to(y, w_bn.shape)
     total_b = w_bn.sum(axis=1, keepdims=True)
     xc = x_bn - (w_bn * x_bn).sum(axis=1, keepdims=True) / total_b
