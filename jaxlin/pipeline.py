@@ -99,6 +99,7 @@ class Context:
     stages: dict[str, dict] = dataclasses.field(default_factory=dict)  # per finished stage: key, reused, seconds,
     # finished
     mesh: Mesh | None = None  # the run's device mesh (--mesh); parameters are sharded on it by jaxlin.sharding
+    study: "Context | None" = None  # the study stage's own, when ``study.dataset`` gives it other data
 
     @functools.cached_property
     def tokenizer(self):
@@ -159,7 +160,8 @@ def setup(config: RunConfig, out: Path, mesh: Mesh | None = None) -> Context:
         log(f"note: {d.dataset} has {len(train)} training examples after the split; using all of them")
     train = train.subset(np.arange(min(d.num_train, len(train))))
     calibration = data.calibration_subset(train, d.num_calibration, mode=d.calibration_mode, seed=m.seed)
-    if "study" in config.stages:
+    study_config = config.study_run_config() if "study" in config.stages else None
+    if "study" in config.stages and study_config is None:
         _check_study_sizes(config, len(train), len(eval_))
     model = _load_model(config, ds.num_classes, mesh)
     limit = max_input_length(model.config)
@@ -177,7 +179,18 @@ def setup(config: RunConfig, out: Path, mesh: Mesh | None = None) -> Context:
     longest = max(len(t) for part in (train, eval_)
                   for t in ctx.tokenizer.encode_unpadded(list(part.texts), d.max_length))
     ctx.length = min(data.round_up(longest, 8), limit or math.inf)  # padded positions must exist too
+    if study_config is not None:  # loaded now, so bad study data stops the run before any stage computes
+        try:
+            ctx.study = setup(study_config, out, mesh)
+        except (DataError, ConfigError) as e:
+            raise type(e)(f"the study's own data (--study-dataset {config.study.dataset!r}): {e}") from None
     return ctx
+
+
+def data_summary(ctx: Context) -> dict:
+    """results.json ``data``: what a context's stages were measured on."""
+    return {"dataset": ctx.config.data.dataset, "num_train": len(ctx.train), "num_eval": len(ctx.eval),
+            "num_calibration": len(ctx.calibration), "label_names": list(ctx.train.label_names)}
 
 
 def _check_study_sizes(config: RunConfig, num_train: int, num_eval: int) -> None:
@@ -458,9 +471,13 @@ def stage_probe(ctx: Context):
 
 
 def stage_study(ctx: Context):
-    return run_study(ctx.model, ctx.train, ctx.eval, ctx.config.study_config(), tokenizer=ctx.tokenizer,
-                     output_fn=ctx.output_fn, objective=run_objective(ctx.config.train.objective, ctx.readout),
-                     progress=True, mesh=ctx.mesh, **checkpointing(ctx, "study")), {}
+    study = ctx.config.study_config()
+    result = run_study(ctx.model, ctx.train, ctx.eval, study, tokenizer=ctx.tokenizer, output_fn=ctx.output_fn,
+                       objective=run_objective(ctx.config.train.objective, ctx.readout), progress=True,
+                       mesh=ctx.mesh, **checkpointing(ctx, "study"))
+    used = {"num_train": study.num_train, "num_eval": study.num_eval,  # the first of ctx's splits (run_study)
+            "num_calibration": max(v["num_calibration"] for v in study.variants.values())}
+    return {**result, "data": {**data_summary(ctx), **used}}, {}  # its own data with ``study.dataset``
 
 
 def checkpointing(ctx: Context, stage: str) -> dict:
@@ -518,8 +535,8 @@ def _run(config: RunConfig, out: Path | None, resume: bool, cache_directory: str
             if dep not in wanted:
                 wanted.insert(0, dep)
         for i, stage in enumerate([s for s in ORDER if s in wanted], 1):
-            result, arrays, record, efficiency[stage] = _run_stage(
-                ctx, stage, resume)
+            own = ctx.study if stage == "study" and ctx.study is not None else ctx  # its inputs key the stage
+            result, arrays, record, efficiency[stage] = _run_stage(own, stage, resume)
             ctx.results[stage], ctx.stages[stage], timings[stage] = result, record, record["seconds"]
             ctx.arrays.update(arrays)
             seconds = record["seconds"]
@@ -744,8 +761,7 @@ def assemble(ctx: Context, timings: dict, efficiency: dict) -> dict:
             "regularizer": cfg.train.regularizer, "anchor": cfg.train.anchor, "loss": cfg.train.loss,
             "head": cfg.model.head, "lora_init": cfg.lora.init, "krr_targets": "one-hot, residual Y − f0",
         },
-        "data": {"dataset": cfg.data.dataset, "num_train": len(ctx.train), "num_eval": len(ctx.eval),
-                 "num_calibration": len(ctx.calibration), "label_names": list(ctx.train.label_names)},
+        "data": data_summary(ctx),
         "model": {"source": str(cfg.model.name), "family": ctx.model.family, "num_layers": ctx.model.num_layers,
                   "modules": list(ctx.adapted.modules), "num_trainable_params": ctx.adapted.num_params()},
         "readout": readout_section(ctx),
@@ -756,8 +772,10 @@ def assemble(ctx: Context, timings: dict, efficiency: dict) -> dict:
         "sweep_summary": r.get("sweep", {}).get("sweep_summary", {}),
         "probe": r.get("probe", skipped),
         "correlation": ({"runs": study["runs"], "results": study["results"],
-                         "results_by_configuration": study["results_by_configuration"], "selection": study["selection"]}
-                        if study else skipped),
+                         "results_by_configuration": study["results_by_configuration"], "selection": study["selection"],
+                         "data": study.get("data", data_summary(ctx.study or ctx))}  # stored before jaxlin recorded it
+                        if study else {"skipped": "stage not run (see config.stages); add it to this run with "
+                                                  "jaxlin run --stages all --resume --out <this directory>"}),
         "selection": r["spectrum"]["selection"] if "spectrum" in r else skipped,
         "arrays": "arrays.npz",
         "inputs": ctx.inputs,

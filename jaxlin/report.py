@@ -247,9 +247,17 @@ def _title(results: dict) -> str:
     facts = [("preset", results["config"]["preset"]),
              ("model", f"{model['source']} ({model['family']}, {model['num_layers']} layers, "
                        f"{len(model['modules'])} adaptable modules, {model['num_trainable_params']:,} trainable)"),
-             ("data", f"{data['dataset']}: {data['num_train']} train, {data['num_eval']} eval, "
-                      f"{data['num_calibration']} calibration; labels {', '.join(data['label_names'])}")]
+             ("data", _data_facts(data))]
+    corr = results.get("correlation", {})
+    study = corr.get("data") if isinstance(corr, dict) and not is_skipped(corr) else None
+    if study is not None and study["dataset"] != data["dataset"]:  # study.dataset: the study ran on its own
+        facts.append(("study data", _data_facts(study)))
     return f"<h1>jaxlin report: {_esc(results['config']['preset'])}</h1>" + _table(facts, ("", ""), "table-facts")
+
+
+def _data_facts(data: dict) -> str:
+    return (f"{data['dataset']}: {data['num_train']} train, {data['num_eval']} eval, {data['num_calibration']} "
+            f"calibration; labels {', '.join(data['label_names'])}")
 
 
 def _run_details(results: dict, arrays: dict | None) -> str:

@@ -185,15 +185,16 @@ METHOD = record({"modules": STRINGS}, {"scores": NUMBERS, "final_train_loss": nu
                                       **OPTIONAL_OUTCOMES})
 SELECTION = record({"budget": integer, "methods": dict_of(METHOD)},
                    {"seed": integer, "sigma": number, "sigma_scale": string, "ridge": number})
+DATA = record({"dataset": string, "num_train": integer, "num_eval": integer, "num_calibration": integer,
+               "label_names": STRINGS})
 CORRELATION = record({"runs": list_of(RUN), "results": dict_of(dict_of(CORRELATION_RESULT))},
-                     {"selection": SELECTION, "results_by_configuration": dict_of(dict_of(CORRELATION_RESULT))})
+                     {"selection": SELECTION, "results_by_configuration": dict_of(dict_of(CORRELATION_RESULT)),
+                      "data": DATA})  # the study's data (its own with study.dataset)
 CANARY = record({"relative_error": number, "tolerance": number, "passed": boolean})
 BACKEND_CHECK = record({"passed": boolean, "status": string, "jax": string, "jaxlib": string, "backend": string,
                         "device_kind": string, "canaries": dict_of(CANARY), "message": string})
 ENVIRONMENT = record({**{k: string for k in ("jaxlin", "jax", "jaxlib", "flax", "optax", "python", "platform")},
                       "devices": STRINGS, "x64": boolean}, {"backend_check": BACKEND_CHECK})
-DATA = record({"dataset": string, "num_train": integer, "num_eval": integer, "num_calibration": integer,
-               "label_names": STRINGS})
 MODEL = record({"source": string, "family": string, "num_layers": integer, "modules": STRINGS,
                 "num_trainable_params": integer})
 

@@ -218,7 +218,10 @@ def verdict_rows(results: dict) -> list[dict]:
     agreement = f"; mean KRR–fine-tuned argmax agreement {np.mean(agree):.3f}" if agree else ""
     study = results["config"].get("study", {})
     preset = f", study preset {study['preset']!r}" if isinstance(study, dict) and "preset" in study else ""
-    study_source = f"{model['source']}; {data['dataset']}, the study's own train/eval examples{preset}"
+    correlation = results.get("correlation")
+    study_data = correlation.get("data", data) if isinstance(correlation, dict) else data
+    study_source = (f"{model['source']}; {study_data['dataset']}, {study_data['num_eval']} eval examples"
+                    f"{' (the study’s own data)' if study_data['dataset'] != data['dataset'] else ''}{preset}")
     return [
         _sweep_row(results, source),
         _study_row(results, CLAIM_LINEAR, "study: Spearman(KRR eval accuracy, fine-tuned eval accuracy) > 0 (H3)",

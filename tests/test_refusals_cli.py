@@ -90,6 +90,8 @@ REFUSED_UP_FRONT = [  # (id, extra argv or a function of tmp_path giving it, mes
     ("unknown-flag", ["--flavour", "x"], "unrecognized arguments: --flavour x; see `jaxlin --help`"),
     ("flag-without-value", ["--rank"], "argument --rank: expected one argument"),
     ("out-is-a-file", _out_is_a_file, "is a file, not a directory; pass a new or existing directory"),
+    ("study-eval-split-alone", ["--study-eval-split", "balanced"],
+     "study_eval_split='balanced' is invalid: the study's eval split goes with its own data: add --study-dataset"),
 ]
 
 
