@@ -160,18 +160,28 @@ class Adapted:
     def first_trained_layer(self, gate_M=None) -> int:
         """The lowest block that holds a trained parameter (``model.num_layers`` when only the head trains). The
         blocks below it compute the same hidden states whatever the trainable values, so `jaxlin.prefix` computes
-        them once. ``gate_M``: LoRA module i trains iff gate_M[i] = 1 (`as_function`'s gate); None: all of them.
-        A trained leaf outside the blocks that is not a head's (embeddings, their norm) gives 0."""
+        them once. ``gate_M``: LoRA module i trains iff gate_M[i] = 1 (`as_function`'s gate); None: all of them."""
         gate = np.ones(len(self.lora_modules)) if gate_M is None else np.asarray(gate_M)
+        paths = [("lora", m) for m, g in zip(self.lora_modules, gate) if g]
+        return self.lowest_block(paths + [("params", *p) for p in
+                                          traverse_util.flatten_dict(self.trainable.get("params", {}))])
+
+    def lowest_block(self, paths) -> int:
+        """The lowest block holding one of the trainable leaves at ``paths`` (("lora", module, …) or ("params",
+        …), as in `groups`): a LoRA module's layer, a block parameter's block, 0 for any other parameter that is
+        not a head's (embeddings, their norm), ``model.num_layers`` for a head's or for none."""
         heads = {m.path for m in self.model.modules if m.layer is None and m.name.startswith(HEAD_MODULE_PREFIXES)}
         n = self.model.num_layers
-        layers = [self.model.module(m).layer for m, g in zip(self.lora_modules, gate) if g]
-        for path in traverse_util.flatten_dict(self.trainable.get("params", {})):
-            if path[0] == "layers":
-                layers.append(path[1])
-            elif not any(path[:len(h)] == h for h in heads):
-                layers.append(0)
-        return min([n, *(n if i is None else i for i in layers)])
+        blocks = [n]
+        for path in paths:
+            if path[0] == "lora":
+                layer = self.model.module(path[1]).layer
+                blocks.append(n if layer is None else layer)
+            elif path[1] == "layers":
+                blocks.append(path[2])
+            elif not any(path[1:1 + len(h)] == h for h in heads):
+                blocks.append(0)
+        return min(blocks)
 
     def num_params(self, name: str | None = None) -> int:
         flat = traverse_util.flatten_dict(self.trainable)

@@ -48,6 +48,7 @@ from ._util import per_example
 from .adapters import Adapted, AdaptedFunction, model_kwargs
 from .models.base import check_inputs
 from .models.layers import at_least_float32, master_dtype
+from .prefix import PREFIX_KEY
 
 SIGN_EPS = _ntk.SIGN_EPS
 IMPLEMENTATIONS = ("auto", "structured", "jacobian_contraction", "ntk_vector_products")
@@ -79,9 +80,11 @@ def _group_leaves(adapted: Adapted, modules: Sequence[str]):
     return plan
 
 
-def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, trace: bool, inits: int | None = None):
+def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, trace: bool, inits: int | None = None,
+                     start_layer: int = 0):
     """inits: None, the tile of one ``trainable`` tree; an int, of a tuple of that many inits sharing one forward
-    (`module_ntks`), each module's kernel then a tuple of one per init."""
+    (`module_ntks`), each module's kernel then a tuple of one per init. start_layer > 0: the model from that block
+    on, from each batch's "prefix_hidden_BLD"."""
     model, scale = adapted.model, adapted.lora_scale
     count = 1 if inits is None else inits
     tapped = [n for n in modules if plan[n]["dense"] is not None and (plan[n]["lora"] or plan[n]["own"])]
@@ -89,8 +92,9 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
     kwargs = model_kwargs(output_fn)
 
     def outputs(trainable, frozen, probes, batch):
+        start = {"start_layer": start_layer, "hidden_BLD": batch[PREFIX_KEY]} if start_layer else {}
         out, inputs = adapted.tapped_apply(trainable, frozen, probes, batch["input_ids"], batch["attention_mask"],
-                                           capture=tapped, **kwargs)
+                                           capture=tapped, **kwargs, **start)
         return (out if output_fn is None else output_fn(out, batch)), inputs
 
     def factors(batch, trainable, frozen):
@@ -195,8 +199,8 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
     return _gram.RowFactored(rows, pair)
 
 
-def _jacobian_tile(adapted: Adapted, modules, output_fn, kernel: str, trace: bool):
-    f = adapted.as_function(output_fn)
+def _jacobian_tile(adapted: Adapted, modules, output_fn, kernel: str, trace: bool, start_layer: int):
+    f = dataclasses.replace(adapted.as_function(output_fn), start_layer=start_layer)
 
     def jac(batch, trainable):
         per = jax.vmap(lambda b: _ntk.jacrev_per_output(per_example(f))(trainable, b))
@@ -220,8 +224,8 @@ def _jacobian_tile(adapted: Adapted, modules, output_fn, kernel: str, trace: boo
     return tile
 
 
-def _ntvp_tile(adapted: Adapted, modules, output_fn, trace: bool):
-    f = adapted.as_function(output_fn)
+def _ntvp_tile(adapted: Adapted, modules, output_fn, trace: bool, start_layer: int):
+    f = dataclasses.replace(adapted.as_function(output_fn), start_layer=start_layer)
 
     def tile(x1, x2, trainable, frozen):
         del frozen
@@ -246,18 +250,19 @@ def _ntvp_tile(adapted: Adapted, modules, output_fn, trace: bool):
 _TILES: "weakref.WeakKeyDictionary[Adapted, dict]" = weakref.WeakKeyDictionary()
 
 
-def tile_function(adapted, modules, output_fn, kernel, trace, implementation, inits: int | None = None):
+def tile_function(adapted, modules, output_fn, kernel, trace, implementation, inits: int | None = None,
+                  start_layer: int = 0):
     """One tile function per request, kept while ``adapted`` lives, so a second call does not recompile."""
     cache = _TILES.setdefault(adapted, {})
-    key = (modules, output_fn, kernel, trace, implementation, inits)
+    key = (modules, output_fn, kernel, trace, implementation, inits, start_layer)
     if key not in cache:
         if implementation == "structured":
             cache[key] = _structured_tile(adapted, modules, _group_leaves(adapted, modules), output_fn, kernel,
-                                          trace, inits)
+                                          trace, inits, start_layer)
         elif implementation == "jacobian_contraction":
-            cache[key] = _jacobian_tile(adapted, modules, output_fn, kernel, trace)
+            cache[key] = _jacobian_tile(adapted, modules, output_fn, kernel, trace, start_layer)
         else:
-            cache[key] = _ntvp_tile(adapted, modules, output_fn, trace)
+            cache[key] = _ntvp_tile(adapted, modules, output_fn, trace, start_layer)
     return cache[key]
 
 
@@ -266,7 +271,7 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
                 output_fn: Optional[Callable] = None, block_size: int | None = None,
                 accumulate_dtype=np.float64, progress: bool = False, checkpoint_dir: str | None = None,
                 key: str = "", mesh=None, sharding: _gram.ShardingSpec = _gram.ShardingSpec(),
-                reduce: str = "sum", cache_bytes: int | None = None) -> dict[str, np.ndarray]:
+                reduce: str = "sum", cache_bytes: int | None = None, start_layer: int = 0) -> dict[str, np.ndarray]:
     """``{module: K_m}`` for every name in ``adapted.modules`` (or ``modules``), at ``trainable`` (default θ0).
 
     ``trainable`` may also be a list of trees (several LoRA inits, e.g. one per seed): the result is then a list
@@ -285,6 +290,11 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
     for every tile that needs them, up to ``cache_bytes`` (then recomputed per tile; None: a quarter of the
     device's memory where it reports one, else 2 GiB). ``block_size=None`` is one tile of every row: on a CPU,
     blocks of 32–64 examples are faster (MiniLM, N = 256: 10.3 s in blocks of 64, 25.0 s as one tile).
+
+    ``start_layer`` > 0: the model from that block on (`jaxlin.prefix`), each batch carrying the hidden states
+    entering it, "prefix_hidden_BLD" (`FrozenPrefix.attach`, so right-padded); every module must lie at or above
+    it. The blocks below then run once per example, in the prefix, not in every kernel pass: the same kernels up
+    to float rounding.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
@@ -294,9 +304,13 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
         raise ValueError(f"reduce={reduce!r} is not one of {_ntk.REDUCES}")
     if tuple(trace_axes) not in ((), (-1,), (1,)):
         raise ValueError(f"trace_axes={trace_axes!r}: module kernels support () (full (N1, N2, O, O)) or (-1,)")
+    if not 0 <= start_layer <= adapted.model.num_layers:
+        raise ValueError(f"start_layer={start_layer} must lie in [0, {adapted.model.num_layers}] (the model's blocks)")
+    keys = ("input_ids", "attention_mask") + ((PREFIX_KEY,) if start_layer else ())
     for b, name in ((batch1, "batch1"), (batch2, "batch2")):
-        if b is not None and not {"input_ids", "attention_mask"} <= set(b):
-            raise ValueError(f"{name} must be a mapping with 'input_ids' and 'attention_mask'; got keys {list(b)}")
+        if b is not None and not set(keys) <= set(b):
+            raise ValueError(f"{name} must be a mapping with {list(keys)}; got keys {list(b)}" + (
+                f" (start_layer={start_layer}: pass FrozenPrefix.attach(batch))" if start_layer else ""))
         if b is not None:
             check_inputs(adapted.model, b["input_ids"], b["attention_mask"])
     if isinstance(trainable, (list, tuple)):
@@ -304,11 +318,15 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
             trace_axes=trace_axes, kernel=kernel, implementation=implementation, modules=modules, output_fn=output_fn,
             block_size=block_size, accumulate_dtype=accumulate_dtype, progress=progress,
             checkpoint_dir=checkpoint_dir, key=key, mesh=mesh, sharding=sharding, reduce=reduce,
-            cache_bytes=cache_bytes))
+            cache_bytes=cache_bytes, start_layer=start_layer))
     modules = tuple(adapted.modules if modules is None else modules)
     unknown = [m for m in modules if m not in adapted.groups]
     if unknown:
         raise ValueError(f"modules {unknown} are not trainable in this adapted model; choose from {adapted.modules}")
+    below = [m for m in modules if adapted.lowest_block(adapted.groups[m]) < start_layer]
+    if below:  # the prefix's blocks are inputs here: their parameters would get no gradient
+        raise ValueError(f"modules {below} lie below start_layer={start_layer}; pass a start_layer at or below "
+                         f"their lowest block")
     trace = tuple(trace_axes) != ()
     trainable = adapted.trainable if trainable is None else trainable
     if implementation == "auto":
@@ -317,10 +335,10 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
         raise ValueError("kernel='sign' is not available with implementation='ntk_vector_products'; "
                          "use 'structured' or 'jacobian_contraction'")
     inits = len(trainable.inits) if isinstance(trainable, _Inits) else None
-    tile = tile_function(adapted, modules, output_fn, kernel, trace, implementation, inits)
+    tile = tile_function(adapted, modules, output_fn, kernel, trace, implementation, inits, start_layer)
     trainable = trainable if inits is None else tuple(trainable.inits)
-    x1 = {k: jnp.asarray(batch1[k]) for k in ("input_ids", "attention_mask")}
-    x2 = None if batch2 is None else {k: jnp.asarray(batch2[k]) for k in ("input_ids", "attention_mask")}
+    x1 = {k: jnp.asarray(batch1[k]) for k in keys}
+    x2 = None if batch2 is None else {k: jnp.asarray(batch2[k]) for k in keys}
     symmetric = x2 is None and kernel == "ntk"
     if x2 is None and not symmetric:
         x2 = x1
@@ -332,7 +350,8 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
     outs = [{n: out[n] if inits is None else out[n][i] for n in modules} for i in range(inits or 1)]
     if trace and reduce == "mean":
         first = trainable if inits is None else trainable[0]
-        o = jax.eval_shape(adapted.as_function(output_fn), first, x1).shape[-1]
+        f = dataclasses.replace(adapted.as_function(output_fn), start_layer=start_layer)
+        o = jax.eval_shape(f, first, x1).shape[-1]
         outs = [{n: k / o for n, k in out.items()} for out in outs]
     return outs[0] if inits is None else outs
 
@@ -373,14 +392,15 @@ def _several_inits(adapted, batch1, batch2, trees, kw) -> list[dict[str, np.ndar
 
 
 def _structured_builder(f, spec: _ntk.KernelSpec):
-    """``empirical_ntk_fn(f, implementation="structured")`` for ``f = adapted.as_function()`` (ungated): the sum
-    of the module kernels of one tile (pure and jit-able; no host-side tiling). Other functions, a gated one
-    included, are refused (use module_ntks on the ungated model)."""
+    """``empirical_ntk_fn(f, implementation="structured")`` for ``f = adapted.as_function()`` (ungated; from block
+    ``f.start_layer`` on for a frozen prefix's function, `jaxlin.prefix`): the sum of the module kernels of one
+    tile (pure and jit-able; no host-side tiling). Other functions, a gated one included, are refused (use
+    module_ntks on the ungated model)."""
     if not isinstance(f, AdaptedFunction) or f.gate_M is not None:
         raise ValueError(_ntk.STRUCTURED_NEEDS_MODEL)
     adapted, modules = f.adapted, f.adapted.modules
     tile = _structured_tile(adapted, modules, _group_leaves(adapted, modules), f.output_fn, spec.kernel,
-                            trace=bool(spec.trace_axes))
+                            trace=bool(spec.trace_axes), start_layer=f.start_layer)
 
     def ntk(x1, x2, params):
         k = sum(tile(x1, x2, params, f.frozen).values())

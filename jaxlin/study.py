@@ -14,7 +14,9 @@ train step and one eval forward per padded length, whichever objective (`run_stu
 `module_ntks` pass gives, for every seed, the full (N, N, O, O) float64 kernel of every candidate module (float32
 tiles unless jax_enable_x64): at init B0 = 0, so the seeds share every forward and backward pass and differ only in
 their LoRA features (`module_ntks` with a list of trainables); a smaller calibration set that is a prefix of the larger one (modes "first", "random")
-takes its leading block.
+takes its leading block. With `StudyConfig.frozen_prefix` the kernel passes and f0 run from the candidates' lowest
+block (`module_ntks(start_layer=)`), on the hidden states below it that the runs starting there read too: one
+`jaxlin.prefix.FrozenPrefix` per block, computed once per example for the kernels, the runs and every seed.
 
 Statistics: `spectrum.kernel_statistics` (the paper's exact choice is unknown, docs/paper.md §0, so each is
 reported), with r0 = onehot(y) − f0 on the calibration set for the ridge objective. Names: plain for the first
@@ -110,9 +112,10 @@ class StudyConfig:
       the first seed, the study's budget) and record its outcomes; False records only what each method chose,
       its scores and statistics (one seed per method cannot rank methods whose accuracies differ by less than
       the seeds do, and the training costs minutes). data_seed: seeds the (shared) training batch order.
-    frozen_prefix: train and evaluate each configuration from its lowest adapted block, the blocks below computed
-      once per block for every seed, since gated off they are the base model's (`jaxlin.prefix`; the same results
-      up to float rounding, one compiled step per block).
+    frozen_prefix: train and evaluate each configuration from its lowest adapted block, and compute the kernels
+      and f0 from the candidates' lowest block; the blocks below, gated off (or at B0 = 0) and so the base
+      model's, are computed once per example for the kernels, the runs and every seed together (`jaxlin.prefix`;
+      the same results up to float rounding, one compiled step per block).
       Off by default: on the short studies measured (the "quick" and "default" budgets) its extra compiles and
       prefix forwards cost more than it saved; on in "powered", whose runs repay it (benchmarks/RESULTS.md).
     """
@@ -437,9 +440,34 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     is_prefix = {n: calibration[n].texts == calibration[largest].texts[:n]
                  and np.array_equal(calibration[n].labels, calibration[largest].labels[:n]) for n in calibration}
 
+    longest = data.round_up(c.max_length, c.pad_to_multiple_of)  # one prefix program for every batch
+    frozen_prefixes = {}  # block -> its FrozenPrefix, whose rows a higher block's prefix runs on from
+    prefixes = {}  # block -> the training, eval and train-eval batches with that block's input attached
+
+    def shared_prefix(f):
+        """(f from its lowest trained block on, that block's FrozenPrefix), or (f, None) where that block is the
+        first or the frozen prefix is off. The blocks below hold modules gated off or at B0 = 0, so their hidden
+        states are the base model's: the same for f0, the kernel passes, every configuration that starts at that
+        block and every seed, so one FrozenPrefix per block serves them all (run on from the rows of the highest
+        block below it that has one)."""
+        prefix = prefix_of(f, adapted.trainable, length=longest) if c.frozen_prefix and plan is None else None
+        if prefix is None:
+            return f, None
+        if prefix.start_layer not in frozen_prefixes:
+            below = max((k for k in frozen_prefixes if k < prefix.start_layer), default=None)
+            frozen_prefixes[prefix.start_layer] = prefix_of(f, adapted.trainable, length=longest,
+                                                            below=frozen_prefixes.get(below))
+        return prefix.function, frozen_prefixes[prefix.start_layer]
+
+    # f0 and the kernels from the candidates' lowest block on, on the rows of that block's prefix: the runs that
+    # start there read the same rows, and those above run on from them
+    f_all, prefix_all = shared_prefix(adapted.as_function(output_fn, gate=gate_vector(adapted, candidates)))
+
+    def on_prefix(batch):  # the batch as f_all reads it: with its hidden states at f_all's first block
+        return batch if prefix_all is None else prefix_all.attach(batch)
+
     def f0(batches):  # f(θ0) (N, O) of the readout in dataset order; the same for every seed (B0 = 0)
-        return evaluate(adapted.as_function(output_fn, gate=gate_vector(adapted, candidates)), adapted.trainable,
-                        own(batches), **fit_kw)["logits"]
+        return evaluate(f_all, adapted.trainable, [on_prefix(b) for b in own(batches)], **fit_kw)["logits"]
 
     def residual(n):  # r0 = onehot(y) − f0 (N, O) on calibration set n
         f0_NO = f0(data.batches(calibration[n], tokenizer, batch_size=c.eval_batch_size, **padding))
@@ -463,26 +491,16 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         timings["krr_s"] += time.perf_counter() - t0
         return fields if math.isfinite(fields["krr_eval_accuracy"]) else {**fields, "krr_message": message}
 
-    prefixes = {}  # block -> the training, eval and train-eval batches with that block's input attached
-    frozen_prefixes = {}  # block -> its FrozenPrefix, whose rows a higher block's prefix runs on from
-
-    def from_prefix(seed, f):
+    def from_prefix(f):
         """f and its (training, eval, train-eval) batches, from f's lowest trained block on when that is not the
-        first. The blocks below have every module gated off, so their hidden states are the base model's: the
-        same for every configuration that starts at that block and for every seed (one prefix pass per block,
-        from the highest block below it that has one)."""
-        longest = data.round_up(c.max_length, c.pad_to_multiple_of)  # one prefix program for every batch
-        use = c.frozen_prefix and plan is None
-        prefix = prefix_of(f, adapters[seed].trainable, length=longest) if use else None
+        first (`shared_prefix`)."""
+        f, prefix = shared_prefix(f)
         if prefix is None:
             return f, (step_batches, eval_batches, train_eval_batches)
         if prefix.start_layer not in prefixes:
-            below = max((k for k in frozen_prefixes if k < prefix.start_layer), default=None)
-            prefix = prefix_of(f, adapters[seed].trainable, length=longest, below=frozen_prefixes.get(below))
-            frozen_prefixes[prefix.start_layer] = prefix
             prefixes[prefix.start_layer] = tuple([prefix.attach(b) for b in bs] for bs in (
                 step_batches, eval_batches, train_eval_batches))
-        return prefix.function, prefixes[prefix.start_layer]
+        return f, prefixes[prefix.start_layer]
 
     def checkpoint_kw(seed, modules):  # a directory per trained run, named by what it trains
         digest = hashlib.sha256(json.dumps(sorted(modules)).encode()).hexdigest()[:16]
@@ -493,7 +511,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         key = (seed, frozenset(modules))
         if key not in trained:
             t0 = time.perf_counter()
-            f, (steps_b, eval_b, train_eval_b) = from_prefix(seed, gated(adapted, gate_vector(adapted, modules)))
+            f, (steps_b, eval_b, train_eval_b) = from_prefix(gated(adapted, gate_vector(adapted, modules)))
             result = fit(f, adapters[seed].trainable, lambda epoch: steps_b, config=train_config,
                          optimizer=optimizer, loss_fn=objective.loss_fn(f), progress=False, **fit_kw,
                          **checkpoint_kw(seed, modules))
@@ -514,8 +532,9 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
         return record
 
     def kernels_of(batch1, batch2=None, **kw):  # seed → {module: K_m}: one pass serves every seed (B0 = 0)
-        found = module_ntks(adapted, batch1, batch2, trace_axes=(), modules=candidates, output_fn=output_fn,
-                            trainable=[adapters[s].trainable for s in c.seeds], mesh=mesh, **kw)
+        found = module_ntks(adapted, on_prefix(batch1), None if batch2 is None else on_prefix(batch2), trace_axes=(),
+                            modules=candidates, output_fn=output_fn, trainable=[adapters[s].trainable for s in c.seeds],
+                            mesh=mesh, start_layer=f_all.start_layer, **kw)
         return dict(zip(c.seeds, found))
 
     t0 = time.perf_counter()
