@@ -164,6 +164,8 @@ class StudySection:
     dataset: str | None = _key(None, "study_dataset")  # the study's own data set (the forms of data.dataset),
     # split to the study preset's num_train and num_eval with the data section's other keys; None = the run's data
     eval_split: str | None = _key(None, "study_eval_split")  # its eval split with study.dataset; None = data's
+    targets: tuple[str, ...] | None = _key(None, "study_targets")  # the study's candidate modules; None = lora's
+    layers: tuple[int, ...] | None = _key(None, "study_layers")  # their layers; None = lora.layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,14 +304,17 @@ class RunConfig:
         return self.kernel.block_size or self.data.num_calibration
 
     def study_config(self):
-        """`jaxlin.study.StudyConfig`: the ``study.preset`` with this run's LoRA, head choice, seed, selection
-        budget, and the configurations and seeds chosen here (None keeps the preset's)."""
+        """`jaxlin.study.StudyConfig`: the ``study.preset`` with this run's LoRA rank and alpha, head choice, seed,
+        selection budget, the candidate modules (``study.targets`` and ``study.layers``, None: the ``lora``
+        section's), and the configurations and seeds chosen here (None keeps the preset's)."""
         from .study import study_preset  # imports adapters, which imports this module: a cycle at the top
 
         s, lo = self.study, self.lora
         chosen = {k: v for k, v in (("configurations", s.configurations), ("seeds", s.seeds),
                                     ("train_selections", s.train_selections)) if v is not None}
-        return dataclasses.replace(study_preset(s.preset), targets=tuple(lo.targets), layers=lo.layers,
+        targets = tuple(lo.targets if s.targets is None else s.targets)
+        layers = lo.layers if s.layers is None else s.layers
+        return dataclasses.replace(study_preset(s.preset), targets=targets, layers=layers,
                                    rank=lo.rank, alpha=lo.alpha, selection_budget=s.selection_budget,
                                    train_head=self.model.train_head, data_seed=self.model.seed, **chosen)
 
@@ -329,7 +334,8 @@ def _flat_keys() -> dict[str, tuple[str | None, str]]:
 
 FLAT_KEYS = _flat_keys()
 ADDED_KEYS = frozenset({"readout", "label_words", "prompt_template", "objective", "frozen_prefix",
-                        "eval_split", "dtype", "train_selections", "study_dataset", "study_eval_split"})
+                        "eval_split", "dtype", "train_selections", "study_dataset", "study_eval_split",
+                        "study_targets", "study_layers"})
 # flat keys added after results were first stored (frozen_prefix: the same results up to float rounding)
 FLAT_OF = {where: flat for flat, where in FLAT_KEYS.items()}
 DOTTED = {flat: (name if section is None else f"{section}.{name}") for flat, (section, name) in FLAT_KEYS.items()}
@@ -654,10 +660,13 @@ def _validate(c: RunConfig):
     check(c.study.configurations is None or (len(c.study.configurations) > 0
                                              and all(f in families for f in c.study.configurations)),
           "study.configurations", f"None or one or more of {', '.join(families)}")
-    check(len(c.lora.targets) > 0 and all(isinstance(t, str) and t for t in c.lora.targets), "lora.targets",
-          "one or more module names")
-    check(c.lora.layers is None or (len(c.lora.layers) > 0 and all(_is_int(i, 0) for i in c.lora.layers)),
-          "lora.layers", "None or layer indices ≥ 0")
+    for section in ("lora", "study"):
+        targets, layers = c.get(f"{section}.targets"), c.get(f"{section}.layers")
+        check((targets is None and section == "study")
+              or (len(targets) > 0 and all(isinstance(t, str) and t for t in targets)), f"{section}.targets",
+              "one or more module names" + (", or None (lora.targets)" if section == "study" else ""))
+        check(layers is None or (len(layers) > 0 and all(_is_int(i, 0) for i in layers)), f"{section}.layers",
+              "None" + (" (lora.layers)" if section == "study" else "") + " or layer indices ≥ 0")
     check(c.data.label_names is None or (len(c.data.label_names) >= 2
                                          and all(isinstance(n, str) for n in c.data.label_names)),
           "data.label_names", "None or two or more class names")

@@ -43,7 +43,8 @@ NEW_FLAT = {"readout": "model.readout", "label_words": "model.label_words",
             "prompt_template": "model.prompt_template", "objective": "train.objective",
             "frozen_prefix": "train.frozen_prefix", "eval_split": "data.eval_split",
             "dtype": "model.dtype", "train_selections": "study.train_selections",
-            "study_dataset": "study.dataset", "study_eval_split": "study.eval_split"}
+            "study_dataset": "study.dataset", "study_eval_split": "study.eval_split",
+            "study_targets": "study.targets", "study_layers": "study.layers"}
 ALL_KEYS = {**OLD_FLAT, **NEW_FLAT, **MESH_KEYS, **EXECUTION_KEYS}
 
 NESTED_TOML = """preset = "quick"
@@ -244,6 +245,11 @@ def test_the_default_study_is_the_powered_design_on_its_own_data_and_runs_when_a
     assert preset("quick").study_run_config() is None  # without study.dataset the study runs on the run's data
     assert not s.train_selections and override(c, {"train_selections": "true"}).study_config().train_selections
     assert preset("quick").study_config().train_selections  # None keeps the study preset's
+    lora = override(c, {"targets": "query", "layers": "4,5"}).study_config()  # candidates: the lora section's ...
+    assert (lora.targets, lora.layers) == (("query",), (4, 5))
+    own = override(c, {"targets": "query", "layers": "4,5", "study_targets": "key,value"}).study_config()
+    assert (own.targets, own.layers) == (("key", "value"), (4, 5))  # ... unless the study names its own
+    assert override(c, {"study.layers": "1"}).study_config().layers == (1,)
     with pytest.raises(ConfigError, match="train_selections=.maybe. must be true or false"):
         override(c, {"study": {"train_selections": "maybe"}})
 
