@@ -399,7 +399,11 @@ PRESETS: dict[str, dict] = {
                 "train": dict(lambdas=(0.01, 0.1, 1.0, 10.0, 100.0), steps=100, batch_size=16, learning_rate=1e-3),
                 "dynamics": dict(steps=20),
                 "probe": dict(radii=(0.03, 0.1, 0.3, 1.0), directions=4, tangents=2),
-                "study": dict(preset="quick", configurations=("layer",), seeds=(0, 1, 2), selection_budget=2)},
+                # the default's powered study, on SmolLM2's upper three blocks: 3 "layer" + 21 "single"
+                # configurations of its attention and MLP projections
+                "study": dict(POWERED_STUDY, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                      "down_proj"), layers=(27, 28, 29)),
+                "stages": tuple(s for s in STAGES if s != "study")},
     # the default preset's powered study and its report only (`--stages` adds the other stages)
     "study": {"study": POWERED_STUDY, "stages": ("study", "report")},
     # every stage of `decoder` at the smallest sizes that exercise it (the test suite runs it end to end)
