@@ -220,8 +220,12 @@ def verdict_rows(results: dict) -> list[dict]:
     preset = f", study preset {study['preset']!r}" if isinstance(study, dict) and "preset" in study else ""
     correlation = results.get("correlation")
     study_data = correlation.get("data", data) if isinstance(correlation, dict) else data
-    study_source = (f"{model['source']}; {study_data['dataset']}, {study_data['num_eval']} eval examples"
-                    f"{' (the study’s own data)' if study_data['dataset'] != data['dataset'] else ''}{preset}")
+    own = study.get("dataset") if isinstance(study, dict) else None  # study.dataset, when the study did not run
+    if is_skipped(correlation) and own:
+        study_source = f"{model['source']}; {own} (the study’s own data){preset}"
+    else:
+        study_source = (f"{model['source']}; {study_data['dataset']}, {study_data['num_eval']} eval examples"
+                        f"{' (the study’s own data)' if study_data['dataset'] != data['dataset'] else ''}{preset}")
     return [
         _sweep_row(results, source),
         _study_row(results, CLAIM_LINEAR, "study: Spearman(KRR eval accuracy, fine-tuned eval accuracy) > 0 (H3)",

