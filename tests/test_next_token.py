@@ -205,6 +205,7 @@ def test_the_study_stage_trains_the_run_objective(monkeypatch, words):
     assert "study" in config.stages and config.train.objective == "next_token"
     seen = []
     monkeypatch.setattr(pipeline, "run_study", lambda *args, **kwargs: seen.append(kwargs["objective"]) or {})
+    monkeypatch.setattr(pipeline, "data_summary", lambda ctx: {})  # this context holds no data
     for name, readout_ in (("next_token", readout), ("classification", readout), ("classification", None)):
         ctx = SimpleNamespace(config=override(config, {"objective": name, "checkpoint_every": 0}), model=None,
                               train=None, eval=None,
