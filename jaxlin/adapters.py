@@ -139,13 +139,14 @@ class Adapted:
                     for k, v in trainable["lora"][m].items()} for i, m in enumerate(self.lora_modules)}
         return {**trainable, "lora": lora}
 
-    def as_function(self, output_fn: Callable | None = None, gate=None) -> "AdaptedFunction":
+    def as_function(self, output_fn: Callable | None = None, gate=None, start_layer: int = 0) -> "AdaptedFunction":
         """``f(trainable, batch) -> outputs`` of this model (see `AdaptedFunction`), the one form in which
         kernels, training, the probe, the study and the pipeline take an adapted model.
 
         ``output_fn(outputs, batch)`` maps the model's outputs to (B, O) (e.g. label-word logits of a causal
         LM); ``gate``: 0/1 per LoRA module of ``lora_modules``: module i trains iff gate[i] = 1 (its factors
-        enter as g·x + (1 − g)·stop_gradient(x), the same value, with zero gradient where g = 0)."""
+        enter as g·x + (1 − g)·stop_gradient(x), the same value, with zero gradient where g = 0); ``start_layer``:
+        the model from that block on, from each batch's "prefix_hidden_BLD" (`jaxlin.prefix`)."""
         if gate is not None:
             gate, n = np.asarray(gate), len(self.lora_modules)
             if not n:
@@ -155,7 +156,7 @@ class Adapted:
                 raise ValueError(f"gate must be {n} values in {{0, 1}}, one per LoRA module of lora_modules; got "
                                  f"{gate}")
             gate = jnp.asarray(gate, self.trainable["lora"][self.lora_modules[0]]["a"].dtype)
-        return AdaptedFunction(self, self.frozen, output_fn, gate)
+        return AdaptedFunction(self, self.frozen, output_fn, gate, start_layer)
 
     def first_trained_layer(self, gate_M=None) -> int:
         """The lowest block that holds a trained parameter (``model.num_layers`` when only the head trains). The
@@ -211,22 +212,28 @@ class AdaptedFunction:
     def __call__(self, trainable, batch):
         if self.gate_M is not None:
             trainable = self.adapted.gated(trainable, self.gate_M)
-        kwargs = model_kwargs(self.output_fn)
-        if self.start_layer:
-            kwargs.update(start_layer=self.start_layer, hidden_BLD=batch["prefix_hidden_BLD"])
-        out = self.adapted.apply(trainable, self.frozen, batch["input_ids"], batch["attention_mask"], **kwargs)
+        out = self.adapted.apply(trainable, self.frozen, batch["input_ids"], batch["attention_mask"],
+                                 **model_kwargs(self.output_fn), **prefix_kwargs(self.start_layer, batch))
         return out if self.output_fn is None else self.output_fn(out, batch)
 
     def hidden(self, trainable, batch, stop_layer: int):
         """(B, L, D): the hidden states entering block ``stop_layer`` (from the embeddings, or from block
         ``start_layer`` on the batch's "prefix_hidden_BLD")."""
-        kwargs = {"start_layer": self.start_layer, "hidden_BLD": batch["prefix_hidden_BLD"]} if self.start_layer else {}
         return self.adapted.apply(trainable, self.frozen, batch["input_ids"], batch["attention_mask"],
-                                  stop_layer=stop_layer, **kwargs)
+                                  stop_layer=stop_layer, **prefix_kwargs(self.start_layer, batch))
 
 
 jax.tree_util.register_dataclass(AdaptedFunction, data_fields=["frozen", "gate_M"],
                                  meta_fields=["adapted", "output_fn", "start_layer"])
+
+
+PREFIX_KEY = "prefix_hidden_BLD"  # a batch's hidden states entering its model function's first block (jaxlin.prefix)
+
+
+def prefix_kwargs(start_layer: int, batch) -> dict:
+    """The model call's keyword arguments to run from block ``start_layer`` on the batch's hidden states entering
+    it (none from block 0)."""
+    return {"start_layer": start_layer, "hidden_BLD": batch[PREFIX_KEY]} if start_layer else {}
 
 
 def model_kwargs(output_fn: Callable | None) -> dict:

@@ -45,10 +45,9 @@ from flax import traverse_util
 from . import gram as _gram
 from . import ntk as _ntk
 from ._util import per_example
-from .adapters import Adapted, AdaptedFunction, model_kwargs
+from .adapters import PREFIX_KEY, Adapted, AdaptedFunction, model_kwargs, prefix_kwargs
 from .models.base import check_inputs
 from .models.layers import at_least_float32, master_dtype
-from .prefix import PREFIX_KEY
 
 SIGN_EPS = _ntk.SIGN_EPS
 IMPLEMENTATIONS = ("auto", "structured", "jacobian_contraction", "ntk_vector_products")
@@ -92,9 +91,8 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
     kwargs = model_kwargs(output_fn)
 
     def outputs(trainable, frozen, probes, batch):
-        start = {"start_layer": start_layer, "hidden_BLD": batch[PREFIX_KEY]} if start_layer else {}
         out, inputs = adapted.tapped_apply(trainable, frozen, probes, batch["input_ids"], batch["attention_mask"],
-                                           capture=tapped, **kwargs, **start)
+                                           capture=tapped, **kwargs, **prefix_kwargs(start_layer, batch))
         return (out if output_fn is None else output_fn(out, batch)), inputs
 
     def factors(batch, trainable, frozen):
@@ -200,7 +198,7 @@ def _structured_tile(adapted: Adapted, modules, plan, output_fn, kernel: str, tr
 
 
 def _jacobian_tile(adapted: Adapted, modules, output_fn, kernel: str, trace: bool, start_layer: int):
-    f = dataclasses.replace(adapted.as_function(output_fn), start_layer=start_layer)
+    f = adapted.as_function(output_fn, start_layer=start_layer)
 
     def jac(batch, trainable):
         per = jax.vmap(lambda b: _ntk.jacrev_per_output(per_example(f))(trainable, b))
@@ -225,7 +223,7 @@ def _jacobian_tile(adapted: Adapted, modules, output_fn, kernel: str, trace: boo
 
 
 def _ntvp_tile(adapted: Adapted, modules, output_fn, trace: bool, start_layer: int):
-    f = dataclasses.replace(adapted.as_function(output_fn), start_layer=start_layer)
+    f = adapted.as_function(output_fn, start_layer=start_layer)
 
     def tile(x1, x2, trainable, frozen):
         del frozen
@@ -350,7 +348,7 @@ def module_ntks(adapted: Adapted, batch1, batch2=None, *, trace_axes=(-1,), kern
     outs = [{n: out[n] if inits is None else out[n][i] for n in modules} for i in range(inits or 1)]
     if trace and reduce == "mean":
         first = trainable if inits is None else trainable[0]
-        f = dataclasses.replace(adapted.as_function(output_fn), start_layer=start_layer)
+        f = adapted.as_function(output_fn, start_layer=start_layer)
         o = jax.eval_shape(f, first, x1).shape[-1]
         outs = [{n: k / o for n, k in out.items()} for out in outs]
     return outs[0] if inits is None else outs

@@ -19,9 +19,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from .adapters import AdaptedFunction
-
-PREFIX_KEY = "prefix_hidden_BLD"
+from .adapters import PREFIX_KEY, AdaptedFunction
 
 
 def _hidden(f: AdaptedFunction, trainable, batch, stop_layer: int):
