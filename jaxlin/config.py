@@ -292,9 +292,9 @@ class RunConfig:
         if s.dataset is None:
             return None
         study = self.study_config()
-        need = max(study.num_train, *(v["num_calibration"] for v in study.variants.values()))
         data = dataclasses.replace(self.data, dataset=s.dataset, eval_split=s.eval_split or self.data.eval_split,
-                                   num_train=max(need, self.data.num_train), num_eval=study.num_eval)
+                                   num_train=max(study.num_train, study.largest_calibration, self.data.num_train),
+                                   num_eval=study.num_eval)
         return dataclasses.replace(self, data=data, study=dataclasses.replace(s, dataset=None, eval_split=None),
                                    stages=("study",))
 

@@ -196,8 +196,8 @@ def data_summary(ctx: Context) -> dict:
 def _check_study_sizes(config: RunConfig, num_train: int, num_eval: int) -> None:
     """Refuse, before anything is loaded or computed, a study preset that asks for more examples than the run has."""
     study = config.study_config()
-    largest = max(v["num_calibration"] for v in study.variants.values())
-    for what, need, have, flag in (("training", max(study.num_train, largest), num_train, "--num-train"),
+    for what, need, have, flag in (("training", max(study.num_train, study.largest_calibration), num_train,
+                                    "--num-train"),
                                    ("eval", study.num_eval, num_eval, "--num-eval")):
         if need > have:
             raise ConfigError(f"the study preset {config.study.preset!r} uses {need} {what} examples but the run has "
@@ -476,7 +476,7 @@ def stage_study(ctx: Context):
                        objective=run_objective(ctx.config.train.objective, ctx.readout), progress=True,
                        mesh=ctx.mesh, **checkpointing(ctx, "study"))
     used = {"num_train": study.num_train, "num_eval": study.num_eval,  # the first of ctx's splits (run_study)
-            "num_calibration": max(v["num_calibration"] for v in study.variants.values())}
+            "num_calibration": study.largest_calibration}
     return {**result, "data": {**data_summary(ctx), **used}}, {}  # its own data with ``study.dataset``
 
 

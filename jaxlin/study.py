@@ -204,6 +204,11 @@ class StudyConfig:
                                          "prefix": "" if not out else f"{kernel}_n{n}."}
         return out
 
+    @property
+    def largest_calibration(self) -> int:
+        """Examples in the largest calibration set (of the statistics and of the KRR predictor's X)."""
+        return max(v["num_calibration"] for v in self.variants.values())
+
 
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
@@ -387,7 +392,7 @@ def run_study(model, train_data: data.TextDataset, eval_data: data.TextDataset, 
     check_readout(tokenizer, output_fn, train_data.num_classes)
     objective, gated, readout_logits = _study_objective(objective, tokenizer, output_fn)
     train_head = config.train_head and output_fn is None
-    largest = max(v["num_calibration"] for v in config.variants.values())
+    largest = config.largest_calibration
     for name, have, need in (("num_train", len(train_data), config.num_train), ("num_eval", len(eval_data),
                              config.num_eval), ("num_calibration(_large)", len(train_data), largest)):
         if have < need:
