@@ -41,7 +41,7 @@ __all__ = [
     "DataError", "TextDataset", "TokenizerLike", "PACKAGED_DATASETS", "EVAL_SPLITS", "load_dataset",
     "train_eval_split",
     "balanced_subset", "calibration_subset", "pad_batch", "encode", "batches", "one_hot_targets", "TokenCount",
-    "count_tokens", "bucket_multiple", "round_up",
+    "count_tokens", "bucket_multiple", "round_up", "length_groups", "pad_parts",
 ]
 
 # name -> (distribution, path inside site-packages)
@@ -472,10 +472,10 @@ def pad_batch(token_lists: Sequence[Sequence[int]], *, pad_token_id: int, pad_to
                 padding_side=padding_side, length=length)
 
 
-def _pad(token_lists, real_rows: int, *, pad_token_id: int, pad_to_multiple_of: int, padding_side: str,
-         length: int | None) -> dict[str, np.ndarray]:
-    """`pad_batch`, whose first `real_rows` rows are examples (the rest fill a short batch), counted by every
-    active `count_tokens`."""
+def _pad(token_lists, real_rows: int | np.ndarray, *, pad_token_id: int, pad_to_multiple_of: int,
+         padding_side: str, length: int | None) -> dict[str, np.ndarray]:
+    """`pad_batch`, whose first `real_rows` rows (or the rows where a boolean `real_rows` is True) are examples
+    (the rest fill a short batch), counted by every active `count_tokens`."""
     if padding_side not in ("right", "left"):
         raise DataError(f"padding_side={padding_side!r}; use 'right' (encoders) or 'left' (decoders)")
     longest = max((len(t) for t in token_lists), default=0)
@@ -488,8 +488,9 @@ def _pad(token_lists, real_rows: int, *, pad_token_id: int, pad_to_multiple_of: 
     for i, t in enumerate(token_lists):
         cols = slice(0, len(t)) if padding_side == "right" else slice(length - len(t), length)
         ids[i, cols], mask[i, cols] = t, 1
+    real = mask[:real_rows] if isinstance(real_rows, (int, np.integer)) else mask[np.asarray(real_rows, bool)]
     for count in _COUNTS.get():
-        count.real += int(mask[:real_rows].sum())
+        count.real += int(real.sum())
         count.processed += int(mask.size)
     return {"input_ids": ids, "attention_mask": mask}
 
@@ -535,6 +536,49 @@ def bucket_multiple(length: int, max_buckets: int = 4, step: int = 8) -> int:
     return step * min(d for d in range(1, units + 1) if units % d == 0 and units // d <= max_buckets)
 
 
+def length_groups(lengths_N, pad_to_multiple_of: int, max_parts: int, min_saving: float = 0.0) -> list[np.ndarray]:
+    """Rows of one batch split into at most `max_parts` groups of similar length, each to be padded to its own
+    longest rounded up to `pad_to_multiple_of`, so that the padded tokens Σ rows·length are fewest: groups are
+    runs of the rows sorted by length (stable), found by dynamic programming. One more group is taken only where
+    it cuts the padded tokens by more than `min_saving` (a fraction of those with one group fewer), so rows that
+    all round up to one length stay one group. Returns the groups' row indices."""
+    lengths_N = np.asarray(lengths_N)
+    order = np.argsort(lengths_N, kind="stable")
+    padded = np.array([round_up(max(int(n), 1), pad_to_multiple_of) for n in lengths_N[order]])
+    n = len(order)
+    # best[p][k]: fewest tokens for the first k sorted rows in p groups; cut[p][k]: where its last group starts
+    best = [[0] + [np.inf] * n] + [[np.inf] * (n + 1) for _ in range(max_parts)]
+    cut = [[0] * (n + 1) for _ in range(max_parts + 1)]
+    for p in range(1, max_parts + 1):
+        for k in range(1, n + 1):
+            for j in range(k):
+                cost = best[p - 1][j] + (k - j) * padded[k - 1]
+                if cost < best[p][k]:
+                    best[p][k], cut[p][k] = cost, j
+    parts = 1
+    while parts < max_parts and best[parts + 1][n] < (1 - min_saving) * best[parts][n]:
+        parts += 1
+    groups, k = [], n
+    for p in range(parts, 0, -1):
+        groups.append(order[cut[p][k]:k])
+        k = cut[p][k]
+    return [g for g in reversed(groups) if len(g)]
+
+
+def pad_parts(token_lists, real_rows: np.ndarray, *, pad_token_id: int, pad_to_multiple_of: int,
+              padding_side: str, max_parts: int, min_saving: float = 0.0
+              ) -> tuple[np.ndarray, tuple[dict[str, np.ndarray], ...]]:
+    """One batch's rows as up to `max_parts` parts of similar length (`length_groups`, with `min_saving`), each
+    padded to its own longest rounded up: (order, parts), order[i] the row of `token_lists` at position i of the
+    parts concatenated. A model sees the same examples as in one batch padded to the longest, with less padding.
+    `real_rows`: boolean (B,), the rows that are examples (counted by `count_tokens`)."""
+    groups = length_groups([len(t) for t in token_lists], pad_to_multiple_of, max_parts, min_saving)
+    parts = tuple(_pad([token_lists[i] for i in g], np.asarray(real_rows, bool)[g], pad_token_id=pad_token_id,
+                       pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side, length=None)
+                  for g in groups)
+    return np.concatenate(groups), parts
+
+
 def encode(dataset: TextDataset, tokenizer: TokenizerLike, *, max_length: int, padding_side: str = "right",
            pad_to_multiple_of: int = 8) -> dict[str, np.ndarray]:
     """All of `dataset` as one batch (for small calibration sets): ids and mask (N, L) padded only to the
@@ -547,7 +591,7 @@ def encode(dataset: TextDataset, tokenizer: TokenizerLike, *, max_length: int, p
 def batches(dataset: TextDataset, tokenizer: TokenizerLike, *, batch_size: int, max_length: int,
             shuffle: bool = False, seed: int = 0, bucket: bool = True, drop_last: bool = False,
             padding_side: str = "right", pad_to_multiple_of: int = 8,
-            bucket_batches: int = 50) -> Iterator[dict[str, np.ndarray]]:
+            bucket_batches: int = 50, max_parts: int = 1, min_saving: float = 0.0) -> Iterator[dict]:
     """One epoch of fixed-size batches with real lengths.
 
     Each batch has ``input_ids``/``attention_mask`` int32 (batch_size, L), ``labels`` int32,
@@ -558,6 +602,12 @@ def batches(dataset: TextDataset, tokenizer: TokenizerLike, *, batch_size: int, 
     A short last batch is filled up to batch_size with copies of its first row, marked ``example_mask``
     0 and ``index`` -1 (unless `drop_last`), so every batch has the same leading size and a jitted step
     does not recompile. Every example appears exactly once per epoch; same seed, same batches.
+
+    `max_parts` > 1 splits each batch into up to that many parts of similar length (`pad_parts`, with
+    `min_saving`), for large batches of mixed lengths (a full-batch step): the batch is then ``{"parts":
+    ({input_ids, attention_mask}, ...), "labels", "example_mask", "index"}``, its rows in the parts' order, and a
+    step runs the model on each part (`jaxlin.train.over_parts`). For one device: the parts' rows need not split
+    over a mesh.
     """
     if batch_size < 1 or max_length < 1:
         raise DataError(f"batch_size={batch_size} and max_length={max_length} must be positive")
@@ -575,9 +625,15 @@ def batches(dataset: TextDataset, tokenizer: TokenizerLike, *, batch_size: int, 
     for idx in groups:
         real = len(idx)
         idx = np.concatenate([idx, np.full(batch_size - real, idx[0])])
-        out = _pad([ids[i] for i in idx], real, pad_token_id=tokenizer.pad_token_id,
-                   pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side, length=None)
         example_mask = (np.arange(batch_size) < real).astype(np.float32)
+        rows = [ids[i] for i in idx]
+        pad = dict(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+                   padding_side=padding_side)
+        if max_parts > 1:
+            order, parts = pad_parts(rows, example_mask > 0, max_parts=max_parts, min_saving=min_saving, **pad)
+            out, idx, example_mask = {"parts": parts}, idx[order], example_mask[order]
+        else:
+            out = _pad(rows, real, length=None, **pad)
         yield {**out, "labels": dataset.labels[idx].astype(np.int32), "example_mask": example_mask,
                "index": np.where(example_mask > 0, idx, -1)}
 

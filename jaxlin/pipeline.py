@@ -76,6 +76,11 @@ from .prefix import frozen_prefix
 from .train import fit, linearized_function, model_functions
 
 ORDER = STAGES
+# A full batch (dynamics, probe) is split into at most this many parts of similar length, a part added only where
+# it cuts the padded tokens by more than this fraction (Context.parts): each part is one more traced copy of the
+# model to compile (4–7 s a part in each stage on the default preset, whose dynamics and probe ran 51 s faster
+# cold with 2 parts and 27 s with 4; benchmarks/RESULTS.md, session 14)
+FULL_BATCH_PARTS, PART_MIN_SAVING = 4, 0.2
 
 
 @dataclasses.dataclass
@@ -125,15 +130,25 @@ class Context:
         at positions that depend on the padded length."""
         return data.bucket_multiple(self.length) if self.tokenizer.padding_side == "right" else self.length
 
+    @property
+    def parts(self) -> dict:
+        """How a full batch (the dynamics' steps, the probe) is split into parts of similar length
+        (`data.pad_parts` keywords): each pads to its own longest, so short examples are not padded to the
+        longest calibration example. On a mesh (whose rows must split over the data axis) one part."""
+        return {"max_parts": FULL_BATCH_PARTS if self.mesh is None else 1, "min_saving": PART_MIN_SAVING}
+
     def batch(self, dataset: TextDataset, *, bucketed: bool = False) -> dict:
         """All of `dataset` as one batch with int32 labels: padded to `length` (kernels: one tile shape), or with
-        `bucketed` to its longest example rounded up to `pad_multiple` (training and evaluation)."""
+        `bucketed` in `parts`, each padded to its longest example rounded up to `pad_multiple` (training and
+        evaluation; rows in the parts' order)."""
         tok = self.tokenizer
         ids = tok.encode_unpadded(list(dataset.texts), self.config.data.max_length)
-        out = data.pad_batch(ids, pad_token_id=tok.pad_token_id, length=None if bucketed else self.length,
-                             pad_to_multiple_of=self.pad_multiple, padding_side=tok.padding_side)
-        out["labels"] = np.asarray(dataset.labels, np.int32)
-        return out
+        labels = np.asarray(dataset.labels, np.int32)
+        pad = dict(pad_token_id=tok.pad_token_id, pad_to_multiple_of=self.pad_multiple, padding_side=tok.padding_side)
+        if bucketed and self.parts["max_parts"] > 1:
+            order, parts = data.pad_parts(ids, np.ones(len(ids), bool), **self.parts, **pad)
+            return {"parts": parts, "labels": labels[order]}
+        return {**data.pad_batch(ids, length=None if bucketed else self.length, **pad), "labels": labels}
 
 
 def environment() -> dict:
@@ -435,7 +450,7 @@ def stage_dynamics(ctx: Context):
     attach = (lambda b: b) if prefix is None else prefix.attach
     batches = lambda epoch: map(own_rows, map(attach, data.batches(  # noqa: E731
         ctx.calibration, ctx.tokenizer, batch_size=n, max_length=tc.max_length,
-        pad_to_multiple_of=tc.pad_to_multiple_of)))
+        pad_to_multiple_of=tc.pad_to_multiple_of, **ctx.parts)))
     measured = {name: fit(fn, theta0, batches, config=tc, progress=False,
                           mesh=ctx.mesh).train_loss
                 for name, fn in (("linearized", linearized), ("nonlinear", nonlinear))}

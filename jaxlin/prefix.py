@@ -59,6 +59,8 @@ class FrozenPrefix:
         return int(sum(r.nbytes for r in self._rows.values()))
 
     def attach(self, batch: dict) -> dict:
+        if "parts" in batch:  # a batch in parts of similar length (jaxlin.data.pad_parts): each its own rows
+            return {**batch, "parts": tuple(self.attach(part) for part in batch["parts"])}
         ids_BL, mask_BL = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
         lengths_B = mask_BL.sum(axis=1).astype(int)
         if not np.array_equal(mask_BL, np.arange(mask_BL.shape[1])[None, :] < lengths_B[:, None]):

@@ -62,6 +62,7 @@ from ._types import PyTree
 from .ntk import empirical_ntk_fn
 from .prefix import frozen_prefix as prefix_of
 from .sharding import place
+from .train import over_parts
 from .train_mesh import MeshPlan
 
 ESTIMATORS = ("jacobian", "remainder")
@@ -289,22 +290,26 @@ def linearity_probe(f: Callable, params0: PyTree, batch, *, radii: Sequence[floa
 
 
 def _call(trainable, batch, f):
-    return f(trainable, batch)
+    return over_parts(f, trainable, batch)
 
 
 def probe_adapted(adapted, batch, *, output_fn: Callable | None = None, frozen_prefix: bool = True, **kw) -> dict:
     """`linearity_probe` of f = adapted.as_function(output_fn) at θ0 = adapted.trainable; `batch` holds
     "input_ids" and "attention_mask" (for a label-word readout: ``readout.encode(texts)`` and ``output_fn=
-    readout.output_fn``, so f is the (N, C) label-word logits); keywords as linearity_probe. f travels in
+    readout.output_fn``, so f is the (N, C) label-word logits), or "parts" of them (`jaxlin.data.pad_parts`: the
+    same examples with less padding; the estimates do not depend on their order); keywords as linearity_probe. f travels in
     `f_args`, so the frozen weights are traced arguments (not baked constants) and repeated probes of one model
     share the jit cache. On a mesh (``mesh=``) the parameters stay on their shardings (e.g. those of
     `jaxlin.sharding.shard_adapted`) and the examples are split over the data axis (module docstring).
     ``frozen_prefix``: without a mesh, f runs from the lowest trained block, the blocks below computed once
     (`jaxlin.prefix`; the same values up to float rounding); the result's "prefix_start_layer" says where."""
-    missing = {"input_ids", "attention_mask"} - set(batch)
+    parts = batch["parts"] if "parts" in batch else (batch,)
+    missing = {"input_ids", "attention_mask"} - set().union(*parts)
     if missing:
         raise ValueError(f"batch lacks {sorted(missing)}; pass {{'input_ids': (N, L), 'attention_mask': (N, L)}}")
-    inputs = {"input_ids": np.asarray(batch["input_ids"]), "attention_mask": np.asarray(batch["attention_mask"])}
+    parts = tuple({"input_ids": np.asarray(b["input_ids"]), "attention_mask": np.asarray(b["attention_mask"])}
+                  for b in parts)
+    inputs = {"parts": parts} if "parts" in batch else parts[0]
     f = adapted.as_function(output_fn)
     prefix = prefix_of(f, adapted.trainable) if frozen_prefix and kw.get("mesh") is None else None
     if prefix is not None:

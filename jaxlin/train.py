@@ -51,7 +51,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 LOSSES = ("cross_entropy", "squared")
 REGULARIZERS = ("none", "prox", "prox_decoupled", "selective", "selective_per_tensor", "adamspd")
 ANCHORS = ("init", "zero")
-_STEP_KEYS = ("input_ids", "attention_mask", "labels", "example_mask", PREFIX_KEY)
+_STEP_KEYS = ("input_ids", "attention_mask", "labels", "example_mask", PREFIX_KEY, "parts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,12 +214,21 @@ def _per_example_loss(logits_BC, labels_B, loss: str):
     return 0.5 * jnp.sum((logits_BC - onehot_BC) ** 2, axis=-1)
 
 
+def over_parts(apply_fn: Callable, trainable, batch):
+    """`apply_fn(trainable, batch)`, or for a batch split into parts of similar length (``batch["parts"]``,
+    `jaxlin.data.pad_parts`) the outputs of every part, concatenated in the parts' order (the order of the
+    batch's labels): one traced call per part, each at its own padded length."""
+    if "parts" not in batch:
+        return apply_fn(trainable, batch)
+    return jnp.concatenate([apply_fn(trainable, part) for part in batch["parts"]])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Loss:
     kind: str
 
     def __call__(self, apply_fn, trainable, batch):
-        logits_BC = apply_fn(trainable, batch)
+        logits_BC = over_parts(apply_fn, trainable, batch)
         per_B = _per_example_loss(logits_BC, batch["labels"], self.kind)
         mask_B = batch["example_mask"].astype(per_B.dtype)
         value = jnp.sum(jnp.where(mask_B > 0, per_B, 0.0)) / jnp.maximum(jnp.sum(mask_B), 1.0)
@@ -543,9 +552,10 @@ def _check_batch(config, batch, *, host_only: bool) -> None:
     """`check_inputs` on a batch before the jitted step sees it (inside, the ids are tracers). `host_only`
     skips ids already on a device, so later epochs add no device sync per step; the first epoch is checked
     whole before training starts."""
-    if config is None or (host_only and isinstance(batch["input_ids"], jax.Array)):
-        return
-    check_inputs(config, batch["input_ids"], batch["attention_mask"])
+    for part in batch.get("parts", (batch,)):
+        if config is None or (host_only and isinstance(part["input_ids"], jax.Array)):
+            continue
+        check_inputs(config, part["input_ids"], part["attention_mask"])
 
 
 def _progress_bar(total: int, enabled: bool, initial: int = 0):

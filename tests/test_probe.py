@@ -8,7 +8,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 from tiers import tiered
 
-from jaxlin import probe, sharding
+from jaxlin import data, probe, sharding
 from jaxlin.adapters import add_lora
 from jaxlin.probe import linearity_probe, probe_adapted, random_unit_directions
 from jaxlin.testing import random_batch, tiny_model
@@ -174,6 +174,24 @@ def test_the_probe_from_a_frozen_prefix_equals_the_whole_model():
     kw = dict(radii=[0.1, 1.0], num_directions=2, num_tangents=1, seed=3)
     got, want = (probe_adapted(adapted, batch, frozen_prefix=on, **kw) for on in (True, False))
     assert (got["prefix_start_layer"], want["prefix_start_layer"]) == (2, 0)
+    for name, entry in want["estimates"].items():
+        for key, values in entry.items():
+            np.testing.assert_allclose(got["estimates"][name][key], values, rtol=1e-9, err_msg=f"{name} {key}")
+
+
+def test_the_probe_on_parts_of_similar_length_equals_one_padded_batch():
+    """The calibration batch in 2 parts, each padded to its own longest (jaxlin.data.pad_parts): the same
+    estimates, run from a frozen prefix (whose rows are attached to each part; float64)."""
+    model = tiny_model("roberta", task="classification", num_labels=3, num_hidden_layers=2, dtype=jnp.float64)
+    adapted = add_lora(model, targets=("query", "value"), layers=(1,), rank=2)
+    batch = random_batch(model, batch=5, length=17, seed=6, min_length=2)
+    rows = [ids[mask == 1] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    _, parts = data.pad_parts(rows, np.ones(5, bool), pad_token_id=model.config.pad_token_id, pad_to_multiple_of=4,
+                              padding_side="right", max_parts=2)
+    assert [p["input_ids"].shape[1] for p in parts] == [8, 20]
+    kw = dict(radii=[0.1, 1.0], num_directions=2, num_tangents=2, seed=3)
+    got, want = (probe_adapted(adapted, b, **kw) for b in ({"parts": parts}, batch))
+    assert got["settings"] == want["settings"] and got["prefix_start_layer"] == 1
     for name, entry in want["estimates"].items():
         for key, values in entry.items():
             np.testing.assert_allclose(got["estimates"][name][key], values, rtol=1e-9, err_msg=f"{name} {key}")

@@ -9,6 +9,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxlin import solve
 from jaxlin.adapters import add_lora
+from jaxlin.data import pad_parts
 from jaxlin.testing import random_batch, tiny_model
 from jaxlin.train import TrainConfig, evaluate, fit, make_loss_fn, make_optimizer, make_train_step, model_functions
 
@@ -118,6 +119,36 @@ def test_padded_rows_change_neither_loss_nor_gradient(adapted):
         np.testing.assert_allclose(float(v2), float(v1), rtol=1e-12)
         np.testing.assert_allclose(ravel_pytree(g2)[0], ravel_pytree(g1)[0], rtol=1e-10, atol=1e-14)
         assert float(jnp.linalg.norm(ravel_pytree(g1)[0])) > 0
+
+
+def _in_parts(batch, max_parts, multiple=2):
+    """The batch's rows in parts of similar length (jaxlin.data.pad_parts), labels and masks in the parts' order."""
+    rows = [ids[mask == 1] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    order, parts = pad_parts(rows, batch["example_mask"] > 0, pad_token_id=0, pad_to_multiple_of=multiple,
+                             padding_side="right", max_parts=max_parts)
+    return {"parts": parts, "labels": batch["labels"][order], "example_mask": batch["example_mask"][order],
+            "index": order}
+
+
+def test_a_batch_in_parts_trains_and_evaluates_like_the_padded_batch(adapted):
+    """Full-batch GD on 9 examples of 2–17 tokens, as one batch padded to 18 and as 2 parts of similar length:
+    the same losses and parameters (float64) for the linearized model, and the same evaluation."""
+    batch = {**_batch(adapted.model, n=9, length=18, seed=3)}
+    batch["attention_mask"][4, 2:] = batch["input_ids"][4, 2:] = 0  # one short row, so the parts differ in length
+    parted = _in_parts(batch, 2)
+    assert [p["input_ids"].shape for p in parted["parts"]] == [(4, 8), (5, 18)]
+    config = TrainConfig(learning_rate=0.1, optimizer="sgd", batch_size=9, steps=3, regularizer="prox",
+                         strength=0.5, eval_every_epoch=False)
+    for apply_fn in model_functions(adapted)[1:]:  # the linearized model: f(θ0) and its jvp on each part
+        runs = [fit(apply_fn, adapted.trainable, lambda epoch, b=b: [b], config=config, progress=False,
+                    eval_batches_fn=lambda b=b: [b]) for b in (batch, parted)]
+        np.testing.assert_allclose(runs[1].train_loss, runs[0].train_loss, rtol=1e-12)
+        assert _distance(runs[1].trainable, runs[0].trainable) <= 1e-12 * _distance(runs[0].trainable,
+                                                                                    adapted.trainable)
+        np.testing.assert_allclose(runs[1].eval_history[-1]["loss"], runs[0].eval_history[-1]["loss"], rtol=1e-12)
+        got, want = (evaluate(apply_fn, runs[0].trainable, [b]) for b in (parted, batch))  # in index order
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-11)
+        assert got["labels"].tolist() == want["labels"].tolist()
 
 
 def test_large_lambda_stays_at_init_and_lambda_zero_moves(adapted):
