@@ -210,29 +210,6 @@ def test_a_study_on_its_own_data_beside_the_runs(tmp_path, capsys):
     assert "study: reused" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_the_probe_in_parts_of_similar_length_matches_one_padded_batch(tmp_path, monkeypatch):
-    """The probe's full batch split into parts (every split taken: min_saving 0) gives the one-batch run's numbers
-    to float32 rounding, with less padding (the dynamics' full batches are split alike, by the same Context.parts;
-    both measured on the default preset in benchmarks/RESULTS.md, session 14)."""
-    from jaxlin import pipeline
-
-    args = ["run", "--preset", "quick", "--stages", "probe", "--probe-directions", "2", "--probe-tangents", "1",
-            "--probe-radii", "1.0"]
-    runs = {}
-    for parts in (1, 4):
-        monkeypatch.setattr(pipeline, "FULL_BATCH_PARTS", parts)
-        monkeypatch.setattr(pipeline, "PART_MIN_SAVING", 0.0)
-        assert cli.main([*args, "--out", str(tmp_path / str(parts))]) == 0
-        runs[parts] = json.loads((tmp_path / str(parts) / "results.json").read_text())
-    one, parted = runs[1], runs[4]
-    fill = {k: r["efficiency"]["token_fill"] for k, r in runs.items()}
-    assert fill[4]["probe"] > fill[1]["probe"]
-    for key in ("L_avg", "L_upper"):
-        np.testing.assert_allclose(parted["probe"]["estimates"]["jacobian"][key],
-                                   one["probe"]["estimates"]["jacobian"][key], rtol=1e-4, err_msg=key)
-
-
 def test_label_words_on_an_encoder_are_refused_in_one_line(tmp_path, capsys):
     assert cli.main(["run", "--preset", "quick", "--readout", "label_words", "--stages", "ntk",
                      "--out", str(tmp_path / "run")]) == 2

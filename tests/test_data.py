@@ -373,6 +373,31 @@ def test_batches_in_parts_hold_the_rows_of_one_batch_with_less_padding():
     assert (parted[-1]["example_mask"] == 0).sum() == 7 and (parted[-1]["index"] == -1).sum() == 7
 
 
+def test_the_runs_full_batches_are_split_where_a_part_saves_a_fifth_of_the_tokens():
+    """jaxlin run's full batches (the probe's `Context.batch(bucketed=True)`, the dynamics' `batches(**ctx.parts)`):
+    the same parts, each padded to its own longest, labels in the parts' order; one batch on a mesh."""
+    from jaxlin import pipeline
+    from jaxlin.config import preset
+
+    ds, tok = _dataset(32, seed=5), WhitespaceTokenizer()
+    tok.padding_side = "right"
+    ctx = pipeline.Context(preset("quick"), None, None, None, None, ds, ds, ds, 48, {}, readout=tok)
+    assert ctx.pad_multiple == 16 and ctx.parts == {"max_parts": 4, "min_saving": 0.2}
+    probe = ctx.batch(ds, bucketed=True)
+    ids = tok.encode_unpadded(list(ds.texts), ctx.config.data.max_length)
+    groups = jd.length_groups([len(t) for t in ids], 16, 4, 0.2)
+    assert len(probe["parts"]) == len(groups) > 1
+    assert probe["labels"].tolist() == ds.labels[np.concatenate(groups)].tolist()
+    for part, g in zip(probe["parts"], groups):
+        assert [r[m == 1].tolist() for r, m in zip(part["input_ids"], part["attention_mask"])] == [ids[i] for i in g]
+    (dynamics,) = batches(ds, tok, batch_size=32, max_length=ctx.config.data.max_length,
+                          pad_to_multiple_of=ctx.pad_multiple, **ctx.parts)
+    assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(dynamics["parts"], probe["parts"]))
+    ctx.mesh = object()  # on a mesh the rows must split over the data axis: one batch
+    longest = jd.round_up(max(len(t) for t in ids), 16)
+    assert ctx.parts["max_parts"] == 1 and ctx.batch(ds, bucketed=True)["input_ids"].shape == (32, longest)
+
+
 @pytest.mark.parametrize("length,multiple", [(64, 16), (32, 8), (512, 128), (96, 24), (40, 40), (8, 8), (30, 30)])
 def test_bucket_multiple_gives_at_most_four_lengths(length, multiple):
     m = jd.bucket_multiple(length)
