@@ -41,7 +41,7 @@ __all__ = [
     "DataError", "TextDataset", "TokenizerLike", "PACKAGED_DATASETS", "EVAL_SPLITS", "load_dataset",
     "train_eval_split",
     "balanced_subset", "calibration_subset", "pad_batch", "encode", "batches", "one_hot_targets", "TokenCount",
-    "count_tokens", "bucket_multiple", "round_up", "length_groups", "pad_parts",
+    "count_tokens", "bucket_multiple", "round_up", "length_groups", "pad_parts", "batch_parts",
 ]
 
 # name -> (distribution, path inside site-packages)
@@ -579,6 +579,11 @@ def pad_parts(token_lists, real_rows: np.ndarray, *, pad_token_id: int, pad_to_m
     return np.concatenate(groups), parts
 
 
+def batch_parts(batch: dict) -> tuple[dict, ...]:
+    """The parts of a batch split by length (`pad_parts`: ``batch["parts"]``), or the batch itself as its one part."""
+    return tuple(batch["parts"]) if "parts" in batch else (batch,)
+
+
 def encode(dataset: TextDataset, tokenizer: TokenizerLike, *, max_length: int, padding_side: str = "right",
            pad_to_multiple_of: int = 8) -> dict[str, np.ndarray]:
     """All of `dataset` as one batch (for small calibration sets): ids and mask (N, L) padded only to the
@@ -622,13 +627,12 @@ def batches(dataset: TextDataset, tokenizer: TokenizerLike, *, batch_size: int, 
               if len(g) == batch_size or (len(g) and not drop_last)]
     if shuffle and bucket:
         groups = [groups[i] for i in rng.permutation(len(groups))]
+    pad = dict(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side)
     for idx in groups:
         real = len(idx)
         idx = np.concatenate([idx, np.full(batch_size - real, idx[0])])
         example_mask = (np.arange(batch_size) < real).astype(np.float32)
         rows = [ids[i] for i in idx]
-        pad = dict(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
-                   padding_side=padding_side)
         if max_parts > 1:
             order, parts = pad_parts(rows, example_mask > 0, max_parts=max_parts, min_saving=min_saving, **pad)
             out, idx, example_mask = {"parts": parts}, idx[order], example_mask[order]

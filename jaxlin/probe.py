@@ -59,6 +59,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ._types import PyTree
+from .data import batch_parts
 from .ntk import empirical_ntk_fn
 from .prefix import frozen_prefix as prefix_of
 from .sharding import place
@@ -297,13 +298,13 @@ def probe_adapted(adapted, batch, *, output_fn: Callable | None = None, frozen_p
     """`linearity_probe` of f = adapted.as_function(output_fn) at θ0 = adapted.trainable; `batch` holds
     "input_ids" and "attention_mask" (for a label-word readout: ``readout.encode(texts)`` and ``output_fn=
     readout.output_fn``, so f is the (N, C) label-word logits), or "parts" of them (`jaxlin.data.pad_parts`: the
-    same examples with less padding; the estimates do not depend on their order); keywords as linearity_probe. f travels in
-    `f_args`, so the frozen weights are traced arguments (not baked constants) and repeated probes of one model
-    share the jit cache. On a mesh (``mesh=``) the parameters stay on their shardings (e.g. those of
+    same examples with less padding; the estimates do not depend on their order); keywords as linearity_probe.
+    f travels in `f_args`, so the frozen weights are traced arguments (not baked constants) and repeated probes
+    of one model share the jit cache. On a mesh (``mesh=``) the parameters stay on their shardings (e.g. those of
     `jaxlin.sharding.shard_adapted`) and the examples are split over the data axis (module docstring).
     ``frozen_prefix``: without a mesh, f runs from the lowest trained block, the blocks below computed once
     (`jaxlin.prefix`; the same values up to float rounding); the result's "prefix_start_layer" says where."""
-    parts = batch["parts"] if "parts" in batch else (batch,)
+    parts = batch_parts(batch)
     missing = {"input_ids", "attention_mask"} - set().union(*parts)
     if missing:
         raise ValueError(f"batch lacks {sorted(missing)}; pass {{'input_ids': (N, L), 'attention_mask': (N, L)}}")

@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 from jax.tree_util import Partial
 
 from .adapters import AdaptedFunction
+from .data import batch_parts
 from .linearize import linearize
 from .prefix import PREFIX_KEY
 from .models.base import check_inputs
@@ -218,9 +219,8 @@ def over_parts(apply_fn: Callable, trainable, batch):
     """`apply_fn(trainable, batch)`, or for a batch split into parts of similar length (``batch["parts"]``,
     `jaxlin.data.pad_parts`) the outputs of every part, concatenated in the parts' order (the order of the
     batch's labels): one traced call per part, each at its own padded length."""
-    if "parts" not in batch:
-        return apply_fn(trainable, batch)
-    return jnp.concatenate([apply_fn(trainable, part) for part in batch["parts"]])
+    outputs = [apply_fn(trainable, part) for part in batch_parts(batch)]
+    return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -552,10 +552,11 @@ def _check_batch(config, batch, *, host_only: bool) -> None:
     """`check_inputs` on a batch before the jitted step sees it (inside, the ids are tracers). `host_only`
     skips ids already on a device, so later epochs add no device sync per step; the first epoch is checked
     whole before training starts."""
-    for part in batch.get("parts", (batch,)):
-        if config is None or (host_only and isinstance(part["input_ids"], jax.Array)):
-            continue
-        check_inputs(config, part["input_ids"], part["attention_mask"])
+    if config is None:
+        return
+    for part in batch_parts(batch):
+        if not (host_only and isinstance(part["input_ids"], jax.Array)):
+            check_inputs(config, part["input_ids"], part["attention_mask"])
 
 
 def _progress_bar(total: int, enabled: bool, initial: int = 0):
