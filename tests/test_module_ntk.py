@@ -27,11 +27,16 @@ def perturbed(ad, scale=0.1, seed=1):
     return jax.tree_util.tree_map(lambda x: x + scale * jax.random.normal(next(keys), x.shape, x.dtype), ad.trainable)
 
 
-def dense_kernel(ad, tr, b1, b2, sign=False):
+def dense_jacobians(ad, tr, *batches):
+    """The (N, O, P) Jacobian of the model's outputs in the raveled trainable parameters, per batch."""
     f = ad.as_function()
     flat, unravel = ravel_pytree(tr)
     jac = jax.jit(jax.jacrev(lambda p, b: f(unravel(p), b)))  # one compile per batch shape
-    j1, j2 = jac(flat, b1), jac(flat, b2)
+    return [np.asarray(jac(flat, b)) for b in batches]
+
+
+def dense_kernel(ad, tr, b1, b2, sign=False):
+    j1, j2 = dense_jacobians(ad, tr, b1, b2)
     if sign:
         j2 = j2 / (np.abs(j2) + 1e-8)
     return np.einsum("iap,jbp->ijab", j1, j2)
@@ -173,16 +178,17 @@ def test_several_lora_inits_share_one_forward(setup):
 
     inits = [ad.trainable, new_a(ad.trainable), new_a(ad.trainable)]
     assert module_ntk._shares_forward(inits) and not module_ntk._shares_forward([tr, new_a(tr)])
+    jacobians = [dense_jacobians(ad, t, b1, b2) for t in inits]  # (J(b1), J(b2)) per init
     for batch2 in (b2, None):
         full = module_ntks(ad, b1, batch2, trainable=inits, trace_axes=(), block_size=4)
-        mean = module_ntks(ad, b1, batch2, trainable=inits, reduce="mean", block_size=4)
         assert isinstance(full, list) and len(full) == 3
-        for t, ks, ms in zip(inits, full, mean):
+        for (j1, j2), ks in zip(jacobians, full):
             assert list(ks) == list(ad.modules)
-            ref = dense_kernel(ad, t, b1, b1 if batch2 is None else batch2)
+            ref = np.einsum("iap,jbp->ijab", j1, j1 if batch2 is None else j2)
             np.testing.assert_allclose(sum(ks.values()), ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
-            np.testing.assert_allclose(sum(ms.values()), np.einsum("ijaa->ij", ref) / 3, rtol=1e-9,
-                                       atol=1e-12 * np.abs(ref).max())
+    for (j1, _), ms in zip(jacobians, module_ntks(ad, b1, trainable=inits, reduce="mean", block_size=4)):
+        ref = np.einsum("iap,jap->ij", j1, j1) / 3  # the mean over the 3 outputs of the diagonal blocks
+        np.testing.assert_allclose(sum(ms.values()), ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
     lora = [m for m in ad.modules if m in ad.lora_modules]
     assert len({float(np.abs(k[lora[0]]).sum()) for k in full}) == 3  # the inits' LoRA kernels differ
     apart = [tr, new_a(tr)]  # B ≠ 0: no shared forward, one call per tree

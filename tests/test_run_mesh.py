@@ -10,10 +10,11 @@ import pytest
 from processes import clean_env, run_bounded
 
 TIMEOUT_S = 600  # per command, under a loaded 2-core machine
-# the quick preset, made smaller so three runs stay short: every stage still computes (the sweep: one λ, 3 steps)
+# the quick preset, made smaller so three runs stay short: every stage still computes (the sweep: one λ, 3 steps;
+# the study: its 6 runs, its selections chosen and compared but not trained, which would be 8 more fits a run)
 SMALL = ["--preset", "quick", "--num-train", "16", "--num-eval", "16", "--num-calibration", "8", "--num-krr", "8",
          "--sign-kernel", "false", "--lambdas", "0.5", "--sweep-steps", "3", "--probe-directions", "1",
-         "--probe-tangents", "1", "--study", "smoke"]
+         "--probe-tangents", "1", "--study", "smoke", "--train-selections", "false"]  # selections chosen, not fit
 STAGES = "ntk,spectrum,krr,sweep,probe,study"
 
 
