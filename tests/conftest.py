@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # the tests' compile cache, also for the `jaxlin run` subprocesses they start (tests/processes.py keeps it), so
-# no test writes a cache into the checkout
+# no test writes a cache into the checkout; both pytest-xdist workers share it (see _write_cache_entries_whole)
 _cache = pathlib.Path(os.environ.get("JAXLIN_COMPILE_CACHE", pathlib.Path.home() / ".cache" / "jaxlin-jax"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache))
 
@@ -26,6 +26,32 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 # every program, however fast it compiles: the suite's are small and many, compiled again after each module's
 # clear_caches below, and read back from disk faster than compiled (fast tier warm: 4 min 48 s → 3 min 5 s)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def _write_cache_entries_whole():
+    """JAX writes a compile-cache entry in place (`LRUCache.put`: `Path.write_bytes`) and XLA aborts on reading
+    one half written. The two pytest-xdist workers share the cache (per-worker caches miss: a file goes to
+    whichever worker is free), so each worker writes an entry to a temporary file and renames it into place.
+    Only without eviction, the tests' setting; where JAX's internals differ its own put is kept."""
+    try:
+        from jax._src import lru_cache
+        suffix, put = lru_cache._CACHE_SUFFIX, lru_cache.LRUCache.put
+    except (ImportError, AttributeError):
+        return
+
+    def whole_put(self, key, value):
+        if getattr(self, "eviction_enabled", True) or not key:
+            return put(self, key, value)
+        path = self.path / f"{key}{suffix}"
+        if not path.exists():
+            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            partial.write_bytes(value)
+            os.replace(partial, path)
+
+    lru_cache.LRUCache.put = whole_put
+
+
+_write_cache_entries_whole()
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -446,7 +446,7 @@ def test_concurrent_run_is_refused_and_a_killed_run_resumes(tmp_path):
     ntk stage; C resumes: takes over A's stale lock and reuses A's ntk stage."""
     data, out = write_csv(tmp_path / "d.csv", 24), tmp_path / "out"
     argv = [sys.executable, "-m", "jaxlin.cli", *ntk_argv(data, out, "--sign-kernel", "false")]
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(Path.home() / ".cache" / "jaxlin-jax")}
+    env = dict(os.environ)  # with the tests' compile cache (tests/conftest.py)
     log = tmp_path / "a.log"
     with open(log, "wb") as a_err:
         a = subprocess.Popen([*argv, "--stages", "ntk,krr,dynamics"], cwd=ROOT, env=env,  # long after ntk
