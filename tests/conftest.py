@@ -56,7 +56,7 @@ _write_cache_entries_whole()
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Free every compiled program when a test module ends. One pytest process runs the whole suite, and jit
+    """Free every compiled program when a test module ends. Each pytest-xdist worker runs many modules, and jit
     caches keep each program (and the models its static arguments hold) alive. A loaded XLA:CPU executable holds
     about 3 memory mappings (measured: 300 executables, +899 maps, all returned by `jax.clear_caches()`), and
     Linux allows 65,530 per process (vm.max_map_count): without this, jaxlib aborted or segfaulted about 85 %
