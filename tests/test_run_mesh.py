@@ -14,7 +14,7 @@ TIMEOUT_S = 600  # per command, under a loaded 2-core machine
 # the study: its 6 runs, its selections chosen and compared but not trained, which would be 8 more fits a run)
 SMALL = ["--preset", "quick", "--num-train", "16", "--num-eval", "16", "--num-calibration", "8", "--num-krr", "8",
          "--sign-kernel", "false", "--lambdas", "0.5", "--sweep-steps", "3", "--probe-directions", "1",
-         "--probe-tangents", "1", "--study", "smoke", "--train-selections", "false"]  # selections chosen, not fit
+         "--probe-tangents", "1", "--study", "smoke", "--train-selections", "false"]
 STAGES = "ntk,spectrum,krr,sweep,probe,study"
 
 
